@@ -1,0 +1,98 @@
+"""The `trtllm-bdlora` command. Each subcommand lives in its own module, imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from trtllm_bdlora.errors import BdLoraError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_adapter_arg(text: str) -> tuple[int, str]:
+    """`ID=DIR` with ID a positive integer task id (as TensorRT-LLM's lora_task_id)."""
+    task_id, sep, directory = text.partition("=")
+    if not sep or not directory or not task_id.isdigit() or int(task_id) < 1:
+        raise argparse.ArgumentTypeError(f"expected ID=DIR with ID a positive integer, got {text!r}")
+    return int(task_id), directory
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from trtllm_bdlora.adapters import load_peft_adapter
+    from trtllm_bdlora.inspect_adapter import format_report, inspect_report
+
+    shape = None
+    if args.model:
+        from trtllm_bdlora.models.loader import load_model_config
+
+        shape = load_model_config(args.model)
+    adapter = load_peft_adapter(args.adapter_dir, model_shape=shape)
+    report = inspect_report(adapter, args.tp, shape)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="HF Llama directory or 'smollm2-135m' (default)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ranks (launched with mpirun)")
+    p.add_argument("--scheme", choices=["bdlora", "slora", "replicated"], default="bdlora")
+    p.add_argument("--backend", choices=["torch", "trtllm"], default="torch")
+    p.add_argument("--adapter", type=parse_adapter_arg, action="append", default=[], metavar="ID=DIR")
+    p.add_argument("--max-loras", type=_positive_int, default=8, help="adapter slots per rank")
+    p.add_argument("--max-batch-size", type=_positive_int, default=16)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trtllm-bdlora",
+        description="Serve many (BD-)LoRA adapters on one Llama base under tensor parallelism.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="describe a PEFT adapter and its per-rank cost under each TP scheme")
+    p.add_argument("adapter_dir")
+    p.add_argument("--tp", type=_positive_int, default=None)
+    p.add_argument("--model", default=None, help="check shapes against this base model too")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="run JSON-lines requests through the engine")
+    _add_engine_args(p)
+    p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
+    p.add_argument("--stats", action="store_true", help="add per-step collective accounting to the output")
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.generate", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")
+    _add_engine_args(p)
+    p.add_argument("--batch", type=_positive_int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=16)
+    p.add_argument("--prompt-len", type=_positive_int, default=32)
+    p.add_argument("--num-adapters", type=_positive_int, default=4)
+    p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.bench", fromlist=["main"]).main(a))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BdLoraError as err:
+        print(f"trtllm-bdlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Collectives over torch.distributed (gloo on CPU, NCCL on CUDA), with per-step accounting.
+
+Every collective is recorded as (kind, bytes, category) where category is "base" or "lora",
+so `generate --stats` can show that BD-LoRA adds no LoRA collectives.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CollectiveLog:
+    events: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def record(self, kind: str, tensor: torch.Tensor, category: str) -> None:
+        self.events.append((kind, tensor.numel() * tensor.element_size(), category))
+
+    def summary(self) -> dict:
+        out: dict = {}
+        for kind, nbytes, category in self.events:
+            entry = out.setdefault(category, {}).setdefault(kind, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += nbytes
+        return out
+
+    def count(self, category: str) -> int:
+        return sum(1 for _, _, c in self.events if c == category)
+
+    def clear(self) -> None:
+        self.events.clear()
+
+
+class Comm:
+    """Rank-local view of the TP group. With world == 1 every collective is the identity."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None):
+        self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        self.log = CollectiveLog()
+
+    def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:
+        if self.world > 1:
+            self.log.record("all_reduce", t, category)
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+    def all_gather(self, t: torch.Tensor, category: str = "lora") -> torch.Tensor:
+        """Concatenate every rank's `t` along the last dimension."""
+        if self.world == 1:
+            return t
+        self.log.record("all_gather", t, category)
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_json(self, obj=None):
+        """Rank 0's JSON-serialisable `obj` on every rank (JSON, never pickle)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        else:
+            size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        dist.broadcast(size, 0)
+        buf = payload.to(self.device) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, 0)
+        return obj if self.rank == 0 else json.loads(bytes(buf.cpu().numpy()).decode())

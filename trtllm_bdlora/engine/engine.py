@@ -1,0 +1,66 @@
+"""One rank's engine: base shard, adapter pool, model. Rank 0 plans steps; every rank executes them."""
+
+from __future__ import annotations
+
+import torch
+
+from trtllm_bdlora.adapters import load_peft_adapter
+from trtllm_bdlora.engine.adapter_pool import AdapterPool
+from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
+from trtllm_bdlora.models.loader import BaseModel, load_base_model
+from trtllm_bdlora.sharding import make_layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Engine:
+    def __init__(
+        self,
+        comm: Comm,
+        model: str | BaseModel,
+        scheme: str = "bdlora",
+        adapters: list[tuple[int, str]] = (),
+        max_loras: int = 8,
+        dtype: str = "float32",
+        max_seq_len: int | None = None,
+    ):
+        self.comm = comm
+        base = model if isinstance(model, BaseModel) else load_base_model(model)
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.shape = base.shape
+        self.layout = make_layout(self.shape, comm.world)
+        torch_dtype = DTYPES[dtype]
+        self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device)
+        for task_id, directory in adapters:
+            self.register(task_id, load_peft_adapter(directory, model_shape=self.shape))
+        self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device)
+        limit = getattr(base.config, "max_position_embeddings", 4096)
+        self.max_seq_len = min(limit, max_seq_len or limit)
+        eos = base.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    def register(self, task_id: int, adapter) -> None:
+        self.pool.register(task_id, adapter)
+
+    def execute(self, plan: dict) -> torch.Tensor | None:
+        """Run one planned step: free finished sequences, load adapter slots, forward the chunks."""
+        for seq_id in plan.get("free", []):
+            self.model.free(seq_id)
+        for slot, task_id in plan.get("loads", []):
+            self.pool.load(task_id, slot)
+        chunks = [SeqChunk(*c) for c in plan.get("chunks", [])]
+        if not chunks:
+            return None
+        return self.model.forward(chunks, all_logits=plan.get("all_logits", False))
+
+    def follow(self) -> None:
+        """Worker ranks: execute rank 0's plans until it broadcasts None."""
+        while (plan := self.comm.broadcast_json()) is not None:
+            self.execute(plan)
+
+    def lead(self, plan: dict | None) -> torch.Tensor | None:
+        """Rank 0: send a plan to the workers and execute it (None stops them)."""
+        self.comm.broadcast_json(plan)
+        return None if plan is None else self.execute(plan)

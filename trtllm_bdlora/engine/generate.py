@@ -1,0 +1,108 @@
+"""`trtllm-bdlora generate`: JSON-lines requests in, one JSON line per request out, in input order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, relaunch_under_mpirun, shutdown
+from trtllm_bdlora.errors import BdLoraError, RequestError
+
+
+def _stats_summary(per_step: list[dict]) -> dict:
+    def count(step, category):
+        return sum(v["count"] for v in step.get(category, {}).values())
+
+    return {
+        "steps": len(per_step),
+        "base_collectives": sum(count(s, "base") for s in per_step),
+        "lora_collectives": sum(count(s, "lora") for s in per_step),
+        "last_step": per_step[-1] if per_step else {},
+    }
+
+
+def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> list[dict]:
+    """Rank 0: validate, schedule and run every request; returns the output objects in input order."""
+    from trtllm_bdlora.engine.requests import parse_request, read_request_lines
+    from trtllm_bdlora.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch_size, collect_stats=stats)
+    results: list[dict | None] = []
+    for index, obj, json_error in read_request_lines(lines):
+        rid = obj.get("id", index) if isinstance(obj, dict) else index
+        try:
+            if json_error:
+                raise RequestError(json_error)
+            req = parse_request(
+                index, obj, engine.tokenizer, engine.shape.vocab_size, engine.max_seq_len, set(engine.pool.host)
+            )
+            scheduler.add(req)
+            results.append(None)
+        except RequestError as err:
+            results.append({"id": rid, "error": str(err)})
+    while scheduler.busy:
+        for req, per_step in scheduler.step():
+            text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True) if engine.tokenizer else None
+            out = {"id": req.id, "adapter": req.adapter, "output_ids": req.output_ids, "text": text}
+            if stats:
+                out["stats"] = _stats_summary(per_step)
+            results[req.index] = out
+    scheduler.flush()
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.backend == "trtllm":
+        raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and docs/tensorrt-llm.md")
+    if args.tp > 1 and mpi_world_size() is None:
+        return _relaunch(args)
+    from trtllm_bdlora.engine.engine import Engine
+
+    comm = init_ranks(args.tp, args.device)
+    try:
+        engine = Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
+    except BdLoraError:
+        if comm.rank == 0:
+            raise
+        return 2
+    try:
+        if comm.rank != 0:
+            engine.follow()
+            return 0
+        try:
+            lines = sys.stdin if args.requests == "-" else open(args.requests)
+        except OSError as err:
+            raise BdLoraError(f"{args.requests}: {err.strerror}") from None
+        with lines:
+            results = run_requests(engine, lines, args.max_batch_size, args.stats)
+        engine.lead(None)
+        for out in results:
+            print(json.dumps(out), flush=True)
+        return 0
+    finally:
+        shutdown(comm)
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Re-run this command under `mpirun -n tp`; stdin requests go through a temporary file."""
+    from trtllm_bdlora.models.loader import resolve_model_dir
+
+    resolve_model_dir(args.model)  # dequantise / validate once, before the ranks start
+    argv = sys.argv[1:]
+    tmp = None
+    if args.requests == "-":
+        tmp = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
+        tmp.write(sys.stdin.read())
+        tmp.close()
+        i = argv.index("--requests") if "--requests" in argv else None
+        argv = argv[: i + 1] + [tmp.name] + argv[i + 2 :] if i is not None else [
+            a if a != "--requests=-" else f"--requests={tmp.name}" for a in argv
+        ]
+    try:
+        return relaunch_under_mpirun(args.tp, argv)
+    finally:
+        if tmp:
+            os.unlink(tmp.name)

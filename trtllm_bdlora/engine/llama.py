@@ -1,0 +1,138 @@
+"""A tensor-parallel Llama for one rank: column/row-parallel linears with multi-adapter LoRA sites.
+
+Tokens of all sequences in a step are flattened into one [T, hidden] batch (as nano-vllm does);
+attention runs per sequence against its KV cache. The only base collectives are the all-reduces
+after o_proj and down_proj; embedding, norms and lm_head are replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trtllm_bdlora.engine.adapter_pool import AdapterPool
+from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.engine.lora_op import apply_lora_group
+from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
+
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
+
+
+@dataclass
+class SeqChunk:
+    """`tokens` of sequence `seq_id` at positions start..start+len(tokens)."""
+
+    seq_id: int
+    tokens: list[int]
+    start: int
+    slot: int
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class TPLlama:
+    def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
+                 dtype: torch.dtype, device: torch.device):
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
+        self.dtype, self.device = dtype, device
+        shard = shard_llama_state_dict(state_dict, layout, comm.rank)
+        w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
+        self.embed = w["model.embed_tokens.weight"]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = w["lm_head.weight"]
+        self.layers = []
+        for i in range(layout.shape.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append({
+                "in_norm": w[p + "input_layernorm.weight"],
+                "post_norm": w[p + "post_attention_layernorm.weight"],
+                "qkv": torch.cat([w[p + f"self_attn.{n}.weight"] for n in QKV]),
+                "o": w[p + "self_attn.o_proj.weight"],
+                "gate_up": torch.cat([w[p + f"mlp.{n}.weight"] for n in GATE_UP]),
+                "down": w[p + "mlp.down_proj.weight"],
+            })
+        hd = layout.shape.head_dim
+        self.q_size = layout.local_heads * hd
+        self.kv_size = layout.local_kv_heads * hd
+        self.inter = layout.shape.intermediate_size // layout.world
+        self.rotary = LlamaRotaryEmbedding(config=config).to(device)
+        self.eps = config.rms_norm_eps
+        self.kv_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def free(self, seq_id: int) -> None:
+        self.kv_cache.pop(seq_id, None)
+
+    def _lora(self, y, x, slot_ids, layer, names, offsets, role):
+        if not self.pool.slots or not bool((slot_ids >= 0).any()):
+            return y
+        slots = [self.pool.slots[(layer, n)] for n in names]
+        return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
+
+    def _attention(self, qkv: torch.Tensor, chunks: list[SeqChunk], cos, sin, layer: int) -> torch.Tensor:
+        hd = self.layout.shape.head_dim
+        nh, nkv = self.layout.local_heads, self.layout.local_kv_heads
+        outs, t0 = [], 0
+        for c in chunks:
+            n = len(c.tokens)
+            part = qkv[t0 : t0 + n]
+            q = part[:, : self.q_size].view(n, nh, hd).transpose(0, 1)
+            k = part[:, self.q_size : self.q_size + self.kv_size].view(n, nkv, hd).transpose(0, 1)
+            v = part[:, self.q_size + self.kv_size :].view(n, nkv, hd).transpose(0, 1)
+            cs, sn = cos[t0 : t0 + n].unsqueeze(0), sin[t0 : t0 + n].unsqueeze(0)
+            q = q * cs + rotate_half(q) * sn
+            k = k * cs + rotate_half(k) * sn
+            cache = self.kv_cache.setdefault(c.seq_id, [None] * len(self.layers))
+            if cache[layer] is not None:
+                k = torch.cat([cache[layer][0], k], dim=1)
+                v = torch.cat([cache[layer][1], v], dim=1)
+            cache[layer] = (k, v)
+            kk = k.repeat_interleave(nh // nkv, dim=0)
+            vv = v.repeat_interleave(nh // nkv, dim=0)
+            total = k.shape[1]
+            mask = torch.ones(n, total, dtype=torch.bool, device=qkv.device).tril(total - n)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            outs.append(o.transpose(0, 1).reshape(n, nh * hd))
+            t0 += n
+        return torch.cat(outs)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits [num chunks, vocab] of each chunk's last token (or [T, vocab] with all_logits)."""
+        dev = self.device
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
+        positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
+        slot_ids = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=dev, dtype=torch.int64)
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L["in_norm"], self.eps)
+            qkv = self._lora(h @ L["qkv"].T, h, slot_ids, i, QKV, qkv_offsets, "column")
+            attn = self._attention(qkv, chunks, cos, sin, i)
+            o = self._lora(attn @ L["o"].T, attn, slot_ids, i, ("o_proj",), [0], "row")
+            x = x + self.comm.all_reduce(o, "base")
+            h = rms_norm(x, L["post_norm"], self.eps)
+            gu = self._lora(h @ L["gate_up"].T, h, slot_ids, i, GATE_UP, [0, self.inter], "column")
+            act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
+            d = self._lora(act @ L["down"].T, act, slot_ids, i, ("down_proj",), [0], "row")
+            x = x + self.comm.all_reduce(d, "base")
+        x = rms_norm(x, self.norm, self.eps)
+        if not all_logits:
+            last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
+            x = x[last]
+        return (x @ self.lm_head.T).float()
