@@ -35,6 +35,16 @@ def _number(obj: dict, key: str, default, kind, low=None, high=None, low_open=Fa
     return kind(value)
 
 
+def _chat_ids(tokenizer, messages) -> list[int]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+        raise RequestError("messages must be a list of {role, content} objects")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # the template's own complaint, whatever its type
+        raise RequestError(f"messages: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def parse_request(
     index: int, obj: Any, tokenizer, vocab_size: int, max_seq_len: int, adapters: set[int]
 ) -> Request:
@@ -64,9 +74,7 @@ def parse_request(
                 raise RequestError("prompt must be a string")
             ids = tokenizer(obj["prompt"])["input_ids"] if obj["prompt"] else []
         else:
-            ids = list(tokenizer.apply_chat_template(obj["messages"], add_generation_prompt=True, tokenize=True))
-            if ids and isinstance(ids[0], list):
-                ids = ids[0]
+            ids = _chat_ids(tokenizer, obj["messages"])
     if not ids:
         raise RequestError("empty prompt")
     max_tokens = _number(obj, "max_tokens", 16, int, low=1)
