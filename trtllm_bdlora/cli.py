@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-adapters", type=_positive_int, default=4)
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.bench", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("aot", help="compile the BD-LoRA Triton kernel ahead of time (PTX, cubin, C) for the plugin")
+    p.add_argument("--output", required=True)
+    p.add_argument("--arch", default="sm_80,sm_90")
+    p.add_argument("--dtype", default="float16,bfloat16,float32")
+    p.add_argument("--block-r", default="16,32,64,128", help="rank tile sizes to build (max per-rank rank)")
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.kernels.aot", fromlist=["main"]).main(a))
     return parser
 
 

@@ -55,9 +55,9 @@ def init_ranks(tp: int, device: str | None) -> Comm:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if world == 1:
         return Comm(0, 1, dev)
-    from mpi4py import MPI
     import numpy as np
     import torch.distributed as dist
+    from mpi4py import MPI
 
     mpi = MPI.COMM_WORLD
     rank = mpi.Get_rank()

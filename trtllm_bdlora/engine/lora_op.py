@@ -6,6 +6,8 @@ elsewhere; under `slora` it splits into shrink, collective, expand.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from trtllm_bdlora.engine.adapter_pool import ModuleSlots
@@ -14,7 +16,9 @@ from trtllm_bdlora.kernels.lora_ref import lora_expand_ref, lora_shrink_ref, mul
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
-    return x.is_cuda
+    """TRTLLM_BDLORA_KERNEL=triton|torch forces a path (triton on CPU needs TRITON_INTERPRET=1)."""
+    choice = os.environ.get("TRTLLM_BDLORA_KERNEL", "auto")
+    return choice == "triton" or (choice == "auto" and x.is_cuda)
 
 
 def apply_lora_group(
@@ -34,9 +38,9 @@ def apply_lora_group(
         ranks = [s.ranks for s in slots]
         scales = [s.scales for s in slots]
         if _use_kernel(x):
-            from trtllm_bdlora.kernels.bdlora_triton import multi_lora
+            from trtllm_bdlora.kernels.multi_lora import multi_lora
 
-            return multi_lora(y, x, slot_ids, a, b, ranks, scales, out_offsets, b_ranks=[s.b_ranks for s in slots])
+            return multi_lora(y, x, slot_ids, a, b, ranks, scales, out_offsets)
         if scheme == "slora":
             for s, off in zip(slots, out_offsets):
                 h = lora_shrink_ref(x, s.a, slot_ids, s.ranks)
