@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.bench", fromlist=["main"]).main(a))
 
+    p = sub.add_parser("convert-adapter", help="PEFT adapter -> TensorRT-LLM lora_weights / lora_config .npy")
+    p.add_argument("adapter_dir")
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the engine's dtype")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="TP of the BD-LoRA engines: plain LoRA modules are written in BD-shaped form for it")
+    p.add_argument("--model", default=None, help="check shapes against this base model too")
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.convert", fromlist=["main"]).main(a))
+
     p = sub.add_parser("aot", help="compile the BD-LoRA Triton kernel ahead of time (PTX, cubin, C) for the plugin")
     p.add_argument("--output", required=True)
     p.add_argument("--arch", default="sm_80,sm_90")

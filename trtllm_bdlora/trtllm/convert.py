@@ -1,0 +1,100 @@
+"""PEFT LoRA / BD-LoRA adapter -> TensorRT-LLM's request format (`lora_weights`, `lora_config`).
+
+Rows: one per (layer, module), `[module_id, layer, rank]`; weights rows hold A (rank x in) then B
+(out x rank), flattened row-major, zero-padded to the widest row, with the scaling folded into B.
+Block-diagonal factors are written densely (zeros off the blocks). After TensorRT-LLM's own per-rank
+split (column: A whole, B out-slice; row: A in-slice, B whole) each rank's pages hold its BD blocks.
+
+A plain LoRA (or a BD adapter whose blocks do not fit `tp`) is written, for `tp > 1`, in an
+equivalent BD-shaped form of rank tp*r that the BD-LoRA plugin computes exactly:
+column: A' = [A; ...; A], B' block-diagonal over output slices; row: A' block-diagonal over input
+slices, B' = [B, ..., B]. Rank i then multiplies A and its own slice, as the replicated scheme would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.errors import AdapterError
+
+# TensorRT-LLM LORA_MODULE_IDS with its default HF mapping (lora_helper.get_default_trtllm_modules_to_hf_modules):
+# mlp_h_to_4h is gate_proj and mlp_gate is up_proj.
+MODULE_IDS = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "gate_proj": 5, "down_proj": 6, "up_proj": 7}
+MODULE_NAMES = {v: k for k, v in MODULE_IDS.items()}
+TRTLLM_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
+                "gate_proj": "mlp_h_to_4h", "down_proj": "mlp_4h_to_h", "up_proj": "mlp_gate"}
+NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+def fits_bd(f: LoraFactors, tp: int) -> bool:
+    want = "B" if f.role == "column" else "A"
+    return f.bd_factor == want and f.nblocks % tp == 0
+
+
+def bd_shaped_factors(f: LoraFactors, tp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (A, B) the BD plugin computes exactly at `tp`: the adapter's own when its blocks fit,
+    else the rank-tp*r expansion of the module docstring."""
+    a, b = f.dense_a(), f.dense_b()
+    if tp == 1 or fits_bd(f, tp):
+        return a, b
+    if f.role == "column":
+        out_slices = torch.tensor_split(b, tp, dim=0)
+        return a.repeat(tp, 1), torch.block_diag(*out_slices)
+    in_slices = torch.tensor_split(a, tp, dim=1)
+    return torch.block_diag(*in_slices), b.repeat(1, tp)
+
+
+def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
+    """(weights [1, rows, width], config [1, rows, 3] int32) as TensorRT-LLM's Triton client sends them."""
+    if dtype not in NP_DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
+    rows, configs = [], []
+    for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
+        a, b = bd_shaped_factors(f, tp)
+        b = b * f.scaling
+        rows.append(torch.cat([a.reshape(-1), b.reshape(-1)]).double())
+        configs.append([MODULE_IDS[name], layer, a.shape[0]])
+    width = max(r.numel() for r in rows)
+    weights = np.zeros((1, len(rows), width), dtype=NP_DTYPES[dtype])
+    for i, row in enumerate(rows):
+        weights[0, i, : row.numel()] = row.numpy()
+    if not np.isfinite(weights).all():
+        raise AdapterError(f"{adapter.path}: weights overflow {dtype} after folding in the scaling")
+    return weights, np.asarray([configs], dtype=np.int32)
+
+
+def write_converted(weights: np.ndarray, config: np.ndarray, output: Path) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    np.save(output / "model.lora_weights.npy", weights, allow_pickle=False)
+    np.save(output / "model.lora_config.npy", config, allow_pickle=False)
+
+
+def read_converted(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a converted adapter; never unpickles."""
+    try:
+        weights = np.load(directory / "model.lora_weights.npy", allow_pickle=False)
+        config = np.load(directory / "model.lora_config.npy", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{directory}: cannot read converted adapter ({err})") from None
+    return weights, config
+
+
+def main(args) -> int:
+    from trtllm_bdlora.adapters import load_peft_adapter
+
+    shape = None
+    if args.model:
+        from trtllm_bdlora.models.loader import load_model_config
+
+        shape = load_model_config(args.model)
+    adapter = load_peft_adapter(args.adapter_dir, model_shape=shape)
+    weights, config = convert_adapter(adapter, args.tp, args.dtype)
+    write_converted(weights, config, Path(args.output))
+    expanded = [f"{n}" for (_, n), f in adapter.modules.items() if args.tp > 1 and not fits_bd(f, args.tp)]
+    note = f"; {len(set(expanded))} module kinds written in BD-shaped rank-{args.tp}x form" if expanded else ""
+    print(f"wrote {config.shape[1]} rows x {weights.shape[2]} ({args.dtype}) to {args.output}{note}")
+    return 0
