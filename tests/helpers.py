@@ -17,20 +17,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_tiny_llama(directory: Path, seed: int = 0, heads: int = 8, kv_heads: int = 8, hidden: int = 128,
-                    layers: int = 2, vocab: int = 256) -> Path:
+                    layers: int = 2, vocab: int = 256, tokenizer: bool = False) -> Path:
+    """A random LlamaForCausalLM; with tokenizer=True it carries smollm2's tokenizer (vocab 49152)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    vocab = 49152 if tokenizer else vocab
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
-        eos_token_id=None, bos_token_id=None, pad_token_id=None,
+        eos_token_id=2 if tokenizer else None, bos_token_id=None, pad_token_id=None,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():  # larger weights than the default init: logits far from ties
             p.normal_(0, 0.1 if p.dim() > 1 else 1.0)
     model.save_pretrained(directory)
+    if tokenizer:
+        from trtllm_bdlora.models.loader import embedded_model_dir
+
+        source = embedded_model_dir()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (source / name).is_file():
+                (directory / name).write_bytes((source / name).read_bytes())
     return directory
 
 

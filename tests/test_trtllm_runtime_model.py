@@ -110,3 +110,39 @@ def test_convert_cli_errors(tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"x")
     res = run_cli("convert-adapter", str(tmp_path), "--output", str(tmp_path / "o"))
     assert res.returncode == 2 and "refused" in res.stderr
+
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+def test_adapter_from_trtllm_roundtrip(tp, bd_adapters, lora_adapter):
+    """convert -> adapter_from_trtllm keeps every module's delta, and recovers BD blocks at the engine's TP."""
+    from trtllm_bdlora.models.shape import LlamaShape
+    from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+
+    shape = LlamaShape(128, 256, 2, 8, 8, 16)
+    for directory, expect_bd in ((bd_adapters[0], tp > 1), (lora_adapter, False)):
+        original = load_peft_adapter(directory)
+        weights, config = convert_adapter(original, tp=1, dtype="float32")
+        back = adapter_from_trtllm(weights, config, shape, tp=tp)
+        assert back.kind == ("bdlora" if expect_bd else "lora")
+        for key, f in original.modules.items():
+            torch.testing.assert_close(back.modules[key].delta(), f.delta(), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_from_trtllm_errors():
+    from trtllm_bdlora.errors import AdapterError
+    from trtllm_bdlora.models.shape import LlamaShape
+    from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+
+    shape = LlamaShape(128, 256, 2, 8, 8, 16)
+    good_w = np.zeros((1, 1, 4 * 256), np.float16)
+    cases = [
+        (good_w, np.array([[[1, 0, 4]]], np.float32), "integer"),
+        (good_w, np.array([[[99, 0, 4]]], np.int32), "unknown module id 99"),
+        (good_w, np.array([[[1, 5, 4]]], np.int32), "layer 5 outside"),
+        (good_w, np.array([[[1, 0, 8]]], np.int32), "needs 2048 weights per row"),
+        (np.full((1, 1, 1024), np.nan, np.float16), np.array([[[1, 0, 4]]], np.int32), "NaN"),
+        (good_w, np.array([[[1, 0, 4], [2, 0, 4]]], np.int32), "rows=2"),
+    ]
+    for w, c, fragment in cases:
+        with pytest.raises(AdapterError, match=fragment):
+            adapter_from_trtllm(w, c, shape)

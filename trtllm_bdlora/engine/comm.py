@@ -76,3 +76,13 @@ class Comm:
         buf = payload.to(self.device) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, 0)
         return obj if self.rank == 0 else json.loads(bytes(buf.cpu().numpy()).decode())
+
+    def broadcast_tensor(self, t: torch.Tensor | None, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """Rank 0's tensor `t` (CPU) on every rank, as a CPU tensor."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        buf = (t.to(dtype) if self.rank == 0 else torch.empty(shape, dtype=dtype)).contiguous().to(self.device)
+        dist.broadcast(buf, 0)
+        return buf.cpu()

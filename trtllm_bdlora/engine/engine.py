@@ -44,8 +44,20 @@ class Engine:
     def register(self, task_id: int, adapter) -> None:
         self.pool.register(task_id, adapter)
 
-    def execute(self, plan: dict) -> torch.Tensor | None:
-        """Run one planned step: free finished sequences, load adapter slots, forward the chunks."""
+    def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
+        """Adapters sent with requests (TensorRT-LLM format): rank 0 validated them before planning."""
+        from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+
+        for i, entry in enumerate(plan.get("register", [])):
+            w, c = arrays[i] if arrays else (None, None)
+            w = self.comm.broadcast_tensor(w, entry["w_shape"], torch.float32)
+            c = self.comm.broadcast_tensor(c, entry["c_shape"], torch.int32)
+            adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world, f"task {entry['task_id']}")
+            self.register(entry["task_id"], adapter)
+
+    def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
+        """Run one planned step: register sent adapters, free finished sequences, load slots, forward."""
+        self._register_from_plan(plan, arrays)
         for seq_id in plan.get("free", []):
             self.model.free(seq_id)
         for slot, task_id in plan.get("loads", []):
@@ -60,7 +72,8 @@ class Engine:
         while (plan := self.comm.broadcast_json()) is not None:
             self.execute(plan)
 
-    def lead(self, plan: dict | None) -> torch.Tensor | None:
-        """Rank 0: send a plan to the workers and execute it (None stops them)."""
+    def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
+        """Rank 0: send a plan (and the arrays of adapters it registers) to the workers and execute it;
+        None stops them."""
         self.comm.broadcast_json(plan)
-        return None if plan is None else self.execute(plan)
+        return None if plan is None else self.execute(plan, arrays)

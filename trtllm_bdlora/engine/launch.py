@@ -35,10 +35,25 @@ def mpirun_command(n: int, argv: list[str]) -> list[str]:
     return cmd + [sys.executable, "-m", "trtllm_bdlora", *argv]
 
 
-def relaunch_under_mpirun(n: int, argv: list[str]) -> int:
+def relaunch_under_mpirun(n: int, argv: list[str], graceful_signal: int | None = None) -> int:
+    """Run `trtllm-bdlora argv` on n ranks; SIGINT/SIGTERM are forwarded to mpirun, never orphaning it.
+    With `graceful_signal` they are forwarded as that signal instead (mpirun passes SIGUSR1 on to the
+    ranks without tearing the job down, so rank 0 can drain and stop the workers itself)."""
+    import signal
+
     env = dict(os.environ, TRTLLM_BDLORA_LAUNCHED="1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    return subprocess.run(mpirun_command(n, argv), env=env, stdin=subprocess.DEVNULL).returncode
+    proc = subprocess.Popen(mpirun_command(n, argv), env=env, stdin=subprocess.DEVNULL)
+
+    def forward(signum, _frame):
+        proc.send_signal(graceful_signal or signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     output_ids: list[int] = field(default_factory=list)
+    on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token
 
 
 def _number(obj: dict, key: str, default, kind, low=None, high=None, low_open=False):

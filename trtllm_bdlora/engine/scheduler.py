@@ -80,6 +80,8 @@ class Scheduler:
             r.position = start + len(toks)
             token = sample(row, r.req.temperature, r.req.top_p, r.generator)
             r.req.output_ids.append(token)
+            if r.req.on_token is not None:
+                r.req.on_token(token)
             if self.collect_stats:
                 r.stats.append(step_stats)
             if token in self.engine.eos_ids or len(r.req.output_ids) >= r.req.max_tokens:

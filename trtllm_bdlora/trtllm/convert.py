@@ -98,3 +98,65 @@ def main(args) -> int:
     note = f"; {len(set(expanded))} module kinds written in BD-shaped rank-{args.tp}x form" if expanded else ""
     print(f"wrote {config.shape[1]} rows x {weights.shape[2]} ({args.dtype}) to {args.output}{note}")
     return 0
+
+
+def _block_diagonal_stack(m: torch.Tensor, nblocks: int) -> torch.Tensor | None:
+    """PEFT's stacked form of `m` if it is block-diagonal with `nblocks` blocks, else None."""
+    rows, cols = m.shape
+    if nblocks < 2 or rows % nblocks or cols % nblocks:
+        return None
+    r, c = rows // nblocks, cols // nblocks
+    blocks = [m[i * r : (i + 1) * r, i * c : (i + 1) * c] for i in range(nblocks)]
+    if not torch.equal(torch.block_diag(*blocks), m):
+        return None
+    return torch.cat(blocks)
+
+
+def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>") -> Adapter:
+    """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated.
+    Scaling is already folded into B. Dense factors that are block-diagonal over `tp` blocks are
+    kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
+    from trtllm_bdlora.models.shape import module_role
+
+    w = np.asarray(weights)
+    c = np.asarray(config)
+    if w.ndim == 3 and w.shape[0] == 1:
+        w = w[0]
+    if c.ndim == 3 and c.shape[0] == 1:
+        c = c[0]
+    if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
+        raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
+    if w.ndim != 2 or w.shape[0] != c.shape[0] or not np.issubdtype(w.dtype, np.floating):
+        raise AdapterError(f"{path}: lora_weights must be float [rows={c.shape[0]}, width], got {w.dtype} {list(w.shape)}")
+    if not np.isfinite(w).all():
+        raise AdapterError(f"{path}: lora_weights contain NaN or Inf")
+    modules: dict = {}
+    nblocks = tp
+    for row, (module_id, layer, r, *_) in zip(w, c.tolist()):
+        name = MODULE_NAMES.get(module_id)
+        if name is None:
+            raise AdapterError(f"{path}: lora_config has unknown module id {module_id} (known: {sorted(MODULE_NAMES)})")
+        if not 0 <= layer < shape.num_layers:
+            raise AdapterError(f"{path}: lora_config layer {layer} outside [0, {shape.num_layers})")
+        in_dim, out_dim = shape.module_dims(name)
+        if r <= 0 or r * (in_dim + out_dim) > row.shape[0]:
+            raise AdapterError(f"{path}: lora_config rank {r} for {name} needs {max(r, 0) * (in_dim + out_dim)} "
+                               f"weights per row, lora_weights rows have {row.shape[0]}")
+        if (layer, name) in modules:
+            raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
+        flat = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32))
+        a = flat[: r * in_dim].view(r, in_dim).clone()
+        b = flat[r * in_dim : r * (in_dim + out_dim)].view(out_dim, r).clone()
+        role = module_role(name)
+        stacked = _block_diagonal_stack(b if role == "column" else a, nblocks)
+        if stacked is None:
+            modules[(layer, name)] = LoraFactors(a, b, 1.0, role)
+        elif role == "column":
+            modules[(layer, name)] = LoraFactors(a, stacked, 1.0, role, "B", nblocks)
+        else:
+            modules[(layer, name)] = LoraFactors(stacked, b, 1.0, role, "A", nblocks)
+    if not modules:
+        raise AdapterError(f"{path}: lora_config has no rows")
+    is_bd = all(f.bd_factor for f in modules.values())
+    rank = max(f.rank for f in modules.values())
+    return Adapter(path, "bdlora" if is_bd else "lora", rank, nblocks if is_bd else 1, modules)

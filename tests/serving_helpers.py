@@ -1,0 +1,83 @@
+"""Start `trtllm-bdlora serve` under mpirun for tests, and find its ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, adapters: dict[int, Path], tp: int = 2, max_loras: int = 8, extra=()):
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
+                "--max-loras", str(max_loras), *extra]
+        for task_id, directory in adapters.items():
+            args += ["--adapter", f"{task_id}={directory}"]
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "trtllm_bdlora", *args], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.time() + timeout
+        client = grpcclient.InferenceServerClient(self.url)
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.output()[-3000:]}")
+            try:
+                if client.is_server_ready() and client.is_model_ready("ensemble"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(self.output()[-3000:])
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def rank_pids(self) -> dict[int, int]:
+        """pid of each rank: processes whose command line names this server's port."""
+        ranks = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+                if b"serve" not in cmd or str(self.port).encode() not in cmd or b"trtllm_bdlora" not in cmd:
+                    continue
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for var in env:
+                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
+                    ranks[int(var.split(b"=")[1])] = int(entry.name)
+        return ranks
+
+    def stop(self) -> int:
+        """SIGTERM, wait, and keep the log readable through `output()`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode

@@ -1,0 +1,115 @@
+"""A `tritonclient.grpc` client for the `ensemble` model: the same calls work against production Triton."""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+
+import numpy as np
+
+from trtllm_bdlora.errors import BdLoraError
+
+UNKNOWN_ADAPTER = "unknown lora_task_id"
+
+
+def _inputs(text: str, max_tokens: int, task_id: int | None, lora: tuple | None, stream: bool,
+            temperature: float, top_p: float, seed: int):
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [
+        tensor("text_input", np.array([[text.encode()]], dtype=object), "BYTES"),
+        tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+        tensor("temperature", np.array([[temperature]], dtype=np.float32), "FP32"),
+        tensor("top_p", np.array([[top_p]], dtype=np.float32), "FP32"),
+        tensor("random_seed", np.array([[seed]], dtype=np.uint64), "UINT64"),
+        tensor("stream", np.array([[stream]], dtype=bool), "BOOL"),
+    ]
+    if task_id:
+        inputs.append(tensor("lora_task_id", np.array([[task_id]], dtype=np.uint64), "UINT64"))
+    if lora is not None:
+        weights, config = lora
+        inputs.append(tensor("lora_weights", weights.astype(np.float16), "FP16"))
+        inputs.append(tensor("lora_config", config.astype(np.int32), "INT32"))
+    return inputs
+
+
+def converted_adapter(adapter_dir: str, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    from trtllm_bdlora.adapters import load_peft_adapter
+    from trtllm_bdlora.trtllm.convert import convert_adapter
+
+    return convert_adapter(load_peft_adapter(adapter_dir), tp=tp, dtype="float16")
+
+
+def infer(client, text: str, max_tokens: int, task_id: int | None = None, lora: tuple | None = None,
+          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
+    result = client.infer("ensemble", _inputs(text, max_tokens, task_id, lora, False, temperature, top_p, seed))
+    return result.as_numpy("text_output").reshape(-1)[0].decode()
+
+
+def stream(client, text: str, max_tokens: int, task_id: int | None = None, lora: tuple | None = None,
+           on_text=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, timeout: float = 600) -> str:
+    """Stream one request; `on_text` gets each text delta. Returns the whole text."""
+    chunks: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: chunks.put((result, error)))
+    try:
+        client.async_stream_infer("ensemble", _inputs(text, max_tokens, task_id, lora, True, temperature, top_p, seed),
+                                  enable_empty_final_response=True)
+        parts = []
+        while True:
+            result, error = chunks.get(timeout=timeout)
+            if error is not None:
+                raise BdLoraError(str(error))
+            response = result.get_response()
+            delta = result.as_numpy("text_output")
+            if delta is not None:
+                piece = delta.reshape(-1)[0].decode()
+                parts.append(piece)
+                if on_text and piece:
+                    on_text(piece)
+            final = response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return "".join(parts)
+    finally:
+        client.stop_stream()
+
+
+def main(args: argparse.Namespace) -> int:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(args.url)
+    lora = None
+
+    def run():
+        if args.stream:
+            text = stream(client, args.text, args.max_tokens, args.adapter, lora,
+                          on_text=lambda s: print(s, end="", flush=True), temperature=args.temperature)
+            print()
+            return text
+        text = infer(client, args.text, args.max_tokens, args.adapter, lora, temperature=args.temperature)
+        print(text)
+        return text
+
+    try:
+        try:
+            run()
+        except (InferenceServerException, BdLoraError) as err:
+            if UNKNOWN_ADAPTER not in str(err) or not args.adapter_dir:
+                raise
+            lora = converted_adapter(args.adapter_dir, args.tp)  # first use: send the adapter with the request
+            run()
+    except InferenceServerException as err:
+        raise BdLoraError(str(err.message() if hasattr(err, "message") else err)) from None
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(argparse.Namespace()))

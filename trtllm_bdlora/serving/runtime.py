@@ -1,0 +1,140 @@
+"""Rank 0's serving loop: a bounded inbox, continuous batching, adapters registered on first use.
+
+Requests arrive from gRPC threads through `submit`; one engine thread owns the engine (and so every
+collective), admits requests between steps, and reports tokens and completion through callbacks.
+When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.engine.scheduler import Scheduler
+from trtllm_bdlora.errors import BdLoraError, RequestError
+
+HEARTBEAT_S = 1.0
+
+
+@dataclass
+class Submission:
+    request: Request
+    lora_weights: np.ndarray | None = None
+    lora_config: np.ndarray | None = None
+    on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class Runtime:
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256):
+        self.engine = engine
+        self.scheduler = Scheduler(engine, max_batch_size)
+        self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
+        self.pending: dict[int, Submission] = {}
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.failure: str | None = None
+        self._next = 0
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
+
+    def start(self) -> Runtime:
+        self.thread.start()
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and not self.stopped.is_set()
+
+    def submit(self, sub: Submission) -> None:
+        if self.stopping.is_set() or not self.healthy:
+            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+        with self._lock:
+            sub.request.index = self._next
+            self._next += 1
+        try:
+            self.inbox.put_nowait(sub)
+        except queue.Full:
+            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish in-flight and queued requests, then stop every rank."""
+        self.stopping.set()
+        self.stopped.wait(timeout)
+
+    # engine thread ------------------------------------------------------------
+    def _admit(self, sub: Submission) -> None:
+        req = sub.request
+        try:
+            if req.adapter is not None and req.adapter not in self.engine.pool:
+                if sub.lora_weights is None or sub.lora_config is None:
+                    raise RequestError(
+                        f"unknown lora_task_id {req.adapter}: send lora_weights and lora_config with its first request"
+                    )
+                self._register(req.adapter, sub.lora_weights, sub.lora_config)
+            elif req.adapter is None and sub.lora_weights is not None:
+                raise RequestError("lora_weights sent without a lora_task_id")
+        except BdLoraError as err:
+            sub.on_done(None, str(err))
+            return
+        self.pending[req.index] = sub
+        self.scheduler.add(req)
+
+    def _register(self, task_id: int, weights: np.ndarray, config: np.ndarray) -> None:
+        import torch
+
+        from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+
+        # validate on rank 0 first: a malformed adapter must never reach the workers
+        adapter_from_trtllm(weights, config, self.engine.shape, self.engine.layout.world, f"lora_task_id {task_id}")
+        w = torch.from_numpy(np.array(weights, dtype=np.float32))
+        c = torch.from_numpy(np.array(config, dtype=np.int32))
+        entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
+        self.engine.lead({"register": [entry]}, [(w, c)])
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            sub = self.inbox.get(timeout=HEARTBEAT_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._admit(sub)
+        while True:
+            try:
+                self._admit(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        try:
+            last = time.monotonic()
+            while True:
+                idle = not self.scheduler.busy
+                if idle and self.stopping.is_set() and self.inbox.empty():
+                    break
+                self._drain_inbox(block=idle)
+                if self.scheduler.busy:
+                    for req, _ in self.scheduler.step():
+                        sub = self.pending.pop(req.index)
+                        sub.on_done(req.output_ids, None)
+                    last = time.monotonic()
+                elif time.monotonic() - last >= HEARTBEAT_S:
+                    self.engine.lead({})
+                    last = time.monotonic()
+            self.scheduler.flush()
+            self.engine.lead(None)
+        except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
+            self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            for sub in list(self.pending.values()):
+                sub.on_done(None, f"server failed: {self.failure}")
+            self.pending.clear()
+            while not self.inbox.empty():
+                self.inbox.get_nowait().on_done(None, f"server failed: {self.failure}")
+        finally:
+            self.stopped.set()

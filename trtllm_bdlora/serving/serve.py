@@ -1,0 +1,70 @@
+"""`trtllm-bdlora serve`: every rank builds its engine; rank 0 runs the runtime and the gRPC endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, relaunch_under_mpirun, shutdown
+from trtllm_bdlora.errors import BdLoraError
+
+# SIGUSR1 is what `serve --tp N` forwards to its own mpirun; send it to a user-run mpirun for a graceful stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.backend == "trtllm":
+        raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
+    if args.tp > 1 and mpi_world_size() is None:
+        from trtllm_bdlora.models.loader import resolve_model_dir
+
+        resolve_model_dir(args.model)
+        return relaunch_under_mpirun(args.tp, sys.argv[1:], graceful_signal=signal.SIGUSR1)
+    from trtllm_bdlora.engine.engine import Engine
+
+    comm = init_ranks(args.tp, args.device)
+    try:
+        engine = Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
+    except BdLoraError:
+        if comm.rank == 0:
+            raise
+        return 2
+    if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            engine.follow()
+        finally:
+            shutdown(comm)
+        return 0
+    return _serve_rank0(args, engine, comm)
+
+
+def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
+    from trtllm_bdlora.serving.grpc_server import start_server
+    from trtllm_bdlora.serving.runtime import Runtime
+
+    runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    try:
+        server = start_server(runtime, args.host, args.grpc_port)
+    except BdLoraError:
+        runtime.stop()
+        shutdown(comm)
+        raise
+    stop = threading.Event()
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"trtllm-bdlora: serving model 'ensemble' on {args.host}:{args.grpc_port} "
+          f"(tp {args.tp}, scheme {args.scheme}, adapters {sorted(engine.pool.host)})", flush=True)
+    while not stop.wait(0.2) and not runtime.stopped.is_set():
+        pass
+    runtime.stop(timeout=args.shutdown_timeout)  # in-flight and queued requests finish first
+    server.stop(grace=2).wait()
+    if runtime.failure:
+        print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
+        return 1
+    shutdown(comm)
+    print("trtllm-bdlora: stopped", flush=True)
+    return 0
