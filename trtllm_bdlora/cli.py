@@ -90,6 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.client", fromlist=["main"]).main(a))
 
+    p = sub.add_parser("fill-model-repo", help="fill model_repo/ (Triton inflight_batcher_llm layout) for an engine")
+    p.add_argument("--engine-dir", required=True)
+    p.add_argument("--tokenizer-dir", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-batch-size", type=_positive_int, default=64)
+    p.add_argument("--max-lora-rank", type=_positive_int, default=64)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other ${placeholder} of the templates")
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).fill_main(a))
+
+    p = sub.add_parser("launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded")
+    p.add_argument("--world-size", type=_positive_int, required=True)
+    p.add_argument("--model-repo", required=True)
+    p.add_argument("--plugin-lib", default="/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).launch_main(a))
+
     p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")
     _add_engine_args(p)
     p.add_argument("--batch", type=_positive_int, default=8)
