@@ -77,3 +77,16 @@ class Engine:
         None stops them."""
         self.comm.broadcast_json(plan)
         return None if plan is None else self.execute(plan, arrays)
+
+
+def engine_from_args(args, comm: Comm) -> Engine | None:
+    """This rank's engine from the CLI's engine flags. A set-up error (bad adapter or model) raises on rank 0,
+    which reports it; other ranks get None and exit quietly."""
+    from trtllm_bdlora.errors import BdLoraError
+
+    try:
+        return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
+    except BdLoraError:
+        if comm.rank == 0:
+            raise
+        return None

@@ -59,14 +59,11 @@ def main(args: argparse.Namespace) -> int:
         raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and docs/tensorrt-llm.md")
     if args.tp > 1 and mpi_world_size() is None:
         return _relaunch(args)
-    from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.engine import engine_from_args
 
     comm = init_ranks(args.tp, args.device)
-    try:
-        engine = Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
-    except BdLoraError:
-        if comm.rank == 0:
-            raise
+    engine = engine_from_args(args, comm)
+    if engine is None:
         return 2
     try:
         if comm.rank != 0:

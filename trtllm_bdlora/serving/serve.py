@@ -22,14 +22,11 @@ def main(args: argparse.Namespace) -> int:
 
         resolve_model_dir(args.model)
         return relaunch_under_mpirun(args.tp, sys.argv[1:], graceful_signal=signal.SIGUSR1)
-    from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.engine import engine_from_args
 
     comm = init_ranks(args.tp, args.device)
-    try:
-        engine = Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
-    except BdLoraError:
-        if comm.rank == 0:
-            raise
+    engine = engine_from_args(args, comm)
+    if engine is None:
         return 2
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
         for sig in STOP_SIGNALS:
