@@ -12,13 +12,14 @@ from safetensors.torch import load_file
 from tests.helpers import REPO
 from trtllm_bdlora.engine.launch import mpirun_command
 
-PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 8, 200, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [250, 3, 77]]
+PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 8, 200, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [250, 3, 77],
+           [9, 90, 190, 33, 4]]
 
 
 def _cases(bd_adapters, lora_adapter):
-    bd = [[i + 1, str(d)] for i, d in enumerate(bd_adapters)]
-    bd_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([1, 2, 3, None], PROMPTS)]
     lora = [[7, str(lora_adapter)]]
+    bd = [[i + 1, str(d)] for i, d in enumerate(bd_adapters)] + lora  # plain LoRA shares the BD batch
+    bd_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([1, 2, 3, None, 7], PROMPTS)]
     lora_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([7, None, 7, 7], PROMPTS)]
     return [
         {"name": "bdlora", "scheme": "bdlora", "adapters": bd, "requests": bd_reqs},
@@ -60,6 +61,7 @@ def peft_reference(tiny_llama, bd_adapters, lora_adapter):
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_tp_engine_matches_peft(tp, tiny_llama, bd_adapters, lora_adapter, peft_reference, tmp_path):
     cases = _cases(bd_adapters, lora_adapter)
+    assert len(cases[0]["requests"]) == 5
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     argv = [str(tiny_llama), str(tmp_path), str(tmp_path / "cases.json")]
     cmd = mpirun_command(tp, [])[:-3] + [sys.executable, str(REPO / "tests" / "tp_worker.py"), *argv]
