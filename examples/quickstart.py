@@ -29,7 +29,8 @@ def main() -> int:
             "--requests", "-"]
     for task_id, task in adapters.items():
         argv += ["--adapter", f"{task_id}={HERE / 'adapters' / task}"]
-    print("$ trtllm-bdlora generate --model smollm2-135m --tp 3 " + " ".join(a for a in argv[8:] if "=" in a), flush=True)
+    shown = [a.replace(str(HERE.parent) + "/", "") for a in argv[3:]]
+    print("$ trtllm-bdlora " + " ".join(shown) + " < (6 JSON-lines requests)", flush=True)
     start = time.time()
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(argv, input="\n".join(json.dumps(r) for r in requests) + "\n", capture_output=True,
