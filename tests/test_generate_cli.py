@@ -66,3 +66,11 @@ def test_bad_adapter_flag(tiny_llama):
 def test_bad_model(tmp_path):
     res = run_cli("generate", "--model", str(tmp_path), "--requests", "-", stdin="")
     assert res.returncode == 2 and "not a Hugging Face model directory" in res.stderr
+
+
+def test_same_seed_same_tokens_at_any_tp(tiny_llama, bd_adapters):
+    reqs = [{"id": i, "adapter": a, "prompt_ids": [3, 4, 5, i], "max_tokens": 10, "temperature": 1.0, "top_p": 0.95,
+             "seed": 40 + i} for i, a in enumerate([1, None, 1])]
+    outs = {tp: [json.loads(line)["output_ids"] for line in _run(tiny_llama, bd_adapters, reqs, "--tp", str(tp)).stdout
+                 .splitlines()] for tp in (1, 2)}
+    assert len(outs[1]) == 3 and outs[1] == outs[2]
