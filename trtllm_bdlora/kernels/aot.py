@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-DTYPE_ENUM = {"float32": 0, "float16": 1, "bfloat16": 2}  # nvinfer1::DataType values: kFLOAT, kHALF, kBF16=7 mapped
+DTYPE_ENUM = {"float32": 0, "float16": 1, "bfloat16": 2}  # the `dtype` codes of bdlora_launch()
 BLOCK_T, BLOCK_K, BLOCK_M = 16, 64, 64
 NUM_WARPS, NUM_STAGES = 4, 2
 PTX_VERSION = 84  # PTX ISA 8.4 (CUDA 12.4): loadable by the drivers of TensorRT-LLM 1.2 containers

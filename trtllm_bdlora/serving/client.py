@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import queue
-import sys
 
 import numpy as np
 
@@ -110,6 +109,3 @@ def main(args: argparse.Namespace) -> int:
         client.close()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(argparse.Namespace()))
