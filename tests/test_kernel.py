@@ -149,11 +149,10 @@ def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_
 
     adapters = [(1, str(bd_adapters[0])), (2, str(bd_adapters[2])), (3, str(lora_adapter))]
     engine = Engine(Comm(0, 1), str(tiny_llama), "bdlora", adapters, max_loras=4)
-    loads = engine.pool.plan_slots([1, 2, 3])
+    loads, slots = engine.pool.assign([1, None, 2, 3])
     for slot, task in loads:
         engine.pool.load(task, slot)
-    chunks = [[0, [1, 2, 3, 4], 0, engine.pool.slot_of[1]], [1, [9, 8], 0, -1], [2, [7, 7, 7], 0,
-              engine.pool.slot_of[2]], [3, [5, 6], 0, engine.pool.slot_of[3]]]
+    chunks = [[i, tokens, 0, slot] for i, (tokens, slot) in enumerate(zip([[1, 2, 3, 4], [9, 8], [7, 7, 7], [5, 6]], slots))]
     outs = {}
     for path in ("torch", "triton"):
         monkeypatch.setenv("TRTLLM_BDLORA_KERNEL", path)

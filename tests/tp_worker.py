@@ -23,9 +23,8 @@ def run_case(comm, base, case, out_dir: Path) -> None:
         engine.follow()
         return
     reqs = case["requests"]
-    loads = engine.pool.plan_slots([r["adapter"] for r in reqs])
-    slot_of = dict(engine.pool.slot_of) | {t: s for s, t in loads}
-    chunks = [[i, r["prompt_ids"], 0, slot_of[r["adapter"]] if r["adapter"] else -1] for i, r in enumerate(reqs)]
+    loads, slots = engine.pool.assign([r["adapter"] for r in reqs])
+    chunks = [[i, r["prompt_ids"], 0, slot] for i, (r, slot) in enumerate(zip(reqs, slots))]
     logits = engine.lead({"loads": loads, "chunks": chunks, "all_logits": True})
     engine.lead({"free": list(range(len(reqs)))})
     engine.lead(None)

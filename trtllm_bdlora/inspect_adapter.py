@@ -6,8 +6,6 @@ from trtllm_bdlora.adapters.lora import Adapter
 from trtllm_bdlora.models.shape import LlamaShape, shape_from_adapter
 from trtllm_bdlora.sharding import SCHEMES, bd_misfit, make_layout, shard_lora
 
-COLLECTIVES_PER_LAYER = {"bdlora": 0, "replicated": 0}
-
 
 def _slora_collectives(adapter: Adapter) -> int:
     """S-LoRA issues one collective per fused LoRA group per layer: qkv, o, gate_up, down."""

@@ -150,5 +150,8 @@ class AdapterPool:
                 loads.append((free.pop(0) if free else self.slot_of[evictable.pop(0)], t))
         return loads
 
-    def slot_ids(self, task_ids: list[int | None]) -> list[int]:
-        return [self.slot_of[t] if t else -1 for t in task_ids]
+    def assign(self, task_ids: list[int | None]) -> tuple[list[tuple[int, int]], list[int]]:
+        """`plan_slots` plus each entry's slot once those loads are applied (-1 for no adapter)."""
+        loads = self.plan_slots(task_ids)
+        slot_of = dict(self.slot_of) | {t: s for s, t in loads}
+        return loads, [slot_of[t] if t else -1 for t in task_ids]

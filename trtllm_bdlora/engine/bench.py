@@ -32,10 +32,7 @@ def random_bd_adapter(shape: LlamaShape, rank: int, nblocks: int, seed: int) -> 
 
 
 def _time_decode(engine, args, adapter_ids: list[int | None]) -> tuple[list[float], dict]:
-    pool = engine.pool
-    loads = pool.plan_slots(adapter_ids)
-    slot_of = dict(pool.slot_of) | {t: s for s, t in loads}
-    slots = [slot_of[t] if t else -1 for t in adapter_ids]
+    loads, slots = engine.pool.assign(adapter_ids)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in slots]
     engine.lead({"loads": loads, "chunks": [[i, p, 0, s] for i, (p, s) in enumerate(zip(prompts, slots))]})

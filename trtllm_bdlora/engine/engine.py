@@ -45,14 +45,16 @@ class Engine:
         self.pool.register(task_id, adapter)
 
     def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
-        """Adapters sent with requests (TensorRT-LLM format): rank 0 validated them before planning."""
+        """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, adapter) it already
+        validated and converted; the other ranks receive the arrays and convert them the same way."""
         from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
 
         for i, entry in enumerate(plan.get("register", [])):
-            w, c = arrays[i] if arrays else (None, None)
+            w, c, adapter = arrays[i] if arrays else (None, None, None)
             w = self.comm.broadcast_tensor(w, entry["w_shape"], torch.float32)
             c = self.comm.broadcast_tensor(c, entry["c_shape"], torch.int32)
-            adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world, f"task {entry['task_id']}")
+            if adapter is None:
+                adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world, f"task {entry['task_id']}")
             self.register(entry["task_id"], adapter)
 
     def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:

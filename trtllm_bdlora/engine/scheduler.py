@@ -54,21 +54,11 @@ class Scheduler:
         """One engine step; returns the requests that finished in it (with their per-step stats)."""
         admitted = self._admit()
         batch = admitted + self.running
-        pool = self.engine.pool
-        loads = pool.plan_slots([r.req.adapter for r in batch])
-        chunks = []
-        for r in admitted:
-            chunks.append((r.seq_id, r.req.prompt_ids, 0, None))
-        for r in self.running:
-            chunks.append((r.seq_id, [r.req.output_ids[-1]], r.position, None))
+        loads, slots = self.engine.pool.assign([r.req.adapter for r in batch])
+        chunks = [[r.seq_id, r.req.prompt_ids, 0, slot] for r, slot in zip(admitted, slots)]
+        chunks += [[r.seq_id, [r.req.output_ids[-1]], r.position, slot]
+                   for r, slot in zip(self.running, slots[len(admitted):])]
         plan = {"free": self._free, "loads": loads, "chunks": chunks}
-        # slots are resolved after the loads this plan carries
-        slot_of = dict(pool.slot_of)
-        slot_of.update({t: s for s, t in loads})
-        plan["chunks"] = [
-            [sid, toks, start, slot_of[r.req.adapter] if r.req.adapter else -1]
-            for (sid, toks, start, _), r in zip(chunks, batch)
-        ]
         self._free = []
         log = self.engine.comm.log
         log.clear()

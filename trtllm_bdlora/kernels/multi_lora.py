@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BLOCK_T, BLOCK_K, BLOCK_M = 16, 64, 64
@@ -16,26 +18,29 @@ def group_tokens(slot_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, 
     return token_idx, seg_start, counts.to(torch.int32)
 
 
+@functools.lru_cache(maxsize=1024)
+def _pointer_table(layout: tuple[tuple[int, int, int, int, int], ...], device: torch.device) -> torch.Tensor:
+    """[n_out, S, 2] slot addresses of A and B; depends only on the buffers' addresses and strides, so it is built
+    once per buffer set instead of on every step (the slot buffers live as long as the adapter pool)."""
+    rows = [[[a_ptr + s * a_step, b_ptr + s * b_step] for s in range(num_slots)]
+            for a_ptr, a_step, b_ptr, b_step, num_slots in layout]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
 def slot_tables(
-    a_slots: list[torch.Tensor],
-    b_slots: list[torch.Tensor],
-    ranks: list[torch.Tensor],
-    scales: list[torch.Tensor],
-    rank_offsets: list[torch.Tensor] | None = None,
+    a_slots: list[torch.Tensor], b_slots: list[torch.Tensor], ranks: list[torch.Tensor], scales: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tables for stacked slot buffers a [S, R, K] and b [S, M, Rb] (row-major rows)."""
-    device = a_slots[0].device
-    ptrs = []
     for a, b in zip(a_slots, b_slots):
         if a.stride(-1) != 1 or b.stride(-1) != 1 or a.stride(1) != a.shape[2]:
             raise ValueError("slot buffers must have contiguous rows")
-        ptrs.append([[a.data_ptr() + s * a.stride(0) * a.element_size(),
-                      b.data_ptr() + s * b.stride(0) * b.element_size()] for s in range(a.shape[0])])
-    ptr_table = torch.tensor(ptrs, dtype=torch.int64).to(device, non_blocking=True)
-    offsets = rank_offsets or [torch.zeros_like(r) for r in ranks]
+    layout = tuple((a.data_ptr(), a.stride(0) * a.element_size(), b.data_ptr(), b.stride(0) * b.element_size(),
+                    a.shape[0]) for a, b in zip(a_slots, b_slots))
+    ptr_table = _pointer_table(layout, a_slots[0].device)
     meta = torch.stack([
-        torch.stack([r.to(torch.int32), off.to(torch.int32), torch.full_like(r, b.stride(1), dtype=torch.int32)], -1)
-        for r, off, b in zip(ranks, offsets, b_slots)
+        torch.stack([r.to(torch.int32), torch.zeros_like(r, dtype=torch.int32),
+                     torch.full_like(r, b.stride(1), dtype=torch.int32)], -1)
+        for r, b in zip(ranks, b_slots)
     ])
     return ptr_table, meta.contiguous(), torch.stack([s.float() for s in scales]).contiguous()
 
@@ -82,17 +87,12 @@ def multi_lora(
     ranks: list[torch.Tensor],
     scales: list[torch.Tensor],
     out_offsets: list[int],
-    rank_offsets: list[torch.Tensor] | None = None,
-    max_rank: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as kernels.lora_ref.multi_lora_ref, computed by the Triton kernel.
-
-    `rank_offsets` (per output, [S]) select the BD block rows of A / columns of B to multiply;
-    `max_rank` bounds the per-adapter rank (default: the slot buffers' rank capacity).
-    """
+    """Same contract as kernels.lora_ref.multi_lora_ref, computed by the Triton kernel. Slot buffers use rank
+    offset 0; per-request pointers with BD rank offsets (the plugin's form) go through `launch` directly."""
     x = x.contiguous()
-    tables = slot_tables(a_slots, b_slots, ranks, scales, rank_offsets)
+    tables = slot_tables(a_slots, b_slots, ranks, scales)
     token_idx, seg_start, seg_len = group_tokens(slot_ids, a_slots[0].shape[0])
-    cap = max_rank if max_rank is not None else max(a.shape[1] for a in a_slots)
+    cap = max(a.shape[1] for a in a_slots)
     return launch(y, x.to(a_slots[0].dtype), token_idx, seg_start, seg_len, *tables, out_offsets,
                   [b.shape[1] for b in b_slots], cap)

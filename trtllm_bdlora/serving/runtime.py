@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,7 +29,6 @@ class Submission:
     lora_weights: np.ndarray | None = None
     lora_config: np.ndarray | None = None
     on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
-    submitted: float = field(default_factory=time.monotonic)
 
 
 class Runtime:
@@ -93,11 +92,12 @@ class Runtime:
         from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
 
         # validate on rank 0 first: a malformed adapter must never reach the workers
-        adapter_from_trtllm(weights, config, self.engine.shape, self.engine.layout.world, f"lora_task_id {task_id}")
+        adapter = adapter_from_trtllm(weights, config, self.engine.shape, self.engine.layout.world,
+                                      f"lora_task_id {task_id}")
         w = torch.from_numpy(np.array(weights, dtype=np.float32))
         c = torch.from_numpy(np.array(config, dtype=np.int32))
         entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
-        self.engine.lead({"register": [entry]}, [(w, c)])
+        self.engine.lead({"register": [entry]}, [(w, c, adapter)])
 
     def _drain_inbox(self, block: bool) -> None:
         try:

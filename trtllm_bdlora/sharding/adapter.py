@@ -50,15 +50,22 @@ class LoraShard:
         return self.a.numel() + self.b.numel()
 
 
-def bd_misfit(f: LoraFactors, name: str, layout: TPLayout) -> str | None:
-    """Why this module's factors cannot be served block-diagonally at this TP, or None if they can."""
+def block_misfit(f: LoraFactors, world: int) -> str | None:
+    """Why these factors' blocks cannot give each of `world` ranks its own blocks, or None if they can."""
     want = "B" if f.role == "column" else "A"
     if f.bd_factor is None:
         return "plain LoRA factor (no block structure)"
     if f.bd_factor != want:
         return f"block-diagonal {f.bd_factor} on a {f.role}-parallel module (needs block-diagonal {want})"
-    if f.nblocks % layout.world:
-        return f"nblocks={f.nblocks} is not a multiple of tp={layout.world}"
+    if f.nblocks % world:
+        return f"nblocks={f.nblocks} is not a multiple of tp={world}"
+    return None
+
+
+def bd_misfit(f: LoraFactors, name: str, layout: TPLayout) -> str | None:
+    """Why this module's factors cannot be served block-diagonally at this TP, or None if they can."""
+    if why := block_misfit(f, layout.world):
+        return why
     if name in ("k_proj", "v_proj") and layout.kv_replicated and layout.world > 1:
         return f"KV heads are replicated at tp={layout.world} (num_key_value_heads={layout.shape.num_kv_heads})"
     return None

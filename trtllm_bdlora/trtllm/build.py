@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 
 from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.trtllm.convert import TRTLLM_NAMES
 
 CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"  # TensorRT-LLM 1.2.x, TensorRT 10.13
-LORA_TARGET_MODULES = ["attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h", "mlp_gate"]
+LORA_TARGET_MODULES = list(TRTLLM_NAMES.values())
 DEFAULT_PLUGIN_LIB = "plugins/build/libtrtllm_bdlora_plugin.so"
 
 

@@ -20,6 +20,7 @@ import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
 from trtllm_bdlora.errors import AdapterError
+from trtllm_bdlora.sharding.adapter import block_misfit
 
 # TensorRT-LLM LORA_MODULE_IDS with its default HF mapping (lora_helper.get_default_trtllm_modules_to_hf_modules):
 # mlp_h_to_4h is gate_proj and mlp_gate is up_proj.
@@ -31,8 +32,7 @@ NP_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def fits_bd(f: LoraFactors, tp: int) -> bool:
-    want = "B" if f.role == "column" else "A"
-    return f.bd_factor == want and f.nblocks % tp == 0
+    return block_misfit(f, tp) is None
 
 
 def bd_shaped_factors(f: LoraFactors, tp: int) -> tuple[torch.Tensor, torch.Tensor]:

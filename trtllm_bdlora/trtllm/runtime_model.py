@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trtllm_bdlora.models.shape import module_role
 from trtllm_bdlora.trtllm.convert import MODULE_NAMES
-
-ROW_MODULES = {"o_proj", "down_proj"}
 
 
 @dataclass
@@ -36,7 +35,7 @@ def split_like_copy_to_pages(
     flat = torch.from_numpy(np.ascontiguousarray(weights_row))
     a = flat[: r * in_dim].view(r, in_dim)
     b = flat[r * in_dim : r * in_dim + out_dim * r].view(out_dim, r)
-    if name in ROW_MODULES:  # splitIn: columns [tp_rank*in/tp, ...) of A
+    if module_role(name) == "row":  # splitIn: columns [tp_rank*in/tp, ...) of A
         a = a[:, tp_rank * in_dim // tp : (tp_rank + 1) * in_dim // tp]
     else:  # splitOut: contiguous slice view(weightsOut, {tp, out/tp, r})[tp_rank]
         b = b.view(tp, out_dim // tp, r)[tp_rank]
