@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
+from trtllm_bdlora.adapters.trtllm_format import MODULE_IDS, convert_adapter, read_converted, write_converted  # noqa: E402
 from trtllm_bdlora.kernels.multi_lora import launch  # noqa: E402
-from trtllm_bdlora.trtllm.convert import MODULE_IDS, convert_adapter, read_converted, write_converted  # noqa: E402
 from trtllm_bdlora.trtllm.runtime_model import (  # noqa: E402
     plugin_reference,
     plugin_tables,
@@ -115,8 +115,8 @@ def test_convert_cli_errors(tmp_path):
 @pytest.mark.parametrize("tp", [1, 2, 8])
 def test_adapter_from_trtllm_roundtrip(tp, bd_adapters, lora_adapter):
     """convert -> adapter_from_trtllm keeps every module's delta, and recovers BD blocks at the engine's TP."""
+    from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
     from trtllm_bdlora.models.shape import LlamaShape
-    from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
 
     shape = LlamaShape(128, 256, 2, 8, 8, 16)
     for directory, expect_bd in ((bd_adapters[0], tp > 1), (lora_adapter, False)):
@@ -129,9 +129,9 @@ def test_adapter_from_trtllm_roundtrip(tp, bd_adapters, lora_adapter):
 
 
 def test_adapter_from_trtllm_errors():
+    from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
     from trtllm_bdlora.errors import AdapterError
     from trtllm_bdlora.models.shape import LlamaShape
-    from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
 
     shape = LlamaShape(128, 256, 2, 8, 8, 16)
     good_w = np.zeros((1, 1, 4 * 256), np.float16)

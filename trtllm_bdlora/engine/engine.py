@@ -47,7 +47,7 @@ class Engine:
     def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
         """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, adapter) it already
         validated and converted; the other ranks receive the arrays and convert them the same way."""
-        from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
 
         for i, entry in enumerate(plan.get("register", [])):
             w, c, adapter = arrays[i] if arrays else (None, None, None)

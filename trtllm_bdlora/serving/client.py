@@ -40,7 +40,7 @@ def _inputs(text: str, max_tokens: int, task_id: int | None, lora: tuple | None,
 
 def converted_adapter(adapter_dir: str, tp: int = 1) -> tuple[np.ndarray, np.ndarray]:
     from trtllm_bdlora.adapters import load_peft_adapter
-    from trtllm_bdlora.trtllm.convert import convert_adapter
+    from trtllm_bdlora.adapters.trtllm_format import convert_adapter
 
     return convert_adapter(load_peft_adapter(adapter_dir), tp=tp, dtype="float16")
 

@@ -89,7 +89,7 @@ class Runtime:
     def _register(self, task_id: int, weights: np.ndarray, config: np.ndarray) -> None:
         import torch
 
-        from trtllm_bdlora.trtllm.convert import adapter_from_trtllm
+        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
 
         # validate on rank 0 first: a malformed adapter must never reach the workers
         adapter = adapter_from_trtllm(weights, config, self.engine.shape, self.engine.layout.world,

@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
+from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.trtllm.convert import TRTLLM_NAMES
 
 CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"  # TensorRT-LLM 1.2.x, TensorRT 10.13
 LORA_TARGET_MODULES = list(TRTLLM_NAMES.values())

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES
 from trtllm_bdlora.models.shape import module_role
-from trtllm_bdlora.trtllm.convert import MODULE_NAMES
 
 
 @dataclass
