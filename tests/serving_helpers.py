@@ -20,11 +20,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, adapters: dict[int, Path], tp: int = 2, max_loras: int = 8, extra=()):
+    def __init__(self, model: Path, adapters: dict[int | str, Path], tp: int = 2, max_loras: int = 8, extra=()):
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.openai_port = free_port()
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"
         args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
-                "--max-loras", str(max_loras), *extra]
+                "--openai-port", str(self.openai_port), "--max-loras", str(max_loras), *extra]
         for task_id, directory in adapters.items():
             args += ["--adapter", f"{task_id}={directory}"]
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

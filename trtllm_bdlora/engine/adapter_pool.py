@@ -62,6 +62,11 @@ class AdapterPool:
         if task_id in self.slot_of:  # re-registration replaces the resident copy
             self._copy_in(self.slot_of[task_id], task_id)
 
+    def unregister(self, task_id: int) -> None:
+        """Forget an adapter; its slot, if it has one, becomes free. No running request may use it."""
+        self.host.pop(task_id, None)
+        self.slot_of.pop(task_id, None)
+
     def __contains__(self, task_id: int) -> bool:
         return task_id in self.host
 

@@ -57,9 +57,23 @@ class Engine:
                 adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world, f"task {entry['task_id']}")
             self.register(entry["task_id"], adapter)
 
+    def _share_from_plan(self, plan: dict, adapters: list | None) -> None:
+        """Adapters rank 0 loaded itself (a PEFT directory, at run time): rank 0 passes (Adapter, flat factors from
+        `adapter_to_wire`), the other ranks receive them whole; then adapters rank 0 retired leave every rank."""
+        from trtllm_bdlora.adapters.lora import adapter_from_wire
+
+        for i, meta in enumerate(plan.get("share", [])):
+            adapter, flat = adapters[i] if adapters else (None, None)
+            flat = self.comm.broadcast_tensor(flat, [meta["numel"]], torch.float32)
+            self.register(meta["task_id"], adapter or adapter_from_wire(meta, flat))
+        for task_id in plan.get("unregister", []):
+            self.pool.unregister(task_id)
+
     def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
-        """Run one planned step: register sent adapters, free finished sequences, load slots, forward."""
+        """Run one planned step: register sent adapters, free finished sequences, load slots, forward.
+        `arrays` belong to the plan's `register` or `share` entries (a plan carries one of them)."""
         self._register_from_plan(plan, arrays)
+        self._share_from_plan(plan, arrays)
         for seq_id in plan.get("free", []):
             self.model.free(seq_id)
         for slot, task_id in plan.get("loads", []):

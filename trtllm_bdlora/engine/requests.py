@@ -21,7 +21,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     output_ids: list[int] = field(default_factory=list)
-    on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token
+    on_token: Callable[[int], bool | None] | None = None  # called on rank 0 after every sampled token; True ends it
 
 
 def _number(obj: dict, key: str, default, kind, low=None, high=None, low_open=False):

@@ -70,11 +70,10 @@ class Scheduler:
             r.position = start + len(toks)
             token = sample(row, r.req.temperature, r.req.top_p, r.generator)
             r.req.output_ids.append(token)
-            if r.req.on_token is not None:
-                r.req.on_token(token)
+            halt = r.req.on_token is not None and bool(r.req.on_token(token))  # a stop string, or the client left
             if self.collect_stats:
                 r.stats.append(step_stats)
-            if token in self.engine.eos_ids or len(r.req.output_ids) >= r.req.max_tokens:
+            if halt or token in self.engine.eos_ids or len(r.req.output_ids) >= r.req.max_tokens:
                 self._free.append(r.seq_id)
                 finished.append((r.req, r.stats))
             else:

@@ -31,6 +31,29 @@ class Submission:
     on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
 
 
+class _Control:
+    """Work for the engine thread between steps (adapter registration), queued in the inbox like a request."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action, self.error = action, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.action()
+        except BdLoraError as err:
+            self.error = str(err)
+        except Exception as err:  # a collective failed: the runtime fails as for a step
+            self.error = f"server failed: {type(err).__name__}"
+            raise
+        finally:
+            self.done.set()
+
+    def on_done(self, ids, error: str | None) -> None:  # the runtime failed or stopped before running it
+        self.error = error
+        self.done.set()
+
+
 class Runtime:
     def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256):
         self.engine = engine
@@ -41,6 +64,7 @@ class Runtime:
         self.stopped = threading.Event()
         self.failure: str | None = None
         self._next = 0
+        self.retiring: set[int] = set()  # unregistered adapters still used by queued or running requests
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
 
@@ -63,15 +87,56 @@ class Runtime:
         except queue.Full:
             raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
 
+    def register_adapter(self, task_id: int, adapter) -> None:
+        """Register a loaded Adapter under `task_id` on every rank (between engine steps); RequestError if taken."""
+        from trtllm_bdlora.adapters.lora import adapter_to_wire
+
+        def register():
+            if task_id in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"lora_task_id {task_id} is already registered")
+            meta, flat = adapter_to_wire(adapter)
+            self.engine.lead({"share": [dict(meta, task_id=task_id)]}, [(adapter, flat)])
+
+        self._control(register)
+
+    def unregister_adapter(self, task_id: int) -> None:
+        """Refuse new requests for `task_id` at once; it leaves every rank when no queued or running request uses it."""
+        def retire():
+            if task_id not in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"unknown lora_task_id {task_id}")
+            self.retiring.add(task_id)
+            self._release_retired()
+
+        self._control(retire)
+
+    def _control(self, action: Callable[[], None]) -> None:
+        if self.stopping.is_set() or not self.healthy:
+            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+        item = _Control(action)
+        try:
+            self.inbox.put(item, timeout=60)
+        except queue.Full:
+            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+        while not item.done.wait(0.5):
+            if self.stopped.is_set():
+                raise RequestError("server is shutting down")
+        if item.error:
+            raise RequestError(item.error)
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish in-flight and queued requests, then stop every rank."""
         self.stopping.set()
         self.stopped.wait(timeout)
 
     # engine thread ------------------------------------------------------------
-    def _admit(self, sub: Submission) -> None:
+    def _admit(self, sub: Submission | _Control) -> None:
+        if isinstance(sub, _Control):
+            sub.run()
+            return
         req = sub.request
         try:
+            if req.adapter in self.retiring:
+                raise RequestError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
             if req.adapter is not None and req.adapter not in self.engine.pool:
                 if sub.lora_weights is None or sub.lora_config is None:
                     raise RequestError(
@@ -99,6 +164,13 @@ class Runtime:
         entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
         self.engine.lead({"register": [entry]}, [(w, c, adapter)])
 
+    def _release_retired(self) -> None:
+        in_use = {r.req.adapter for r in self.scheduler.running} | {r.adapter for r in self.scheduler.waiting}
+        free = sorted(self.retiring - in_use)
+        if free:
+            self.engine.lead({"unregister": free})
+            self.retiring -= set(free)
+
     def _drain_inbox(self, block: bool) -> None:
         try:
             sub = self.inbox.get(timeout=HEARTBEAT_S) if block else self.inbox.get_nowait()
@@ -123,6 +195,8 @@ class Runtime:
                     for req, _ in self.scheduler.step():
                         sub = self.pending.pop(req.index)
                         sub.on_done(req.output_ids, None)
+                    if self.retiring:
+                        self._release_retired()
                     last = time.monotonic()
                 elif time.monotonic() - last >= HEARTBEAT_S:
                     self.engine.lead({})

@@ -17,6 +17,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 def main(args: argparse.Namespace) -> int:
     if args.backend == "trtllm":
         raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
+    from trtllm_bdlora.serving.openai_api import check_args
+
+    check_args(args)  # bad OpenAI flags fail before any rank starts
     if args.tp > 1 and mpi_world_size() is None:
         from trtllm_bdlora.models.loader import resolve_model_dir
 
@@ -41,12 +44,17 @@ def main(args: argparse.Namespace) -> int:
 
 def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.grpc_server import start_server
+    from trtllm_bdlora.serving.openai_api import start_openai_server
     from trtllm_bdlora.serving.runtime import Runtime
 
     runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    server = None
     try:
         server = start_server(runtime, args.host, args.grpc_port)
+        openai = start_openai_server(runtime, args)
     except BdLoraError:
+        if server is not None:
+            server.stop(grace=0)
         runtime.stop()
         shutdown(comm)
         raise
@@ -55,10 +63,12 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"trtllm-bdlora: serving model 'ensemble' on {args.host}:{args.grpc_port} "
           f"(tp {args.tp}, scheme {args.scheme}, adapters {sorted(engine.pool.host)})", flush=True)
+    print(f"trtllm-bdlora: OpenAI API on http://{args.host}:{args.openai_port}/v1", flush=True)
     while not stop.wait(0.2) and not runtime.stopped.is_set():
         pass
     runtime.stop(timeout=args.shutdown_timeout)  # in-flight and queued requests finish first
     server.stop(grace=2).wait()
+    openai.stop()
     if runtime.failure:
         print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
         return 1
