@@ -159,7 +159,8 @@ def machine() -> str:
     if Path("/proc/meminfo").exists():
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kb / 2**20:.0f} GiB"
-    return f"{os.cpu_count()} CPU cores ({cpu}){mem}, {platform.system()} {platform.release()}, no GPU"
+    load = f", load average {os.getloadavg()[0]:.1f} when the run ended" if hasattr(os, "getloadavg") else ""
+    return f"{os.cpu_count()} CPU cores ({cpu}){mem}, {platform.system()} {platform.release()}, no GPU{load}"
 
 
 def section(args, rows: list[dict], images: list[Path], doc: Path, command: str, aiperf_version: str) -> str:

@@ -105,7 +105,7 @@ def _run(runtime, adapter, max_tokens=12, on_token=None):
 
 
 def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
-    engine = Engine(Comm(), str(tiny_llama), "bdlora", [(1, str(bd_adapters[0]))], max_loras=2)
+    engine = Engine(Comm(), str(tiny_llama), "bdlora", [parse_adapter_arg(f"first:1={bd_adapters[0]}")], max_loras=2)
     runtime = Runtime(engine).start()
     try:
         done, reference = _run(runtime, 1)

@@ -108,15 +108,14 @@ class OpenAIServer:
             raise runtime_error(str(err)) from None
         shape = ResponseShape(chat, body.model or self.names.base, bool(body.return_token_ids), req.prompt_ids)
         try:
-            first = await gen.events.get()
-            if first[0] == "done" and first[2]:
-                raise runtime_error(first[2])
-            event = first
+            event = first = await gen.events.get()
             while not body.stream and event[0] != "done":
                 event = await gen.events.get()
         except asyncio.CancelledError:
             gen.abandoned = True
             raise
+        if event[0] == "done" and event[2]:  # refused at admission, or (not streaming) failed on the way
+            raise runtime_error(event[2])
         if not body.stream:
             _, ids, _, text, stop_reason = event
             return JSONResponse(shape.response(text, ids, finish_reason(ids, stop_reason, eng.eos_ids, req.max_tokens),
