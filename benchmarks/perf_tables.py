@@ -3,6 +3,7 @@
   python benchmarks/perf_tables.py bench docs/perf/bench_tp1_run1.json docs/perf/bench_tp3_run1.json ...
   python benchmarks/perf_tables.py validation docs/perf/validation_run1.json [...]
   python benchmarks/perf_tables.py paper --gpu a100-80g-sxm --batch 32 --rank 16
+  python benchmarks/perf_tables.py sensitivity --gpu a100-80g-sxm --rank 16
 """
 
 from __future__ import annotations
@@ -57,9 +58,33 @@ def paper(gpu: str, batch: int, rank: int, context: int, adapters: int) -> str:
     return "\n".join(lines)
 
 
+def sensitivity(gpu: str, rank: int, context: int) -> str:
+    """BD-LoRA's projected speed-up over slora as the collective latency and the batch vary (TP 8, BD at 2x rank)."""
+    import dataclasses
+
+    from trtllm_bdlora.perf.model import Workload, project
+    from trtllm_bdlora.perf.presets import MODELS, SYSTEMS
+    from trtllm_bdlora.perf.project import KERNEL_FLOOR_S
+
+    base = SYSTEMS[gpu]
+    lat = [base.collectives["all_reduce"].latency_s, 25e-6, 50e-6]
+    lines = ["| model | batch | " + " | ".join(f"latency {x * 1e6:.0f} us" for x in lat) + " | paper |",
+             "|---|---|" + "---|" * (len(lat) + 1)]
+    for model in PAPER:
+        for batch in (8, 32, 128):
+            cells = []
+            for latency in lat:
+                colls = {k: dataclasses.replace(c, latency_s=latency) for k, c in base.collectives.items()}
+                system = dataclasses.replace(base, collectives=colls)
+                w = Workload(batch, context, rank, 2 * rank, min(batch, 8), kernel_floor_s=KERNEL_FLOOR_S)
+                cells.append(f"{project(MODELS[model], 8, w, system)['bdlora']['speedup_vs_slora']:.2f}x")
+            lines.append(f"| {model} | {batch} | " + " | ".join(cells) + f" | {PAPER[model]:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["bench", "validation", "paper"])
+    p.add_argument("what", choices=["bench", "validation", "paper", "sensitivity"])
     p.add_argument("files", nargs="*")
     p.add_argument("--gpu", default="a100-80g-sxm")
     p.add_argument("--batch", type=int, default=32)
@@ -71,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(bench(args.files))
     elif args.what == "validation":
         print(validation(args.files))
+    elif args.what == "sensitivity":
+        print(sensitivity(args.gpu, args.rank, args.context))
     else:
         print(paper(args.gpu, args.batch, args.rank, args.context, args.adapters))
     return 0
