@@ -94,6 +94,8 @@ def test_kernel_times_lookup_interpolates(tmp_path):
     entries = [{"kind": "fused", "K": 64, "M": 32, "rank": 4, "T": t, "us": us, "adapters": 2, "dtype": "bfloat16"}
                for t, us in ((1, 10.0), (8, 24.0), (64, 80.0))]
     entries.append({"kind": "fused", "K": 64, "M": 32, "rank": 4, "T": 8, "us": 999.0, "adapters": 16, "dtype": "bfloat16"})
+    entries += [{"kind": "gemm", "K": 64, "M": 32, "rank": 0, "T": t, "us": us, "adapters": n, "dtype": "bfloat16"}
+                for n, us in ((2, 5.0), (16, 7.0)) for t in (1, 8)]  # the suite repeats GEMMs per adapter count
     path = tmp_path / "suite.json"
     path.write_text(json.dumps({"kernel_times": entries}))
     kt = load_kernel_times(str(path), adapters=2)
@@ -101,6 +103,8 @@ def test_kernel_times_lookup_interpolates(tmp_path):
     assert kt("q_proj", "fused", 4, 64, 32, 4) == pytest.approx(16e-6)  # 10 + (24-10) * 3/7
     assert kt("q_proj", "fused", 128, 64, 32, 4) == pytest.approx(144e-6)  # extrapolated from (8, 24), (64, 80)
     assert kt("q_proj", "fused", 8, 64, 32, 8) is None
+    assert kt("q_proj", "gemm", 4, 64, 32, 0) == pytest.approx(6e-6)  # median of the repeats, flat in T
+    assert load_kernel_times(str(path), adapters=3)("q_proj", "fused", 8, 64, 32, 4) == pytest.approx(999e-6)
 
 
 def test_resolve_model_presets_and_config(tmp_path):

@@ -21,15 +21,21 @@ KERNEL_FLOOR_S = 3e-6  # smallest GPU kernel time, launch included (estimate; re
 
 
 def load_kernel_times(path: str, adapters: int, dtype: str = "bfloat16") -> KernelTimes:
-    """Lookup into gpu_suite.json's kernel_times: exact (kind, K, M, rank) and adapter count, linear in T between
-    the measured token counts (extrapolated from the nearest two beyond them); None where nothing was measured."""
-    entries = json.loads(open(path).read())["kernel_times"]
-    table: dict[tuple, list[tuple[int, float]]] = {}
+    """Lookup into gpu_suite.json's kernel_times: exact (kind, K, M, rank) at the smallest measured adapter count
+    >= `adapters` (else the largest), linear in T between the measured token counts (extrapolated from the nearest
+    two beyond them); None where nothing was measured."""
+    import statistics
+
+    entries = [e for e in json.loads(open(path).read())["kernel_times"] if e["dtype"] == dtype]
+    counts = sorted({e["adapters"] for e in entries})
+    if not counts:
+        return lambda *a: None
+    use = next((c for c in counts if c >= adapters), counts[-1])
+    grouped: dict[tuple, dict[int, list[float]]] = {}
     for e in entries:
-        if e["dtype"] == dtype and (e["kind"] == "gemm" or e["adapters"] == adapters):
-            table.setdefault((e["kind"], e["K"], e["M"], e["rank"]), []).append((e["T"], e["us"] * 1e-6))
-    for pts in table.values():
-        pts.sort()
+        if e["kind"] == "gemm" or e["adapters"] == use:
+            grouped.setdefault((e["kind"], e["K"], e["M"], e["rank"]), {}).setdefault(e["T"], []).append(e["us"] * 1e-6)
+    table = {key: sorted((t, statistics.median(v)) for t, v in by_t.items()) for key, by_t in grouped.items()}
 
     def lookup(module: str, kind: str, t: int, k: int, m: int, rank: int) -> float | None:
         pts = table.get((kind, k or rank, m or rank, rank))
@@ -41,6 +47,7 @@ def load_kernel_times(path: str, adapters: int, dtype: str = "bfloat16") -> Kern
         (t0, y0), (t1, y1) = pts[i - 1], pts[i]
         return max(0.0, y0 + (y1 - y0) * (t - t0) / (t1 - t0))
 
+    lookup.adapters = use
     return lookup
 
 
@@ -79,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
         print(format_table(result, f"{args.model}  tp {args.tp}  {args.gpu}  batch {args.batch}  rank {args.rank}  "
                                    f"bdlora rank {w.bd_rank}  context {args.context}  adapters {adapters}  compute: "
                                    f"{'measured kernel times + roofline' if kt else 'roofline'}"))
+        if kt:
+            print(f"kernel times measured with {kt.adapters} adapters per batch (asked: {adapters})")
         print(f"bdlora vs slora: {result['bdlora']['speedup_vs_slora']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
