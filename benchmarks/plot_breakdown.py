@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", default="a100-80g-sxm")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--profile", default=None, help="profile JSON (per-category step times measured at TP 1)")
+    p.add_argument("--bench", default=None, help="bench --json of the same TP-1 setting (the measured steps)")
     p.add_argument("--out", default="docs/perf/step_breakdown.png")
     args = p.parse_args(argv)
     import matplotlib
@@ -36,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     val = json.loads(Path(args.validation).read_text())
     cells = {c["scheme"]: c for c in val["cells"] if c["tp"] == args.tp}
     gpu = paper_rows(args.gpu, args.batch, args.rank, 1024, min(args.batch, 8))
-    panels = [(f"CPU, TP {args.tp}, gloo ({val['date']})\nbars: model with constants measured here; dots: bench",
+    panels = []
+    if args.profile:
+        prof = json.loads(Path(args.profile).read_text())["tp1"]
+        bench = json.loads(Path(args.bench).read_text())["schemes"] if args.bench else None
+        panels.append(("CPU, smollm2-135m, TP 1 (measured per category)\nbars: one process profiled; dots: bench medians",
+                       {s: {k: v * 1e3 for k, v in prof[s].items()} for s in SCHEMES},
+                       {s: bench[s]["median_ms"] for s in SCHEMES} if bench else None))
+    panels += [(f"CPU, TP {args.tp}, gloo ({val['date']})\nbars: model with constants measured here; dots: bench",
                {s: cells[s]["breakdown_ms"] for s in SCHEMES}, {s: cells[s]["measured_ms"] for s in SCHEMES})]
     for model, rows in gpu.items():
         panels.append((f"{model}, TP 8, {args.gpu} (projected)\nbatch {args.batch}, LoRA r {args.rank}, BD-LoRA r "
