@@ -132,9 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-adapter", help="PEFT adapter -> TensorRT-LLM lora_weights / lora_config .npy")
     p.add_argument("adapter_dir")
     p.add_argument("--output", required=True)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the engine's dtype")
-    p.add_argument("--tp", type=_positive_int, default=1,
-                   help="TP of the BD-LoRA engines: plain LoRA modules are written in BD-shaped form for it")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="the engine's dtype (default: the --engine-dir's, else float16); bfloat16 is stored as V2 bits")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="TP of the BD-LoRA engines (default: the --engine-dir's, else 1): plain LoRA modules are "
+                        "written in BD-shaped form of rank TP*r for it")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engine's max_lora_rank: refuse modules written with a larger rank")
+    p.add_argument("--engine-dir", default=None, help="read TP, max_lora_rank and dtype from this engine directory")
     p.add_argument("--model", default=None, help="check shapes against this base model too")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.convert", fromlist=["main"]).main(a))
 
