@@ -121,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--backend", choices=["trtllm", "torch"], default="trtllm")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest adapter rank a request may carry: r for a BD-LoRA adapter, tp*r for a plain LoRA "
+                        "(sent in BD-shaped form); check with --adapter-dir")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a PEFT adapter this engine will serve: refuse the build if it cannot fit --max-lora-rank")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-input-len", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)

@@ -55,11 +55,25 @@ def bd_shaped_factors(f: LoraFactors, tp: int) -> tuple[torch.Tensor, torch.Tens
     return torch.block_diag(*in_slices), b.repeat(1, tp)
 
 
-def rank_limit_error(path: str, layer: int, name: str, written: int, original: int, tp: int, max_lora_rank: int) -> str:
-    why = f" (plain LoRA rank {original} written as rank {tp}x{original} for a BD-LoRA engine at tp {tp})" \
-        if written != original else ""
+def rank_limit_error(path: str, layer: int, name: str, f: LoraFactors, tp: int, max_lora_rank: int) -> str:
+    written = written_rank(f, tp)
+    kind = "plain LoRA" if f.bd_factor is None else f"BD-LoRA ({block_misfit(f, tp)})"
+    why = f" ({kind} rank {f.rank} written as rank {tp}x{f.rank} for a BD-LoRA engine at tp {tp})" \
+        if written != f.rank else ""
     return (f"{path}: layer {layer} {name}: rank {written}{why} exceeds the engine's max_lora_rank {max_lora_rank} "
             f"(build the engine with --max-lora-rank >= {written})")
+
+
+def written_rank(f: LoraFactors, tp: int) -> int:
+    """The rank a module is sent with to a BD-LoRA engine at `tp` (see bd_shaped_factors)."""
+    return f.rank if tp == 1 or fits_bd(f, tp) else tp * f.rank
+
+
+def check_rank_limit(adapter: Adapter, tp: int, max_lora_rank: int) -> None:
+    """AdapterError naming the first module (by layer, module id) sent with a rank above `max_lora_rank`."""
+    for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
+        if written_rank(f, tp) > max_lora_rank:
+            raise AdapterError(rank_limit_error(adapter.path, layer, name, f, tp, max_lora_rank))
 
 
 def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
@@ -104,11 +118,11 @@ def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16",
     With `max_lora_rank`, a module whose written rank exceeds it is refused, naming the module and the rank."""
     if dtype not in WEIGHT_DTYPES:
         raise AdapterError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    if max_lora_rank is not None:
+        check_rank_limit(adapter, tp, max_lora_rank)
     rows, configs = [], []
     for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
         a, b = bd_shaped_factors(f, tp)
-        if max_lora_rank is not None and a.shape[0] > max_lora_rank:
-            raise AdapterError(rank_limit_error(adapter.path, layer, name, a.shape[0], f.rank, tp, max_lora_rank))
         b = b * f.scaling
         rows.append(torch.cat([a.reshape(-1), b.reshape(-1)]).double())
         configs.append([MODULE_IDS[name], layer, a.shape[0]])
