@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_80,sm_90")
     p.add_argument("--dtype", default="float16,bfloat16,float32")
     p.add_argument("--block-r", default="16,32,64,128", help="rank tile sizes to build (max per-rank rank)")
+    p.add_argument("--require-pinned-triton", action="store_true",
+                   help="refuse a triton other than trtllm_bdlora.versions.TRITON_KERNEL_COMPILER (the plugin build)")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.kernels.aot", fromlist=["main"]).main(a))
     return parser
 
