@@ -10,6 +10,7 @@ builds the same stack: TensorRT 10.14.1.48 under /usr/local/tensorrt, tensorrt_l
 from __future__ import annotations
 
 import os
+import sys
 
 from trtllm_bdlora.errors import BdLoraError
 
@@ -60,3 +61,26 @@ def require_pinned_stack(log=print) -> None:
         log(f"warning: {mismatch_message(problems)}", flush=True)
         return
     raise BdLoraError(mismatch_message(problems))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m trtllm_bdlora.versions image|tensorrt-llm|tensorrt|cuda|triton|check` (for shell scripts)."""
+    pins = {"image": CONTAINER_IMAGE, "tensorrt-llm": TENSORRT_LLM_VERSION, "tensorrt": TENSORRT_VERSION,
+            "cuda": CUDA_VERSION, "triton": TRITON_KERNEL_COMPILER}
+    if len(argv) == 1 and argv[0] in pins:
+        print(pins[argv[0]])
+        return 0
+    if argv == ["check"]:
+        try:
+            require_pinned_stack()
+        except BdLoraError as err:
+            print(f"version check: {err}", file=sys.stderr)
+            return 2
+        print(f"TensorRT-LLM {TENSORRT_LLM_VERSION} and TensorRT {TENSORRT_VERSION}: as pinned")
+        return 0
+    print(f"usage: python -m trtllm_bdlora.versions {'|'.join(pins)}|check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
