@@ -55,6 +55,7 @@ def _signature(dtype: str) -> dict[str, str]:
 def compile_variant(variant: Variant) -> Compiled:
     if os.environ.pop("TRITON_INTERPRET", None) and "trtllm_bdlora.kernels.bdlora_triton" in sys.modules:
         raise RuntimeError("the kernel was imported under TRITON_INTERPRET=1: compile in a fresh process")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (3.10 changes it)
     import triton
     from triton.backends.compiler import GPUTarget
 
