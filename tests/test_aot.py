@@ -66,7 +66,7 @@ def test_toolchain_recorded_and_pinned_triton_enforced(aot_dir, monkeypatch, cap
     manifest = json.loads((aot_dir / "manifest.json").read_text())
     assert manifest["triton"] == triton.__version__ and "CUDA" in manifest["ptxas"]
     assert f"// triton: {triton.__version__}" in (aot_dir / "bdlora_kernels.c").read_text()
-    monkeypatch.setattr(triton, "__version__", "3.5.1")
+    monkeypatch.setattr("trtllm_bdlora.kernels.aot.installed_triton_version", lambda: "3.5.1")
     assert main(["aot", "--output", str(aot_dir / "no"), "--require-pinned-triton"]) == 2
     err = capsys.readouterr().err
     assert f"triton 3.5.1 is not the pinned kernel compiler {TRITON_KERNEL_COMPILER}" in err

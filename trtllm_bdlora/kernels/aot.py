@@ -167,6 +167,13 @@ CUresult bdlora_launch(CUstream stream, int dtype, int max_rank, unsigned grid_x
 """
 
 
+def installed_triton_version() -> str:
+    """Read without importing triton (an import under TRITON_INTERPRET=1 would build interpreter kernels)."""
+    import importlib.metadata
+
+    return importlib.metadata.version("triton")
+
+
 def toolchain() -> dict[str, str]:
     """The compiler versions the cubins come from (TRITON_PTXAS_PATH picks a CUDA toolkit's ptxas)."""
     import triton
@@ -237,12 +244,11 @@ def main(args) -> int:
         raise BdLoraError("--arch takes e.g. sm_80,sm_90 and --block-r e.g. 16,32,64") from None
     if any(r < 16 or r & (r - 1) for r in block_rs):
         raise BdLoraError("--block-r values must be powers of two >= 16")
-    import triton
-
     from trtllm_bdlora.versions import TRITON_KERNEL_COMPILER
 
-    if triton.__version__ != TRITON_KERNEL_COMPILER:
-        message = f"triton {triton.__version__} is not the pinned kernel compiler {TRITON_KERNEL_COMPILER}"
+    found = installed_triton_version()
+    if found != TRITON_KERNEL_COMPILER:
+        message = f"triton {found} is not the pinned kernel compiler {TRITON_KERNEL_COMPILER}"
         if args.require_pinned_triton:
             raise BdLoraError(f"{message} (install triton=={TRITON_KERNEL_COMPILER} in the --aot Python)")
         print(f"warning: {message}", flush=True)
