@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=_positive_int, default=32)
     p.add_argument("--num-adapters", type=_positive_int, default=4)
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per rank (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the results (median, quartiles, min/max) here")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.bench", fromlist=["main"]).main(a))
+
+    from trtllm_bdlora.perf.project import add_parser as add_project_parser
+
+    add_project_parser(sub)
 
     p = sub.add_parser("build", help="build one TensorRT-LLM engine per rank with BD-LoRA plugins (or torch shards)")
     p.add_argument("--model", required=True, help="HF Llama directory or 'smollm2-135m'")
