@@ -77,7 +77,7 @@ class TPLlama:
         self.kv_cache.pop(seq_id, None)
 
     def _lora(self, y, x, slot_ids, layer, names, offsets, role):
-        if not self.pool.slots or not bool((slot_ids >= 0).any()):
+        if slot_ids is None:  # no token of this step has an adapter (decided once per step in forward)
             return y
         slots = [self.pool.slots[(layer, n)] for n in names]
         return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
@@ -116,6 +116,8 @@ class TPLlama:
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
         positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
         slot_ids = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=dev, dtype=torch.int64)
+        if not self.pool.slots or all(c.slot < 0 for c in chunks):
+            slot_ids = None
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
