@@ -180,8 +180,10 @@ def section(args, rows: list[dict], images: list[Path], doc: Path, command: str,
         lines.append(f"| {r['scheme']} | {r['concurrency']} | {r['requests']} ({r['errors']}) | {r['ttft_ms']:.0f} | "
                      f"{r['ttft_p99_ms']:.0f} | {r['itl_ms']:.0f} | {r['req_per_s']:.3f} | {r['out_tok_per_s']:.2f} | "
                      f"{r['osl']:.1f} |")
-    lines += ["", "Errors are AIPerf's count of requests it could not use: a stream whose only content is the end "
-              "of sequence (the model answered a synthetic prompt with EOS at once) counts as one."]
+    lines += ["", f"AIPerf ran unmodified (`{args.aiperf}`; its arguments are in each run's `run_config.json`). It warns "
+              "that its client-side prompt token counts differ from the server's `usage`: the server counts the chat "
+              "template's tokens too, as vLLM does. Errors are AIPerf's count of requests it could not use: a stream whose "
+              "only content is the end of sequence (the model answered a synthetic prompt with EOS at once) counts as one."]
     if images:
         lines += ["", "AIPerf's plots (`aiperf plot` over each scheme's concurrency sweep):", ""]
         lines += [f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in images]
