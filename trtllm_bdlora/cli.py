@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repo", required=True)
     p.add_argument("--plugin-lib", default="/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so")
     p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).launch_main(a))
 
     p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")

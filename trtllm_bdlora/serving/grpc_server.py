@@ -105,6 +105,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
         except BdLoraError as err:
             context.abort(status_of(err), str(err))
+        if not responses:  # e.g. a `stop` request: answered without outputs
+            return to_grpc(request.model_name, request.id, {})
         if len(responses) != 1:
             context.abort(grpc.StatusCode.INTERNAL, f"model '{request.model_name}' sent {len(responses)} responses to "
                           "a unary request: use ModelStreamInfer")

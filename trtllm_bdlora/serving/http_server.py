@@ -21,7 +21,7 @@ from trtllm_bdlora.errors import BdLoraError, RequestError
 from trtllm_bdlora.serving.grpc_server import EXTENSIONS
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.model_server import ModelNotFound, ModelServer
-from trtllm_bdlora.serving.protocol import CallContext
+from trtllm_bdlora.serving.protocol import CallContext, ModelResponse
 from trtllm_bdlora.serving.tensors import InferRequest, WireTensor, from_http, to_http
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -102,12 +102,10 @@ def build_app(server: ModelServer) -> FastAPI:
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     def stats(model: str = "", version: str = ""):
-        try:
-            names = [model] if model else sorted(server.models)
-            for name in names:
-                server.model(name, version)
-        except BdLoraError as err:
-            return _error(err)
+        names = [model] if model else sorted(server.models)
+        error = next(filter(None, (unknown(name, version) for name in names)), None)
+        if error is not None:
+            return error
         out = []
         for name in names:
             s = server.metrics.statistics(name)
@@ -119,14 +117,17 @@ def build_app(server: ModelServer) -> FastAPI:
             out.append(entry)
         return {"model_stats": out}
 
-    @app.get("/v2/models/{model}")
-    @app.get("/v2/models/{model}/versions/{version}")
-    def model_metadata(model: str, version: str = ""):
+    def unknown(model: str, version: str) -> JSONResponse | None:
         try:
             server.model(model, version)
         except BdLoraError as err:
             return _error(err)
-        return server.metadata[model]
+        return None
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    def model_metadata(model: str, version: str = ""):
+        return unknown(model, version) or server.metadata[model]
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
@@ -136,11 +137,8 @@ def build_app(server: ModelServer) -> FastAPI:
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     def model_config(model: str, version: str = ""):
-        try:
-            server.model(model, version)
-        except BdLoraError as err:
-            return _error(err)
-        return json_format.MessageToDict(server.configs[model], preserving_proto_field_name=True)
+        return unknown(model, version) or json_format.MessageToDict(server.configs[model],
+                                                                    preserving_proto_field_name=True)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
@@ -151,7 +149,7 @@ def build_app(server: ModelServer) -> FastAPI:
         def run():
             infer_request = from_http(model, body, int(header) if header is not None else None)
             ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters)
-            responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs]
+            responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
             if len(responses) != 1:
                 raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
             started = time.perf_counter_ns()

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import defaultdict
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 TOKEN_BUCKETS = (10.0, 50.0, 100.0, 500.0, 1000.0)  # the backend's token-length buckets
@@ -65,6 +65,7 @@ class _Record:
 
 class Metrics:
     def __init__(self):
+        disable_created_metrics()  # Triton exports no `_created` series
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
         self._counts: dict[tuple, float] = defaultdict(float)  # (name, model, extra label) -> value

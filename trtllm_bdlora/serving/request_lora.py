@@ -35,7 +35,14 @@ def check_request_lora(weights: np.ndarray, config: np.ndarray, tp_size: int, sh
 
 
 def shape_from_engine_config(engine_dir: str) -> LlamaShape:
-    """The decoder dimensions a TensorRT-LLM engine directory's config.json records (pretrained_config)."""
+    """The decoder dimensions an engine directory records: `trtllm-bdlora build`'s bdlora_build.json, else
+    TensorRT-LLM's config.json (pretrained_config)."""
+    record = Path(engine_dir) / "bdlora_build.json"
+    if record.is_file():
+        try:
+            return LlamaShape(**json.loads(record.read_text())["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise AdapterError(f"{record}: cannot read the engine's dimensions ({type(err).__name__}: {err})") from None
     path = Path(engine_dir) / "config.json"
     try:
         pretrained = json.loads(path.read_text())["pretrained_config"]

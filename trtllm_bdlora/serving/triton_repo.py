@@ -108,7 +108,7 @@ def launch_main(args: argparse.Namespace) -> int:
     if not (Path(args.model_repo) / "tensorrt_llm" / "config.pbtxt").is_file():
         raise BdLoraError(f"{args.model_repo}: not a filled model repository (run `trtllm-bdlora fill-model-repo`)")
     cmd = launch_command(args.world_size, args.model_repo, str(Path(args.plugin_lib).resolve()), args.grpc_port,
-                         as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
+                         args.http_port, args.metrics_port, as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
     print(" ".join(cmd), flush=True)
     os.execvp(cmd[0], cmd)
     return 0  # not reached
