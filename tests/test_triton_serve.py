@@ -328,7 +328,9 @@ def test_sampling_log_probs_and_return_sequences(grpc_client, tokenizer):
     sampling = dict(runtime_top_k=np.array([[0]], np.int32), runtime_top_p=np.array([[0.9]], np.float32),
                     seed=np.array([[11]], np.uint64), return_log_probs=np.array([[True]], bool),
                     exclude_input_in_output=np.array([[True]], bool))
-    a = grpc_client.infer("tensorrt_llm", tensors(core_inputs(ids, 8, end, end, **sampling)))
+    a = grpc_client.infer("tensorrt_llm", tensors(core_inputs(ids, 8, end, end, return_num_input_tokens=np.array(
+        [[True]], bool), return_num_output_tokens=np.array([[True]], bool), **sampling)))
+    assert a.as_numpy("num_input_tokens")[0, 0] == len(ids) and a.as_numpy("num_output_tokens")[0, 0] == 8
     b = grpc_client.infer("tensorrt_llm", tensors(core_inputs(ids, 8, end, end, **sampling)))
     assert a.as_numpy("output_ids").tolist() == b.as_numpy("output_ids").tolist()  # seeded
     logps = a.as_numpy("output_log_probs")[0, 0]
