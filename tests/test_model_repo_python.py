@@ -14,10 +14,9 @@ import torch
 
 from tests.helpers import REPO, make_peft_adapter
 from trtllm_bdlora.adapters import load_peft_adapter
-from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES, convert_adapter
+from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES, convert_adapter, normalize_request_adapter
 from trtllm_bdlora.models.loader import load_model_config
 from trtllm_bdlora.models.shape import module_role
-from trtllm_bdlora.serving.request_lora import check_request_lora
 
 TP = 2
 
@@ -71,7 +70,8 @@ def setup(tiny_llama_with_tokenizer, tmp_path_factory):
     shape = load_model_config(str(model_dir))
     engines = root / "engines"
     engines.mkdir()
-    (engines / "bdlora_build.json").write_text(json.dumps({"tp": TP, "dtype": "float16", "shape": shape.__dict__}))
+    (engines / "bdlora_build.json").write_text(json.dumps({"tp": TP, "dtype": "float16", "max_lora_rank": 64,
+                                                          "shape": shape.__dict__}))
     plain = load_peft_adapter(make_peft_adapter(model_dir, root / "plain", seed=3, r=8, nblocks=None))
     bd = load_peft_adapter(make_peft_adapter(model_dir, root / "bd", seed=4, r=16))
     pre = load_model("preprocessing", {"tokenizer_dir": str(model_dir), "add_special_tokens": "true",
@@ -146,8 +146,11 @@ def test_preprocessing_passes_bd_forms_and_refuses_bad_ones(setup):
                                         LORA_WEIGHTS=bad, LORA_CONFIG=config)])
     assert good.error is None and "OUT_LORA_WEIGHTS" not in good.outputs
     assert "NaN" in broken.error and "\n" not in broken.error
-    w, c = check_request_lora(weights, config, 1, shape)  # TP 1: nothing to convert
-    assert w is weights and c is config
+    w, c = normalize_request_adapter(*convert_adapter(bd, tp=1), shape, 1, 64)  # TP 1: nothing to convert
+    assert np.array_equal(w, convert_adapter(bd, tp=1)[0]) and np.array_equal(c, convert_adapter(bd, tp=1)[1])
+    over = pre.execute([Request(QUERY=np.array([[b"Hi"]], dtype=object), REQUEST_OUTPUT_LEN=np.array([[4]], np.int32),
+                                LORA_WEIGHTS=weights, LORA_CONFIG=np.where(config == 16, 80, config).astype(np.int32))])[0]
+    assert over.error is not None and "\n" not in over.error
 
 
 def test_postprocessing_decodes_up_to_sequence_length(setup):

@@ -56,12 +56,13 @@ def test_lora_weights_dtype_placeholder(tmp_path, dtype):
 def test_lora_weights_dtype_comes_from_the_engine_and_is_checked(tmp_path):
     engines = tmp_path / "engines"
     engines.mkdir()
-    (engines / "bdlora_build.json").write_text(json.dumps({"tp": 4, "dtype": "bfloat16"}))
+    (engines / "bdlora_build.json").write_text(json.dumps({"tp": 4, "dtype": "bfloat16", "max_lora_rank": 32}))
     repo = fill_model_repo(tmp_path / "r", {"engine_dir": str(engines), "tokenizer_dir": "/t"})
     core = text_format.Parse((repo / "tensorrt_llm" / "config.pbtxt").read_text(), mc.ModelConfig())
     pre = text_format.Parse((repo / "preprocessing" / "config.pbtxt").read_text(), mc.ModelConfig())
     assert mc.DataType.Name(next(i for i in core.input if i.name == "lora_weights").data_type) == "TYPE_BF16"
     assert pre.parameters["tp_size"].string_value == "4"
+    assert core.parameters["lora_cache_max_adapter_size"].string_value == "32"
     with pytest.raises(BdLoraError, match="lora_weights_data_type must be one of"):
         fill_model_repo(tmp_path / "bad", {**PARAMS, "lora_weights_data_type": "TYPE_INT32"})
     with pytest.raises(BdLoraError, match="--tp is required"):

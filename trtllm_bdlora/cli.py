@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--max-batch-size", type=_positive_int, default=64)
-    p.add_argument("--max-lora-rank", type=_positive_int, default=64)
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engines' max_lora_rank (default: read from the engine directory, else 64)")
     p.add_argument("--tp", type=_positive_int, default=None,
                    help="the engines' TP (default: read from the engine directory's bdlora_build.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -129,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--backend", choices=["trtllm", "torch"], default="trtllm")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest adapter rank a request may carry: r for a BD-LoRA adapter, tp*r for a plain LoRA "
+                        "(sent in BD-shaped form); check with --adapter-dir")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a PEFT adapter this engine will serve: refuse the build if it cannot fit --max-lora-rank")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-input-len", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)
@@ -140,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-adapter", help="PEFT adapter -> TensorRT-LLM lora_weights / lora_config .npy")
     p.add_argument("adapter_dir")
     p.add_argument("--output", required=True)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the engine's dtype")
-    p.add_argument("--tp", type=_positive_int, default=1,
-                   help="TP of the BD-LoRA engines: plain LoRA modules are written in BD-shaped form for it")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="the engine's dtype (default: the --engine-dir's, else float16); bfloat16 is stored as V2 bits")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="TP of the BD-LoRA engines (default: the --engine-dir's, else 1): plain LoRA modules are "
+                        "written in BD-shaped form of rank TP*r for it")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engine's max_lora_rank: refuse modules written with a larger rank")
+    p.add_argument("--engine-dir", default=None, help="read TP, max_lora_rank and dtype from this engine directory")
     p.add_argument("--model", default=None, help="check shapes against this base model too")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.convert", fromlist=["main"]).main(a))
 
@@ -151,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_80,sm_90")
     p.add_argument("--dtype", default="float16,bfloat16,float32")
     p.add_argument("--block-r", default="16,32,64,128", help="rank tile sizes to build (max per-rank rank)")
+    p.add_argument("--require-pinned-triton", action="store_true",
+                   help="refuse a triton other than trtllm_bdlora.versions.TRITON_KERNEL_COMPILER (the plugin build)")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.kernels.aot", fromlist=["main"]).main(a))
     return parser
 

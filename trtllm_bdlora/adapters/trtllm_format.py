@@ -9,6 +9,11 @@ A plain LoRA (or a BD adapter whose blocks do not fit `tp`) is written, for `tp 
 equivalent BD-shaped form of rank tp*r that the BD-LoRA plugin computes exactly:
 column: A' = [A; ...; A], B' block-diagonal over output slices; row: A' block-diagonal over input
 slices, B' = [B, ..., B]. Rank i then multiplies A and its own slice, as the replicated scheme would.
+
+Weights are written in the engine's dtype. numpy has no bfloat16: bf16 weights are stored as raw 2-byte values
+(dtype `V2`), exactly what TensorRT-LLM's `examples/hf_lora_convert.py --storage-type bfloat16` writes
+(`tensorrt_llm._utils.torch_to_numpy` views bf16 as `np.dtype("V2")`); a Triton client sends them as BF16 by
+viewing them as `ml_dtypes.bfloat16` (`weights_for_triton`), which tritonclient maps to "BF16".
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ MODULE_NAMES = {v: k for k, v in MODULE_IDS.items()}
 TRTLLM_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
                 "gate_proj": "mlp_h_to_4h", "down_proj": "mlp_4h_to_h", "up_proj": "mlp_gate"}
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
+BF16_STORAGE = np.dtype("V2")  # bf16 bit patterns, as TensorRT-LLM stores bf16 in numpy
 
 
 def fits_bd(f: LoraFactors, tp: int) -> bool:
@@ -48,10 +55,71 @@ def bd_shaped_factors(f: LoraFactors, tp: int) -> tuple[torch.Tensor, torch.Tens
     return torch.block_diag(*in_slices), b.repeat(1, tp)
 
 
-def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
-    """(weights [1, rows, width], config [1, rows, 3] int32) as TensorRT-LLM's Triton client sends them."""
-    if dtype not in NP_DTYPES:
-        raise AdapterError(f"dtype must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
+def rank_limit_error(path: str, layer: int, name: str, f: LoraFactors, tp: int, max_lora_rank: int) -> str:
+    written = written_rank(f, tp)
+    kind = "plain LoRA" if f.bd_factor is None else f"BD-LoRA ({block_misfit(f, tp)})"
+    why = f" ({kind} rank {f.rank} written as rank {tp}x{f.rank} for a BD-LoRA engine at tp {tp})" \
+        if written != f.rank else ""
+    return (f"{path}: layer {layer} {name}: rank {written}{why} exceeds the engine's max_lora_rank {max_lora_rank} "
+            f"(build the engine with --max-lora-rank >= {written})")
+
+
+def written_rank(f: LoraFactors, tp: int) -> int:
+    """The rank a module is sent with to a BD-LoRA engine at `tp` (see bd_shaped_factors)."""
+    return f.rank if tp == 1 or fits_bd(f, tp) else tp * f.rank
+
+
+def check_rank_limit(adapter: Adapter, tp: int, max_lora_rank: int) -> None:
+    """AdapterError naming the first module (by layer, module id) sent with a rank above `max_lora_rank`."""
+    for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
+        if written_rank(f, tp) > max_lora_rank:
+            raise AdapterError(rank_limit_error(adapter.path, layer, name, f, tp, max_lora_rank))
+
+
+def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor in the request format's numpy storage for `dtype` (bf16: raw bits as `V2`)."""
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(BF16_STORAGE)
+    return values.numpy().astype(NP_DTYPES[dtype])
+
+
+def storage_dtype(weights: np.ndarray) -> str:
+    """float16 | bfloat16 | float32 of request weights (bf16 as `V2` bits or `ml_dtypes.bfloat16`)."""
+    dtype = np.asarray(weights).dtype
+    if dtype == BF16_STORAGE or dtype.name == "bfloat16":
+        return "bfloat16"
+    for name, np_dtype in NP_DTYPES.items():
+        if dtype == np_dtype:
+            return name
+    raise AdapterError(f"lora_weights dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def weights_as_torch(weights: np.ndarray) -> torch.Tensor:
+    """Request weights as a torch tensor of their own dtype (bf16 storage becomes torch.bfloat16)."""
+    w = np.ascontiguousarray(weights)
+    if storage_dtype(w) == "bfloat16":
+        return torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(w)
+
+
+def weights_for_triton(weights: np.ndarray) -> np.ndarray:
+    """What a tritonclient request carries: bf16 storage viewed as `ml_dtypes.bfloat16` (sent as BF16)."""
+    w = np.asarray(weights)
+    if w.dtype == BF16_STORAGE:
+        import ml_dtypes
+
+        return w.view(ml_dtypes.bfloat16)
+    return w
+
+
+def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16",
+                    max_lora_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weights [1, rows, width], config [1, rows, 3] int32) as TensorRT-LLM's Triton client sends them.
+    With `max_lora_rank`, a module whose written rank exceeds it is refused, naming the module and the rank."""
+    if dtype not in WEIGHT_DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    if max_lora_rank is not None:
+        check_rank_limit(adapter, tp, max_lora_rank)
     rows, configs = [], []
     for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
         a, b = bd_shaped_factors(f, tp)
@@ -59,12 +127,53 @@ def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16") -> tu
         rows.append(torch.cat([a.reshape(-1), b.reshape(-1)]).double())
         configs.append([MODULE_IDS[name], layer, a.shape[0]])
     width = max(r.numel() for r in rows)
-    weights = np.zeros((1, len(rows), width), dtype=NP_DTYPES[dtype])
+    dense = torch.zeros(1, len(rows), width, dtype=torch.float64)
     for i, row in enumerate(rows):
-        weights[0, i, : row.numel()] = row.numpy()
-    if not np.isfinite(weights).all():
+        dense[0, i, : row.numel()] = row
+    stored = dense.to(torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype))
+    if not torch.isfinite(stored).all():
         raise AdapterError(f"{adapter.path}: weights overflow {dtype} after folding in the scaling")
-    return weights, np.asarray([configs], dtype=np.int32)
+    return to_storage(stored, dtype), np.asarray([configs], dtype=np.int32)
+
+
+def _bf16_as_float32(weights) -> np.ndarray:
+    """bf16 request weights (`V2` bits or `ml_dtypes.bfloat16`) as float32; anything else unchanged."""
+    w = np.asarray(weights)
+    if w.dtype == BF16_STORAGE or w.dtype.name == "bfloat16":
+        bits = np.ascontiguousarray(w).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return w
+
+
+def normalize_request_adapter(weights, config, shape, tp: int, max_lora_rank: int, dtype: str | None = None,
+                              path: str = "<request>") -> tuple[np.ndarray, np.ndarray]:
+    """A request's `lora_weights` / `lora_config` in the form a BD-LoRA engine at `tp` computes exactly.
+
+    BD-LoRA engines multiply r/tp of every adapter's rank on each rank, so a plain LoRA sent as TensorRT-LLM's
+    tools write it (`hf_lora_convert.py`, rank r) would silently lose (tp-1)/tp of its rank. Here, modules whose
+    factor is block-diagonal over `tp` blocks (column: B, row: A; what `convert-adapter` writes) are kept as
+    they are; any other module is rewritten in the equivalent BD-shaped form of rank tp*r (module docstring).
+    Returns (weights [1, rows, width] in `dtype` (default: the request's), config [1, rows, 3] int32); raises
+    AdapterError with one line for DoRA rows, values past a row's factors, or a rank above `max_lora_rank`.
+    `shape` is the base model's LlamaShape; `tp` and `max_lora_rank` are the engine's.
+    """
+    out_dtype = dtype or storage_dtype(weights)
+    if out_dtype not in WEIGHT_DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {out_dtype!r}")
+    w = _bf16_as_float32(weights)
+    c = np.asarray(config)
+    adapter = adapter_from_trtllm(w, c, shape, tp=tp, path=path)  # validates shapes, ids, layers, sizes
+    rows = w.reshape(-1, w.shape[-1])
+    for row, (module_id, layer, r, *dora) in zip(rows, c.reshape(-1, c.shape[-1]).tolist()):
+        name = MODULE_NAMES[module_id]
+        if dora and dora[0]:
+            raise AdapterError(f"{path}: layer {layer} {name} is a DoRA row: BD-LoRA engines do not serve DoRA")
+        used = r * sum(shape.module_dims(name))
+        if np.any(row[used:]):
+            raise AdapterError(f"{path}: layer {layer} {name}: non-zero weights after its rank-{r} A and B: not "
+                               f"TensorRT-LLM's format (a BD-LoRA adapter must be converted with "
+                               f"`trtllm-bdlora convert-adapter`, not hf_lora_convert.py)")
+    return convert_adapter(adapter, tp, out_dtype, max_lora_rank)
 
 
 def write_converted(weights: np.ndarray, config: np.ndarray, output: Path) -> None:

@@ -76,10 +76,9 @@ def unsupported_input(inputs: dict[str, np.ndarray]) -> InputError | None:
     decay = scalar(inputs, "runtime_top_p_decay")
     if decay is not None and decay != 1.0:
         return InputError("runtime_top_p_decay", f"cannot be honoured: top-p decay is not supported (send 1.0), got {decay}")
-    beams = inputs.get("beam_width")
-    if beams is not None and any(int(b) != 1 for b in beams.reshape(-1)):
-        return InputError("beam_width", f"cannot be honoured: beam search is not supported (send 1), got "
-                          f"{int(max(beams.reshape(-1), key=lambda b: b != 1))}")
+    beams = [int(b) for b in inputs.get("beam_width", np.ones(1)).reshape(-1) if int(b) != 1]
+    if beams:
+        return InputError("beam_width", f"cannot be honoured: beam search is not supported (send 1), got {beams[0]}")
     return None
 
 
@@ -99,7 +98,6 @@ class Sequence:
     sent: int = 0  # tokens already streamed
     done: bool = False  # its last response is out
     observed: bool = False  # reported to on_finished
-    error: str | None = None
 
     @property
     def tokens(self) -> list[int]:

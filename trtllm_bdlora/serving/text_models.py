@@ -1,8 +1,8 @@
 """The `preprocessing` and `postprocessing` models: upstream's semantics (see `text.py`) on a tokenizer, run by
 `serve` and by the production repository's Python models alike. Multimodal inputs are refused by name.
-LORA_WEIGHTS / LORA_CONFIG go through `lora_check`: the production repository converts them for the BD-LoRA
-engine (`request_lora.py`); `serve` runs the torch backend, which serves plain and BD-LoRA request adapters
-alike, and passes them through."""
+LORA_WEIGHTS / LORA_CONFIG go through `lora_check`: the production repository puts them in the form the BD-LoRA
+engine computes exactly (`adapters/trtllm_format.normalize_request_adapter`); `serve` runs the torch backend,
+which serves plain and BD-LoRA request adapters alike, and passes them through."""
 
 from __future__ import annotations
 

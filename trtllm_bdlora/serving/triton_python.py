@@ -35,14 +35,18 @@ def inputs_of(request) -> dict[str, np.ndarray]:
 
 
 def tensors(pb_utils, outputs: dict[str, np.ndarray], bf16: frozenset[str] = frozenset()) -> list:
+    """Triton tensors; names in `bf16` go as BF16 (from floats, or from bf16 bits stored as `V2`)."""
     out = []
     for name, array in outputs.items():
         if name in bf16:
             import torch
             from torch.utils.dlpack import to_dlpack
 
-            out.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(torch.from_numpy(np.ascontiguousarray(
-                array, dtype=np.float32)).to(torch.bfloat16))))
+            from trtllm_bdlora.adapters.trtllm_format import BF16_STORAGE, weights_as_torch
+
+            values = weights_as_torch(array) if array.dtype == BF16_STORAGE else \
+                torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(torch.bfloat16)
+            out.append(pb_utils.Tensor.from_dlpack(name, to_dlpack(values.contiguous())))
         else:
             out.append(pb_utils.Tensor(name, np.ascontiguousarray(array)))
     return out

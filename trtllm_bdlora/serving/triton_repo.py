@@ -13,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.models.shape import LlamaShape
 from trtllm_bdlora.serving.interface import DEFAULTS, MODELS
 from trtllm_bdlora.serving.model_config import model_config
 
@@ -22,19 +23,44 @@ ENGINE_DTYPES = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TY
 BUILD_RECORD = "bdlora_build.json"  # written by `trtllm-bdlora build` beside the engines
 
 
-def engine_values(engine_dir: str) -> dict[str, str]:
-    """What the engine directory says about the repository: its TP and the dtype `lora_weights` must have."""
+def _build_record(engine_dir: str) -> dict:
     path = Path(engine_dir) / BUILD_RECORD
     if not path.is_file():
         return {}
     try:
-        record = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise BdLoraError(f"{path}: cannot read ({err})") from None
+
+
+def engine_values(engine_dir: str) -> dict[str, str]:
+    """What the engine directory says about the repository: its TP, its LoRA rank limit and the dtype
+    `lora_weights` must have."""
+    record = _build_record(engine_dir)
     values = {"tp_size": str(record["tp"])} if "tp" in record else {}
+    if "max_lora_rank" in record:
+        values["lora_cache_max_adapter_size"] = str(record["max_lora_rank"])
     if record.get("dtype") in ENGINE_DTYPES:
         values["lora_weights_data_type"] = ENGINE_DTYPES[record["dtype"]]
     return values
+
+
+def engine_shape(engine_dir: str) -> LlamaShape:
+    """The base model's dimensions an engine directory records: `trtllm-bdlora build`'s bdlora_build.json, else
+    TensorRT-LLM's config.json (pretrained_config)."""
+    try:
+        record = _build_record(engine_dir)
+        if record:
+            return LlamaShape(**record["shape"])
+        pretrained = json.loads((Path(engine_dir) / "config.json").read_text())["pretrained_config"]
+        heads = pretrained["num_attention_heads"]
+        return LlamaShape(hidden_size=pretrained["hidden_size"], intermediate_size=pretrained["intermediate_size"],
+                          num_layers=pretrained["num_hidden_layers"], num_heads=heads,
+                          num_kv_heads=pretrained.get("num_key_value_heads") or heads,
+                          head_dim=pretrained.get("head_size") or pretrained["hidden_size"] // heads,
+                          vocab_size=pretrained.get("vocab_size", 0))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BdLoraError(f"{engine_dir}: cannot read the base model's dimensions ({type(err).__name__}: {err})") from None
 
 
 def fill_model_repo(output: Path, params: dict[str, str], template: Path = TEMPLATE_DIR) -> Path:

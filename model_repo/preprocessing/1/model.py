@@ -1,15 +1,18 @@
 """Triton Python backend, `preprocessing`: text -> token tensors with upstream's semantics, and the request's
-LoRA adapter checked (and a plain LoRA converted) for the BD-LoRA engine's TP. The logic lives in
+LoRA adapter put in the form the BD-LoRA engine computes exactly (a plain LoRA converted, bad ones refused:
+trtllm_bdlora.adapters.trtllm_format.normalize_request_adapter). The text logic lives in
 trtllm_bdlora.serving.text_models.Preprocessing, which `trtllm-bdlora serve` runs too."""
 
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
+from trtllm_bdlora.adapters.trtllm_format import normalize_request_adapter
 from trtllm_bdlora.serving.protocol import CallContext
-from trtllm_bdlora.serving.request_lora import check_request_lora, shape_from_engine_config
 from trtllm_bdlora.serving.text import flag
 from trtllm_bdlora.serving.text_models import Preprocessing
 from trtllm_bdlora.serving.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors
+from trtllm_bdlora.serving.triton_repo import engine_shape
+from trtllm_bdlora.trtllm.engine_dir import engine_lora_info
 
 
 class TritonPythonModel:
@@ -18,12 +21,14 @@ class TritonPythonModel:
         tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"], legacy=False, padding_side="left",
                                                   trust_remote_code=True)
         tp_size, engine_dir = int(params["tp_size"]), params["gpt_model_path"]
-        shape = []  # read on first use: only requests that carry an adapter need the engine's dimensions
+        engine = []  # read on first use: only requests that carry an adapter need the engine's facts
 
         def lora_check(weights, lora_config):
-            if not shape:
-                shape.append(shape_from_engine_config(engine_dir))
-            return check_request_lora(weights, lora_config, tp_size, shape[0])
+            if not engine:
+                engine.append((engine_shape(engine_dir), engine_lora_info(engine_dir)))
+            shape, info = engine[0]
+            return normalize_request_adapter(weights, lora_config, shape, tp_size, info.max_lora_rank, info.dtype,
+                                             "lora_weights")
 
         self.model = Preprocessing(tokenizer, flag(params.get("add_special_tokens"), True), lora_check)
         self.bf16 = bf16_outputs(config)
