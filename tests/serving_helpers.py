@@ -21,9 +21,12 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, adapters: dict[int, Path], tp: int = 2, max_loras: int = 8, extra=()):
-        self.port = free_port()
+        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
+                "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
                 "--max-loras", str(max_loras), *extra]
         for task_id, directory in adapters.items():
             args += ["--adapter", f"{task_id}={directory}"]

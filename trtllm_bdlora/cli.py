@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="add per-step collective accounting to the output")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.generate", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("serve", help="KServe-v2 gRPC endpoint (Triton's protocol): model 'ensemble'")
+    p = sub.add_parser("serve", help="Triton's KServe v2 gRPC + HTTP endpoints for TensorRT-LLM's inflight_batcher_llm "
+                                     "models (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)")
     _add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--host", default="127.0.0.1", help="address every endpoint binds to")
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP/REST (Triton's default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (Triton's default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (Triton's default 8002)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 'server busy'")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.serve", fromlist=["main"]).main(a))
@@ -95,8 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--max-batch-size", type=_positive_int, default=64)
-    p.add_argument("--max-lora-rank", type=_positive_int, default=64)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other ${placeholder} of the templates")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engines' max_lora_rank (default: read from the engine directory, else 64)")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="the engines' TP (default: read from the engine directory's bdlora_build.json)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other ${placeholder} of the configs, e.g. lora_weights_data_type=TYPE_BF16")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).fill_main(a))
 
     p = sub.add_parser("launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded")
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repo", required=True)
     p.add_argument("--plugin-lib", default="/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so")
     p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).launch_main(a))
 
     p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")

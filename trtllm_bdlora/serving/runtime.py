@@ -1,8 +1,10 @@
 """Rank 0's serving loop: a bounded inbox, continuous batching, adapters registered on first use.
 
-Requests arrive from gRPC threads through `submit`; one engine thread owns the engine (and so every
-collective), admits requests between steps, and reports tokens and completion through callbacks.
-When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds.
+Requests arrive from server threads through `submit`; one engine thread owns the engine (and so every
+collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
+every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
+error)` once. Callbacks run on the engine thread and must not block. When idle it sends empty plans as
+heartbeats, so a dead rank is noticed within seconds.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Runtime:
     def submit(self, sub: Submission) -> None:
         if self.stopping.is_set() or not self.healthy:
             raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+        sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
             sub.request.index = self._next
             self._next += 1
@@ -62,6 +65,20 @@ class Runtime:
             self.inbox.put_nowait(sub)
         except queue.Full:
             raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+
+    @staticmethod
+    def cancel(request: Request) -> None:
+        """Stop generating for `request`: it finishes after its next token (reason "cancelled")."""
+        request.cancelled = True
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet running."""
+        return self.inbox.qsize() + len(self.scheduler.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.pending)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish in-flight and queued requests, then stop every rank."""

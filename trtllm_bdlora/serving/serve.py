@@ -1,4 +1,6 @@
-"""`trtllm-bdlora serve`: every rank builds its engine; rank 0 runs the runtime and the gRPC endpoint."""
+"""`trtllm-bdlora serve`: every rank builds its engine; rank 0 runs the runtime and the endpoints: KServe v2
+gRPC (--grpc-port 8001) and HTTP (--http-port 8000) for the five inflight_batcher_llm models, and Prometheus
+metrics (--metrics-port 8002), all bound to --host."""
 
 from __future__ import annotations
 
@@ -41,27 +43,46 @@ def main(args: argparse.Namespace) -> int:
 
 def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.grpc_server import start_server
+    from trtllm_bdlora.serving.http_server import HttpServer, build_app, build_metrics_app
+    from trtllm_bdlora.serving.metrics import Metrics
+    from trtllm_bdlora.serving.model_server import ModelServer, serve_values
     from trtllm_bdlora.serving.runtime import Runtime
 
     runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    metrics = Metrics()
+    metrics.watch(runtime)
+    server = ModelServer(runtime, serve_values(args.model, args.tp, args.max_batch_size), metrics)
+    grpc_server, http_servers = None, []
+
+    def stop_endpoints():
+        for http in http_servers:
+            http.stop()
+        if grpc_server is not None:
+            grpc_server.stop(grace=2).wait()
+
     try:
-        server = start_server(runtime, args.host, args.grpc_port)
+        grpc_server = start_server(server, args.host, args.grpc_port)
+        http_servers.append(HttpServer(build_app(server), args.host, args.http_port).start())
+        http_servers.append(HttpServer(build_metrics_app(metrics), args.host, args.metrics_port).start())
     except BdLoraError:
+        stop_endpoints()
         runtime.stop()
         shutdown(comm)
         raise
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
-    print(f"trtllm-bdlora: serving model 'ensemble' on {args.host}:{args.grpc_port} "
-          f"(tp {args.tp}, scheme {args.scheme}, adapters {sorted(engine.pool.host)})", flush=True)
+    print(f"trtllm-bdlora: serving {', '.join(sorted(server.models))} on {args.host} (gRPC {args.grpc_port}, "
+          f"HTTP {args.http_port}, metrics {args.metrics_port}; tp {args.tp}, scheme {args.scheme}, "
+          f"adapters {sorted(engine.pool.host)})", flush=True)
     while not stop.wait(0.2) and not runtime.stopped.is_set():
         pass
     runtime.stop(timeout=args.shutdown_timeout)  # in-flight and queued requests finish first
-    server.stop(grace=2).wait()
+    stop_endpoints()
     if runtime.failure:
         print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
         return 1
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
     return 0
+
