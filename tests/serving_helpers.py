@@ -67,7 +67,7 @@ class Server:
             except OSError:
                 continue
             for var in env:
-                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
+                if var.startswith((b"OMPI_COMM_WORLD_RANK=", b"TRTLLM_BDLORA_RANK=")):
                     ranks[int(var.split(b"=")[1])] = int(entry.name)
         return ranks
 

@@ -66,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     rows = []
     try:
         for scheme in ("none", "bdlora", "slora", "replicated"):
-            engine = Engine(comm, base, "bdlora" if scheme == "none" else scheme, [], args.max_loras, args.dtype)
+            engine = Engine(comm, base, "bdlora" if scheme == "none" else scheme, [], args.max_loras, args.dtype,
+                            max_lora_rank=args.max_lora_rank)
             ids: list[int | None] = [None] * args.batch
             if scheme != "none":
                 for t in range(1, args.num_adapters + 1):
