@@ -3,7 +3,9 @@
 Host cache: every registered adapter's shards for this rank, in the pool's dtype, at most `host_cache_bytes`
 (TensorRT-LLM's `lora_cache_host_memory_bytes`, default 1 GiB as its PeftCacheManagerConfig). Rank 0 decides
 which least recently used adapters to evict (never a pinned one, never one a pending request uses) and every
-rank applies the same evictions, so the ranks' caches always hold the same task ids.
+rank applies the same evictions, so the ranks' caches always hold the same task ids. Each adapter's shards
+live in one anonymous memory mapping of their own, so an eviction hands exactly those pages back to the OS
+(in the C heap, adapters that come and go would fragment it and RSS would creep up).
 
 Slots are stacked buffers per (layer, module) in the multi-adapter op's layout:
 `a [S, R, K_local]`, `b [S, M_local, R_b]`, `ranks [S]`, `scales [S]`, with R = `max_lora_rank`, allocated
@@ -16,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 
@@ -57,14 +60,48 @@ def shards_nbytes(shards: Shards) -> int:
     return sum(s.a.nbytes + s.b.nbytes for s in shards.values())
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by evictions back to the OS. glibc keeps freed blocks in its arenas (and raises its
-    mmap threshold after large frees), so without a trim RSS would not drop; a no-op elsewhere."""
-    name = ctypes.util.find_library("c")
+def _mapped_copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` in `dtype`, all in one anonymous mapping that is unmapped when the last
+    of them is freed."""
+    numels = [t.numel() for t in tensors]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flat = torch.frombuffer(mmap.mmap(-1, max(1, sum(numels)) * itemsize), dtype=dtype, count=max(1, sum(numels)))
+    out, start = [], 0
+    for t, n in zip(tensors, numels):
+        view = flat[start : start + n].view(t.shape)
+        view.copy_(t)
+        out.append(view)
+        start += n
+    return out
+
+
+def _libc():
     try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed since (evicted adapters, request buffers) back to the OS: glibc keeps freed blocks in its
+    arenas, so without a trim RSS would not drop. A no-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def bound_heap_retention() -> None:
+    """Serve blocks of 4 MiB and more (adapters sent with requests, their conversions) from their own mappings,
+    returned to the OS when freed. glibc raises its mmap threshold after each large free (up to 32 MiB), after
+    which such blocks land in the heap, fragment it, and RSS creeps up with every adapter registered; a fixed
+    threshold stops that. Process-wide; a no-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def check_adapter_limits(adapter: Adapter, max_lora_rank: int) -> None:
@@ -114,15 +151,14 @@ class AdapterPool:
         return sum(self.host_nbytes.values())
 
     def prepare(self, adapter: Adapter) -> Shards:
-        """Validate an adapter against the limits and shard it for this rank: contiguous copies in the pool's
-        dtype (never views that would keep the whole adapter alive). Touches no pool state."""
+        """Validate an adapter against the limits and shard it for this rank: copies in the pool's dtype, in one
+        mapping of their own (never views that would keep the whole adapter alive). Touches no pool state."""
         check_adapter_limits(adapter, self.max_lora_rank)
-        shards = {}
-        for key, shard in shard_adapter(adapter, self.layout, self.tp_rank, self.scheme).items():
+        views = shard_adapter(adapter, self.layout, self.tp_rank, self.scheme)
+        for key, shard in views.items():
             _check_representable(f"{adapter.path}: layer {key[0]} {key[1]}", shard, self.dtype)
-            shards[key] = replace(shard, a=shard.a.to(self.dtype, copy=True).contiguous(),
-                                  b=shard.b.to(self.dtype, copy=True).contiguous())
-        return shards
+        copies = iter(_mapped_copies([t for shard in views.values() for t in (shard.a, shard.b)], self.dtype))
+        return {key: replace(shard, a=next(copies), b=next(copies)) for key, shard in views.items()}
 
     def insert(self, task_id: int, shards: Shards, pinned: bool = False) -> None:
         """Store prepared shards (replacing a previous copy); no eviction here: see `plan_evictions`."""

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
-from trtllm_bdlora.engine.adapter_pool import DEFAULT_HOST_CACHE_BYTES, DEFAULT_MAX_LORA_RANK, AdapterPool
+from trtllm_bdlora.engine.adapter_pool import (
+    DEFAULT_HOST_CACHE_BYTES,
+    DEFAULT_MAX_LORA_RANK,
+    AdapterPool,
+    bound_heap_retention,
+    release_freed_memory,
+)
 from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
@@ -57,6 +63,7 @@ class Engine:
         pin_adapters: bool = True,
     ):
         self.comm = comm
+        bound_heap_retention()  # adapters come and go for as long as the process serves
         base = model if isinstance(model, BaseModel) else load_base_model(model, tp_rank=(comm.rank, comm.world))
         self.base = base
         self.tokenizer = base.tokenizer
@@ -78,6 +85,7 @@ class Engine:
         self.max_seq_len = min(limit, max_seq_len or limit)
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._worked = False  # since the last idle plan: then freed memory goes back to the OS
 
     def register(self, task_id: int, adapter, pinned: bool = False) -> None:
         """Every rank, same order: add an adapter to the host cache (no eviction: start-up and plans)."""
@@ -89,6 +97,7 @@ class Engine:
         A cached id is marked used; an unknown (or evicted) id without weights is refused with upstream's error;
         weights with an unknown id are validated and registered on every rank, evicting least recently used
         adapters that are neither pinned nor in `in_use` (the adapters of requests not yet finished)."""
+        self._worked = True
         if task_id is None:
             if weights is not None or config is not None:
                 raise RequestError("lora_weights sent without a lora_task_id")
@@ -132,7 +141,14 @@ class Engine:
             self.pool.insert(entry["task_id"], shards)
 
     def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
-        """Run one planned step: evict, register sent adapters, free finished sequences, load slots, forward."""
+        """Run one planned step: evict, register sent adapters, free finished sequences, load slots, forward.
+        The first empty plan (a heartbeat: the server is idle) after some work trims the heap."""
+        if not plan:
+            if self._worked:
+                release_freed_memory()
+                self._worked = False
+            return None
+        self._worked = True
         self.pool.evict(plan.get("evict", []))
         self._register_from_plan(plan, arrays)
         for seq_id in plan.get("free", []):
@@ -147,6 +163,7 @@ class Engine:
     def follow(self) -> None:
         """Worker ranks: execute rank 0's plans until it broadcasts None."""
         while (plan := self.comm.broadcast_json()) is not None:
+            self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
 
     def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
