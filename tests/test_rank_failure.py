@@ -3,6 +3,7 @@ left. Start-up errors are refused before any rank starts; a `build --backend tor
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,3 +149,21 @@ def test_startup_errors_are_one_line_before_any_rank(tiny_llama, bd_adapters, to
             capsys, command, "--model", str(tiny_llama), "--tp", "2", "--adapter", f"1={tmp_path / 'none'}", *extra)
         assert "--comm-interface nosuch0: no such network interface" in _cli_error(
             capsys, command, "--model", str(tiny_llama), "--tp", "2", "--comm-interface", "nosuch0", *extra)
+
+
+def test_build_under_mpirun_fails_fast_with_the_ranks_error(tiny_llama, tmp_path):
+    """`build` is multi-rank only under the user's mpirun (TensorRT-LLM engines): a failing rank exits at once
+    (no MPI finalize), so mpirun ends the job; here every rank lacks tensorrt_llm."""
+    from trtllm_bdlora.engine.launch import mpirun_command
+
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=str(REPO), RELIABILITY_TEST=marker)
+    cmd = mpirun_command(2, ["build", "--model", str(tiny_llama), "--tp", "2", "--output", str(tmp_path / "e")])
+    cmd[1:1] = ["-x", "RELIABILITY_TEST"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    print(f"RANK_ERROR build under mpirun: exit {res.returncode} after {time.monotonic() - t0:.1f} s")
+    assert res.returncode != 0
+    assert re.search(r"trtllm-bdlora build: error: rank [01]: --backend trtllm needs the 'tensorrt_llm' package",
+                     res.stderr), res.stderr
+    assert marked_processes(f"RELIABILITY_TEST={marker}") == {}

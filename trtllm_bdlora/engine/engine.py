@@ -43,9 +43,10 @@ def check_launch(args) -> None:
     build = read_build_info(resolve_model_dir(args.model), args.tp)  # also dequantises the embedded model, once
     shape = load_model_config(args.model)
     make_layout(shape, args.tp)
-    max_lora_rank = args.max_lora_rank or (build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
-    for _, directory in args.adapter:
-        check_adapter_limits(load_peft_adapter(directory, model_shape=shape), max_lora_rank)
+    if args.tp > 1:  # at TP 1 the engine loads them next, with the same one-line errors
+        max_lora_rank = args.max_lora_rank or (build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
+        for _, directory in args.adapter:
+            check_adapter_limits(load_peft_adapter(directory, model_shape=shape), max_lora_rank)
 
 
 class Engine:

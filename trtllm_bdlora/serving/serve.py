@@ -10,7 +10,7 @@ import threading
 from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError
 
-# SIGUSR1 is what `serve --tp N` forwards to its own mpirun; send it to a user-run mpirun for a graceful stop.
+# SIGUSR1 is what `serve --tp N`'s launcher sends rank 0 on SIGINT/SIGTERM; send it to a user-run mpirun for a graceful stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
