@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -96,19 +97,26 @@ def wait_gone(pids, timeout: float) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
-def marked_processes(marker: str) -> dict[int, int]:
-    """rank -> pid of the rank processes whose environment holds `marker` (set by the test that started them)."""
+def rank_processes(match: Callable[[list[bytes], list[bytes]], bool]) -> dict[int, int]:
+    """rank -> pid of the rank processes (this package's launcher or mpirun) whose command line and environment
+    (both split on NUL) satisfy `match`."""
     ranks = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
             env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker.encode() not in env:
+        if not match(cmd, env):
             continue
         for var in env:
             if var.startswith((b"TRTLLM_BDLORA_RANK=", b"OMPI_COMM_WORLD_RANK=")):
                 ranks[int(var.split(b"=")[1])] = int(entry.name)
     return ranks
+
+
+def marked_processes(marker: str) -> dict[int, int]:
+    """rank -> pid of the rank processes whose environment holds `marker` (set by the test that started them)."""
+    return rank_processes(lambda cmd, env: marker.encode() in env)
