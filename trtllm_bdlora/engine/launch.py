@@ -170,9 +170,12 @@ def report_rank_error(command: str, message: str, secondary: bool) -> None:
     if run_dir:
         path = Path(run_dir) / f"rank{rank}.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rank": rank, "message": message, "secondary": secondary}))
-        tmp.rename(path)
-        return
+        try:
+            tmp.write_text(json.dumps({"rank": rank, "message": message, "secondary": secondary}))
+            tmp.rename(path)
+            return
+        except OSError:  # the launcher is gone (and its directory): say it here instead
+            pass
     print(f"trtllm-bdlora {command}: error: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
