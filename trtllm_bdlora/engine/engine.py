@@ -120,8 +120,8 @@ class Engine:
                                       max_rank=self.pool.max_lora_rank)
         shards = self.pool.prepare(adapter)
         evict = self.pool.plan_evictions(task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), in_use)
-        w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-        c = torch.from_numpy(np.ascontiguousarray(config, dtype=np.int32))
+        w = torch.from_numpy(np.array(weights, dtype=np.float32))  # copies: request arrays are read-only views
+        c = torch.from_numpy(np.array(config, dtype=np.int32))
         entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
         self.lead({"evict": evict, "register": [entry]}, [(w, c, shards)])
 
