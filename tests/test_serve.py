@@ -69,7 +69,7 @@ def _one(client, text, max_tokens, task_id, lora_dir, tp=2):
     try:
         return infer(client, text, max_tokens, task_id)
     except InferenceServerException as err:
-        if "unknown lora_task_id" not in str(err):
+        if "not found in cache" not in str(err):
             raise
         return infer(client, text, max_tokens, task_id, converted_adapter(lora_dir, tp))
 
@@ -146,7 +146,7 @@ BAD_CASES = {
     "max_tokens <= 0": ([_text(), _max(0)], "max_tokens must be >= 1"),
     "max_tokens too large": ([_text(), _max(10**6)], "exceeds the context"),
     "unknown task id": ([_text(), _max(), _input("lora_task_id", np.array([[77]], dtype=np.uint64), "UINT64")],
-                        "unknown lora_task_id 77"),
+                        "LoRA task 77 not found in cache. Please send LoRA weights with request"),
     "malformed lora_config": ([_text(), _max(), _input("lora_task_id", np.array([[78]], dtype=np.uint64), "UINT64"),
                                _input("lora_weights", np.zeros((1, 1, 64), np.float16), "FP16"),
                                _input("lora_config", np.array([[[1, 0, 4]]], np.int32), "INT32")],

@@ -41,7 +41,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="HF Llama directory or 'smollm2-135m' (default)")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ranks (launched with mpirun)")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel ranks: started as N processes on this machine, or joins an mpirun launch of N")
     p.add_argument("--scheme", choices=["bdlora", "slora", "replicated"], default="bdlora")
     p.add_argument("--backend", choices=["torch", "trtllm"], default="torch")
     p.add_argument("--adapter", type=parse_adapter_arg, action="append", default=[], metavar="ID=DIR")
@@ -49,6 +50,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_positive_int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    _add_reliability_args(p)
+
+
+def _add_reliability_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="largest adapter rank served; sizes the device slots once at start-up "
+                        "(default: the torch build's, else 64 as TensorRT-LLM's engines)")
+    p.add_argument("--lora-cache-host-bytes", type=_positive_int, default=1 << 30, metavar="BYTES",
+                   help="host memory per rank for registered adapters, as TensorRT-LLM's lora_cache_host_memory_bytes "
+                        "(default 1 GiB); least recently used adapters no unfinished request uses are evicted")
+    p.add_argument("--pin-adapters", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the --adapter adapters in the host cache for good (default); --no-pin-adapters lets "
+                        "them be evicted like adapters registered by requests")
+    p.add_argument("--comm-interface", default=None, metavar="IFACE",
+                   help="network interface the ranks' process group binds to (default: loopback, one machine); "
+                        "name the interface the machines share for a multi-node mpirun launch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from trtllm_bdlora.engine.launch import mpi_world_size, run_rank
+
+    if mpi_world_size() is not None:  # one rank of a multi-rank launch: report failures once, exit at once
+        return run_rank(args)
     try:
         return int(args.func(args) or 0)
     except BdLoraError as err:

@@ -9,7 +9,7 @@ import numpy as np
 
 from trtllm_bdlora.errors import BdLoraError
 
-UNKNOWN_ADAPTER = "unknown lora_task_id"
+UNKNOWN_ADAPTER = "not found in cache"  # TensorRT-LLM's wording for a task id sent without weights
 
 
 def _inputs(text: str, max_tokens: int, task_id: int | None, lora: tuple | None, stream: bool,

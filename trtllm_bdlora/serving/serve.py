@@ -9,27 +9,28 @@ import signal
 import sys
 import threading
 
-from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, relaunch_under_mpirun, shutdown
+from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError
 
-# SIGUSR1 is what `serve --tp N` forwards to its own mpirun; send it to a user-run mpirun for a graceful stop.
+# SIGUSR1 is what `serve --tp N`'s launcher sends rank 0 on SIGINT/SIGTERM; send it to a user-run mpirun for a graceful stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.backend == "trtllm":
         raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
-    if args.tp > 1 and mpi_world_size() is None:
-        from trtllm_bdlora.models.loader import resolve_model_dir
+    if mpi_world_size() is None:
+        from trtllm_bdlora.engine.engine import check_launch
 
-        resolve_model_dir(args.model)
-        return relaunch_under_mpirun(args.tp, sys.argv[1:], graceful_signal=signal.SIGUSR1)
+        check_launch(args)  # before any rank starts
+        if args.tp > 1:
+            from trtllm_bdlora.engine.launcher import relaunch_ranks
+
+            return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface, graceful_signal=signal.SIGUSR1)
     from trtllm_bdlora.engine.engine import engine_from_args
 
-    comm = init_ranks(args.tp, args.device)
+    comm = init_ranks(args.tp, args.device, args.comm_interface)
     engine = engine_from_args(args, comm)
-    if engine is None:
-        return 2
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
