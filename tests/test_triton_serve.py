@@ -211,6 +211,9 @@ def test_chain_equals_ensemble_over_grpc_and_http(grpc_client, http_client, toke
                                                      "stop_words": np.array([[""], [""]], dtype=object)}, protocol))
         assert [t.decode() for t in ensemble.as_numpy("text_output")] == texts
         assert texts[0].startswith(PROMPTS[0]) and len(texts[0]) > len(PROMPTS[0])  # prompt included by default
+        bls = client.infer("tensorrt_llm_bls", tensors({"text_input": query[:1], "max_tokens": np.array([[8]], np.int32)},
+                                                       protocol))
+        assert bls.as_numpy("text_output")[0].decode() == texts[0]
 
 
 def test_streaming_equals_non_streaming_and_exclude_input(grpc_client, tokenizer):
