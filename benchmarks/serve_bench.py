@@ -40,9 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(args, scheme: str, grpc_port: int, openai_port: int) -> list[str]:
+def serve_command(args, scheme: str, openai_port: int) -> list[str]:
+    """`serve` on free ports (KServe gRPC/HTTP and metrics too: the machine may run other servers)."""
     cmd = [sys.executable, "-m", "trtllm_bdlora", "serve", "--model", args.model, "--tp", str(args.tp),
-           "--scheme", scheme, "--grpc-port", str(grpc_port), "--openai-port", str(openai_port),
+           "--scheme", scheme, "--grpc-port", str(free_port()), "--http-port", str(free_port()),
+           "--metrics-port", str(free_port()), "--openai-port", str(openai_port),
            "--max-batch-size", str(args.max_batch_size)]
     for name, task_id in ADAPTERS.items():
         cmd += ["--adapter", f"{name}:{task_id}={REPO / 'examples' / 'adapters' / name}"]
@@ -76,11 +78,11 @@ def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float) -> 
 
 def run_scheme(args, scheme: str, out: Path, tokenizer: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    grpc_port, openai_port = free_port(), free_port()
+    openai_port = free_port()
     log = out / "serve.log"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with open(log, "w") as log_file:
-        server = subprocess.Popen(serve_command(args, scheme, grpc_port, openai_port), stdout=log_file,
+        server = subprocess.Popen(serve_command(args, scheme, openai_port), stdout=log_file,
                                   stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
             t0 = time.time()

@@ -204,10 +204,46 @@ def _block_diagonal_stack(m: torch.Tensor, nblocks: int) -> torch.Tensor | None:
     return torch.cat(blocks)
 
 
-def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>") -> Adapter:
-    """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated.
-    Scaling is already folded into B. Dense factors that are block-diagonal over `tp` blocks are
-    kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
+def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | None, path: str) -> list[tuple]:
+    """Everything about `lora_config` and the size of `lora_weights`, checked before any value is read or copied:
+    known modules and layers, no row twice, ranks in (0, max_rank], and `lora_weights` exactly [rows, width] with
+    width the widest row's rank*(in+out) (rows are zero-padded to it, as TensorRT-LLM's converter writes them).
+    Returns (name, layer, rank, in, out) per row."""
+    if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
+        raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
+    if c.shape[0] == 0:
+        raise AdapterError(f"{path}: lora_config has no rows")
+    if c.shape[0] > shape.num_layers * len(MODULE_IDS):
+        raise AdapterError(f"{path}: lora_config has {c.shape[0]} rows, more than the model's "
+                           f"{shape.num_layers} layers x {len(MODULE_IDS)} modules")
+    rows, seen = [], set()
+    for module_id, layer, r, *dora in c.tolist():
+        name = MODULE_NAMES.get(module_id)
+        if name is None:
+            raise AdapterError(f"{path}: lora_config has unknown module id {module_id} (known: {sorted(MODULE_NAMES)})")
+        if not 0 <= layer < shape.num_layers:
+            raise AdapterError(f"{path}: lora_config layer {layer} outside [0, {shape.num_layers})")
+        if dora and dora[0]:
+            raise AdapterError(f"{path}: lora_config marks layer {layer} {name} as DoRA, which is not supported")
+        if r <= 0:
+            raise AdapterError(f"{path}: lora_config rank {r} for layer {layer} {name} must be > 0")
+        if max_rank is not None and r > max_rank:
+            raise AdapterError(f"{path}: lora_config rank {r} for layer {layer} {name} exceeds --max-lora-rank {max_rank}")
+        if (layer, name) in seen:
+            raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
+        seen.add((layer, name))
+        rows.append((name, layer, r, *shape.module_dims(name)))
+    width = max(r * (i + o) for _, _, r, i, o in rows)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or tuple(w.shape) != (len(rows), width):
+        raise AdapterError(f"{path}: lora_config needs lora_weights of float [{len(rows)}, {width}] (rank*(in+out) of "
+                           f"its widest row), got {w.dtype} {list(w.shape)}")
+    return rows
+
+
+def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>", max_rank: int | None = None) -> Adapter:
+    """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated (sizes and the
+    rank cap before anything is copied). Scaling is already folded into B. Dense factors that are block-diagonal
+    over `tp` blocks are kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
     from trtllm_bdlora.models.shape import module_role
 
     w = np.asarray(weights)
@@ -216,27 +252,13 @@ def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<reque
         w = w[0]
     if c.ndim == 3 and c.shape[0] == 1:
         c = c[0]
-    if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
-        raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
-    if w.ndim != 2 or w.shape[0] != c.shape[0] or not np.issubdtype(w.dtype, np.floating):
-        raise AdapterError(f"{path}: lora_weights must be float [rows={c.shape[0]}, width], got {w.dtype} {list(w.shape)}")
+    rows = _check_request_sizes(w, c, shape, max_rank, path)
     if not np.isfinite(w).all():
         raise AdapterError(f"{path}: lora_weights contain NaN or Inf")
     modules: dict = {}
     nblocks = tp
-    for row, (module_id, layer, r, *_) in zip(w, c.tolist()):
-        name = MODULE_NAMES.get(module_id)
-        if name is None:
-            raise AdapterError(f"{path}: lora_config has unknown module id {module_id} (known: {sorted(MODULE_NAMES)})")
-        if not 0 <= layer < shape.num_layers:
-            raise AdapterError(f"{path}: lora_config layer {layer} outside [0, {shape.num_layers})")
-        in_dim, out_dim = shape.module_dims(name)
-        if r <= 0 or r * (in_dim + out_dim) > row.shape[0]:
-            raise AdapterError(f"{path}: lora_config rank {r} for {name} needs {max(r, 0) * (in_dim + out_dim)} "
-                               f"weights per row, lora_weights rows have {row.shape[0]}")
-        if (layer, name) in modules:
-            raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
-        flat = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32))
+    for row, (name, layer, r, in_dim, out_dim) in zip(w, rows):
+        flat = torch.from_numpy(np.ascontiguousarray(row[: r * (in_dim + out_dim)], dtype=np.float32))
         a = flat[: r * in_dim].view(r, in_dim).clone()
         b = flat[r * in_dim : r * (in_dim + out_dim)].view(out_dim, r).clone()
         role = module_role(name)
@@ -247,8 +269,6 @@ def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<reque
             modules[(layer, name)] = LoraFactors(a, stacked, 1.0, role, "B", nblocks)
         else:
             modules[(layer, name)] = LoraFactors(stacked, b, 1.0, role, "A", nblocks)
-    if not modules:
-        raise AdapterError(f"{path}: lora_config has no rows")
     is_bd = all(f.bd_factor for f in modules.values())
     rank = max(f.rank for f in modules.values())
     return Adapter(path, "bdlora" if is_bd else "lora", rank, nblocks if is_bd else 1, modules)

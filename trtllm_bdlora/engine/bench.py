@@ -131,9 +131,9 @@ def setup_schemes(comm, base, args) -> tuple:
     from trtllm_bdlora.engine.adapter_pool import AdapterPool
     from trtllm_bdlora.engine.engine import DTYPES, Engine
 
-    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype)
+    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank)
     pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, args.max_loras,
-                            DTYPES[args.dtype], comm.device) for s in SCHEMES}
+                            DTYPES[args.dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
     for scheme in SCHEMES[1:]:
         for t in range(1, args.num_adapters + 1):
             pools[scheme].register(t, random_bd_adapter(engine.shape, args.rank, args.tp, seed=t))

@@ -44,12 +44,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TPLlama:
     def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, presharded: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
         self.dtype, self.device = dtype, device
-        shard = shard_llama_state_dict(state_dict, layout, comm.rank)
+        shard = state_dict if presharded else shard_llama_state_dict(state_dict, layout, comm.rank)
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
-import threading
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -21,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from trtllm_bdlora.engine.requests import parse_request
-from trtllm_bdlora.errors import AdapterError, BdLoraError, RequestError
+from trtllm_bdlora.errors import AdapterError, RequestError
 from trtllm_bdlora.serving.openai_models import AdapterNames, adapter_dir_under, adapter_root
 from trtllm_bdlora.serving.openai_protocol import (
     ChatCompletionRequest,
@@ -42,9 +40,10 @@ DONE = format_sse_event(data_str="[DONE]")
 
 def runtime_error(message: str) -> OpenAIError:
     """A runtime's one-line request error as an OpenAI error with its HTTP status."""
-    if message.startswith("unknown lora_task_id"):
+    if message.startswith("unknown lora_task_id") or message.endswith("not found in cache. Please send LoRA weights "
+                                                                       "with request"):  # unloaded or evicted
         return OpenAIError(404, f"The model does not exist: {message}", "model")
-    if message.startswith(("server busy", "server is shutting down")):
+    if message.startswith(("server busy", "server is shutting down", "PEFT Cache is full")):
         return OpenAIError(503, message)
     if message.startswith("server failed"):
         return OpenAIError(500, message)
@@ -52,23 +51,26 @@ def runtime_error(message: str) -> OpenAIError:
 
 
 class Generation:
-    """One request in flight: the engine thread reports tokens and completion, the event loop reads `events`."""
+    """One request in flight: the engine thread reports tokens and completion, the event loop reads `events`.
+    A stop string, or the client going away, cancels the request (it ends at once, at its next token if queued)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tracker: TextTracker):
-        self.loop, self.tracker = loop, tracker
+    def __init__(self, loop: asyncio.AbstractEventLoop, tracker: TextTracker, request):
+        self.loop, self.tracker, self.request = loop, tracker, request
         self.events: asyncio.Queue = asyncio.Queue()
-        self.abandoned = False  # the client went away: the engine ends the request at its next token
+
+    def abandon(self) -> None:
+        Runtime.cancel(self.request)
 
     def _put(self, event: tuple) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the event loop is closed (server stopping)
-            self.abandoned = True
+            self.abandon()
 
-    def on_token(self, token: int) -> bool:  # engine thread
-        stopped = self.tracker.add(token)
+    def on_token(self, token: int) -> None:  # engine thread
+        if self.tracker.add(token):
+            self.abandon()
         self._put(("token", token, self.tracker.text))
-        return stopped or self.abandoned
 
     def on_done(self, ids: list[int] | None, error: str | None) -> None:  # engine thread
         self._put(("done", ids, error, self.tracker.text, self.tracker.stop_reason))
@@ -80,7 +82,10 @@ class OpenAIServer:
         self.adapter_lock = asyncio.Lock()
 
     def registered(self) -> set[int]:
-        return set(tuple(self.engine.pool.host)) - set(self.runtime.retiring)
+        """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries)."""
+        registered = set(tuple(self.engine.pool.host)) - set(self.runtime.retiring)
+        self.names.retain(registered)
+        return registered
 
     # generation --------------------------------------------------------------
     async def generate(self, body: SamplingRequest, fields: dict, max_tokens: int | None, chat: bool):
@@ -100,7 +105,7 @@ class OpenAIServer:
             req.max_tokens = eng.max_seq_len - len(req.prompt_ids)
         stops = body.stops()
         gen = Generation(asyncio.get_running_loop(),
-                         TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops))
+                         TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
         req.on_token = gen.on_token
         try:
             self.runtime.submit(Submission(req, on_done=gen.on_done))
@@ -112,7 +117,7 @@ class OpenAIServer:
             while not body.stream and event[0] != "done":
                 event = await gen.events.get()
         except asyncio.CancelledError:
-            gen.abandoned = True
+            gen.abandon()
             raise
         if event[0] == "done" and event[2]:  # refused at admission, or (not streaming) failed on the way
             raise runtime_error(event[2])
@@ -151,7 +156,7 @@ class OpenAIServer:
                     yield sse(shape.usage_chunk(len(ids)))
             yield DONE
         finally:
-            gen.abandoned = True
+            gen.abandon()
 
     # adapters ----------------------------------------------------------------
     def _loading_allowed(self) -> Path:
@@ -274,35 +279,7 @@ def check_args(args) -> tuple[AdapterNames, Path | None]:
     return AdapterNames(base, args.model, args.adapter), adapter_root(args.adapter_root, args.allow_adapter_loading)
 
 
-class HttpThread:
-    """uvicorn serving an app on an already-bound socket, in a thread beside the gRPC server."""
-
-    def __init__(self, app: FastAPI, host: str, port: int, what: str):
-        import uvicorn
-
-        try:
-            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-            self.sock = socket.socket(family, socket.SOCK_STREAM)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host, port))
-        except OSError as err:
-            raise BdLoraError(f"cannot listen on {host}:{port} for the {what} ({err.strerror or err})") from None
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name=f"http-{port}")
-        self.thread.start()
-        while not self.server.started and self.thread.is_alive():
-            self.thread.join(0.05)
-        if not self.server.started:
-            raise BdLoraError(f"the {what} on {host}:{port} failed to start")
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
-
-
-def start_openai_server(runtime: Runtime, args) -> HttpThread:
+def openai_app(runtime: Runtime, args) -> FastAPI:
+    """The OpenAI API app for `serve` (served by http_server.HttpServer on --openai-port)."""
     names, root = check_args(args)
-    return HttpThread(create_app(OpenAIServer(runtime, names, root)), args.host, args.openai_port, "OpenAI API")
+    return create_app(OpenAIServer(runtime, names, root))

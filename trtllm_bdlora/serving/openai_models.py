@@ -41,6 +41,11 @@ class AdapterNames:
         if root is not None:
             self.roots[task_id] = root
 
+    def retain(self, registered: Collection[int]) -> None:
+        """Forget the names of adapters no longer registered (evicted from the host cache: --no-pin-adapters)."""
+        for task_id in {*self.ids.values(), *self.roots} - set(registered):
+            self.forget(task_id)
+
     def forget(self, task_id: int) -> None:
         self.ids = {n: t for n, t in self.ids.items() if t != task_id}
         self.roots.pop(task_id, None)
