@@ -1,6 +1,7 @@
-"""The official `openai` client against `serve --tp 2` under mpirun: completions and chat completions, streamed and
-not, equal in tokens to `generate`; /v1/models; OpenAI-shaped errors; run-time adapter loading confined to
---adapter-root; adapters registered through gRPC usable through OpenAI and the other way round."""
+"""The official `openai` client against `serve --tp 2` under the user's `mpirun -n 2` (the other serving tests use
+serve's own launcher): completions and chat completions, streamed and not, equal in tokens to `generate`;
+/v1/models; OpenAI-shaped errors; run-time adapter loading confined to --adapter-root; adapters registered through
+gRPC usable through OpenAI and the other way round."""
 
 import json
 import threading
@@ -45,7 +46,7 @@ def served(tmp_path_factory):
     outside = make_peft_adapter(model, root / "outside", seed=60, r=8)
     (adapter_root / "escape").symlink_to(outside)  # inside the root by name, outside once resolved
     server = Server(model, {1: adapters[1], "alpha:2": adapters[2]}, tp=2, max_loras=2,
-                    extra=["--allow-adapter-loading", "--adapter-root", str(adapter_root)])
+                    extra=["--allow-adapter-loading", "--adapter-root", str(adapter_root)], mpirun=True)
     try:
         requests = [_generate_request(i, c) for i, c in enumerate(CASES)]
         res = run_cli("generate", "--model", str(model), "--tp", "2", "--requests", "-",
@@ -172,6 +173,11 @@ BAD_BODIES = {
     "bad temperature": ({"model": "1", "prompt": "Hi", "temperature": -1}, "temperature"),
     "over the context": ({"model": "1", "prompt": "Hi", "max_tokens": 10**6}, "exceeds the context"),
     "too many stops": ({"model": "1", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "NaN temperature": (b'{"model": "1", "prompt": "Hi", "temperature": NaN}', "temperature must be finite"),
+    "infinite top_p": (b'{"model": "1", "prompt": "Hi", "top_p": Infinity}', "top_p must be finite"),
+    "overflowing temperature": (b'{"model": "1", "prompt": "Hi", "temperature": 1e999}', "temperature must be finite"),
+    "top_p zero": ({"model": "1", "prompt": "Hi", "top_p": 0}, "top_p must be > 0"),
+    "negative seed": ({"model": "1", "prompt": "Hi", "seed": -5}, "seed must be >= 0"),
 }
 
 
@@ -249,3 +255,40 @@ def test_unload_while_in_use_lets_running_requests_finish(served, client):
             with pytest.raises(openai.NotFoundError):
                 client.completions.create(model="busy", prompt="Hello", max_tokens=2)
     assert ids == want  # same weights as adapter 1, generated to the end after the unload
+
+
+def test_vllm_sampling_extensions_equal_the_ensembles_tensorrt_llm_inputs(served, client):
+    """top_k, penalties and min_tokens through OpenAI give the tokens the KServe ensemble gives for the same
+    TensorRT-LLM sampling inputs (one runtime, one sampler); out-of-range values are 400s."""
+    import numpy as np
+
+    settings = {"temperature": 0.8, "top_p": 0.9, "top_k": 5, "seed": 7, "repetition_penalty": 1.3,
+                "presence_penalty": 0.7, "frequency_penalty": 0.4, "min_tokens": MAX_TOKENS}
+    got = client.completions.create(model="alpha", prompt="Write a poem", max_tokens=MAX_TOKENS,
+                                    **{k: settings[k] for k in ("temperature", "top_p", "seed", "presence_penalty",
+                                                                "frequency_penalty")},
+                                    extra_body={k: settings[k] for k in ("top_k", "repetition_penalty", "min_tokens")})
+    types = {"top_k": np.int32, "min_tokens": np.int32, "seed": np.uint64}
+    inputs = [("text_input", np.array([[b"Write a poem"]], dtype=object)),
+              ("max_tokens", np.array([[MAX_TOKENS]], dtype=np.int32)),
+              ("exclude_input_in_output", np.array([[True]])), ("lora_task_id", np.array([[2]], dtype=np.uint64))]
+    inputs += [(k, np.array([[v]], dtype=types.get(k, np.float32))) for k, v in settings.items()]
+    grpc = grpcclient.InferenceServerClient(served[0].url)
+    try:
+        tensors = []
+        for name, array in inputs:
+            tensor = grpcclient.InferInput(name, list(array.shape), grpcclient.np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        want = grpc.infer("ensemble", tensors).as_numpy("text_output").reshape(-1)[0].decode()
+    finally:
+        grpc.close()
+    assert got.choices[0].text == want and got.usage.completion_tokens == MAX_TOKENS
+    plain = client.completions.create(model="alpha", prompt="Write a poem", max_tokens=MAX_TOKENS, temperature=0.8,
+                                      top_p=0.9, seed=7)
+    assert plain.choices[0].text != want  # the extensions changed the sampling
+    for bad, fragment in (({"top_k": -2}, "top_k"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                          ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": MAX_TOKENS + 1}, "min_tokens")):
+        status, payload = _post(served[0], "/v1/completions", {"model": "1", "prompt": "Hi", "max_tokens": MAX_TOKENS,
+                                                                "temperature": 0.5, **bad})
+        assert status == 400 and fragment in payload["error"]["message"], (bad, payload)

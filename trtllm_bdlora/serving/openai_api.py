@@ -99,10 +99,14 @@ class OpenAIServer:
             obj["seed"] = random.getrandbits(63)
         try:
             req = parse_request(0, obj, eng.tokenizer, eng.shape.vocab_size, eng.max_seq_len, {task_id})
+            for name, value in body.engine_settings().items():
+                setattr(req, name, value)
         except RequestError as err:
             raise OpenAIError(400, str(err)) from None
         if max_tokens is None:  # as vLLM: up to the end of the context
             req.max_tokens = eng.max_seq_len - len(req.prompt_ids)
+        if req.min_tokens > req.max_tokens:  # as vLLM
+            raise OpenAIError(400, f"min_tokens {req.min_tokens} must be <= max_tokens {req.max_tokens}", "min_tokens")
         stops = body.stops()
         gen = Generation(asyncio.get_running_loop(),
                          TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
@@ -123,13 +127,12 @@ class OpenAIServer:
             raise runtime_error(event[2])
         if not body.stream:
             _, ids, _, text, stop_reason = event
-            return JSONResponse(shape.response(text, ids, finish_reason(ids, stop_reason, eng.eos_ids, req.max_tokens),
+            return JSONResponse(shape.response(text, ids, finish_reason(req.finish_reason, stop_reason),
                                                stop_reason))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(self._stream(gen, first, shape, req.max_tokens, gen.tracker.holdback, include_usage))
+        return EventSourceResponse(self._stream(gen, first, shape, gen.tracker.holdback, include_usage))
 
-    async def _stream(self, gen: Generation, event: tuple, shape: ResponseShape, max_tokens: int, holdback: int,
-                      include_usage: bool):
+    async def _stream(self, gen: Generation, event: tuple, shape: ResponseShape, holdback: int, include_usage: bool):
         def sse(obj: dict) -> bytes:
             return format_sse_event(data_str=json.dumps(obj))
 
@@ -150,7 +153,7 @@ class OpenAIServer:
                 yield sse(runtime_error(error).body())
             else:
                 piece, sent = stream_piece(text, sent, holdback, final=True)
-                finish = finish_reason(ids, stop_reason, self.engine.eos_ids, max_tokens)
+                finish = finish_reason(gen.request.finish_reason, stop_reason)
                 yield sse(shape.chunk(piece, pending, finish, stop_reason, first=first))
                 if include_usage:
                     yield sse(shape.usage_chunk(len(ids)))

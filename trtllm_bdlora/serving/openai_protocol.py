@@ -18,9 +18,8 @@ ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFo
 # Fields this server cannot honour, with the values that mean "off": anything else is a 400 naming the field.
 UNSUPPORTED = {
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1), "top_k": (None, 0, -1), "min_p": (None, 0), "min_tokens": (None, 0),
-    "ignore_eos": (None, False), "stop_token_ids": (None, []), "use_beam_search": (None, False),
+    "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0), "stop_token_ids": (None, []),
+    "use_beam_search": (None, False),
     "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
     "prompt_logprobs": (None,),
 }
@@ -58,6 +57,13 @@ class SamplingRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool | None = False
+    # vLLM's extensions, served with TensorRT-LLM's semantics (engine/sampler.py)
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = False
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -71,6 +77,24 @@ class SamplingRequest(BaseModel):
         for key, value in (self.model_extra or {}).items():
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
                 raise OpenAIError(400, f"{key}={value!r} is not supported by this server", key)
+
+    def engine_settings(self) -> dict:
+        """Request attributes beyond `generate`'s fields (engine/requests.py), validated: -1 and 0 turn top_k off as
+        in vLLM; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range [-2, 2]."""
+        from trtllm_bdlora.engine.requests import check_number, check_penalties
+
+        settings: dict = {}
+        if self.top_k is not None and self.temperature != 0:
+            settings["top_k"] = 0 if self.top_k == -1 else check_number("top_k", self.top_k, int, low=0)
+        penalties = [1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                     self.presence_penalty or 0.0, self.frequency_penalty or 0.0, self.min_tokens or 0]
+        check_penalties(*penalties)
+        for name, value in zip(("presence_penalty", "frequency_penalty"), penalties[1:3]):
+            check_number(name, value, low=-2.0, high=2.0)
+        settings.update(zip(("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"), penalties))
+        if self.ignore_eos:
+            settings["end_ids"] = frozenset()
+        return settings
 
     def sampling_fields(self, max_tokens: int | None) -> dict:
         """The `generate` request fields (engine/requests.py) for these settings; OpenAI's defaults."""
@@ -158,10 +182,9 @@ def stream_piece(text: str, sent: int, holdback: int, final: bool) -> tuple[str,
     return text[sent:end], end
 
 
-def finish_reason(ids: list[int], stop_reason: str | None, eos_ids: set[int], max_tokens: int) -> str:
-    if stop_reason is None and ids and ids[-1] not in eos_ids and len(ids) >= max_tokens:
-        return "length"
-    return "stop"
+def finish_reason(engine_reason: str | None, stop_reason: str | None) -> str:
+    """OpenAI's finish_reason from the engine's (Request.finish_reason) and the stop string that ended the text."""
+    return "length" if engine_reason == "length" and stop_reason is None else "stop"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
