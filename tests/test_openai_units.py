@@ -11,6 +11,7 @@ import torch
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
 from trtllm_bdlora.cli import parse_adapter_arg
+from trtllm_bdlora.engine.adapter_pool import shards_nbytes
 from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
@@ -138,3 +139,36 @@ def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
             runtime.unregister_adapter(5)
     finally:
         runtime.stop(30)
+
+
+def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters):
+    """Run-time loads are held like `--adapter` ones: pinned by default (a full cache refuses the next load with
+    TensorRT-LLM's message); with --no-pin-adapters the least recently used is evicted and loses its OpenAI name."""
+    from trtllm_bdlora.serving.openai_api import OpenAIServer
+
+    adapter = load_peft_adapter(bd_adapters[1])
+    for pinned in (True, False):
+        engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2, pin_adapters=pinned)
+        engine.pool.host_cache_bytes = 5 * shards_nbytes(engine.pool.prepare(adapter)) // 2  # room for two
+        runtime = Runtime(engine).start()
+        server = OpenAIServer(runtime, AdapterNames("base", "/m"), None)
+        try:
+            for task_id, name in ((1, "one"), (2, "two")):
+                runtime.register_adapter(task_id, adapter)
+                server.names.add(name, task_id, bd_adapters[1])
+            assert engine.pool.pinned == ({1, 2} if pinned else set())
+            if pinned:
+                with pytest.raises(RequestError, match="PEFT Cache is full"):
+                    runtime.register_adapter(3, adapter)
+                assert set(engine.pool.host) == {1, 2}
+            else:
+                runtime.register_adapter(3, adapter)
+                assert list(engine.pool.host) == [2, 3]  # 1 was the least recently used
+                assert server.registered() == {2, 3} and "one" not in server.names.ids
+                with pytest.raises(OpenAIError) as info:
+                    server.names.resolve("one", server.registered())
+                assert info.value.status == 404
+            runtime.unregister_adapter(2)
+            assert 2 not in engine.pool and 2 not in engine.pool.pinned
+        finally:
+            runtime.stop(30)
