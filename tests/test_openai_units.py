@@ -142,13 +142,14 @@ def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
 
 
 def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters):
-    """Run-time loads are held like `--adapter` ones: pinned by default (a full cache refuses the next load with
-    TensorRT-LLM's message); with --no-pin-adapters the least recently used is evicted and loses its OpenAI name."""
+    """Run-time loads are held like `--adapter` ones: capped at --max-lora-rank, pinned by default (a full cache
+    refuses the next load with TensorRT-LLM's message); with --no-pin-adapters the least recently used is evicted and
+    loses its OpenAI name."""
     from trtllm_bdlora.serving.openai_api import OpenAIServer
 
     adapter = load_peft_adapter(bd_adapters[1])
     for pinned in (True, False):
-        engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2, pin_adapters=pinned)
+        engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2, pin_adapters=pinned, max_lora_rank=16)
         engine.pool.host_cache_bytes = 5 * shards_nbytes(engine.pool.prepare(adapter)) // 2  # room for two
         runtime = Runtime(engine).start()
         server = OpenAIServer(runtime, AdapterNames("base", "/m"), None)
@@ -157,6 +158,8 @@ def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters)
                 runtime.register_adapter(task_id, adapter)
                 server.names.add(name, task_id, bd_adapters[1])
             assert engine.pool.pinned == ({1, 2} if pinned else set())
+            with pytest.raises(RequestError, match="over --max-lora-rank 16"):
+                runtime.register_adapter(4, load_peft_adapter(bd_adapters[2]))  # rank 32
             if pinned:
                 with pytest.raises(RequestError, match="PEFT Cache is full"):
                     runtime.register_adapter(3, adapter)
