@@ -292,3 +292,30 @@ def test_vllm_sampling_extensions_equal_the_ensembles_tensorrt_llm_inputs(served
         status, payload = _post(served[0], "/v1/completions", {"model": "1", "prompt": "Hi", "max_tokens": MAX_TOKENS,
                                                                 "temperature": 0.5, **bad})
         assert status == 400 and fragment in payload["error"]["message"], (bad, payload)
+
+
+def _metric(server, name: str, label: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + "{") and label in line:
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {label} not exported")
+
+
+def test_client_leaving_a_stream_cancels_its_generation(served, client):
+    """A streamed request whose client disconnects stops generating within a few steps (not at max_tokens), and
+    the server keeps serving."""
+    import time
+
+    server = served[0]
+    iterations = ("nv_trt_llm_general_metrics", 'general_type="iteration_counter"')
+    before = _metric(server, *iterations)
+    stream = client.completions.create(model="1", prompt="Hello", max_tokens=240, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 60
+    while _metric(server, "nv_trt_llm_request_metrics", 'request_type="active"') and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _metric(server, "nv_trt_llm_request_metrics", 'request_type="active"') == 0
+    assert _metric(server, *iterations) - before < 120  # 240 steps had it run to the end
+    assert client.completions.create(model="1", prompt="Hello", max_tokens=2, temperature=0).usage.completion_tokens == 2
