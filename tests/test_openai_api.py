@@ -142,6 +142,14 @@ def test_stop_string_cuts_text_and_generation(served, client):
         text, ids, finish, _ = _ask(client, case, stream, stop=[stop] if stream else stop)
         assert (text, finish) == (want, "stop")
         assert ids == full["output_ids"][: len(ids)] and len(ids) < MAX_TOKENS  # the engine stopped early
+    token = full["output_ids"][3]
+    want_ids = full["output_ids"][: full["output_ids"].index(token) + 1]
+    for stream in (False, True):  # vLLM's stop_token_ids: the stop token ends the output and is its stop_reason
+        _, ids, finish, _ = _ask(client, case, stream, extra_body={"return_token_ids": True, "stop_token_ids": [token]})
+        assert (ids, finish) == (want_ids, "stop")
+    got = client.completions.create(model="1", prompt=case[4], max_tokens=MAX_TOKENS, temperature=0,
+                                    extra_body={"stop_token_ids": [token]})
+    assert got.choices[0].model_extra["stop_reason"] == token
 
 
 def test_models_list_what_was_registered(served, client, loaded):
@@ -178,6 +186,7 @@ BAD_BODIES = {
     "overflowing temperature": (b'{"model": "1", "prompt": "Hi", "temperature": 1e999}', "temperature must be finite"),
     "top_p zero": ({"model": "1", "prompt": "Hi", "top_p": 0}, "top_p must be > 0"),
     "negative seed": ({"model": "1", "prompt": "Hi", "seed": -5}, "seed must be >= 0"),
+    "stop token outside the vocabulary": ({"model": "1", "prompt": "Hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
 }
 
 

@@ -31,6 +31,7 @@ from trtllm_bdlora.serving.openai_protocol import (
     TextTracker,
     UnloadLoRAAdapterRequest,
     finish_reason,
+    stop_reason,
     stream_piece,
 )
 from trtllm_bdlora.serving.runtime import Runtime, Submission
@@ -99,7 +100,7 @@ class OpenAIServer:
             obj["seed"] = random.getrandbits(63)
         try:
             req = parse_request(0, obj, eng.tokenizer, eng.shape.vocab_size, eng.max_seq_len, {task_id})
-            for name, value in body.engine_settings().items():
+            for name, value in body.engine_settings(eng.shape.vocab_size).items():
                 setattr(req, name, value)
         except RequestError as err:
             raise OpenAIError(400, str(err)) from None
@@ -126,9 +127,9 @@ class OpenAIServer:
         if event[0] == "done" and event[2]:  # refused at admission, or (not streaming) failed on the way
             raise runtime_error(event[2])
         if not body.stream:
-            _, ids, _, text, stop_reason = event
-            return JSONResponse(shape.response(text, ids, finish_reason(req.finish_reason, stop_reason),
-                                               stop_reason))
+            _, ids, _, text, text_stop = event
+            return JSONResponse(shape.response(text, ids, finish_reason(req.finish_reason, text_stop),
+                                               stop_reason(text_stop, req.finish_reason, ids)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(self._stream(gen, first, shape, gen.tracker.holdback, include_usage))
 
@@ -148,13 +149,14 @@ class OpenAIServer:
                     yield sse(shape.chunk(piece, pending, first=first))
                     pending, first = [], False
                 event = await gen.events.get()
-            _, ids, error, text, stop_reason = event
+            _, ids, error, text, text_stop = event
             if error:
                 yield sse(runtime_error(error).body())
             else:
                 piece, sent = stream_piece(text, sent, holdback, final=True)
-                finish = finish_reason(gen.request.finish_reason, stop_reason)
-                yield sse(shape.chunk(piece, pending, finish, stop_reason, first=first))
+                engine_reason = gen.request.finish_reason
+                yield sse(shape.chunk(piece, pending, finish_reason(engine_reason, text_stop),
+                                      stop_reason(text_stop, engine_reason, ids), first=first))
                 if include_usage:
                     yield sse(shape.usage_chunk(len(ids)))
             yield DONE

@@ -18,7 +18,7 @@ ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFo
 # Fields this server cannot honour, with the values that mean "off": anything else is a 400 naming the field.
 UNSUPPORTED = {
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0), "stop_token_ids": (None, []),
+    "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0),
     "use_beam_search": (None, False),
     "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
     "prompt_logprobs": (None,),
@@ -64,6 +64,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,7 +79,7 @@ class SamplingRequest(BaseModel):
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
                 raise OpenAIError(400, f"{key}={value!r} is not supported by this server", key)
 
-    def engine_settings(self) -> dict:
+    def engine_settings(self, vocab_size: int) -> dict:
         """Request attributes beyond `generate`'s fields (engine/requests.py), validated: -1 and 0 turn top_k off as
         in vLLM; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range [-2, 2]."""
         from trtllm_bdlora.engine.requests import check_number, check_penalties
@@ -94,6 +95,11 @@ class SamplingRequest(BaseModel):
         settings.update(zip(("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"), penalties))
         if self.ignore_eos:
             settings["end_ids"] = frozenset()
+        if self.stop_token_ids:  # as vLLM: the stop token is the last output token
+            from trtllm_bdlora.engine.requests import check_token_ids
+
+            settings["stop_words"] = tuple((t,) for t in check_token_ids("stop_token_ids", self.stop_token_ids,
+                                                                           vocab_size))
         return settings
 
     def sampling_fields(self, max_tokens: int | None) -> dict:
@@ -187,6 +193,11 @@ def finish_reason(engine_reason: str | None, stop_reason: str | None) -> str:
     return "length" if engine_reason == "length" and stop_reason is None else "stop"
 
 
+def stop_reason(text_stop: str | None, engine_reason: str | None, ids: list[int]) -> str | int | None:
+    """vLLM's stop_reason: the stop string, or the stop token id, that ended the output (None: EOS or length)."""
+    return ids[-1] if text_stop is None and engine_reason == "stop_words" and ids else text_stop
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -205,7 +216,7 @@ class ResponseShape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def _choice(self, text: str, finish: str | None, stop_reason: str | None, ids: list[int] | None,
+    def _choice(self, text: str, finish: str | None, stop_reason: str | int | None, ids: list[int] | None,
                 chunk: bool, first: bool = False) -> dict:
         choice: dict = {"index": 0}
         if not self.chat:
@@ -226,12 +237,12 @@ class ResponseShape:
     def _prompt_ids(self, first: bool) -> dict:
         return {"prompt_token_ids": self.prompt_ids} if self.chat and self.token_ids and first else {}
 
-    def response(self, text: str, ids: list[int], finish: str, stop_reason: str | None) -> dict:
+    def response(self, text: str, ids: list[int], finish: str, stop_reason: str | int | None) -> dict:
         obj = "chat.completion" if self.chat else "text_completion"
         return self._envelope(obj, [self._choice(text, finish, stop_reason, ids, chunk=False)],
                               usage=usage(len(self.prompt_ids), len(ids)), **self._prompt_ids(True))
 
-    def chunk(self, text: str, ids: list[int], finish: str | None = None, stop_reason: str | None = None,
+    def chunk(self, text: str, ids: list[int], finish: str | None = None, stop_reason: str | int | None = None,
               first: bool = False) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return self._envelope(obj, [self._choice(text, finish, stop_reason, ids, chunk=True, first=first)],
