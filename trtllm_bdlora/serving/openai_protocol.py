@@ -1,7 +1,9 @@
 """OpenAI request bodies, response objects and errors, in the shapes vLLM's OpenAI server gives them
 (vllm/entrypoints/openai/engine/protocol.py: ErrorResponse, ModelCard, UsageInfo; completion/protocol.py and
 chat_completion/protocol.py: responses and stream chunks; serve/utils/error_response.py: error types), read
-2026-11-23. Extensions kept from vLLM: `return_token_ids`, `stop_reason`, `max_model_len` on model cards.
+2026-11-23. Extensions kept from vLLM: `return_token_ids`, `stop_reason`, `max_model_len` on model cards, and the
+sampling fields `top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids` (served, like OpenAI's
+penalties, with TensorRT-LLM's semantics: engine/sampler.py).
 """
 
 from __future__ import annotations
