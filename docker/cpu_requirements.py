@@ -6,6 +6,7 @@ TORCH_INDEX_URL or local wheels) and triton (the GPU kernels' compiler; the CPU 
 
 import re
 import sys
+
 import tomllib
 
 SKIP = {"torch", "triton"}
