@@ -152,7 +152,7 @@ BAD_CASES = {
                                _input("lora_config", np.array([[[1, 0, 4]]], np.int32), "INT32")],
                               "needs"),
     "malformed lora_weights": ([_text(), _max(), _input("lora_task_id", np.array([[79]], dtype=np.uint64), "UINT64"),
-                                _input("lora_weights", np.full((1, 1, 4096), np.nan, np.float16), "FP16"),
+                                _input("lora_weights", np.full((1, 1, 1024), np.nan, np.float16), "FP16"),
                                 _input("lora_config", np.array([[[1, 0, 4]]], np.int32), "INT32")],
                                "NaN"),
     "weights without config": ([_text(), _max(), _input("lora_task_id", np.array([[80]], dtype=np.uint64), "UINT64"),
