@@ -1,0 +1,89 @@
+"""Summaries of a parity run: mean ± std over seeds per (task, method, rank), a markdown table, and the figure in
+the paper's layout (score against adapter parameters on a log2 axis, one line per method, error bars)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+TASK_LABELS = {
+    "lm": ("held-out perplexity (lower is better)", "{:.3f}"),
+    "add": ("exact match, 3-digit addition (higher is better)", "{:.1%}"),
+}
+METHOD_LABELS = {"lora": "LoRA", "bdlora": "BD-LoRA"}
+
+
+def summarise(runs: list[dict], path: str) -> list[dict]:
+    """One row per (task, method, rank): parameters and the mean / sample std of `path`'s score over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["method"], run["rank"]), []).append(run)
+    rows = []
+    for (task, method, rank), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "lora", kv[0][2])):
+        scores = [g["scores"][path] for g in group]
+        rows.append({
+            "task": task, "method": method, "rank": rank, "params": group[0]["params"], "seeds": len(scores),
+            "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        })
+    return rows
+
+
+def markdown_table(rows_by_path: dict[str, list[dict]], base: dict[str, dict[str, float]]) -> str:
+    """Method, rank, parameters and mean ± std per task, for each evaluation path (columns)."""
+    paths = list(rows_by_path)
+    tasks = sorted({r["task"] for r in next(iter(rows_by_path.values()))}, key=list(TASK_LABELS).index)
+    header = ["method", "rank", "parameters"] + [f"{t} ({p})" for t in tasks for p in paths]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(task: str, path: str, method: str, rank: int) -> str:
+        fmt = TASK_LABELS[task][1]
+        row = next((r for r in rows_by_path[path] if (r["task"], r["method"], r["rank"]) == (task, method, rank)), None)
+        return "" if row is None else f"{fmt.format(row['mean'])} ± {fmt.format(row['std'])}"
+
+    keys = sorted({(r["method"], r["rank"], r["params"]) for r in next(iter(rows_by_path.values()))},
+                  key=lambda k: (k[0] != "lora", k[1]))
+    lines.append("| base model | – | 0 | " + " | ".join(
+        TASK_LABELS[t][1].format(base[p][t]) for t in tasks for p in paths) + " |")
+    for method, rank, params in keys:
+        cells = [cell(t, p, method, rank) for t in tasks for p in paths]
+        lines.append(f"| {METHOD_LABELS[method]} | {rank} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> None:
+    """One panel per task: mean ± std against adapter parameters (log2 x axis), one line per method."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASK_LABELS if any(r["task"] == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, marker in (("lora", "o"), ("bdlora", "s")):
+            pts = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["params"])
+            if not pts:
+                continue
+            ax.errorbar([r["params"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts],
+                        marker=marker, capsize=3, label=METHOD_LABELS[method])
+            for r in pts:
+                ax.annotate(f"r={r['rank']}", (r["params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        if task in base:
+            ax.axhline(base[task], color="gray", linestyle="--", linewidth=1, label="base model")
+        ax.set_xscale("log", base=2)
+        params = sorted({r["params"] for r in rows if r["task"] == task})
+        ax.set_xlim(params[0] / 2**0.4, params[-1] * 2**0.4)
+        ax.set_xticks(params, [f"{p / 1e6:.2f}M" for p in params], fontsize=7, rotation=30)
+        ax.minorticks_off()
+        if task == "add":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_xlabel("adapter parameters (log2 scale)")
+        ax.set_ylabel(TASK_LABELS[task][0])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
