@@ -99,8 +99,8 @@ def matched_bd_rank(shape: LlamaShape, lora_rank: int, nblocks: int) -> int:
 
 def plan_runs(shape: LlamaShape, s: Settings) -> list[dict]:
     runs = []
-    for task in TASKS:
-        for seed in s.seeds:
+    for seed in s.seeds:  # seed-major: an interrupted run has whole seeds of both tasks
+        for task in TASKS:
             for lora_rank in s.lora_ranks:
                 for method, rank in (("lora", lora_rank), ("bdlora", matched_bd_rank(shape, lora_rank, s.nblocks))):
                     runs.append({"task": task, "method": method, "rank": rank, "lora_rank": lora_rank, "seed": seed,
@@ -130,30 +130,41 @@ def task_batches(task: str, tokenizer, s: Settings, seed: int):
 
 
 # training -----------------------------------------------------------------------------------------------------
-def train_all(runs: list[dict], s: Settings, out: Path) -> None:
-    """Train every planned adapter not already saved under out/adapters (a rerun resumes)."""
+def train_all(runs: list[dict], s: Settings, out: Path, jobs: int = 1) -> None:
+    """Train every planned adapter not already saved under out/adapters (a rerun resumes), in `jobs` processes."""
+    todo = [(i, run) for i, run in enumerate(runs) if not (out / "adapters" / run["name"] / "train.json").is_file()]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            pool.starmap(_train_runs, [(todo[j::jobs], len(runs), s, out, jobs) for j in range(jobs)])
+    elif todo:
+        _train_runs(todo, len(runs), s, out)
+    for run in runs:
+        run.update(json.loads((out / "adapters" / run["name"] / "train.json").read_text()))
+
+
+def _train_runs(todo: list[tuple[int, dict]], total: int, s: Settings, out: Path, jobs: int = 1) -> None:
     from peft import get_peft_model
 
+    if jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     base, tokenizer = load_base()
-    for i, run in enumerate(runs):
-        directory = out / "adapters" / run["name"]
-        info_path = directory / "train.json"
-        if info_path.is_file():
-            run.update(json.loads(info_path.read_text()))
-            continue
+    for i, run in todo:
         torch.manual_seed(run["seed"])
         model = get_peft_model(base, lora_config(run["rank"], s.nblocks if run["method"] == "bdlora" else None))
         trainable = model.get_nb_trainable_parameters()[0]
         if trainable != run["params"]:
             raise RuntimeError(f"{run['name']}: PEFT trains {trainable} parameters, expected {run['params']}")
         steps, lr = (s.lm_steps, s.lm_lr) if run["task"] == "lm" else (s.add_steps, s.add_lr)
-        print(f"[{i + 1}/{len(runs)}] training {run['name']} ({trainable:,} parameters)", flush=True)
+        print(f"[{i + 1}/{total}] training {run['name']} ({trainable:,} parameters)", flush=True)
         stats = train(model, task_batches(run["task"], tokenizer, s, run["seed"]), steps, lr,
-                      log=lambda line: print("  " + line, flush=True), log_every=max(1, steps // 3))
+                      log=lambda line, name=run["name"]: print(f"  {name}: {line}", flush=True),
+                      log_every=max(1, steps // 3))
+        directory = out / "adapters" / run["name"]
         save_fp16(model, directory)
         info = {"train_seconds": round(stats["seconds"], 1), "final_loss": stats["final_loss"], "steps": steps, "lr": lr}
-        info_path.write_text(json.dumps(info))
-        run.update(info)
+        (directory / "train.json").write_text(json.dumps(info))
         base = model.unload()
 
 
@@ -291,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="folder for adapters, results.json, table.md, parity.png")
     p.add_argument("--quick", action="store_true", help="one seed, LoRA rank 4 only, 2 steps, tiny held-out sets")
     p.add_argument("--seeds", type=int, nargs="+", help="override the seed set")
+    p.add_argument("--jobs", type=int, default=1, help="training processes (each with cores / jobs threads)")
     args = p.parse_args(argv)
     s = QUICK if args.quick else FULL
     if args.seeds:
@@ -309,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     windows = lm_windows(tokenizer, "heldout", s.lm_window, s.lm_heldout)
     examples = addition_examples("heldout", s.add_heldout)
     timings = {}
-    train_all(runs, s, out)
+    train_all(runs, s, out, args.jobs)
     timings["train"] = time.time() - start
     peft = evaluate_peft(runs, s, out, windows, examples)
     timings["evaluate_peft"] = time.time() - start - timings["train"]
