@@ -48,15 +48,16 @@ ANSWER_DISAGREEMENT = 0.02  # engine vs PEFT: share of held-out prompts whose an
 
 @dataclass(frozen=True)
 class Settings:
+    tasks: tuple[str, ...] = ("lm", "add")
     seeds: tuple[int, ...] = (0, 1, 2)
     lora_ranks: tuple[int, ...] = (4, 8, 16, 32)
     nblocks: int = 3
     tp: int = 3
-    lm_window: int = 64
-    lm_batch: int = 8
+    lm_window: int = 32
+    lm_batch: int = 4
     lm_steps: int = 24
     lm_lr: float = 2e-3
-    lm_heldout: int = 48
+    lm_heldout: int = 32
     add_batch: int = 32
     add_steps: int = 36
     add_lr: float = 3e-3
@@ -100,7 +101,7 @@ def matched_bd_rank(shape: LlamaShape, lora_rank: int, nblocks: int) -> int:
 def plan_runs(shape: LlamaShape, s: Settings) -> list[dict]:
     runs = []
     for seed in s.seeds:  # seed-major: an interrupted run has whole seeds of both tasks
-        for task in TASKS:
+        for task in s.tasks:
             for lora_rank in s.lora_ranks:
                 for method, rank in (("lora", lora_rank), ("bdlora", matched_bd_rank(shape, lora_rank, s.nblocks))):
                     runs.append({"task": task, "method": method, "rank": rank, "lora_rank": lora_rank, "seed": seed,
@@ -137,7 +138,7 @@ def train_all(runs: list[dict], s: Settings, out: Path, jobs: int = 1) -> None:
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            pool.starmap(_train_runs, [(todo[j::jobs], len(runs), s, out, jobs) for j in range(jobs)])
+            pool.starmap(_train_runs, [([item], len(runs), s, out, jobs) for item in todo], chunksize=1)
     elif todo:
         _train_runs(todo, len(runs), s, out)
     for run in runs:
@@ -208,9 +209,12 @@ def evaluate_peft(runs: list[dict], s: Settings, out: Path, windows, examples) -
     base.eval()
     prompts = [p for p, _ in examples]
     results: dict = {"answers": {}}
-    base_answers = peft_answers(base, tokenizer, prompts, s.add_max_tokens)
-    results["answers"]["base"] = base_answers
-    results["base"] = {"lm": peft_perplexity(base, windows), "add": exact_match(base_answers, examples)}
+    results["base"] = {}
+    if "lm" in s.tasks:
+        results["base"]["lm"] = peft_perplexity(base, windows)
+    if "add" in s.tasks:
+        results["answers"]["base"] = peft_answers(base, tokenizer, prompts, s.add_max_tokens)
+        results["base"]["add"] = exact_match(results["answers"]["base"], examples)
     for run in runs:
         model = PeftModel.from_pretrained(base, out / "adapters" / run["name"])
         model.eval()
@@ -250,13 +254,16 @@ def evaluate_engine(runs: list[dict], s: Settings, out: Path, windows, examples)
     windows_path.write_text(json.dumps(windows))
     nll_path = out / "engine" / "nll.json"
     groups = _engine_groups(runs, "lm")
+    if "lm" not in s.tasks:
+        groups = {}
     argv = ["--tp", str(s.tp), "--windows", str(windows_path), "--output", str(nll_path)]
     for scheme, group in groups.items():
         argv += [a for task_id, run in group.items() for a in (f"--{scheme}", f"{task_id}={out / 'adapters' / run['name']}")]
     cmd = mpirun_command(s.tp, [])[:-3] + [sys.executable, str(HERE / "parity_engine.py"), *argv]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // s.tp)))
-    subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL)
-    for key, (total, count) in json.loads(nll_path.read_text()).items():
+    if groups:
+        subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL)
+    for key, (total, count) in (json.loads(nll_path.read_text()) if groups else {}).items():
         if key == "base":
             results["base"]["lm"] = math.exp(total / count)
         else:
@@ -265,6 +272,8 @@ def evaluate_engine(runs: list[dict], s: Settings, out: Path, windows, examples)
     for scheme, group in _engine_groups(runs, "add").items():
         adapters = {task_id: out / "adapters" / run["name"] for task_id, run in group.items()}
         targets = ([None] if scheme == "bdlora" else []) + list(group)
+        if not targets or "add" not in s.tasks:
+            continue
         requests = [{"adapter": t, "prompt": p, "max_tokens": s.add_max_tokens} for t in targets for p, _ in examples]
         for i, r in enumerate(requests):
             r["id"] = i
@@ -285,12 +294,13 @@ def check_agreement(runs: list[dict], peft: dict, engine: dict, n_prompts: int) 
     differ on at most ANSWER_DISAGREEMENT of the held-out prompts (rounded up). Returns the violations."""
     allowed = math.ceil(ANSWER_DISAGREEMENT * n_prompts)
     problems = []
-    for name, p_ppl, e_ppl in [("base", peft["base"]["lm"], engine["base"]["lm"])] + [
+    base_ppl = [("base", peft["base"]["lm"], engine["base"]["lm"])] if "lm" in peft["base"] else []
+    for name, p_ppl, e_ppl in base_ppl + [
         (r["name"], peft[r["name"]], engine[r["name"]]) for r in runs if r["task"] == "lm"
     ]:
         if abs(e_ppl / p_ppl - 1) > PPL_RTOL:
             problems.append(f"{name}: perplexity {e_ppl:.4f} (engine) vs {p_ppl:.4f} (PEFT)")
-    for name in ["base"] + [r["name"] for r in runs if r["task"] == "add"]:
+    for name in [n for n in ["base"] if n in peft["answers"]] + [r["name"] for r in runs if r["task"] == "add"]:
         differ = sum(a != b for a, b in zip(peft["answers"][name], engine["answers"][name]))
         if differ > allowed:
             problems.append(f"{name}: {differ} of {n_prompts} answers differ between engine and PEFT (allowed {allowed})")
@@ -301,12 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="folder for adapters, results.json, table.md, parity.png")
     p.add_argument("--quick", action="store_true", help="one seed, LoRA rank 4 only, 2 steps, tiny held-out sets")
-    p.add_argument("--seeds", type=int, nargs="+", help="override the seed set")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the seed set (default 0 1 2)")
+    p.add_argument("--ranks", type=int, nargs="+", help="override the LoRA ranks (default 4 8 16 32)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, help="override the tasks (default lm add)")
     p.add_argument("--jobs", type=int, default=1, help="training processes (each with cores / jobs threads)")
     args = p.parse_args(argv)
     s = QUICK if args.quick else FULL
-    if args.seeds:
-        s = replace(s, seeds=tuple(args.seeds))
+    for field in ("seeds", "ranks", "tasks"):
+        if getattr(args, field):
+            s = replace(s, **{"lora_ranks" if field == "ranks" else field: tuple(getattr(args, field))})
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

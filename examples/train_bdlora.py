@@ -41,13 +41,19 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-examples", type=int, default=2000, help="prompts, each used in both forms")
+    p.add_argument("--init", help="continue training this PEFT adapter directory (its rank and nblocks) instead of a "
+                   "fresh initialisation")
     args = p.parse_args(argv)
 
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_base()
-    model = get_peft_model(model, lora_config(args.rank, args.nblocks))
+    if args.init:
+        model = PeftModel.from_pretrained(model, args.init, is_trainable=True)
+        args.rank, args.nblocks = model.peft_config["default"].r, model.peft_config["default"].use_bdlora.nblocks
+    else:
+        model = get_peft_model(model, lora_config(args.rank, args.nblocks))
     model.print_trainable_parameters()
     data = [encode(tokenizer, prompt, answer, form)
             for prompt, answer in examples(args.task, "train", args.train_examples, args.seed) for form in FORMS]
@@ -56,15 +62,19 @@ def main(argv=None) -> int:
     stats = train(model, batches, args.steps, args.lr)
 
     out = Path(args.output)
+    history = (Path(args.init) / "README.md").read_text() if args.init else f"# {args.task}\n\n"
     save_fp16(model, out)
     command = "python examples/train_bdlora.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (out / "README.md").write_text(
-        f"# {args.task}\n\nBD-LoRA adapter for smollm2-135m (rank {args.rank}, nblocks {args.nblocks}), task `{args.task}` "
-        f"(examples/tasks.py), trained on every prompt in both request forms (chat template and plain text). "
-        f"Trained with `{command}`: seed {args.seed}, {args.steps} steps of batch {args.batch_size}, "
-        f"{stats['seconds'] / 60:.1f} min on {os.cpu_count()} CPU cores, final loss {stats['final_loss']:.4f}; "
-        f"saved as float16.\n"
-    )
+    (out / "README.md").write_text(history + (
+        f"Then continued on every prompt in both request forms (chat template and plain text) with `{command}`:"
+        if args.init else
+        f"BD-LoRA adapter for smollm2-135m (rank {args.rank}, nblocks {args.nblocks}), task `{args.task}` "
+        f"(examples/tasks.py), trained on every prompt in both request forms (chat template and plain text) with "
+        f"`{command}`:"
+    ) + (
+        f" seed {args.seed}, {args.steps} steps of batch {args.batch_size}, {stats['seconds'] / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores (shared with other jobs), final loss {stats['final_loss']:.4f}; saved as float16.\n"
+    ))
     print(f"saved {out} in {stats['seconds']:.0f}s")
     return 0
 
