@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 import evaluate  # noqa: E402
 from parity_data import addition_examples, corpus_name, first_line, lm_windows  # noqa: E402
 from parity_engine import window_nll  # noqa: E402
-from parity_report import markdown_table, plot, summarise  # noqa: E402
+from parity_report import write_report  # noqa: E402
 from training import load_base, lora_config, pad_batch, save_fp16, shuffled_batches, train  # noqa: E402
 
 from trtllm_bdlora.models.shape import LLAMA_MODULES, LlamaShape, module_role  # noqa: E402
@@ -358,11 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs, "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    rows = {path: summarise(runs, path) for path in ("peft", "engine")}
-    (out / "table.md").write_text(markdown_table(rows, results["base"]) + "\n")
-    plot(rows["engine"], engine["base"], out / "parity.png",
-         f"smollm2-135m, LoRA vs BD-LoRA (nblocks {s.nblocks}), mean ± std over {len(s.seeds)} seed(s), "
-         f"scored through generate / the TP-{s.tp} engine")
+    write_report(results, out)
     print((out / "table.md").read_text())
     print(f"wall time {timings['total'] / 60:.1f} min, CPU time {timings['cpu'] / 60:.1f} min; results in {out}")
     if problems:

@@ -1,9 +1,14 @@
 """Summaries of a parity run: mean ± std over seeds per (task, method, rank), a markdown table, and the figure in
-the paper's layout (score against adapter parameters on a log2 axis, one line per method, error bars)."""
+the paper's layout (score against adapter parameters on a log2 axis, one line per method, error bars).
+
+  python examples/parity_report.py RUN/results.json   # rewrite RUN/table.md and RUN/parity.png from a finished run
+"""
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from pathlib import Path
 
 TASK_LABELS = {
@@ -50,6 +55,25 @@ def markdown_table(rows_by_path: dict[str, list[dict]], base: dict[str, dict[str
     return "\n".join(lines)
 
 
+def paired_gaps(runs: list[dict], path: str) -> str:
+    """Markdown table: per task and LoRA rank, BD-LoRA's score minus its matched LoRA's at the same seed (same
+    batches), mean ± std over seeds, and how many seeds BD-LoRA did better on."""
+    by_key = {(r["task"], r["method"], r["lora_rank"], r["seed"]): r["scores"][path] for r in runs}
+    lines = ["| task | LoRA rank → BD-LoRA rank | BD-LoRA − LoRA (mean ± std) | seeds where BD-LoRA is better |",
+             "|---|---|---|---|"]
+    for task in [t for t in TASK_LABELS if any(r["task"] == t for r in runs)]:
+        for lora_rank in sorted({r["lora_rank"] for r in runs if r["task"] == task}):
+            bd_rank = next(r["rank"] for r in runs if (r["task"], r["method"], r["lora_rank"]) == (task, "bdlora", lora_rank))
+            seeds = sorted(k[3] for k in by_key if k[:3] == (task, "lora", lora_rank) and (task, "bdlora", lora_rank, k[3]) in by_key)
+            gaps = [by_key[(task, "bdlora", lora_rank, s)] - by_key[(task, "lora", lora_rank, s)] for s in seeds]
+            better = sum(g < 0 if task == "lm" else g > 0 for g in gaps)
+            fmt = "{:+.3f}" if task == "lm" else "{:+.1%}"
+            std = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+            lines.append(f"| {task} | {lora_rank} → {bd_rank} | {fmt.format(statistics.fmean(gaps))} ± "
+                         f"{fmt.format(std).lstrip('+')} | {better} of {len(gaps)} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> None:
     """One panel per task: mean ± std against adapter parameters (log2 x axis), one line per method."""
     import matplotlib
@@ -87,3 +111,19 @@ def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> Non
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """table.md (both evaluation paths, then BD-LoRA's paired gap) and parity.png (the serving path) into out."""
+    runs, s = results["runs"], results["settings"]
+    rows = {path: summarise(runs, path) for path in ("peft", "engine")}
+    (out / "table.md").write_text(markdown_table(rows, results["base"]) + "\n\n" + paired_gaps(runs, "engine") + "\n")
+    plot(rows["engine"], results["base"]["engine"], out / "parity.png",
+         f"smollm2-135m, LoRA vs BD-LoRA (nblocks {s['nblocks']}), mean ± std over {len(s['seeds'])} seed(s), "
+         f"scored through the TP-{s['tp']} serving path")
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1])
+    write_report(json.loads(path.read_text()), path.parent)
+    print((path.parent / "table.md").read_text())
