@@ -83,7 +83,7 @@ def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> Non
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASK_LABELS if any(r["task"] == t for r in rows)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.0, 5.2 * len(tasks)), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method, marker in (("lora", "o"), ("bdlora", "s")):
             pts = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["params"])
@@ -119,7 +119,7 @@ def write_report(results: dict, out: Path) -> None:
     rows = {path: summarise(runs, path) for path in ("peft", "engine")}
     (out / "table.md").write_text(markdown_table(rows, results["base"]) + "\n\n" + paired_gaps(runs, "engine") + "\n")
     plot(rows["engine"], results["base"]["engine"], out / "parity.png",
-         f"smollm2-135m, LoRA vs BD-LoRA (nblocks {s['nblocks']}), mean ± std over {len(s['seeds'])} seed(s), "
+         f"smollm2-135m, LoRA vs BD-LoRA (nblocks {s['nblocks']}),\nmean ± std over {len(s['seeds'])} seed(s), "
          f"scored through the TP-{s['tp']} serving path")
 
 
