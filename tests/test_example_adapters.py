@@ -69,6 +69,8 @@ def test_accuracy_adapters_vs_base_in_both_forms(runs):
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     adapter_acc = evaluate.accuracy(requests, [o["text"] for o in ours])
     base_acc = evaluate.accuracy(requests, [tokenizer.decode(ids, skip_special_tokens=True) for ids in peft])
+    print("exact match, adapter (generate TP 3) / base (PEFT):",
+          {f"{t} ({f})": (adapter_acc[(t, f)]["adapter"], base_acc[(t, f)]["base"]) for t in TASKS for f in FORMS})
     for task in TASKS:
         for form in FORMS:
             assert base_acc[(task, form)]["base"] <= 0.10, (task, form, base_acc)
