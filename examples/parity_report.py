@@ -92,14 +92,15 @@ def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> Non
             ax.errorbar([r["params"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts],
                         marker=marker, capsize=3, label=METHOD_LABELS[method])
             for r in pts:
-                ax.annotate(f"r={r['rank']}", (r["params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
-        if task in base:
-            ax.axhline(base[task], color="gray", linestyle="--", linewidth=1, label="base model")
+                ax.annotate(f"r={r['rank']}", (r["params"], r["mean"]), textcoords="offset points",
+                            xytext=(4, 6) if method == "lora" else (-8, -14), fontsize=7)
+        if task in base:  # as text: a line at the base model's score would flatten the curves
+            ax.set_title(f"base model: {TASK_LABELS[task][1].format(base[task])}", fontsize=9)
         ax.set_xscale("log", base=2)
         params = sorted({r["params"] for r in rows if r["task"] == task})
         ax.set_xlim(params[0] / 2**0.4, params[-1] * 2**0.4)
-        ax.set_xticks(params, [f"{p / 1e6:.2f}M" for p in params], fontsize=7, rotation=30)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e6:.3g}M"))
         ax.minorticks_off()
         if task == "add":
             ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
