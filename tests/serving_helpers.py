@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import REPO
+from tests.reliability_helpers import rank_processes
 
 
 def free_port() -> int:
@@ -21,9 +22,12 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, adapters: dict[int, Path], tp: int = 2, max_loras: int = 8, extra=()):
-        self.port = free_port()
+        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
+        self.http_url = f"127.0.0.1:{self.http_port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
+                "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
                 "--max-loras", str(max_loras), *extra]
         for task_id, directory in adapters.items():
             args += ["--adapter", f"{task_id}={directory}"]
@@ -55,21 +59,8 @@ class Server:
 
     def rank_pids(self) -> dict[int, int]:
         """pid of each rank: processes whose command line names this server's port."""
-        ranks = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmd = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"serve" not in cmd or str(self.port).encode() not in cmd or b"trtllm_bdlora" not in cmd:
-                    continue
-                env = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for var in env:
-                if var.startswith(b"OMPI_COMM_WORLD_RANK="):
-                    ranks[int(var.split(b"=")[1])] = int(entry.name)
-        return ranks
+        port = str(self.port).encode()
+        return rank_processes(lambda cmd, env: b"serve" in cmd and port in cmd and b"trtllm_bdlora" in cmd)
 
     def stop(self) -> int:
         """SIGTERM, wait, and keep the log readable through `output()`."""

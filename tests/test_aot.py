@@ -53,3 +53,21 @@ def test_aot_argument_errors(tmp_path):
     assert res.returncode == 2 and "unknown dtype 'int8'" in res.stderr
     res = run_cli("aot", "--output", str(tmp_path), "--block-r", "12")
     assert res.returncode == 2 and "powers of two" in res.stderr
+
+
+def test_toolchain_recorded_and_pinned_triton_enforced(aot_dir, monkeypatch, capsys):
+    import json
+
+    import triton
+
+    from trtllm_bdlora.cli import main
+    from trtllm_bdlora.versions import TRITON_KERNEL_COMPILER
+
+    manifest = json.loads((aot_dir / "manifest.json").read_text())
+    assert manifest["triton"] == triton.__version__ and "CUDA" in manifest["ptxas"]
+    assert f"// triton: {triton.__version__}" in (aot_dir / "bdlora_kernels.c").read_text()
+    monkeypatch.setattr("trtllm_bdlora.kernels.aot.installed_triton_version", lambda: "3.5.1")
+    assert main(["aot", "--output", str(aot_dir / "no"), "--require-pinned-triton"]) == 2
+    err = capsys.readouterr().err
+    assert f"triton 3.5.1 is not the pinned kernel compiler {TRITON_KERNEL_COMPILER}" in err
+    assert not (aot_dir / "no").exists()

@@ -40,6 +40,8 @@ def test_bad_requests_get_one_line_errors_and_others_complete(tiny_llama, bd_ada
     assert "prompt_ids must lie in" in errors["vocab"]
     assert "top_p" in errors["topp"]
     assert "invalid JSON" in outs[9]["error"]
+    assert outs[9]["id"] is None and outs[9]["line"] == 10  # the line number, never a number posing as an id
+    assert outs[1]["line"] == 2 and "line" not in outs[0]
     assert all("\n" not in e for e in errors.values())
     assert len(outs[0]["output_ids"]) == 4 and outs[0]["adapter"] == 1
     assert len(outs[10]["output_ids"]) == 3

@@ -143,7 +143,7 @@ def test_slot_tables_shapes():
 
 
 def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_adapter, monkeypatch):
-    """The whole TP-1 engine gives the same logits with the Triton kernel as with the torch reference."""
+    """The whole TP-1 engine gives the same logits with the Triton kernel, the batched CPU op and the torch reference."""
     from trtllm_bdlora.engine.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
 
@@ -154,8 +154,9 @@ def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_
         engine.pool.load(task, slot)
     chunks = [[i, tokens, 0, slot] for i, (tokens, slot) in enumerate(zip([[1, 2, 3, 4], [9, 8], [7, 7, 7], [5, 6]], slots))]
     outs = {}
-    for path in ("torch", "triton"):
+    for path in ("reference", "torch", "triton"):
         monkeypatch.setenv("TRTLLM_BDLORA_KERNEL", path)
         outs[path] = engine.execute({"chunks": chunks, "all_logits": True})
         engine.execute({"free": [0, 1, 2, 3]})
-    assert float((outs["triton"] - outs["torch"]).abs().max()) < 1e-4
+    assert float((outs["triton"] - outs["reference"]).abs().max()) < 1e-4
+    assert float((outs["torch"] - outs["reference"]).abs().max()) < 1e-4

@@ -11,24 +11,15 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.helpers import make_peft_adapter, make_tiny_llama, run_cli
-from tests.serving_helpers import Server
+from tests.helpers import run_cli
 from trtllm_bdlora.serving.client import converted_adapter, infer, stream
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time", "List three colors:"]
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    model = make_tiny_llama(root / "model", tokenizer=True)
-    adapters = {i + 1: make_peft_adapter(model, root / f"a{i + 1}", seed=30 + i, r=16) for i in range(4)}
-    server = Server(model, {t: adapters[t] for t in (1, 2, 3)}, tp=2, max_loras=2)
-    try:
-        server.wait_ready()
-        yield server, model, adapters
-    finally:
-        assert server.stop() == 0, server.output()[-3000:]
+def served(triton_served):
+    return triton_served
 
 
 @pytest.fixture
@@ -59,16 +50,26 @@ def test_metadata_and_health(client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("ensemble")
     meta = client.get_model_metadata("ensemble")
     assert {i.name for i in meta.inputs} >= {"text_input", "max_tokens", "lora_task_id", "lora_weights", "lora_config"}
-    assert [o.name for o in meta.outputs] == ["text_output"]
+    # the upstream ensemble's outputs (issue 10): text_output first, then the log-prob / logit / index / perf outputs
+    assert [o.name for o in meta.outputs][0] == "text_output"
+    assert {o.name for o in meta.outputs} == {"text_output", "cum_log_probs", "output_log_probs", "context_logits",
+                                              "generation_logits", "batch_index", "sequence_index",
+                                              "kv_cache_alloc_new_blocks", "kv_cache_reused_blocks",
+                                              "kv_cache_alloc_total_blocks", "arrival_time_ns", "first_scheduled_time_ns",
+                                              "first_token_time_ns", "last_token_time_ns", "acceptance_rate",
+                                              "total_accepted_draft_tokens", "total_draft_tokens", "num_input_tokens",
+                                              "num_output_tokens"}
     assert client.get_model_config("ensemble").config.name == "ensemble"
-    assert not client.is_model_ready("tensorrt_llm")
+    # all five upstream models are served now (the core model was not before issue 10)
+    assert all(client.is_model_ready(m) for m in ("preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls"))
+    assert not client.is_model_ready("no_such_model")
 
 
 def _one(client, text, max_tokens, task_id, lora_dir, tp=2):
     try:
         return infer(client, text, max_tokens, task_id)
     except InferenceServerException as err:
-        if "unknown lora_task_id" not in str(err):
+        if "not found in cache" not in str(err):
             raise
         return infer(client, text, max_tokens, task_id, converted_adapter(lora_dir, tp))
 
@@ -145,7 +146,7 @@ BAD_CASES = {
     "max_tokens <= 0": ([_text(), _max(0)], "max_tokens must be >= 1"),
     "max_tokens too large": ([_text(), _max(10**6)], "exceeds the context"),
     "unknown task id": ([_text(), _max(), _input("lora_task_id", np.array([[77]], dtype=np.uint64), "UINT64")],
-                        "unknown lora_task_id 77"),
+                        "LoRA task 77 not found in cache. Please send LoRA weights with request"),
     "malformed lora_config": ([_text(), _max(), _input("lora_task_id", np.array([[78]], dtype=np.uint64), "UINT64"),
                                _input("lora_weights", np.zeros((1, 1, 64), np.float16), "FP16"),
                                _input("lora_config", np.array([[[1, 0, 4]]], np.int32), "INT32")],

@@ -12,13 +12,13 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tests.helpers import REPO, run_cli
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.serving.grpc_server import INPUTS
+from trtllm_bdlora.serving.interface import ENSEMBLE
 from trtllm_bdlora.serving.triton_repo import fill_model_repo, launch_command
 
 
 @pytest.fixture
 def filled(tmp_path):
-    return fill_model_repo(tmp_path / "repo", {"engine_dir": "/engines/x", "tokenizer_dir": "/models/y"})
+    return fill_model_repo(tmp_path / "repo", {"engine_dir": "/engines/x", "tokenizer_dir": "/models/y", "tp_size": "2"})
 
 
 def load(path: Path) -> mc.ModelConfig:
@@ -27,7 +27,10 @@ def load(path: Path) -> mc.ModelConfig:
 
 def test_every_config_parses(filled):
     configs = sorted(filled.rglob("config.pbtxt"))
-    assert {c.parent.name for c in configs} == {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble"}
+    assert {c.parent.name for c in configs} == {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble",
+                                                "tensorrt_llm_bls"}
+    assert all((c.parent / "1").is_dir() for c in configs)  # Triton needs a version directory for every model
+    assert (filled / "preprocessing" / "1" / "model.py").is_file() and (filled / "tensorrt_llm_bls" / "1" / "model.py").is_file()
     for path in configs:
         config = load(path)
         assert config.name == path.parent.name and config.max_batch_size == 64
@@ -40,7 +43,7 @@ def test_every_config_parses(filled):
 def test_ensemble_wiring(filled):
     models = {p.parent.name: load(p) for p in filled.rglob("config.pbtxt")}
     ensemble = models["ensemble"]
-    assert {i.name for i in ensemble.input} == set(INPUTS)  # the embedded server's contract
+    assert {i.name for i in ensemble.input} == {t.name for t in ENSEMBLE.inputs}  # the embedded server's contract
     produced = {i.name for i in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
         model = models[step.model_name]

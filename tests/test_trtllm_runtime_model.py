@@ -14,6 +14,7 @@ from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
 from trtllm_bdlora.adapters.trtllm_format import MODULE_IDS, convert_adapter, read_converted, write_converted  # noqa: E402
 from trtllm_bdlora.kernels.multi_lora import launch  # noqa: E402
 from trtllm_bdlora.trtllm.runtime_model import (  # noqa: E402
+    RankPages,
     plugin_reference,
     plugin_tables,
     split_like_copy_to_pages,
@@ -37,6 +38,47 @@ def rows_for(config, layer, name):
     return idx[0]
 
 
+def runtime_rank_sum(converted, requests, module, base, x, tp, use_kernel, counter_check=True):
+    """The production path for one module: each rank's copyToPages split of every request's row, the plugin's
+    tables and math (kernel or torch), added to the rank's base GEMM; ranks combined as the engine does."""
+    out_dim, in_dim = base.shape
+    row = module in ("o_proj", "down_proj")
+    lengths = [r[3] for r in requests]
+    per_rank = []
+    for rank in range(tp):
+        pages = []
+        for name, *_ in requests:
+            w, c = converted[name]
+            i = rows_for(c, 1, module)
+            pages.append(split_like_copy_to_pages(w[0, i], c[0, i], in_dim, out_dim, tp, rank))
+        tables = plugin_tables([r[2] for r in requests], lengths, [[p.rank for p in pages]],
+                               [[(p.a.data_ptr(), p.b.data_ptr()) for p in pages]], tp, rank)
+        x_local = x[:, rank * in_dim // tp : (rank + 1) * in_dim // tp] if row else x
+        w_local = base[:, rank * in_dim // tp : (rank + 1) * in_dim // tp] if row else base.view(
+            tp, out_dim // tp, in_dim)[rank]
+        base_out = x_local.float() @ w_local.float().T
+        m = pages[0].b.shape[0]
+        if use_kernel:
+            dtype = pages[0].a.dtype
+            y = launch(base_out.to(dtype), x_local.to(dtype).contiguous(), tables.token_idx, tables.seg_start,
+                       tables.seg_len, tables.ptr_table, tables.meta_table, tables.scale_table, [0], [m],
+                       tables.max_rank).float()
+        else:
+            counter = {}
+            f32_pages = [RankPages(p.a.float(), p.b.float(), p.rank) for p in pages]
+            y = base_out + plugin_reference(x_local.float(), tables, [f32_pages], [m], counter)[0]
+            if counter_check:  # the plugin multiplies exactly r/tp rows of A and r/tp columns of B of each page
+                assert counter == {"a": sum(p.a.numel() // tp for p in pages), "b": sum(p.b.numel() // tp for p in pages)}
+        per_rank.append(y)
+    return sum(per_rank) if row else torch.cat(per_rank, dim=1)
+
+
+def peft_reference(peft, requests, module, x):
+    lengths = [r[3] for r in requests]
+    starts = np.cumsum([0] + lengths[:-1])
+    return torch.cat([peft[name][module](x[s : s + n]).detach() for (name, *_), s, n in zip(requests, starts, lengths)])
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_rank_sum_equals_peft(tp, tiny_llama, bd_adapters, lora_adapter, tmp_path):
     requests = [("bd", bd_adapters[0], 0, 5), ("plain", lora_adapter, 1, 1)]  # (name, dir, request type, ctx len)
@@ -47,42 +89,14 @@ def test_rank_sum_equals_peft(tp, tiny_llama, bd_adapters, lora_adapter, tmp_pat
         converted[name] = read_converted(tmp_path / name)
         peft[name] = peft_modules(tiny_llama, directory)
     gen = torch.Generator().manual_seed(tp)
-    lengths = [r[3] for r in requests]
     for module in MODULES:
         base = peft["bd"][module].base_layer.weight.detach()
-        out_dim, in_dim = base.shape
-        x = torch.randn(sum(lengths), in_dim, generator=gen)
-        want = torch.cat([peft[name][module](x[s : s + n]).detach()
-                          for (name, *_), s, n in zip(requests, np.cumsum([0] + lengths[:-1]), lengths)])
-        row = module in ("o_proj", "down_proj")
-        per_rank_kernel, per_rank_ref = [], []
-        for rank in range(tp):
-            pages = []
-            for name, *_ in requests:
-                w, c = converted[name]
-                i = rows_for(c, 1, module)
-                pages.append(split_like_copy_to_pages(w[0, i], c[0, i], in_dim, out_dim, tp, rank))
-            tables = plugin_tables([r[2] for r in requests], lengths, [[p.rank for p in pages]],
-                                   [[(p.a.data_ptr(), p.b.data_ptr()) for p in pages]], tp, rank)
-            x_local = x[:, rank * in_dim // tp : (rank + 1) * in_dim // tp] if row else x
-            w_local = base[:, rank * in_dim // tp : (rank + 1) * in_dim // tp] if row else base.view(
-                tp, out_dim // tp, in_dim)[rank]
-            base_out = x_local @ w_local.T
-            m = pages[0].b.shape[0]
-            counter = {}
-            ref = plugin_reference(x_local, tables, [pages], [m], counter)[0]
-            y = launch(base_out.clone(), x_local.contiguous(), tables.token_idx, tables.seg_start, tables.seg_len,
-                       tables.ptr_table, tables.meta_table, tables.scale_table, [0], [m], tables.max_rank)
-            per_rank_kernel.append(y)
-            per_rank_ref.append(base_out + ref)
-            # the plugin multiplies exactly r/tp rows of A and r/tp columns of B of each page
-            expect_a = sum(p.a.numel() // tp * n for p, n in zip(pages, [1, 1]))
-            expect_b = sum(p.b.numel() // tp for p in pages)
-            assert counter == {"a": expect_a, "b": expect_b}
-        for got in (per_rank_kernel, per_rank_ref):
-            total = sum(got) if row else torch.cat(got, dim=1)
-            err = float((total - want).norm() / want.norm())
-            assert err < 1e-5, (module, tp, err)
+        x = torch.randn(sum(r[3] for r in requests), base.shape[1], generator=gen)
+        want = peft_reference(peft, requests, module, x)
+        for use_kernel in (True, False):
+            got = runtime_rank_sum(converted, requests, module, base, x, tp, use_kernel)
+            err = float((got - want).norm() / want.norm())
+            assert err < 1e-5, (module, tp, use_kernel, err)
 
 
 def test_converted_format(bd_adapters, tmp_path):
@@ -139,9 +153,9 @@ def test_adapter_from_trtllm_errors():
         (good_w, np.array([[[1, 0, 4]]], np.float32), "integer"),
         (good_w, np.array([[[99, 0, 4]]], np.int32), "unknown module id 99"),
         (good_w, np.array([[[1, 5, 4]]], np.int32), "layer 5 outside"),
-        (good_w, np.array([[[1, 0, 8]]], np.int32), "needs 2048 weights per row"),
+        (good_w, np.array([[[1, 0, 8]]], np.int32), r"needs lora_weights of float \[1, 2048\]"),
         (np.full((1, 1, 1024), np.nan, np.float16), np.array([[[1, 0, 4]]], np.int32), "NaN"),
-        (good_w, np.array([[[1, 0, 4], [2, 0, 4]]], np.int32), "rows=2"),
+        (good_w, np.array([[[1, 0, 4], [2, 0, 4]]], np.int32), r"float \[2, 1024\]"),
     ]
     for w, c, fragment in cases:
         with pytest.raises(AdapterError, match=fragment):

@@ -41,7 +41,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="HF Llama directory or 'smollm2-135m' (default)")
-    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel ranks (launched with mpirun)")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel ranks: started as N processes on this machine, or joins an mpirun launch of N")
     p.add_argument("--scheme", choices=["bdlora", "slora", "replicated"], default="bdlora")
     p.add_argument("--backend", choices=["torch", "trtllm"], default="torch")
     p.add_argument("--adapter", type=parse_adapter_arg, action="append", default=[], metavar="ID=DIR")
@@ -49,6 +50,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_positive_int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    _add_reliability_args(p)
+
+
+def _add_reliability_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="largest adapter rank served; sizes the device slots once at start-up "
+                        "(default: the torch build's, else 64 as TensorRT-LLM's engines)")
+    p.add_argument("--lora-cache-host-bytes", type=_positive_int, default=1 << 30, metavar="BYTES",
+                   help="host memory per rank for registered adapters, as TensorRT-LLM's lora_cache_host_memory_bytes "
+                        "(default 1 GiB); least recently used adapters no unfinished request uses are evicted")
+    p.add_argument("--pin-adapters", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the --adapter adapters in the host cache for good (default); --no-pin-adapters lets "
+                        "them be evicted like adapters registered by requests")
+    p.add_argument("--comm-interface", default=None, metavar="IFACE",
+                   help="network interface the ranks' process group binds to (default: loopback, one machine); "
+                        "name the interface the machines share for a multi-node mpirun launch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="add per-step collective accounting to the output")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.generate", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("serve", help="KServe-v2 gRPC endpoint (Triton's protocol): model 'ensemble'")
+    p = sub.add_parser("serve", help="Triton's KServe v2 gRPC + HTTP endpoints for TensorRT-LLM's inflight_batcher_llm "
+                                     "models (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)")
     _add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--host", default="127.0.0.1", help="address every endpoint binds to")
+    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP/REST (Triton's default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (Triton's default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (Triton's default 8002)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 'server busy'")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.serve", fromlist=["main"]).main(a))
@@ -95,8 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--max-batch-size", type=_positive_int, default=64)
-    p.add_argument("--max-lora-rank", type=_positive_int, default=64)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other ${placeholder} of the templates")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engines' max_lora_rank (default: read from the engine directory, else 64)")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="the engines' TP (default: read from the engine directory's bdlora_build.json)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other ${placeholder} of the configs, e.g. lora_weights_data_type=TYPE_BF16")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).fill_main(a))
 
     p = sub.add_parser("launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded")
@@ -104,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-repo", required=True)
     p.add_argument("--plugin-lib", default="/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so")
     p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.triton_repo", fromlist=["x"]).launch_main(a))
 
     p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")
@@ -113,7 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=_positive_int, default=32)
     p.add_argument("--num-adapters", type=_positive_int, default=4)
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per rank (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the results (median, quartiles, min/max) here")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.bench", fromlist=["main"]).main(a))
+
+    from trtllm_bdlora.perf.project import add_parser as add_project_parser
+
+    add_project_parser(sub)
 
     p = sub.add_parser("build", help="build one TensorRT-LLM engine per rank with BD-LoRA plugins (or torch shards)")
     p.add_argument("--model", required=True, help="HF Llama directory or 'smollm2-135m'")
@@ -121,7 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--backend", choices=["trtllm", "torch"], default="trtllm")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest adapter rank a request may carry: r for a BD-LoRA adapter, tp*r for a plain LoRA "
+                        "(sent in BD-shaped form); check with --adapter-dir")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a PEFT adapter this engine will serve: refuse the build if it cannot fit --max-lora-rank")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-input-len", type=int, default=2048)
     p.add_argument("--max-seq-len", type=int, default=None)
@@ -132,9 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-adapter", help="PEFT adapter -> TensorRT-LLM lora_weights / lora_config .npy")
     p.add_argument("adapter_dir")
     p.add_argument("--output", required=True)
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the engine's dtype")
-    p.add_argument("--tp", type=_positive_int, default=1,
-                   help="TP of the BD-LoRA engines: plain LoRA modules are written in BD-shaped form for it")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="the engine's dtype (default: the --engine-dir's, else float16); bfloat16 is stored as V2 bits")
+    p.add_argument("--tp", type=_positive_int, default=None,
+                   help="TP of the BD-LoRA engines (default: the --engine-dir's, else 1): plain LoRA modules are "
+                        "written in BD-shaped form of rank TP*r for it")
+    p.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                   help="the engine's max_lora_rank: refuse modules written with a larger rank")
+    p.add_argument("--engine-dir", default=None, help="read TP, max_lora_rank and dtype from this engine directory")
     p.add_argument("--model", default=None, help="check shapes against this base model too")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.convert", fromlist=["main"]).main(a))
 
@@ -143,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="sm_80,sm_90")
     p.add_argument("--dtype", default="float16,bfloat16,float32")
     p.add_argument("--block-r", default="16,32,64,128", help="rank tile sizes to build (max per-rank rank)")
+    p.add_argument("--require-pinned-triton", action="store_true",
+                   help="refuse a triton other than trtllm_bdlora.versions.TRITON_KERNEL_COMPILER (the plugin build)")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.kernels.aot", fromlist=["main"]).main(a))
     return parser
 
@@ -150,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from trtllm_bdlora.engine.launch import mpi_world_size, run_rank
+
+    if mpi_world_size() is not None:  # one rank of a multi-rank launch: report failures once, exit at once
+        return run_rank(args)
     try:
         return int(args.func(args) or 0)
     except BdLoraError as err:

@@ -18,3 +18,18 @@ class ModelError(BdLoraError):
 
 class RequestError(BdLoraError):
     """A single request that cannot be served; other requests are unaffected."""
+
+
+class AdapterNotCachedError(RequestError):
+    """A lora_task_id sent without weights that the host LoRA cache does not hold (never sent, or evicted).
+    The message is TensorRT-LLM's (PeftCacheManager::addRequestPeft, PeftTaskNotCachedException), so clients
+    that resend weights on it work against both servers."""
+
+    def __init__(self, task_id: int):
+        super().__init__(f"LoRA task {task_id} not found in cache. Please send LoRA weights with request")
+        self.task_id = task_id
+
+
+class AdapterCacheFullError(RequestError):
+    """No room in the host LoRA cache: everything it holds is pinned or in use by requests that have not finished.
+    Starts with TensorRT-LLM's wording (PeftCacheManager: "PEFT Cache is full. Could not store taskId=...")."""

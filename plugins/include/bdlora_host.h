@@ -59,6 +59,21 @@ struct PackedLayout
 // Fills `out`; returns an empty string on success, else a one-line reason.
 std::string buildLaunchTables(HostInputs const& in, int32_t tp_size, int32_t tp_rank, LaunchTables& out);
 
+// True while TensorRT-LLM builds an engine: its Builder.build_engine runs with IS_BUILDING=1 (builder.py
+// `_is_building`), and TensorRT then calls enqueue for tactic timing with host inputs that are not requests.
+bool isBuildingEngine(char const* is_building_env);
+
+enum class EnqueueStep
+{
+    kSkip,   // engine build (tactic timing): the host inputs are not requests; outputs stay zero
+    kLaunch, // tables built: launch the kernel for every module with max_rank > 0
+    kError,  // `message` says why
+};
+
+// enqueue's host side: decides from IS_BUILDING (passed in as its value, or nullptr) before any host input is read.
+EnqueueStep prepareEnqueue(HostInputs const& in, int32_t tp_size, int32_t tp_rank, char const* is_building_env,
+    LaunchTables& out, std::string& message);
+
 PackedLayout packedLayout(int64_t num_tokens, int32_t batch, int32_t num_modules);
 // Upper bound of the packed size, for TensorRT's workspace query.
 size_t workspaceBound(int64_t max_tokens, int32_t max_batch, int32_t num_modules);

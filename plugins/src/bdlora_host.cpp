@@ -106,6 +106,22 @@ std::string buildLaunchTables(HostInputs const& in, int32_t tp_size, int32_t tp_
     return {};
 }
 
+bool isBuildingEngine(char const* is_building_env)
+{
+    return is_building_env != nullptr && std::strcmp(is_building_env, "1") == 0;
+}
+
+EnqueueStep prepareEnqueue(HostInputs const& in, int32_t tp_size, int32_t tp_rank, char const* is_building_env,
+    LaunchTables& out, std::string& message)
+{
+    if (isBuildingEngine(is_building_env))
+    {
+        return EnqueueStep::kSkip;
+    }
+    message = buildLaunchTables(in, tp_size, tp_rank, out);
+    return message.empty() ? EnqueueStep::kLaunch : EnqueueStep::kError;
+}
+
 PackedLayout packedLayout(int64_t num_tokens, int32_t batch, int32_t num_modules)
 {
     PackedLayout layout;

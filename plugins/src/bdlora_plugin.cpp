@@ -11,6 +11,7 @@
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <memory>
@@ -202,11 +203,12 @@ public:
         host.ranks = ranks.data();
         host.pointers = pointers.data();
         host.pointer_width = static_cast<int32_t>(inputDesc[2 + n].dims.d[1]);
-        std::string const error = buildLaunchTables(host, mParams.tp_size, mParams.tp_rank, mTables);
-        if (!error.empty())
+        std::string error;
+        switch (prepareEnqueue(host, mParams.tp_size, mParams.tp_rank, std::getenv("IS_BUILDING"), mTables, error))
         {
-            logError(error);
-            return -1;
+        case EnqueueStep::kSkip: return 0; // engine build: tactic timing with host inputs that are not requests
+        case EnqueueStep::kError: logError(error); return -1;
+        case EnqueueStep::kLaunch: break;
         }
         PackedLayout const layout = packedLayout(numTokens, batch, n);
         packTables(mTables, layout, std::vector<int32_t>(mParams.out_hidden_sizes, mParams.out_hidden_sizes + n),

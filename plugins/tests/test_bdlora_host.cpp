@@ -154,8 +154,35 @@ static void testPacking()
     CHECK(info[0] == 0 && info[1] == 64);
 }
 
+static void testEngineBuildGuard()
+{
+    // During an engine build TensorRT times tactics with host inputs that are not requests: here, dangling
+    // pointers and a batch that does not match the token count. Nothing may be read while IS_BUILDING=1.
+    HostInputs garbage;
+    garbage.batch = 1 << 20;
+    garbage.num_tokens = 7;
+    garbage.num_modules = 3;
+    garbage.request_types = reinterpret_cast<int32_t const*>(0x10);
+    garbage.context_lengths = reinterpret_cast<int32_t const*>(0x20);
+    garbage.ranks = reinterpret_cast<int32_t const* const*>(0x30);
+    garbage.pointers = reinterpret_cast<int64_t const* const*>(0x40);
+    LaunchTables t;
+    std::string message;
+    CHECK(prepareEnqueue(garbage, 8, 0, "1", t, message) == EnqueueStep::kSkip);
+    CHECK(t.modules.empty() && message.empty());
+    CHECK(isBuildingEngine("1") && !isBuildingEngine(nullptr) && !isBuildingEngine("0") && !isBuildingEngine(""));
+
+    Batch b = mixedBatch(); // outside a build the same call builds the tables ...
+    CHECK(prepareEnqueue(b.inputs(), 8, 3, nullptr, t, message) == EnqueueStep::kLaunch);
+    CHECK(message.empty() && t.modules.size() == 3 && t.modules[0].meta[1] == 6);
+    b.ranks[0][0] = 12; // ... and reports bad requests
+    CHECK(prepareEnqueue(b.inputs(), 8, 3, "0", t, message) == EnqueueStep::kError);
+    CHECK(message.find("not divisible by tp_size 8") != std::string::npos);
+}
+
 int main()
 {
+    testEngineBuildGuard();
     testSegmentsAndBlocks();
     testErrors();
     testTpOneIsFullRank();

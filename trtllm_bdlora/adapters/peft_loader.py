@@ -122,6 +122,21 @@ def _check_against_model(where: str, name: str, layer: int, f: LoraFactors, shap
         )
 
 
+def _scaling(config_path: Path, module_path: str, alpha, r: int, rslora: bool) -> float:
+    """lora_alpha / r (or / sqrt(r)); a NaN, infinite or non-numeric alpha, or a scaling beyond float32, is refused."""
+    try:
+        value = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else math.nan
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
+    if not math.isfinite(value):
+        raise AdapterError(f"{config_path}: lora_alpha for {module_path} must be a finite number, got {alpha!r}")
+    scaling = value / math.sqrt(r) if rslora else value / r
+    if not abs(scaling) <= torch.finfo(torch.float32).max:
+        raise AdapterError(f"{config_path}: lora_alpha {alpha!r} gives scaling {scaling:g} for {module_path}, "
+                           f"beyond float32")
+    return scaling
+
+
 def load_peft_adapter(
     path: str | Path, model_shape: LlamaShape | None = None, dtype: torch.dtype = torch.float32
 ) -> Adapter:
@@ -171,7 +186,7 @@ def load_peft_adapter(
         r_cfg = _pattern_value(config.get("rank_pattern"), module_path, config["r"])
         r = _check_factors(where, ab["A"], ab["B"], bd, nblocks, r_cfg)
         alpha = _pattern_value(config.get("alpha_pattern"), module_path, config.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        scaling = _scaling(directory / CONFIG_FILE, module_path, alpha, r, rslora)
         factors = LoraFactors(
             ab["A"].to(dtype), ab["B"].to(dtype), float(scaling), module_role(name), bd, nblocks if bd else 1
         )

@@ -9,6 +9,11 @@ A plain LoRA (or a BD adapter whose blocks do not fit `tp`) is written, for `tp 
 equivalent BD-shaped form of rank tp*r that the BD-LoRA plugin computes exactly:
 column: A' = [A; ...; A], B' block-diagonal over output slices; row: A' block-diagonal over input
 slices, B' = [B, ..., B]. Rank i then multiplies A and its own slice, as the replicated scheme would.
+
+Weights are written in the engine's dtype. numpy has no bfloat16: bf16 weights are stored as raw 2-byte values
+(dtype `V2`), exactly what TensorRT-LLM's `examples/hf_lora_convert.py --storage-type bfloat16` writes
+(`tensorrt_llm._utils.torch_to_numpy` views bf16 as `np.dtype("V2")`); a Triton client sends them as BF16 by
+viewing them as `ml_dtypes.bfloat16` (`weights_for_triton`), which tritonclient maps to "BF16".
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ MODULE_NAMES = {v: k for k, v in MODULE_IDS.items()}
 TRTLLM_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_dense",
                 "gate_proj": "mlp_h_to_4h", "down_proj": "mlp_4h_to_h", "up_proj": "mlp_gate"}
 NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32")
+BF16_STORAGE = np.dtype("V2")  # bf16 bit patterns, as TensorRT-LLM stores bf16 in numpy
 
 
 def fits_bd(f: LoraFactors, tp: int) -> bool:
@@ -48,10 +55,71 @@ def bd_shaped_factors(f: LoraFactors, tp: int) -> tuple[torch.Tensor, torch.Tens
     return torch.block_diag(*in_slices), b.repeat(1, tp)
 
 
-def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16") -> tuple[np.ndarray, np.ndarray]:
-    """(weights [1, rows, width], config [1, rows, 3] int32) as TensorRT-LLM's Triton client sends them."""
-    if dtype not in NP_DTYPES:
-        raise AdapterError(f"dtype must be one of {', '.join(NP_DTYPES)}, got {dtype!r}")
+def rank_limit_error(path: str, layer: int, name: str, f: LoraFactors, tp: int, max_lora_rank: int) -> str:
+    written = written_rank(f, tp)
+    kind = "plain LoRA" if f.bd_factor is None else f"BD-LoRA ({block_misfit(f, tp)})"
+    why = f" ({kind} rank {f.rank} written as rank {tp}x{f.rank} for a BD-LoRA engine at tp {tp})" \
+        if written != f.rank else ""
+    return (f"{path}: layer {layer} {name}: rank {written}{why} exceeds the engine's max_lora_rank {max_lora_rank} "
+            f"(build the engine with --max-lora-rank >= {written})")
+
+
+def written_rank(f: LoraFactors, tp: int) -> int:
+    """The rank a module is sent with to a BD-LoRA engine at `tp` (see bd_shaped_factors)."""
+    return f.rank if tp == 1 or fits_bd(f, tp) else tp * f.rank
+
+
+def check_rank_limit(adapter: Adapter, tp: int, max_lora_rank: int) -> None:
+    """AdapterError naming the first module (by layer, module id) sent with a rank above `max_lora_rank`."""
+    for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
+        if written_rank(f, tp) > max_lora_rank:
+            raise AdapterError(rank_limit_error(adapter.path, layer, name, f, tp, max_lora_rank))
+
+
+def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor in the request format's numpy storage for `dtype` (bf16: raw bits as `V2`)."""
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(BF16_STORAGE)
+    return values.numpy().astype(NP_DTYPES[dtype])
+
+
+def storage_dtype(weights: np.ndarray) -> str:
+    """float16 | bfloat16 | float32 of request weights (bf16 as `V2` bits or `ml_dtypes.bfloat16`)."""
+    dtype = np.asarray(weights).dtype
+    if dtype == BF16_STORAGE or dtype.name == "bfloat16":
+        return "bfloat16"
+    for name, np_dtype in NP_DTYPES.items():
+        if dtype == np_dtype:
+            return name
+    raise AdapterError(f"lora_weights dtype {dtype} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def weights_as_torch(weights: np.ndarray) -> torch.Tensor:
+    """Request weights as a torch tensor of their own dtype (bf16 storage becomes torch.bfloat16)."""
+    w = np.ascontiguousarray(weights)
+    if storage_dtype(w) == "bfloat16":
+        return torch.from_numpy(w.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(w)
+
+
+def weights_for_triton(weights: np.ndarray) -> np.ndarray:
+    """What a tritonclient request carries: bf16 storage viewed as `ml_dtypes.bfloat16` (sent as BF16)."""
+    w = np.asarray(weights)
+    if w.dtype == BF16_STORAGE:
+        import ml_dtypes
+
+        return w.view(ml_dtypes.bfloat16)
+    return w
+
+
+def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16",
+                    max_lora_rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weights [1, rows, width], config [1, rows, 3] int32) as TensorRT-LLM's Triton client sends them.
+    With `max_lora_rank`, a module whose written rank exceeds it is refused, naming the module and the rank."""
+    if dtype not in WEIGHT_DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {dtype!r}")
+    if max_lora_rank is not None:
+        check_rank_limit(adapter, tp, max_lora_rank)
     rows, configs = [], []
     for (layer, name), f in sorted(adapter.modules.items(), key=lambda kv: (kv[0][0], MODULE_IDS[kv[0][1]])):
         a, b = bd_shaped_factors(f, tp)
@@ -59,12 +127,53 @@ def convert_adapter(adapter: Adapter, tp: int = 1, dtype: str = "float16") -> tu
         rows.append(torch.cat([a.reshape(-1), b.reshape(-1)]).double())
         configs.append([MODULE_IDS[name], layer, a.shape[0]])
     width = max(r.numel() for r in rows)
-    weights = np.zeros((1, len(rows), width), dtype=NP_DTYPES[dtype])
+    dense = torch.zeros(1, len(rows), width, dtype=torch.float64)
     for i, row in enumerate(rows):
-        weights[0, i, : row.numel()] = row.numpy()
-    if not np.isfinite(weights).all():
+        dense[0, i, : row.numel()] = row
+    stored = dense.to(torch.bfloat16 if dtype == "bfloat16" else getattr(torch, dtype))
+    if not torch.isfinite(stored).all():
         raise AdapterError(f"{adapter.path}: weights overflow {dtype} after folding in the scaling")
-    return weights, np.asarray([configs], dtype=np.int32)
+    return to_storage(stored, dtype), np.asarray([configs], dtype=np.int32)
+
+
+def _bf16_as_float32(weights) -> np.ndarray:
+    """bf16 request weights (`V2` bits or `ml_dtypes.bfloat16`) as float32; anything else unchanged."""
+    w = np.asarray(weights)
+    if w.dtype == BF16_STORAGE or w.dtype.name == "bfloat16":
+        bits = np.ascontiguousarray(w).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return w
+
+
+def normalize_request_adapter(weights, config, shape, tp: int, max_lora_rank: int, dtype: str | None = None,
+                              path: str = "<request>") -> tuple[np.ndarray, np.ndarray]:
+    """A request's `lora_weights` / `lora_config` in the form a BD-LoRA engine at `tp` computes exactly.
+
+    BD-LoRA engines multiply r/tp of every adapter's rank on each rank, so a plain LoRA sent as TensorRT-LLM's
+    tools write it (`hf_lora_convert.py`, rank r) would silently lose (tp-1)/tp of its rank. Here, modules whose
+    factor is block-diagonal over `tp` blocks (column: B, row: A; what `convert-adapter` writes) are kept as
+    they are; any other module is rewritten in the equivalent BD-shaped form of rank tp*r (module docstring).
+    Returns (weights [1, rows, width] in `dtype` (default: the request's), config [1, rows, 3] int32); raises
+    AdapterError with one line for DoRA rows, values past a row's factors, or a rank above `max_lora_rank`.
+    `shape` is the base model's LlamaShape; `tp` and `max_lora_rank` are the engine's.
+    """
+    out_dtype = dtype or storage_dtype(weights)
+    if out_dtype not in WEIGHT_DTYPES:
+        raise AdapterError(f"dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {out_dtype!r}")
+    w = _bf16_as_float32(weights)
+    c = np.asarray(config)
+    adapter = adapter_from_trtllm(w, c, shape, tp=tp, path=path)  # validates shapes, ids, layers, sizes
+    rows = w.reshape(-1, w.shape[-1])
+    for row, (module_id, layer, r, *dora) in zip(rows, c.reshape(-1, c.shape[-1]).tolist()):
+        name = MODULE_NAMES[module_id]
+        if dora and dora[0]:
+            raise AdapterError(f"{path}: layer {layer} {name} is a DoRA row: BD-LoRA engines do not serve DoRA")
+        used = r * sum(shape.module_dims(name))
+        if np.any(row[used:]):
+            raise AdapterError(f"{path}: layer {layer} {name}: non-zero weights after its rank-{r} A and B: not "
+                               f"TensorRT-LLM's format (a BD-LoRA adapter must be converted with "
+                               f"`trtllm-bdlora convert-adapter`, not hf_lora_convert.py)")
+    return convert_adapter(adapter, tp, out_dtype, max_lora_rank)
 
 
 def write_converted(weights: np.ndarray, config: np.ndarray, output: Path) -> None:
@@ -95,10 +204,46 @@ def _block_diagonal_stack(m: torch.Tensor, nblocks: int) -> torch.Tensor | None:
     return torch.cat(blocks)
 
 
-def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>") -> Adapter:
-    """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated.
-    Scaling is already folded into B. Dense factors that are block-diagonal over `tp` blocks are
-    kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
+def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | None, path: str) -> list[tuple]:
+    """Everything about `lora_config` and the size of `lora_weights`, checked before any value is read or copied:
+    known modules and layers, no row twice, ranks in (0, max_rank], and `lora_weights` exactly [rows, width] with
+    width the widest row's rank*(in+out) (rows are zero-padded to it, as TensorRT-LLM's converter writes them).
+    Returns (name, layer, rank, in, out) per row."""
+    if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
+        raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
+    if c.shape[0] == 0:
+        raise AdapterError(f"{path}: lora_config has no rows")
+    if c.shape[0] > shape.num_layers * len(MODULE_IDS):
+        raise AdapterError(f"{path}: lora_config has {c.shape[0]} rows, more than the model's "
+                           f"{shape.num_layers} layers x {len(MODULE_IDS)} modules")
+    rows, seen = [], set()
+    for module_id, layer, r, *dora in c.tolist():
+        name = MODULE_NAMES.get(module_id)
+        if name is None:
+            raise AdapterError(f"{path}: lora_config has unknown module id {module_id} (known: {sorted(MODULE_NAMES)})")
+        if not 0 <= layer < shape.num_layers:
+            raise AdapterError(f"{path}: lora_config layer {layer} outside [0, {shape.num_layers})")
+        if dora and dora[0]:
+            raise AdapterError(f"{path}: lora_config marks layer {layer} {name} as DoRA, which is not supported")
+        if r <= 0:
+            raise AdapterError(f"{path}: lora_config rank {r} for layer {layer} {name} must be > 0")
+        if max_rank is not None and r > max_rank:
+            raise AdapterError(f"{path}: lora_config rank {r} for layer {layer} {name} exceeds --max-lora-rank {max_rank}")
+        if (layer, name) in seen:
+            raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
+        seen.add((layer, name))
+        rows.append((name, layer, r, *shape.module_dims(name)))
+    width = max(r * (i + o) for _, _, r, i, o in rows)
+    if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or tuple(w.shape) != (len(rows), width):
+        raise AdapterError(f"{path}: lora_config needs lora_weights of float [{len(rows)}, {width}] (rank*(in+out) of "
+                           f"its widest row), got {w.dtype} {list(w.shape)}")
+    return rows
+
+
+def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>", max_rank: int | None = None) -> Adapter:
+    """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated (sizes and the
+    rank cap before anything is copied). Scaling is already folded into B. Dense factors that are block-diagonal
+    over `tp` blocks are kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
     from trtllm_bdlora.models.shape import module_role
 
     w = np.asarray(weights)
@@ -107,27 +252,13 @@ def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<reque
         w = w[0]
     if c.ndim == 3 and c.shape[0] == 1:
         c = c[0]
-    if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
-        raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
-    if w.ndim != 2 or w.shape[0] != c.shape[0] or not np.issubdtype(w.dtype, np.floating):
-        raise AdapterError(f"{path}: lora_weights must be float [rows={c.shape[0]}, width], got {w.dtype} {list(w.shape)}")
+    rows = _check_request_sizes(w, c, shape, max_rank, path)
     if not np.isfinite(w).all():
         raise AdapterError(f"{path}: lora_weights contain NaN or Inf")
     modules: dict = {}
     nblocks = tp
-    for row, (module_id, layer, r, *_) in zip(w, c.tolist()):
-        name = MODULE_NAMES.get(module_id)
-        if name is None:
-            raise AdapterError(f"{path}: lora_config has unknown module id {module_id} (known: {sorted(MODULE_NAMES)})")
-        if not 0 <= layer < shape.num_layers:
-            raise AdapterError(f"{path}: lora_config layer {layer} outside [0, {shape.num_layers})")
-        in_dim, out_dim = shape.module_dims(name)
-        if r <= 0 or r * (in_dim + out_dim) > row.shape[0]:
-            raise AdapterError(f"{path}: lora_config rank {r} for {name} needs {max(r, 0) * (in_dim + out_dim)} "
-                               f"weights per row, lora_weights rows have {row.shape[0]}")
-        if (layer, name) in modules:
-            raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
-        flat = torch.from_numpy(np.ascontiguousarray(row, dtype=np.float32))
+    for row, (name, layer, r, in_dim, out_dim) in zip(w, rows):
+        flat = torch.from_numpy(np.ascontiguousarray(row[: r * (in_dim + out_dim)], dtype=np.float32))
         a = flat[: r * in_dim].view(r, in_dim).clone()
         b = flat[r * in_dim : r * (in_dim + out_dim)].view(out_dim, r).clone()
         role = module_role(name)
@@ -138,8 +269,6 @@ def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<reque
             modules[(layer, name)] = LoraFactors(a, stacked, 1.0, role, "B", nblocks)
         else:
             modules[(layer, name)] = LoraFactors(stacked, b, 1.0, role, "A", nblocks)
-    if not modules:
-        raise AdapterError(f"{path}: lora_config has no rows")
     is_bd = all(f.bd_factor for f in modules.values())
     rank = max(f.rank for f in modules.values())
     return Adapter(path, "bdlora" if is_bd else "lora", rank, nblocks if is_bd else 1, modules)

@@ -1,21 +1,38 @@
-"""Per-rank adapter storage: a host cache of sharded adapters and a fixed number of device slots.
+"""Per-rank adapter storage: a bounded host cache of sharded adapters and a fixed number of device slots.
+
+Host cache: every registered adapter's shards for this rank, in the pool's dtype, at most `host_cache_bytes`
+(TensorRT-LLM's `lora_cache_host_memory_bytes`, default 1 GiB as its PeftCacheManagerConfig). Rank 0 decides
+which least recently used adapters to evict (never a pinned one, never one a pending request uses) and every
+rank applies the same evictions, so the ranks' caches always hold the same task ids. Each adapter's shards
+live in one anonymous memory mapping of their own, so an eviction hands exactly those pages back to the OS
+(in the C heap, adapters that come and go would fragment it and RSS would creep up).
 
 Slots are stacked buffers per (layer, module) in the multi-adapter op's layout:
-`a [S, R, K_local]`, `b [S, M_local, R_b]`, `ranks [S]`, `scales [S]`. Loading an adapter into a slot
-copies its shards; the least recently used slot not pinned by the running batch is evicted.
+`a [S, R, K_local]`, `b [S, M_local, R_b]`, `ranks [S]`, `scales [S]`, with R = `max_lora_rank`, allocated
+once at start-up and never grown. Loading an adapter into a slot copies its shards; the least recently used
+slot not pinned by the running batch is evicted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
+import mmap
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from trtllm_bdlora.adapters.lora import Adapter
-from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.errors import AdapterCacheFullError, AdapterError, RequestError
 from trtllm_bdlora.sharding import LoraShard, TPLayout, shard_adapter
 from trtllm_bdlora.sharding.adapter import Scheme
+
+DEFAULT_HOST_CACHE_BYTES = 1 << 30
+DEFAULT_MAX_LORA_RANK = 64
+
+Shards = dict[tuple[int, str], LoraShard]
 
 
 @dataclass
@@ -39,6 +56,72 @@ def _slora_gather_layout(b: torch.Tensor, world: int, rank_cap: int) -> torch.Te
     return out.view(m, world * rank_cap)
 
 
+def shards_nbytes(shards: Shards) -> int:
+    return sum(s.a.nbytes + s.b.nbytes for s in shards.values())
+
+
+def _mapped_copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Contiguous copies of `tensors` in `dtype`, all in one anonymous mapping that is unmapped when the last
+    of them is freed."""
+    numels = [t.numel() for t in tensors]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flat = torch.frombuffer(mmap.mmap(-1, max(1, sum(numels)) * itemsize), dtype=dtype, count=max(1, sum(numels)))
+    out, start = [], 0
+    for t, n in zip(tensors, numels):
+        view = flat[start : start + n].view(t.shape)
+        view.copy_(t)
+        out.append(view)
+        start += n
+    return out
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed since (evicted adapters, request buffers) back to the OS: glibc keeps freed blocks in its
+    arenas, so without a trim RSS would not drop. A no-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def bound_heap_retention() -> None:
+    """Serve blocks of 4 MiB and more (adapters sent with requests, their conversions) from their own mappings,
+    returned to the OS when freed. glibc raises its mmap threshold after each large free (up to 32 MiB), after
+    which such blocks land in the heap, fragment it, and RSS creeps up with every adapter registered; a fixed
+    threshold stops that. Process-wide; a no-op without glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def check_adapter_limits(adapter: Adapter, max_lora_rank: int) -> None:
+    """Refuse, before sharding or allocating, an adapter whose rank exceeds the cap or whose scaling is not finite."""
+    for (layer, name), f in adapter.modules.items():
+        if f.rank > max_lora_rank:
+            raise AdapterError(f"{adapter.path}: layer {layer} {name} has rank {f.rank}, over --max-lora-rank {max_lora_rank}")
+        if not math.isfinite(f.scaling):
+            raise AdapterError(f"{adapter.path}: layer {layer} {name} has a non-finite scaling ({f.scaling})")
+
+
+def _check_representable(where: str, shard: LoraShard, dtype: torch.dtype) -> None:
+    """Scaling and factors must fit the serving dtype (scales are kept in float32), and so must B * scaling."""
+    limit = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    b_max = float(shard.b.abs().max()) if shard.b.numel() else 0.0
+    a_max = float(shard.a.abs().max()) if shard.a.numel() else 0.0
+    if abs(shard.scaling) > limit or abs(shard.scaling) * b_max > limit or a_max > limit or b_max > limit:
+        raise AdapterError(f"{where}: scaling {shard.scaling:g} (with factors up to {max(a_max, b_max):g}) overflows {dtype}")
+
+
 class AdapterPool:
     def __init__(
         self,
@@ -48,19 +131,82 @@ class AdapterPool:
         max_loras: int,
         dtype: torch.dtype,
         device: torch.device,
+        max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
+        host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
     ):
         self.layout, self.tp_rank, self.scheme = layout, rank, scheme
         self.max_loras, self.dtype, self.device = max_loras, dtype, device
-        self.host: dict[int, dict[tuple[int, str], LoraShard]] = {}
+        self.max_lora_rank, self.host_cache_bytes = max_lora_rank, host_cache_bytes
+        self.host: OrderedDict[int, Shards] = OrderedDict()  # task id -> shards, least recently used first
+        self.host_nbytes: dict[int, int] = {}
+        self.pinned: set[int] = set()
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # task id -> slot, LRU first
         self.slots: dict[tuple[int, str], ModuleSlots] = {}
-        self.rank_cap = 0
+        self.rank_cap = max_lora_rank
+        self._allocate()
 
     # host cache -------------------------------------------------------------
-    def register(self, task_id: int, adapter: Adapter) -> None:
-        self.host[task_id] = shard_adapter(adapter, self.layout, self.tp_rank, self.scheme)
+    @property
+    def host_bytes_used(self) -> int:
+        return sum(self.host_nbytes.values())
+
+    def prepare(self, adapter: Adapter) -> Shards:
+        """Validate an adapter against the limits and shard it for this rank: copies in the pool's dtype, in one
+        mapping of their own (never views that would keep the whole adapter alive). Touches no pool state."""
+        check_adapter_limits(adapter, self.max_lora_rank)
+        views = shard_adapter(adapter, self.layout, self.tp_rank, self.scheme)
+        for key, shard in views.items():
+            _check_representable(f"{adapter.path}: layer {key[0]} {key[1]}", shard, self.dtype)
+        copies = iter(_mapped_copies([t for shard in views.values() for t in (shard.a, shard.b)], self.dtype))
+        return {key: replace(shard, a=next(copies), b=next(copies)) for key, shard in views.items()}
+
+    def insert(self, task_id: int, shards: Shards, pinned: bool = False) -> None:
+        """Store prepared shards (replacing a previous copy); no eviction here: see `plan_evictions`."""
+        self.host.pop(task_id, None)
+        self.host[task_id] = shards
+        self.host_nbytes[task_id] = shards_nbytes(shards)
+        if pinned:
+            self.pinned.add(task_id)
         if task_id in self.slot_of:  # re-registration replaces the resident copy
             self._copy_in(self.slot_of[task_id], task_id)
+
+    def register(self, task_id: int, adapter: Adapter, pinned: bool = False) -> None:
+        self.insert(task_id, self.prepare(adapter), pinned)
+
+    def plan_evictions(self, task_id: int, nbytes: int, in_use: set[int]) -> list[int]:
+        """Rank 0: the least recently used adapters to evict so that `nbytes` more fit the host cache, skipping
+        pinned ones and those in `in_use` (adapters of requests not yet finished). Decides only: every rank
+        applies the list with `evict`."""
+        if nbytes > self.host_cache_bytes:
+            raise RequestError(f"lora_task_id {task_id} needs {nbytes} bytes per rank, more than the whole host LoRA "
+                               f"cache ({self.host_cache_bytes} bytes, --lora-cache-host-bytes)")
+        free = self.host_cache_bytes - self.host_bytes_used
+        victims = []
+        for t in self.host:
+            if free >= nbytes:
+                break
+            if t not in self.pinned and t not in in_use and t != task_id:
+                victims.append(t)
+                free += self.host_nbytes[t]
+        if free < nbytes:
+            raise AdapterCacheFullError(
+                f"PEFT Cache is full. Could not store taskId={task_id}: {self.host_bytes_used} of "
+                f"{self.host_cache_bytes} bytes per rank are held by pinned adapters or unfinished requests"
+            )
+        return victims
+
+    def evict(self, task_ids: list[int]) -> None:
+        for t in task_ids:
+            self.host.pop(t, None)
+            self.host_nbytes.pop(t, None)
+            self.pinned.discard(t)
+            self.slot_of.pop(t, None)  # its slot becomes free
+        if task_ids:
+            release_freed_memory()
+
+    def touch(self, task_id: int) -> None:
+        """Mark an adapter as just used (LRU order of the host cache)."""
+        self.host.move_to_end(task_id)
 
     def __contains__(self, task_id: int) -> bool:
         return task_id in self.host
@@ -72,10 +218,8 @@ class AdapterPool:
             return inp // self.layout.world, out
         return inp, self.layout.out_slice(name, 0).stop - self.layout.out_slice(name, 0).start
 
-    def _allocate(self, rank_cap: int) -> None:
-        old, self.rank_cap = self.slots, rank_cap
-        self.slots = {}
-        world = self.layout.world
+    def _allocate(self) -> None:
+        rank_cap, world = self.rank_cap, self.layout.world
         for layer in range(self.layout.shape.num_layers):
             for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 k, m = self._local_dims(name)
@@ -95,9 +239,9 @@ class AdapterPool:
                     scales=torch.zeros(S, dtype=torch.float32, device=self.device),
                     out_offset=offset,
                 )
-        if old:
-            for task_id, slot in self.slot_of.items():
-                self._copy_in(slot, task_id)
+
+    def slot_nbytes(self) -> int:
+        return sum(t.nbytes for ms in self.slots.values() for t in (ms.a, ms.b, ms.ranks, ms.b_ranks, ms.scales))
 
     def _copy_in(self, slot: int, task_id: int) -> None:
         world = self.layout.world
@@ -109,21 +253,18 @@ class AdapterPool:
                 ms.ranks[slot] = ms.b_ranks[slot] = 0
                 continue
             r = shard.rank
-            ms.a[slot, :r] = shard.a.to(self.dtype)
+            ms.a[slot, :r] = shard.a
             if shard.collective == "all_gather":
-                ms.b[slot] = _slora_gather_layout(shard.b.to(self.dtype), world, self.rank_cap)
+                ms.b[slot] = _slora_gather_layout(shard.b, world, self.rank_cap)
                 ms.b_ranks[slot] = ms.b.shape[2]
             else:
-                ms.b[slot, :, : shard.b.shape[1]] = shard.b.to(self.dtype)
+                ms.b[slot, :, : shard.b.shape[1]] = shard.b
                 ms.b_ranks[slot] = shard.b.shape[1]
             ms.ranks[slot] = r
             ms.scales[slot] = shard.scaling
 
     def load(self, task_id: int, slot: int) -> None:
         """Copy a registered adapter into a slot (the caller chose the slot: see `plan_slots`)."""
-        need = max((s.rank for s in self.host[task_id].values()), default=0)
-        if need > self.rank_cap:
-            self._allocate(need)
         for other, s in list(self.slot_of.items()):
             if s == slot:
                 del self.slot_of[other]

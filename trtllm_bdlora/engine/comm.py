@@ -1,15 +1,35 @@
 """Collectives over torch.distributed (gloo on CPU, NCCL on CUDA), with per-step accounting.
 
 Every collective is recorded as (kind, bytes, category) where category is "base" or "lora",
-so `generate --stats` can show that BD-LoRA adds no LoRA collectives.
+so `generate --stats` can show that BD-LoRA adds no LoRA collectives. A collective that fails because
+another rank died (or timed out) raises RankLostError, so a rank can tell that consequence from a cause.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
 import torch
+
+
+class RankLostError(RuntimeError):
+    """A collective failed: another rank exited, crashed or stopped answering."""
+
+
+def _collective(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.world == 1:
+            return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as err:  # gloo / NCCL report a dead peer or a timeout as RuntimeError subclasses
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})") from err
+
+    return wrapper
 
 
 @dataclass
@@ -42,6 +62,7 @@ class Comm:
         self.device = device or torch.device("cpu")
         self.log = CollectiveLog()
 
+    @_collective
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:
         if self.world > 1:
             self.log.record("all_reduce", t, category)
@@ -50,6 +71,7 @@ class Comm:
             dist.all_reduce(t)
         return t
 
+    @_collective
     def all_gather(self, t: torch.Tensor, category: str = "lora") -> torch.Tensor:
         """Concatenate every rank's `t` along the last dimension."""
         if self.world == 1:
@@ -61,6 +83,7 @@ class Comm:
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim=-1)
 
+    @_collective
     def broadcast_json(self, obj=None):
         """Rank 0's JSON-serialisable `obj` on every rank (JSON, never pickle)."""
         if self.world == 1:
@@ -77,6 +100,7 @@ class Comm:
         dist.broadcast(buf, 0)
         return obj if self.rank == 0 else json.loads(bytes(buf.cpu().numpy()).decode())
 
+    @_collective
     def broadcast_tensor(self, t: torch.Tensor | None, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         """Rank 0's tensor `t` (CPU) on every rank, as a CPU tensor."""
         if self.world == 1:

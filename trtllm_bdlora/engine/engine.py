@@ -5,13 +5,48 @@ from __future__ import annotations
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
-from trtllm_bdlora.engine.adapter_pool import AdapterPool
+from trtllm_bdlora.engine.adapter_pool import (
+    DEFAULT_HOST_CACHE_BYTES,
+    DEFAULT_MAX_LORA_RANK,
+    AdapterPool,
+    bound_heap_retention,
+    release_freed_memory,
+)
 from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
+from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
 from trtllm_bdlora.models.loader import BaseModel, load_base_model
 from trtllm_bdlora.sharding import make_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_unique_adapter_ids(adapters) -> None:
+    """Two `--adapter` flags with the same task id are an error (never "the last one wins")."""
+    seen: dict[int, str] = {}
+    for task_id, directory in adapters:
+        if task_id in seen:
+            raise AdapterError(f"--adapter: task id {task_id} given twice ({seen[task_id]} and {directory})")
+        seen[task_id] = directory
+
+
+def check_launch(args) -> None:
+    """What can be refused before any rank starts, as one line: duplicate adapter ids, an unknown interface, a
+    model that is not there, a TP its heads do not divide, a torch build made for another TP, an adapter that
+    is invalid, does not fit the model or exceeds --max-lora-rank."""
+    from trtllm_bdlora.engine.adapter_pool import check_adapter_limits
+    from trtllm_bdlora.engine.launch import interface_address
+    from trtllm_bdlora.models.loader import load_model_config, read_build_info, resolve_model_dir
+
+    check_unique_adapter_ids(args.adapter)
+    interface_address(args.comm_interface)
+    build = read_build_info(resolve_model_dir(args.model), args.tp)  # also dequantises the embedded model, once
+    shape = load_model_config(args.model)
+    make_layout(shape, args.tp)
+    if args.tp > 1:  # at TP 1 the engine loads them next, with the same one-line errors
+        max_lora_rank = args.max_lora_rank or (build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
+        for _, directory in args.adapter:
+            check_adapter_limits(load_peft_adapter(directory, model_shape=shape), max_lora_rank)
 
 
 class Engine:
@@ -24,41 +59,98 @@ class Engine:
         max_loras: int = 8,
         dtype: str = "float32",
         max_seq_len: int | None = None,
+        max_lora_rank: int | None = None,
+        lora_cache_host_bytes: int = DEFAULT_HOST_CACHE_BYTES,
+        pin_adapters: bool = True,
     ):
         self.comm = comm
-        base = model if isinstance(model, BaseModel) else load_base_model(model)
+        bound_heap_retention()  # adapters come and go for as long as the process serves
+        base = model if isinstance(model, BaseModel) else load_base_model(model, tp_rank=(comm.rank, comm.world))
         self.base = base
         self.tokenizer = base.tokenizer
         self.shape = base.shape
         self.layout = make_layout(self.shape, comm.world)
         torch_dtype = DTYPES[dtype]
-        self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device)
+        max_lora_rank = max_lora_rank or (base.build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
+        self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device,
+                                max_lora_rank, lora_cache_host_bytes)
+        check_unique_adapter_ids(adapters)
         for task_id, directory in adapters:
-            self.register(task_id, load_peft_adapter(directory, model_shape=self.shape))
-        self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device)
+            self.register(task_id, load_peft_adapter(directory, model_shape=self.shape), pinned=pin_adapters)
+        if self.pool.host_bytes_used > lora_cache_host_bytes:
+            raise AdapterError(f"the --adapter adapters take {self.pool.host_bytes_used} bytes per rank, more than "
+                               f"--lora-cache-host-bytes {lora_cache_host_bytes}")
+        self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
+                             presharded=base.build is not None)
         limit = getattr(base.config, "max_position_embeddings", 4096)
         self.max_seq_len = min(limit, max_seq_len or limit)
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._worked = False  # since the last idle plan: then freed memory goes back to the OS
 
-    def register(self, task_id: int, adapter) -> None:
-        self.pool.register(task_id, adapter)
+    def register(self, task_id: int, adapter, pinned: bool = False) -> None:
+        """Every rank, same order: add an adapter to the host cache (no eviction: start-up and plans)."""
+        self.pool.register(task_id, adapter, pinned)
+
+    # rank 0: adapters that requests name or carry ---------------------------------
+    def admit_adapter(self, task_id: int | None, weights=None, config=None, in_use: set[int] = frozenset()) -> None:
+        """Rank 0, before a request is scheduled: make its adapter available, as TensorRT-LLM's PEFT cache does.
+        A cached id is marked used; an unknown (or evicted) id without weights is refused with upstream's error;
+        weights with an unknown id are validated and registered on every rank, evicting least recently used
+        adapters that are neither pinned nor in `in_use` (the adapters of requests not yet finished)."""
+        self._worked = True
+        if task_id is None:
+            if weights is not None or config is not None:
+                raise RequestError("lora_weights sent without a lora_task_id")
+            return
+        if task_id in self.pool:
+            self.pool.touch(task_id)
+            return
+        if weights is None or config is None:
+            raise AdapterNotCachedError(task_id)
+        self._register_request_adapter(task_id, weights, config, in_use)
+
+    def _register_request_adapter(self, task_id: int, weights, config, in_use: set[int]) -> None:
+        import numpy as np
+
+        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
+
+        # validate fully on rank 0 first: a malformed adapter must never reach the workers
+        adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, f"lora_task_id {task_id}",
+                                      max_rank=self.pool.max_lora_rank)
+        shards = self.pool.prepare(adapter)
+        evict = self.pool.plan_evictions(task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), in_use)
+        w = torch.from_numpy(np.array(weights, dtype=np.float32))  # copies: request arrays are read-only views
+        c = torch.from_numpy(np.array(config, dtype=np.int32))
+        entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
+        self.lead({"evict": evict, "register": [entry]}, [(w, c, shards)])
 
     def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
-        """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, adapter) it already
-        validated and converted; the other ranks receive the arrays and convert them the same way."""
+        """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, shards) it already
+        validated and prepared; the other ranks receive the arrays and convert them the same way."""
         from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
 
         for i, entry in enumerate(plan.get("register", [])):
-            w, c, adapter = arrays[i] if arrays else (None, None, None)
+            w, c, shards = arrays[i] if arrays else (None, None, None)
             w = self.comm.broadcast_tensor(w, entry["w_shape"], torch.float32)
             c = self.comm.broadcast_tensor(c, entry["c_shape"], torch.int32)
-            if adapter is None:
-                adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world, f"task {entry['task_id']}")
-            self.register(entry["task_id"], adapter)
+            if shards is None:
+                adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world,
+                                              f"task {entry['task_id']}", max_rank=self.pool.max_lora_rank)
+                shards = self.pool.prepare(adapter)
+            del w, c
+            self.pool.insert(entry["task_id"], shards)
 
     def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
-        """Run one planned step: register sent adapters, free finished sequences, load slots, forward."""
+        """Run one planned step: evict, register sent adapters, free finished sequences, load slots, forward.
+        The first empty plan (a heartbeat: the server is idle) after some work trims the heap."""
+        if not plan:
+            if self._worked:
+                release_freed_memory()
+                self._worked = False
+            return None
+        self._worked = True
+        self.pool.evict(plan.get("evict", []))
         self._register_from_plan(plan, arrays)
         for seq_id in plan.get("free", []):
             self.model.free(seq_id)
@@ -72,6 +164,7 @@ class Engine:
     def follow(self) -> None:
         """Worker ranks: execute rank 0's plans until it broadcasts None."""
         while (plan := self.comm.broadcast_json()) is not None:
+            self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
 
     def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
@@ -81,14 +174,9 @@ class Engine:
         return None if plan is None else self.execute(plan, arrays)
 
 
-def engine_from_args(args, comm: Comm) -> Engine | None:
-    """This rank's engine from the CLI's engine flags. A set-up error (bad adapter or model) raises on rank 0,
-    which reports it; other ranks get None and exit quietly."""
-    from trtllm_bdlora.errors import BdLoraError
-
-    try:
-        return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype)
-    except BdLoraError:
-        if comm.rank == 0:
-            raise
-        return None
+def engine_from_args(args, comm: Comm) -> Engine:
+    """This rank's engine from the CLI's engine flags; a set-up error (bad adapter or model) raises on every rank
+    that meets it, and the launcher reports it once."""
+    return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype,
+                  max_lora_rank=args.max_lora_rank, lora_cache_host_bytes=args.lora_cache_host_bytes,
+                  pin_adapters=args.pin_adapters)

@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, relaunch_under_mpirun, shutdown
+from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError, RequestError
 
 
@@ -31,8 +31,9 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> lis
 
     scheduler = Scheduler(engine, max_batch_size, collect_stats=stats)
     results: list[dict | None] = []
-    for index, obj, json_error in read_request_lines(lines):
-        rid = obj.get("id", index) if isinstance(obj, dict) else index
+    line_numbers: list[int] = []  # 1-based input line of each request (blank lines are skipped)
+    numbered = (line_numbers.append(n) or line for n, line in enumerate(lines, 1) if line.strip())
+    for index, obj, json_error in read_request_lines(numbered):
         try:
             if json_error:
                 raise RequestError(json_error)
@@ -41,8 +42,9 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> lis
             )
             scheduler.add(req)
             results.append(None)
-        except RequestError as err:
-            results.append({"id": rid, "error": str(err)})
+        except RequestError as err:  # the request's own id, or null: never a number that could be another's id
+            rid = obj.get("id") if isinstance(obj, dict) else None
+            results.append({"id": rid, "line": line_numbers[index], "error": str(err)})
     while scheduler.busy:
         for req, per_step in scheduler.step():
             text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True) if engine.tokenizer else None
@@ -57,14 +59,16 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> lis
 def main(args: argparse.Namespace) -> int:
     if args.backend == "trtllm":
         raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and docs/tensorrt-llm.md")
-    if args.tp > 1 and mpi_world_size() is None:
-        return _relaunch(args)
+    if mpi_world_size() is None:
+        from trtllm_bdlora.engine.engine import check_launch
+
+        check_launch(args)  # before any rank starts
+        if args.tp > 1:
+            return _relaunch(args)
     from trtllm_bdlora.engine.engine import engine_from_args
 
-    comm = init_ranks(args.tp, args.device)
+    comm = init_ranks(args.tp, args.device, args.comm_interface)
     engine = engine_from_args(args, comm)
-    if engine is None:
-        return 2
     try:
         if comm.rank != 0:
             engine.follow()
@@ -84,10 +88,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _relaunch(args: argparse.Namespace) -> int:
-    """Re-run this command under `mpirun -n tp`; stdin requests go through a temporary file."""
-    from trtllm_bdlora.models.loader import resolve_model_dir
+    """Re-run this command as `tp` ranks; stdin requests go through a temporary file."""
+    from trtllm_bdlora.engine.launcher import relaunch_ranks
 
-    resolve_model_dir(args.model)  # dequantise / validate once, before the ranks start
     argv = sys.argv[1:]
     tmp = None
     if args.requests == "-":
@@ -99,7 +102,7 @@ def _relaunch(args: argparse.Namespace) -> int:
             a if a != "--requests=-" else f"--requests={tmp.name}" for a in argv
         ]
     try:
-        return relaunch_under_mpirun(args.tp, argv)
+        return relaunch_ranks(args.tp, argv, args.comm_interface)
     finally:
         if tmp:
             os.unlink(tmp.name)

@@ -44,12 +44,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TPLlama:
     def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, presharded: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
         self.dtype, self.device = dtype, device
-        shard = shard_llama_state_dict(state_dict, layout, comm.rank)
+        shard = state_dict if presharded else shard_llama_state_dict(state_dict, layout, comm.rank)
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
@@ -77,7 +77,7 @@ class TPLlama:
         self.kv_cache.pop(seq_id, None)
 
     def _lora(self, y, x, slot_ids, layer, names, offsets, role):
-        if not self.pool.slots or not bool((slot_ids >= 0).any()):
+        if slot_ids is None:  # no token of this step has an adapter (decided once per step in forward)
             return y
         slots = [self.pool.slots[(layer, n)] for n in names]
         return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
@@ -116,6 +116,8 @@ class TPLlama:
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
         positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
         slot_ids = torch.tensor([c.slot for c in chunks for _ in c.tokens], device=dev, dtype=torch.int64)
+        if not self.pool.slots or all(c.slot < 0 for c in chunks):
+            slot_ids = None
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)

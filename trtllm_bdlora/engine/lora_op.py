@@ -1,7 +1,8 @@
 """The LoRA site of one linear group (fused q|k|v, o, fused gate|up, down) on one rank.
 
-Dispatches the multi-adapter op to the Triton kernel on CUDA and to the torch reference
-elsewhere; under `slora` it splits into shrink, collective, expand.
+Dispatches the multi-adapter op to the Triton kernel on CUDA and to the batched torch op
+(`kernels.lora_cpu`) elsewhere; under `slora` it splits into shrink, collective, expand.
+`TRTLLM_BDLORA_KERNEL=reference` runs the torch reference instead (for comparisons).
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ import torch
 
 from trtllm_bdlora.engine.adapter_pool import ModuleSlots
 from trtllm_bdlora.engine.comm import Comm
-from trtllm_bdlora.kernels.lora_ref import lora_expand_ref, lora_shrink_ref, multi_lora_ref
+from trtllm_bdlora.kernels import lora_cpu, lora_ref
+
+_TORCH_OPS = {  # (fused multi-output op, shrink, expand): the batched op and its reference share one contract
+    "torch": (lora_cpu.multi_lora_cpu, lora_cpu.lora_shrink_cpu, lora_cpu.lora_expand_cpu),
+    "reference": (lora_ref.multi_lora_ref, lora_ref.lora_shrink_ref, lora_ref.lora_expand_ref),
+}
 
 
-def _use_kernel(x: torch.Tensor) -> bool:
-    """TRTLLM_BDLORA_KERNEL=triton|torch forces a path (triton on CPU needs TRITON_INTERPRET=1)."""
+def _kernel_choice(x: torch.Tensor) -> str:
+    """TRTLLM_BDLORA_KERNEL=triton|torch|reference forces a path (triton on CPU needs TRITON_INTERPRET=1)."""
     choice = os.environ.get("TRTLLM_BDLORA_KERNEL", "auto")
-    return choice == "triton" or (choice == "auto" and x.is_cuda)
+    if choice == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return choice
 
 
 def apply_lora_group(
@@ -32,23 +40,24 @@ def apply_lora_group(
     comm: Comm,
 ) -> torch.Tensor:
     """y (the rank's local output, or partial sum for row modules) += this batch's LoRA terms."""
+    kernel = _kernel_choice(x)
+    multi, shrink, expand = _TORCH_OPS["reference" if kernel == "reference" else "torch"]
     if scheme != "slora" or comm.world == 1:
         a = [s.a for s in slots]
         b = [s.b for s in slots]
         ranks = [s.ranks for s in slots]
         scales = [s.scales for s in slots]
-        if _use_kernel(x):
+        if kernel == "triton":
             from trtllm_bdlora.kernels.multi_lora import multi_lora
 
             return multi_lora(y, x, slot_ids, a, b, ranks, scales, out_offsets)
         if scheme == "slora":
             for s, off in zip(slots, out_offsets):
-                h = lora_shrink_ref(x, s.a, slot_ids, s.ranks)
-                lora_expand_ref(y, h, s.b, slot_ids, s.b_ranks, s.scales, off + s.out_offset)
+                expand(y, shrink(x, s.a, slot_ids, s.ranks), s.b, slot_ids, s.b_ranks, s.scales, off + s.out_offset)
             return y
-        return multi_lora_ref(y, x, slot_ids, a, b, ranks, scales, out_offsets)
-    h = torch.stack([lora_shrink_ref(x, s.a, slot_ids, s.ranks) for s in slots])
+        return multi(y, x, slot_ids, a, b, ranks, scales, out_offsets)
+    h = torch.stack([shrink(x, s.a, slot_ids, s.ranks) for s in slots])
     h = comm.all_gather(h, "lora") if role == "column" else comm.all_reduce(h, "lora")
     for hj, s, off in zip(h, slots, out_offsets):
-        lora_expand_ref(y, hj, s.b, slot_ids, s.b_ranks, s.scales, off + s.out_offset)
+        expand(y, hj, s.b, slot_ids, s.b_ranks, s.scales, off + s.out_offset)
     return y

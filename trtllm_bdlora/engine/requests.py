@@ -1,13 +1,17 @@
-"""Generation requests: the JSON-lines contract of `generate` (DESIGN section 5) and its validation."""
+"""Generation requests: the JSON-lines contract of `generate` (DESIGN section 5), the sampling values every
+front end validates the same way, and what the scheduler records while a request runs."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from trtllm_bdlora.errors import RequestError
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -20,21 +24,78 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    # TensorRT-LLM's sampling controls (executor SamplingConfig); the defaults change nothing.
+    top_k: int | None = None  # None: greedy when temperature is 0 (generate's rule); 1: greedy; 0: no top-k cut
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    end_ids: frozenset[int] | None = None  # None: the model's EOS ids; empty: never stop on a token
+    stop_words: tuple[tuple[int, ...], ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    embedding_bias: Any = None  # torch tensor [vocab] added to the logits, or None
+    return_log_probs: bool = False
+    normalize_log_probs: bool = True
+    return_context_logits: bool = False
+    return_generation_logits: bool = False
+    # filled while the request runs (on rank 0)
     output_ids: list[int] = field(default_factory=list)
+    output_log_probs: list[float] = field(default_factory=list)
+    context_logits: Any = None  # [prompt tokens, vocab] when return_context_logits
+    generation_logits: list = field(default_factory=list)  # one [vocab] row per generated token
+    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled"
+    times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
+    cancelled: bool = False
     on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 if self.top_k is not None else self.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def check_number(name: str, value, kind=float, low=None, high=None, low_open: bool = False):
+    """One sampling value: a finite number of the right kind inside its range, else a one-line RequestError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise RequestError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise RequestError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise RequestError(f"{name} must be <= {high}, got {value}")
+    return kind(value)
+
+
+def check_penalties(repetition: float, presence: float, frequency: float, min_tokens: int) -> None:
+    """TensorRT-LLM's ranges (executor SamplingConfig): repetition_penalty > 0, min_tokens >= 0."""
+    check_number("repetition_penalty", repetition, low=0.0, low_open=True)
+    check_number("presence_penalty", presence)
+    check_number("frequency_penalty", frequency)
+    check_number("min_tokens", min_tokens, int, low=0)
+
+
+def check_length(prompt_len: int, max_tokens: int, max_seq_len: int) -> None:
+    if prompt_len == 0:
+        raise RequestError("empty prompt")
+    if prompt_len >= max_seq_len:
+        raise RequestError(f"prompt of {prompt_len} tokens does not fit the context of {max_seq_len}")
+    if prompt_len + max_tokens > max_seq_len:
+        raise RequestError(f"max_tokens {max_tokens} with a {prompt_len}-token prompt exceeds the context of {max_seq_len}")
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> list[int]:
+    if any(t < 0 or t >= vocab_size for t in ids):
+        raise RequestError(f"{name} must lie in [0, {vocab_size})")
+    return [int(t) for t in ids]
 
 
 def _number(obj: dict, key: str, default, kind, low=None, high=None, low_open=False):
     value = obj.get(key, default)
-    if value is None:
-        value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise RequestError(f"{key} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise RequestError(f"{key} must be <= {high}, got {value}")
-    return kind(value)
+    return check_number(key, default if value is None else value, kind, low, high, low_open)
 
 
 def _chat_ids(tokenizer, messages) -> list[int]:
@@ -66,8 +127,7 @@ def parse_request(
         ids = obj["prompt_ids"]
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise RequestError("prompt_ids must be a list of integers")
-        if any(t < 0 or t >= vocab_size for t in ids):
-            raise RequestError(f"prompt_ids must lie in [0, {vocab_size})")
+        ids = check_token_ids("prompt_ids", ids, vocab_size)
     else:
         if tokenizer is None:
             raise RequestError("this model has no tokenizer: send prompt_ids")
@@ -77,15 +137,8 @@ def parse_request(
             ids = tokenizer(obj["prompt"])["input_ids"] if obj["prompt"] else []
         else:
             ids = _chat_ids(tokenizer, obj["messages"])
-    if not ids:
-        raise RequestError("empty prompt")
     max_tokens = _number(obj, "max_tokens", 16, int, low=1)
-    if len(ids) >= max_seq_len:
-        raise RequestError(f"prompt of {len(ids)} tokens does not fit the context of {max_seq_len}")
-    if len(ids) + max_tokens > max_seq_len:
-        raise RequestError(
-            f"max_tokens {max_tokens} with a {len(ids)}-token prompt exceeds the context of {max_seq_len}"
-        )
+    check_length(len(ids), max_tokens, max_seq_len)
     return Request(
         index=index,
         id=obj.get("id", index),
@@ -94,7 +147,7 @@ def parse_request(
         max_tokens=max_tokens,
         temperature=_number(obj, "temperature", 0.0, float, low=0.0),
         top_p=_number(obj, "top_p", 1.0, float, low=0.0, high=1.0, low_open=True),
-        seed=_number(obj, "seed", 0, int, low=0),
+        seed=_number(obj, "seed", 0, int, low=0, high=MAX_SEED),
     )
 
 

@@ -1,16 +1,90 @@
-"""Greedy and temperature / top-p sampling with a per-request seeded generator."""
+"""Next-token choice with TensorRT-LLM's semantics, as pure functions of the logits and the request.
+
+Logit processing follows TensorRT-LLM's decoding layers (cpp/tensorrt_llm/kernels/penaltyKernels.cu
+`batchApplyPenalty`, then banBadWords): embedding bias; temperature as a multiplication by 1/(T + 1e-6),
+skipped at T = 1; for every token seen in the prompt or the output so far, repetition (divide a positive
+logit, multiply a negative one), presence (subtract once) and frequency (subtract per occurrence)
+penalties; the end ids masked while fewer than `min_tokens` tokens were generated; the last token of
+each bad word masked when the tokens before it end the sequence.
+
+Sampling (samplingTopKKernels.cu / samplingTopPKernels.cu): greedy at top_k 1; otherwise top-k (0 = all)
+then top-p over the renormalised top-k probabilities, a token kept while the mass before it is below
+top_p. Log probabilities are those of the chosen token, normalised over the kept tokens by default
+(the backend's `normalize_log_probs`), else over the whole vocabulary.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from trtllm_bdlora.engine.requests import Request
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+MASKED = torch.finfo(torch.float64).min
+
+
+def ends_with(sequence: list[int], word: tuple[int, ...]) -> bool:
+    return len(word) > 0 and len(sequence) >= len(word) and tuple(sequence[-len(word):]) == word
+
+
+def adjust_logits(logits: torch.Tensor, req: Request, end_ids: frozenset[int]) -> torch.Tensor:
+    """[vocab] float64 logits after bias, temperature, penalties, min-tokens and bad words."""
+    x = logits.double().clone()
+    vocab = x.shape[0]
+    if req.embedding_bias is not None:
+        x += req.embedding_bias.to(x)
+    if req.temperature != 1.0:
+        x *= 1.0 / (req.temperature + 1e-6)
+    history = req.prompt_ids + req.output_ids
+    if req.penalised:
+        counts = torch.bincount(torch.tensor(history, dtype=torch.long), minlength=vocab)[:vocab].to(x)
+        seen = (counts > 0).to(x)
+        if req.repetition_penalty != 1.0:
+            x = torch.where(seen > 0, torch.where(x < 0, x * req.repetition_penalty, x / req.repetition_penalty), x)
+        x -= req.presence_penalty * seen
+        x -= req.frequency_penalty * counts
+    if len(req.output_ids) < req.min_tokens:
+        for end in end_ids:
+            if 0 <= end < vocab:
+                x[end] = MASKED
+    for word in req.bad_words:
+        if len(word) == 1 or ends_with(history, word[:-1]):
+            if 0 <= word[-1] < vocab:
+                x[word[-1]] = MASKED
+    return x
+
+
+def kept_probabilities(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax of `x` restricted to the top-k / top-p set, renormalised."""
+    probs = torch.softmax(x, dim=-1)
+    if 0 < top_k < probs.shape[0]:
+        cut = torch.topk(probs, top_k).values[-1]
+        probs = torch.where(probs >= cut, probs, torch.zeros_like(probs))
+        probs /= probs.sum()
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs /= probs.sum()
+    return probs
+
+
+def choose(x: torch.Tensor, req: Request, generator: torch.Generator | None) -> tuple[int, float]:
+    """(token, its log probability) from adjusted logits."""
+    if req.greedy:
+        token = int(torch.argmax(x))
+        if not req.return_log_probs:
+            return token, 0.0
+        logp = 0.0 if req.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
+        return token, logp
+    top_k = req.top_k or 0
+    probs = kept_probabilities(x, top_k, req.top_p)
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    if not req.return_log_probs:
+        return token, 0.0
+    logp = float(torch.log(probs[token])) if req.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
+    return token, logp
+
+
+def sample(logits: torch.Tensor, req: Request, generator: torch.Generator | None,
+           end_ids: frozenset[int]) -> tuple[int, float]:
+    return choose(adjust_logits(logits, req, end_ids), req, generator)

@@ -55,6 +55,7 @@ def _signature(dtype: str) -> dict[str, str]:
 def compile_variant(variant: Variant) -> Compiled:
     if os.environ.pop("TRITON_INTERPRET", None) and "trtllm_bdlora.kernels.bdlora_triton" in sys.modules:
         raise RuntimeError("the kernel was imported under TRITON_INTERPRET=1: compile in a fresh process")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (3.10 changes it)
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -166,9 +167,30 @@ CUresult bdlora_launch(CUstream stream, int dtype, int max_rank, unsigned grid_x
 """
 
 
-def render_c(compiled: list[Compiled]) -> tuple[str, str]:
+def installed_triton_version() -> str:
+    """Read without importing triton (an import under TRITON_INTERPRET=1 would build interpreter kernels)."""
+    import importlib.metadata
+
+    return importlib.metadata.version("triton")
+
+
+def toolchain() -> dict[str, str]:
+    """The compiler versions the cubins come from (TRITON_PTXAS_PATH picks a CUDA toolkit's ptxas)."""
+    import triton
+
+    try:
+        from triton import knobs
+
+        ptxas = f"{knobs.nvidia.ptxas.path} (CUDA {knobs.nvidia.ptxas.version})"
+    except (ImportError, AttributeError, RuntimeError):
+        ptxas = "unknown"
+    return {"triton": triton.__version__, "ptxas": ptxas}
+
+
+def render_c(compiled: list[Compiled], tools: dict[str, str] | None = None) -> tuple[str, str]:
     header = HEADER % {"block_t": BLOCK_T, "block_m": BLOCK_M}
-    parts = [SOURCE_HEAD]
+    built_with = "".join(f"// {k}: {v}\n" for k, v in (tools or {}).items())
+    parts = [SOURCE_HEAD, built_with]
     for c in compiled:
         data = ", ".join(f"0x{b:02x}" for b in c.cubin)
         parts.append(f"static const unsigned char k_{c.variant.name}[{len(c.cubin)}] = {{{data}}};\n")
@@ -195,10 +217,11 @@ def build(output: Path, dtypes: list[str], archs: list[int], block_rs: list[int]
                 (output / f"{variant.name}.ptx").write_text(c.ptx)
                 (output / f"{variant.name}.cubin").write_bytes(c.cubin)
                 compiled.append(c)
-    header, source = render_c(compiled)
+    header, source = render_c(compiled, toolchain())
     (output / "bdlora_kernels.h").write_text(header)
     (output / "bdlora_kernels.c").write_text(source)
     manifest = {
+        **toolchain(),
         "block_t": BLOCK_T, "block_m": BLOCK_M, "block_k": BLOCK_K,
         "variants": [{"name": c.variant.name, "dtype": c.variant.dtype, "arch": c.variant.arch,
                       "block_r": c.variant.block_r, "kernel": c.kernel_name, "shared": c.shared} for c in compiled],
@@ -221,6 +244,14 @@ def main(args) -> int:
         raise BdLoraError("--arch takes e.g. sm_80,sm_90 and --block-r e.g. 16,32,64") from None
     if any(r < 16 or r & (r - 1) for r in block_rs):
         raise BdLoraError("--block-r values must be powers of two >= 16")
+    from trtllm_bdlora.versions import TRITON_KERNEL_COMPILER
+
+    found = installed_triton_version()
+    if found != TRITON_KERNEL_COMPILER:
+        message = f"triton {found} is not the pinned kernel compiler {TRITON_KERNEL_COMPILER}"
+        if args.require_pinned_triton:
+            raise BdLoraError(f"{message} (install triton=={TRITON_KERNEL_COMPILER} in the --aot Python)")
+        print(f"warning: {message}", flush=True)
     manifest = build(Path(args.output), dtypes, archs, block_rs)
     print(f"wrote {len(manifest['variants'])} variants to {args.output}")
     return 0

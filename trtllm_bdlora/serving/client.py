@@ -9,7 +9,7 @@ import numpy as np
 
 from trtllm_bdlora.errors import BdLoraError
 
-UNKNOWN_ADAPTER = "unknown lora_task_id"
+UNKNOWN_ADAPTER = "not found in cache"  # TensorRT-LLM's wording for a task id sent without weights
 
 
 def _inputs(text: str, max_tokens: int, task_id: int | None, lora: tuple | None, stream: bool,
@@ -24,11 +24,13 @@ def _inputs(text: str, max_tokens: int, task_id: int | None, lora: tuple | None,
     inputs = [
         tensor("text_input", np.array([[text.encode()]], dtype=object), "BYTES"),
         tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-        tensor("temperature", np.array([[temperature]], dtype=np.float32), "FP32"),
-        tensor("top_p", np.array([[top_p]], dtype=np.float32), "FP32"),
-        tensor("random_seed", np.array([[seed]], dtype=np.uint64), "UINT64"),
         tensor("stream", np.array([[stream]], dtype=bool), "BOOL"),
+        tensor("exclude_input_in_output", np.array([[True]], dtype=bool), "BOOL"),  # the generated text only
     ]
+    if temperature > 0:  # TensorRT-LLM samples when top_p > 0 (or top_k > 1); greedy otherwise
+        inputs += [tensor("temperature", np.array([[temperature]], dtype=np.float32), "FP32"),
+                   tensor("top_p", np.array([[top_p]], dtype=np.float32), "FP32"),
+                   tensor("seed", np.array([[seed]], dtype=np.uint64), "UINT64")]
     if task_id:
         inputs.append(tensor("lora_task_id", np.array([[task_id]], dtype=np.uint64), "UINT64"))
     if lora is not None:

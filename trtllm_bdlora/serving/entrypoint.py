@@ -3,6 +3,7 @@
 Environment: MODEL (HF dir, required), TP (8), ENGINE_DIR (/engines), MODEL_REPO (/model_repo),
 PLUGIN_LIB, MAX_LORA_RANK (64), MAX_BATCH_SIZE (64), DTYPE (float16), GRPC_PORT (8001), DRY_RUN (print only).
 Arguments, if any, replace all of this with a command to run (e.g. `bash`).
+Before anything runs, TensorRT-LLM and TensorRT must be the pinned versions (`trtllm_bdlora.versions`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def main(argv: list[str]) -> int:
     if argv:
         os.execvp(argv[0], argv)
     env = dict(os.environ)
+    if not env.get("DRY_RUN"):
+        from trtllm_bdlora.errors import BdLoraError
+        from trtllm_bdlora.versions import require_pinned_stack
+
+        try:
+            require_pinned_stack()
+        except BdLoraError as err:
+            print(f"entrypoint: {err}", file=sys.stderr)
+            return 2
     steps = plan(env, engines_exist(env.get("ENGINE_DIR", "/engines"), int(env.get("TP", "8"))))
     for step in steps:
         print("+ " + " ".join(step), flush=True)

@@ -1,8 +1,10 @@
 """Rank 0's serving loop: a bounded inbox, continuous batching, adapters registered on first use.
 
-Requests arrive from gRPC threads through `submit`; one engine thread owns the engine (and so every
-collective), admits requests between steps, and reports tokens and completion through callbacks.
-When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds.
+Requests arrive from server threads through `submit`; one engine thread owns the engine (and so every
+collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
+every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
+error)` once. Callbacks run on the engine thread and must not block. When idle it sends empty plans as
+heartbeats, so a dead rank is noticed within seconds.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Runtime:
     def submit(self, sub: Submission) -> None:
         if self.stopping.is_set() or not self.healthy:
             raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+        sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
             sub.request.index = self._next
             self._next += 1
@@ -62,6 +65,20 @@ class Runtime:
             self.inbox.put_nowait(sub)
         except queue.Full:
             raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+
+    @staticmethod
+    def cancel(request: Request) -> None:
+        """Stop generating for `request`: it finishes after its next token (reason "cancelled")."""
+        request.cancelled = True
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet running."""
+        return self.inbox.qsize() + len(self.scheduler.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.pending)
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish in-flight and queued requests, then stop every rank."""
@@ -71,33 +88,15 @@ class Runtime:
     # engine thread ------------------------------------------------------------
     def _admit(self, sub: Submission) -> None:
         req = sub.request
-        try:
-            if req.adapter is not None and req.adapter not in self.engine.pool:
-                if sub.lora_weights is None or sub.lora_config is None:
-                    raise RequestError(
-                        f"unknown lora_task_id {req.adapter}: send lora_weights and lora_config with its first request"
-                    )
-                self._register(req.adapter, sub.lora_weights, sub.lora_config)
-            elif req.adapter is None and sub.lora_weights is not None:
-                raise RequestError("lora_weights sent without a lora_task_id")
+        try:  # the host LoRA cache never evicts the adapter of a request still pending
+            in_use = {s.request.adapter for s in self.pending.values()} - {None}
+            self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, in_use)
         except BdLoraError as err:
             sub.on_done(None, str(err))
             return
+        sub.lora_weights = sub.lora_config = None  # registered: the request need not keep them (as TensorRT-LLM)
         self.pending[req.index] = sub
         self.scheduler.add(req)
-
-    def _register(self, task_id: int, weights: np.ndarray, config: np.ndarray) -> None:
-        import torch
-
-        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
-
-        # validate on rank 0 first: a malformed adapter must never reach the workers
-        adapter = adapter_from_trtllm(weights, config, self.engine.shape, self.engine.layout.world,
-                                      f"lora_task_id {task_id}")
-        w = torch.from_numpy(np.array(weights, dtype=np.float32))
-        c = torch.from_numpy(np.array(config, dtype=np.int32))
-        entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
-        self.engine.lead({"register": [entry]}, [(w, c, adapter)])
 
     def _drain_inbox(self, block: bool) -> None:
         try:

@@ -1,10 +1,15 @@
 """`trtllm-bdlora build`: one engine per TP rank with BD-LoRA plugins (trtllm), or per-rank shards (torch).
 
-trtllm backend (inside NVIDIA's Triton TRT-LLM container, TensorRT-LLM 1.2.x): TensorRT-LLM's own Llama
-conversion per rank (`LLaMAForCausalLM.from_hugging_face` with a TP `Mapping`), the LoRA plugin enabled,
-our plugin library loaded, every `Lora` module swapped for a BD-LoRA one, one engine per rank; under
-`mpirun -n N` each MPI rank builds its own engine in parallel. The output directory holds what
-TensorRT-LLM's runtime and Triton's `tensorrt_llm` model read, plus `bdlora_build.json`.
+trtllm backend (inside the container pinned in `trtllm_bdlora.versions`): TensorRT-LLM's own Llama conversion per
+rank (`LLaMAForCausalLM.from_hugging_face` with a TP `Mapping`), the LoRA plugin enabled, our plugin library
+loaded, the model turned into its BD-LoRA class (network.bdlora_model_class: every `Lora` module becomes a
+BD-LoRA one when the builder prepares the inputs), one engine per rank, each built on the rank's own GPU;
+under `mpirun -n N` each MPI rank builds its share in parallel. The output directory holds what TensorRT-LLM's
+runtime and Triton's `tensorrt_llm` model read, plus `bdlora_build.json`.
+
+--max-lora-rank is the engine's limit on every request's adapter rank (the runtime rejects larger ones). A
+BD-LoRA adapter is sent with its own rank r; a plain LoRA (or a BD adapter whose blocks do not fit the TP) is
+sent in BD-shaped form of rank tp*r, so --max-lora-rank must be at least that: `--adapter-dir` checks it.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from pathlib import Path
 
 from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
 from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.versions import CONTAINER_IMAGE
 
-CONTAINER = "nvcr.io/nvidia/tritonserver:25.10-trtllm-python-py3"  # TensorRT-LLM 1.2.x, TensorRT 10.13
 LORA_TARGET_MODULES = list(TRTLLM_NAMES.values())
 DEFAULT_PLUGIN_LIB = "plugins/build/libtrtllm_bdlora_plugin.so"
+CONTAINER_PLUGIN_LIB = "/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so"
+MAX_KERNEL_RANK = 128  # the plugin's largest rank tile (plugins/CMakeLists.txt BDLORA_BLOCK_R)
+LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -29,11 +37,31 @@ def validate_args(args: argparse.Namespace) -> None:
         raise BdLoraError("--max-lora-rank, --max-batch-size and --max-input-len must be >= 1")
     if args.max_seq_len is not None and args.max_seq_len <= args.max_input_len:
         raise BdLoraError(f"--max-seq-len {args.max_seq_len} must exceed --max-input-len {args.max_input_len}")
-    if args.max_lora_rank % args.tp:
-        raise BdLoraError(f"--max-lora-rank {args.max_lora_rank} must be a multiple of --tp {args.tp}")
+    if args.max_lora_rank < args.tp:
+        raise BdLoraError(f"--max-lora-rank {args.max_lora_rank} is below --tp {args.tp}: adapter ranks must be "
+                          f"multiples of the TP, so no adapter would fit")
+    if args.max_lora_rank // args.tp > MAX_KERNEL_RANK:
+        raise BdLoraError(f"--max-lora-rank {args.max_lora_rank} at --tp {args.tp} gives per-rank ranks up to "
+                          f"{args.max_lora_rank // args.tp}, above the plugin's largest kernel tile {MAX_KERNEL_RANK}")
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise BdLoraError(f"{out}: not empty (pass --overwrite to replace)")
+
+
+def check_adapters(adapter_dirs: list[str], tp: int, max_lora_rank: int) -> None:
+    """Every adapter the engine will serve fits --max-lora-rank in the form it is sent at this TP."""
+    from trtllm_bdlora.adapters import load_peft_adapter
+    from trtllm_bdlora.adapters.trtllm_format import check_rank_limit
+
+    for directory in adapter_dirs:
+        check_rank_limit(load_peft_adapter(directory), tp, max_lora_rank)
+
+
+def build_device(env: dict[str, str], device_count: int) -> int:
+    """The GPU a build process uses, as trtllm-build's parallel_build picks it: the MPI local rank modulo the
+    node's GPUs (every process on GPU 0 otherwise)."""
+    local = next((int(env[k]) for k in LOCAL_RANK_ENV if env.get(k, "").isdigit()), 0)
+    return local % device_count if device_count > 0 else 0
 
 
 def build_config_json(args: argparse.Namespace, shape, backend: str) -> dict:
@@ -82,8 +110,8 @@ def build_torch(args: argparse.Namespace) -> Path:
 def require_trtllm() -> None:
     if importlib.util.find_spec("tensorrt_llm") is None:
         raise BdLoraError(
-            f"--backend trtllm needs the 'tensorrt_llm' package (TensorRT-LLM 1.2.x), which is not installable here: "
-            f"run this inside {CONTAINER} (see docker/ and docs/tensorrt-llm.md), or use --backend torch"
+            f"--backend trtllm needs the 'tensorrt_llm' package, which is not installable here: "
+            f"run this inside {CONTAINER_IMAGE} (see docker/ and docs/tensorrt-llm.md), or use --backend torch"
         )
 
 
@@ -98,15 +126,17 @@ def load_plugin_library(path: str) -> None:
 
 def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: no cover - needs TensorRT-LLM
     import tensorrt_llm
+    import torch
     from tensorrt_llm import BuildConfig
     from tensorrt_llm.lora_helper import LoraConfig
     from tensorrt_llm.mapping import Mapping
-    from tensorrt_llm.models import LLaMAForCausalLM, modeling_utils
+    from tensorrt_llm.models import LLaMAForCausalLM
     from tensorrt_llm.plugin import PluginConfig
 
     from trtllm_bdlora.models.loader import resolve_model_dir
-    from trtllm_bdlora.trtllm.network import replace_lora_modules
+    from trtllm_bdlora.trtllm.network import as_bdlora_model
 
+    torch.cuda.set_device(build_device(dict(os.environ), torch.cuda.device_count()))
     mapping = Mapping(world_size=args.tp, rank=rank, tp_size=args.tp)
     model = LLaMAForCausalLM.from_hugging_face(str(resolve_model_dir(args.model)), dtype=args.dtype, mapping=mapping)
     plugin_config = PluginConfig()
@@ -118,19 +148,7 @@ def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: n
         max_seq_len=args.max_seq_len or args.max_input_len * 2, plugin_config=plugin_config,
         lora_config=LoraConfig(lora_target_modules=LORA_TARGET_MODULES, max_lora_rank=args.max_lora_rank),
     )
-    original_add_lora = modeling_utils.add_lora
-
-    def add_lora_then_bdlora(model, *a, **kw):  # runs inside tensorrt_llm.build after its own add_lora
-        model = original_add_lora(model, *a, **kw)
-        plan = replace_lora_modules(model, args.tp, rank)
-        print(f"rank {rank}: {len(plan)} Lora modules -> BdLora", flush=True)
-        return model
-
-    modeling_utils.add_lora = add_lora_then_bdlora
-    try:
-        engine = tensorrt_llm.build(model, build_config)
-    finally:
-        modeling_utils.add_lora = original_add_lora
+    engine = tensorrt_llm.build(as_bdlora_model(model), build_config)
     engine.save(args.output)
 
 
@@ -155,10 +173,14 @@ def build_trtllm(args: argparse.Namespace) -> Path:  # pragma: no cover - needs 
 
 def main(args: argparse.Namespace) -> int:
     validate_args(args)
+    check_adapters(args.adapter_dir, args.tp, args.max_lora_rank)
     if args.backend == "torch":
         out = build_torch(args)
     else:
+        from trtllm_bdlora.versions import require_pinned_stack
+
         require_trtllm()
+        require_pinned_stack()
         out = build_trtllm(args)
     print(f"wrote {args.backend} build for tp {args.tp} to {out}")
     return 0

@@ -1,6 +1,12 @@
 """Swap TensorRT-LLM's `Lora` modules for BD-LoRA ones that call our `BdLora` plugin with the same runtime
 inputs, so the engine's input names (`{module}_lora_ranks_{layer}`, `{module}_lora_weights_pointers_{layer}`)
-and the whole runtime are unchanged. Targets TensorRT-LLM 1.2.x (TensorRT-engine flow) and TensorRT 10.13.
+and the whole runtime are unchanged. Targets the versions pinned in `trtllm_bdlora.versions`.
+
+The swap hook is a model class (`bdlora_model_class`): TensorRT-LLM's `build()` runs `optimize_model_with_config`
+(which calls `add_lora`) and then `model.prepare_inputs(...)` inside `net_guard` before tracing `forward`
+(tensorrt_llm/builder.py), so a subclass whose `prepare_inputs` swaps the Lora modules first needs no patching.
+The same class serves `trtllm-build --model_cls_file trtllm_bdlora/trtllm/model_cls.py --model_cls_name
+BdLoraLLaMAForCausalLM` (commands/build.py loads it with SourceFileLoader and calls `from_checkpoint`).
 
 `plan_replacements` is pure (tested everywhere); `replace_lora_modules`, `BdLoraModule` and
 `create_bdlora_plugin` import tensorrt / tensorrt_llm lazily and run only inside the container.
@@ -8,6 +14,7 @@ and the whole runtime are unchanged. Targets TensorRT-LLM 1.2.x (TensorRT-engine
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "BdLora", "1", "trtllm_bdlora"
@@ -123,3 +130,25 @@ def replace_lora_modules(model, tp_size: int, tp_rank: int) -> list[Replacement]
         module, lora = found[(r.path, r.attr)]
         setattr(module, r.attr, bdlora_cls(lora, r.bd_factors, tp_size, tp_rank))
     return plan
+
+
+@functools.cache
+def bdlora_model_class(base_cls: type) -> type:
+    """`base_cls` (TensorRT-LLM's LLaMAForCausalLM) whose Lora modules become BD-LoRA modules when the builder
+    prepares the network inputs, i.e. after `add_lora` and before `forward` is traced."""
+
+    class BdLoraModel(base_cls):
+        def prepare_inputs(self, *args, **kwargs):
+            mapping = self.config.mapping
+            plan = replace_lora_modules(self, mapping.tp_size, mapping.tp_rank)
+            print(f"rank {mapping.tp_rank}/{mapping.tp_size}: {len(plan)} Lora modules -> BdLora", flush=True)
+            return super().prepare_inputs(*args, **kwargs)
+
+    BdLoraModel.__name__ = BdLoraModel.__qualname__ = f"BdLora{base_cls.__name__}"
+    return BdLoraModel
+
+
+def as_bdlora_model(model):
+    """The same model object, now of its BD-LoRA class (which adds behaviour, no state)."""
+    model.__class__ = bdlora_model_class(type(model))
+    return model

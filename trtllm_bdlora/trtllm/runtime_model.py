@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES
+from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES, weights_as_torch
 from trtllm_bdlora.models.shape import module_role
 
 
@@ -32,7 +32,7 @@ def split_like_copy_to_pages(
 ) -> RankPages:
     module_id, _, r = (int(v) for v in config_row[:3])
     name = MODULE_NAMES[module_id]
-    flat = torch.from_numpy(np.ascontiguousarray(weights_row))
+    flat = weights_as_torch(weights_row)  # the engine's dtype (bf16 storage included)
     a = flat[: r * in_dim].view(r, in_dim)
     b = flat[r * in_dim : r * in_dim + out_dim * r].view(out_dim, r)
     if module_role(name) == "row":  # splitIn: columns [tp_rank*in/tp, ...) of A

@@ -1,26 +1,28 @@
-"""Triton Python backend: token ids -> text with the model's Hugging Face tokenizer."""
+"""Triton Python backend, `postprocessing`: output ids -> text with upstream's semantics. The logic lives in
+trtllm_bdlora.serving.text_models.Postprocessing, which `trtllm-bdlora serve` runs too."""
 
-import json
-
-import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
+
+from trtllm_bdlora.serving.protocol import CallContext
+from trtllm_bdlora.serving.text import flag
+from trtllm_bdlora.serving.text_models import Postprocessing
+from trtllm_bdlora.serving.triton_python import error_response, inputs_of, parameters, tensors
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"]["string_value"])
+        _, params = parameters(args)
+        tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"], legacy=False, padding_side="left",
+                                                  trust_remote_code=True)
+        self.model = Postprocessing(tokenizer, flag(params.get("skip_special_tokens"), True))
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            tokens = pb_utils.get_input_tensor_by_name(request, "TOKENS_BATCH").as_numpy()
-            lengths = pb_utils.get_input_tensor_by_name(request, "SEQUENCE_LENGTH").as_numpy()
-            texts = [
-                self.tokenizer.decode(beams[0][: int(length[0])], skip_special_tokens=True).encode()
-                for beams, length in zip(tokens, lengths)
-            ]
-            output = pb_utils.Tensor("OUTPUT", np.array(texts, dtype=object).reshape(-1, 1))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[output]))
+            try:
+                outputs = next(iter(self.model.infer(inputs_of(request), CallContext()))).outputs
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors(pb_utils, outputs)))
+            except Exception as err:  # one bad request gets its error; the others are answered
+                responses.append(error_response(pb_utils, err))
         return responses

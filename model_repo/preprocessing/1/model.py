@@ -1,34 +1,44 @@
-"""Triton Python backend: text -> token ids with the model's Hugging Face tokenizer."""
+"""Triton Python backend, `preprocessing`: text -> token tensors with upstream's semantics, and the request's
+LoRA adapter put in the form the BD-LoRA engine computes exactly (a plain LoRA converted, bad ones refused:
+trtllm_bdlora.adapters.trtllm_format.normalize_request_adapter). The text logic lives in
+trtllm_bdlora.serving.text_models.Preprocessing, which `trtllm-bdlora serve` runs too."""
 
-import json
-
-import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
+
+from trtllm_bdlora.adapters.trtllm_format import normalize_request_adapter
+from trtllm_bdlora.serving.protocol import CallContext
+from trtllm_bdlora.serving.text import flag
+from trtllm_bdlora.serving.text_models import Preprocessing
+from trtllm_bdlora.serving.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors
+from trtllm_bdlora.serving.triton_repo import engine_shape
+from trtllm_bdlora.trtllm.engine_dir import engine_lora_info
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"]["string_value"])
-        self.end_id = self.tokenizer.eos_token_id
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.end_id
+        config, params = parameters(args)
+        tokenizer = AutoTokenizer.from_pretrained(params["tokenizer_dir"], legacy=False, padding_side="left",
+                                                  trust_remote_code=True)
+        tp_size, engine_dir = int(params["tp_size"]), params["gpt_model_path"]
+        engine = []  # read on first use: only requests that carry an adapter need the engine's facts
+
+        def lora_check(weights, lora_config):
+            if not engine:
+                engine.append((engine_shape(engine_dir), engine_lora_info(engine_dir)))
+            shape, info = engine[0]
+            return normalize_request_adapter(weights, lora_config, shape, tp_size, info.max_lora_rank, info.dtype,
+                                             "lora_weights")
+
+        self.model = Preprocessing(tokenizer, flag(params.get("add_special_tokens"), True), lora_check)
+        self.bf16 = bf16_outputs(config)
 
     def execute(self, requests):
         responses = []
         for request in requests:
-            query = pb_utils.get_input_tensor_by_name(request, "QUERY").as_numpy()
-            out_len = pb_utils.get_input_tensor_by_name(request, "REQUEST_OUTPUT_LEN").as_numpy()
-            ids = [self.tokenizer(q[0].decode())["input_ids"] for q in query]
-            width = max(len(i) for i in ids)
-            padded = np.array([i + [self.pad_id] * (width - len(i)) for i in ids], dtype=np.int32)
-            n = len(ids)
-            tensors = [
-                pb_utils.Tensor("INPUT_ID", padded),
-                pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(i)] for i in ids], dtype=np.int32)),
-                pb_utils.Tensor("OUT_END_ID", np.full((n, 1), self.end_id, dtype=np.int32)),
-                pb_utils.Tensor("OUT_PAD_ID", np.full((n, 1), self.pad_id, dtype=np.int32)),
-                pb_utils.Tensor("REQUEST_OUTPUT_LEN_OUT", out_len.astype(np.int32)),
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            try:
+                outputs = next(iter(self.model.infer(inputs_of(request), CallContext(request.request_id())))).outputs
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors(pb_utils, outputs, self.bf16)))
+            except Exception as err:  # one bad request gets its error; the others are answered
+                responses.append(error_response(pb_utils, err))
         return responses

@@ -1,0 +1,237 @@
+"""The multi-adapter LoRA op for the torch backend off CUDA: batched over adapters, no Python loop per adapter.
+
+Same contract as `kernels.lora_ref` (slot layouts, ranks, scales, tokens without adapter), with fp32
+accumulation for low-precision inputs; slot entries beyond a slot's rank are ignored but must be finite.
+On CPU the cost of a decode step's LoRA is the number of torch calls, not arithmetic, so the op keeps that
+number small and independent of the number of adapters. Two strategies, chosen by the number of tokens:
+
+  dense    (T <= DENSE_MAX_TOKENS) every token against every slot 0..n-1: one GEMM on the stacked
+           A [n*R, K] (a view), one multiply by the step's token-slot mask, and one GEMM that accumulates into
+           y against B stacked as [n*R, M] with each slot's scale and rank mask folded in. n times the exact
+           FLOPs, but 3 torch calls per output.
+  grouped  tokens sorted by slot once per step; `torch._grouped_mm` multiplies each adapter's segment by its own
+           factors: exact FLOPs, for prefill batches.
+
+Two things are prepared once and reused: the token grouping (it depends only on the step's slot ids, so every
+layer and module shares it; `token_groups` remembers the last slot-id tensor) and, per slot buffer, B stacked
+with its scales and rank mask (it changes only when an adapter is loaded; keyed by the tensors' version
+counters). The stacked copy of B doubles B's memory on this backend.
+`python benchmarks/cpu_lora_op.py` compares the strategies and the reference at the embedded model's shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+DENSE_MAX_TOKENS = 256  # dense measured faster than grouped up to here (benchmarks/cpu_lora_op.py)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class TokenGroups:
+    """A step's tokens grouped by adapter slot (tokens with slot -1 belong to no group)."""
+
+    num_slots: int  # n: slots 0..n-1 are spanned (highest used slot + 1)
+    onehot: torch.Tensor  # [T, n, 1] float32: token t uses slot s
+    order: torch.Tensor  # [Ta] indices of tokens with an adapter, sorted by slot (stable)
+    sorted_slots: torch.Tensor  # [Ta] their slots
+    ends: torch.Tensor  # [n] int32 cumulative segment ends in `order`
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[T, n*width]: 1 where column block s belongs to the token's slot."""
+        key = (width, dtype)
+        if key not in self._masks:
+            self._masks[key] = self.onehot.to(dtype).expand(-1, -1, width).reshape(self.onehot.shape[0], -1)
+        return self._masks[key]
+
+
+_last: tuple[torch.Tensor, int, TokenGroups | None] | None = None
+
+
+def token_groups(slot_ids: torch.Tensor) -> TokenGroups | None:
+    """Groups of a step's `slot_ids` [T] (None when no token has an adapter). Remembers the last tensor it
+    was given (holding it, so its identity cannot be reused), so every module of a step shares one grouping."""
+    global _last
+    version = -1 if slot_ids.is_inference() else slot_ids._version  # inference tensors carry no version counter
+    last = _last  # one read: another thread may replace it
+    if last is not None and last[0] is slot_ids and last[1] == version:
+        return last[2]
+    groups = _group(slot_ids)
+    _last = (slot_ids, version, groups)
+    return groups
+
+
+def _group(slot_ids: torch.Tensor) -> TokenGroups | None:
+    n = int(slot_ids.max()) + 1 if slot_ids.numel() else 0
+    if n <= 0:
+        return None
+    onehot = (slot_ids[:, None] == torch.arange(n, device=slot_ids.device)[None, :]).float()[:, :, None]
+    has = (slot_ids >= 0).nonzero()[:, 0]
+    order = has[torch.argsort(slot_ids[has], stable=True)]
+    sorted_slots = slot_ids[order]
+    ends = torch.cumsum(torch.bincount(sorted_slots, minlength=n), 0).to(torch.int32)
+    return TokenGroups(n, onehot, order, sorted_slots, ends)
+
+
+class _Prepared:
+    """Per-slot constants of one (A, B, ranks, scales) slot set, in the compute dtype, valid while the tensors'
+    version counters stay the same (an adapter load writes into them in place)."""
+
+    def __init__(self, a, b, ranks, scales, width: int, dtype: torch.dtype, versions: tuple | None):
+        self.versions = versions
+        keep = (torch.arange(width, device=ranks.device)[None, :] < ranks[:, None]).to(dtype)
+        self.keep = keep if scales is None else keep * scales[:, None].to(dtype)  # [S, width]
+        self.width = width
+        # A stacked [S*R, K] (a view unless widened); B stacked [S*R, M] with keep folded in
+        self.a_rows = None if a is None else a.to(dtype).reshape(-1, a.shape[2])
+        self.b_rows = None if b is None else (
+            (b[:, :, :width].to(dtype) * self.keep[:, None, :]).transpose(1, 2).reshape(-1, b.shape[1]))
+        self._per_n: dict = {}
+
+    def for_slots(self, n: int) -> tuple:
+        """(A^T [K, n*R], B rows [n*R, M]) of slots 0..n-1: views."""
+        if n not in self._per_n:
+            rows = n * self.width
+            self._per_n[n] = (None if self.a_rows is None else self.a_rows[:rows].t(),
+                              None if self.b_rows is None else self.b_rows[:rows])
+        return self._per_n[n]
+
+
+_prepared: dict = {}  # (ids of a, b, ranks, scales, width, dtype) -> _Prepared, dropped when one of them is freed
+
+
+def _versions(*tensors) -> tuple | None:
+    """Version counters of the tensors (None entries skipped); None if one cannot tell (inference tensors)."""
+    out = []
+    for t in tensors:
+        if t is not None:
+            if t.is_inference():
+                return None
+            out.append(t._version)
+    return tuple(out)
+
+
+def _prepare(a, b, ranks, scales, width: int, dtype: torch.dtype) -> _Prepared:
+    """The cached constants of a slot set (ids are unique among live tensors, and an entry dies with its tensors)."""
+    key = (id(a), id(b), id(ranks), id(scales), width, dtype)
+    versions = _versions(a, b, ranks, scales)
+    p = _prepared.get(key)
+    if p is not None and versions is not None and p.versions == versions:
+        return p
+    p = _Prepared(a, b, ranks, scales, width, dtype, versions)
+    if versions is not None:
+        if key not in _prepared:
+            for t in (a, b, ranks, scales):
+                if t is not None:
+                    weakref.finalize(t, _prepared.pop, key, None)
+        _prepared[key] = p
+    return p
+
+
+STRATEGY = os.environ.get("TRTLLM_BDLORA_CPU_OP", "auto")  # dense | grouped | auto
+
+
+def _strategy(t: torch.Tensor) -> str:
+    """STRATEGY (env TRTLLM_BDLORA_CPU_OP=dense|grouped) forces one; grouped needs a CPU float32/16 or bf16 tensor."""
+    forced = STRATEGY
+    grouped_ok = hasattr(torch, "_grouped_mm") and t.device.type == "cpu" and t.dtype in (torch.float32, *_LOW_PRECISION)
+    if forced == "dense" or not grouped_ok:
+        return "dense"
+    if forced == "grouped":
+        return "grouped"
+    return "dense" if t.shape[0] <= DENSE_MAX_TOKENS else "grouped"
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
+def _grouped(t: torch.Tensor, w: torch.Tensor, g: TokenGroups) -> torch.Tensor:
+    """Rows of `t` (sorted by slot) times the transposed factor of their slot: w [S, out, in] -> [Ta, out]."""
+    return torch._grouped_mm(t, _compute(w[: g.num_slots]).transpose(1, 2), offs=g.ends)
+
+
+def _accumulate(y: torch.Tensor, off: int, delta: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """y[rows, off:off+M] += delta (all rows when `rows` is None), rounding once to y's dtype."""
+    out = y[:, off : off + delta.shape[1]]
+    if rows is not None:
+        out.index_add_(0, rows, delta.to(y.dtype))
+    elif delta.dtype == y.dtype:
+        out.add_(delta)
+    else:
+        out.copy_(out.float() + delta)
+
+
+def multi_lora_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    slot_ids: torch.Tensor,
+    a_slots: list[torch.Tensor],
+    b_slots: list[torch.Tensor],
+    ranks: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    out_offsets: list[int],
+) -> torch.Tensor:
+    """Same contract as kernels.lora_ref.multi_lora_ref: y[:, off:off+M] += LoRA terms, in place; returns y."""
+    g = token_groups(slot_ids)
+    if g is None:
+        return y
+    xc = _compute(x)
+    dense = _strategy(xc) == "dense"
+    xs = None if dense else xc[g.order]
+    for a, b, r, sc, off in zip(a_slots, b_slots, ranks, scales, out_offsets):
+        p = _prepare(a, b, r, sc, a.shape[1], xc.dtype)
+        if dense:
+            a_t, b_rows = p.for_slots(g.num_slots)
+            h = torch.mm(xc, a_t).mul_(g.mask(p.width, xc.dtype))
+            if y.dtype == xc.dtype:
+                y[:, off : off + b.shape[1]].addmm_(h, b_rows)
+            else:
+                _accumulate(y, off, torch.mm(h, b_rows))
+        else:
+            h = _grouped(xs, a, g).mul_(p.keep[g.sorted_slots])
+            _accumulate(y, off, _grouped(h, b[:, :, : p.width], g), g.order)
+    return y
+
+
+def lora_shrink_cpu(x: torch.Tensor, a_slots: torch.Tensor, slot_ids: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Same contract as kernels.lora_ref.lora_shrink_ref: h [T, R], zero beyond rank and for tokens without adapter."""
+    g = token_groups(slot_ids)
+    xc, width = _compute(x), a_slots.shape[1]
+    if g is None:
+        return xc.new_zeros(x.shape[0], width)
+    p = _prepare(a_slots, None, ranks, None, width, xc.dtype)
+    if _strategy(xc) == "dense":
+        h = torch.mm(xc, p.for_slots(g.num_slots)[0]).view(x.shape[0], g.num_slots, width)
+        return h.mul_(g.onehot * p.keep[: g.num_slots]).sum(1)
+    hs = _grouped(xc[g.order], a_slots, g).mul_(p.keep[g.sorted_slots])
+    return xc.new_zeros(x.shape[0], width).index_copy_(0, g.order, hs)
+
+
+def lora_expand_cpu(
+    y: torch.Tensor,
+    h: torch.Tensor,
+    b_slots: torch.Tensor,
+    slot_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    out_offset: int = 0,
+) -> torch.Tensor:
+    """Same contract as kernels.lora_ref.lora_expand_ref: y[:, off:off+M] += scale[s] * h[:, :rank] @ B[s]^T."""
+    g = token_groups(slot_ids)
+    if g is None:
+        return y
+    hc, width = _compute(h), h.shape[1]
+    p = _prepare(None, b_slots, ranks, scales, width, hc.dtype)
+    if _strategy(hc) == "dense":
+        hm = hc.repeat(1, g.num_slots).mul_(g.mask(width, hc.dtype))
+        _accumulate(y, out_offset, torch.mm(hm, p.for_slots(g.num_slots)[1]))
+        return y
+    hs = hc[g.order] * p.keep[g.sorted_slots]
+    _accumulate(y, out_offset, _grouped(hs, b_slots[:, :, :width], g), g.order)
+    return y

@@ -1,0 +1,1 @@
+"""Performance model: per-decode-step time breakdown per LoRA scheme (`trtllm-bdlora project`)."""

@@ -1,0 +1,259 @@
+"""Validate the step model where it can be measured: CPU ranks over gloo on this machine.
+
+The model is given CPU constants measured here, then compared with `trtllm-bdlora bench` at TP 2, 4 and 8:
+  compute     one rank's decode step run alone (one process, one thread, collectives stubbed out), split into
+              base GEMMs (the rank's four group GEMMs and the LM head, timed separately), LoRA (the op's calls),
+              attention and the rest; ranks beyond the machine's cores time-share them: x max(1, N / cores)
+  collectives a latency-bandwidth fit per collective type and world size from a gloo micro-benchmark under mpirun
+Same model code as the GPU projection (perf/model.py): step_collectives counts and sizes, breakdown sums.
+
+  python -m trtllm_bdlora.perf.cpu_validate --out docs/perf/validation.json     (under the measurement lock)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.perf.model import SCHEMES, Workload, breakdown, step_collectives
+
+SIZES = [1 << k for k in range(6, 19, 2)]  # 64 B .. 256 KiB
+
+
+class StubComm(Comm):
+    """Rank 0 of a `world`-rank group with free collectives of the right shapes (compute is all that is timed)."""
+
+    def all_reduce(self, t, category="base"):
+        self.log.record("all_reduce", t, category)
+        return t
+
+    def all_gather(self, t, category="lora"):
+        self.log.record("all_gather", t, category)
+        return torch.cat([t] * self.world, dim=-1)
+
+    def broadcast_json(self, obj=None):
+        return obj
+
+
+def gloo_worker(out: str, reps: int) -> None:
+    """Under mpirun: median time of all_reduce / all_gather (output bytes) / broadcast per size; rank 0 writes."""
+    import torch.distributed as dist
+
+    from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
+
+    torch.set_num_threads(1)
+    comm = init_ranks(mpi_world_size(), "cpu")
+    res: dict = {}
+    for kind in ("all_reduce", "all_gather", "broadcast"):
+        for nbytes in SIZES:
+            t = torch.ones(max(1, nbytes // 4 // (comm.world if kind == "all_gather" else 1)))
+            times = []
+            for i in range(reps + 3):
+                dist.barrier()
+                t0 = time.perf_counter()
+                if kind == "all_reduce":
+                    dist.all_reduce(t)
+                elif kind == "all_gather":
+                    dist.all_gather([torch.empty_like(t) for _ in range(comm.world)], t)
+                else:
+                    dist.broadcast(t, 0)
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+            res.setdefault(kind, []).append((nbytes, statistics.median(times)))
+    shutdown(comm)
+    if comm.rank == 0:
+        Path(out).write_text(json.dumps({"world": comm.world, "samples": res}))
+
+
+def fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (latency s, seconds per byte) of t = a + b * bytes."""
+    xs, ys = [s[0] for s in samples], [s[1] for s in samples]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, max(b, 0.0)
+
+
+def measure_gloo(tp: int, reps: int) -> dict:
+    from trtllm_bdlora.engine.launch import mpirun_command
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gloo.json"
+        cmd = mpirun_command(tp, [])[:-3] + [sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--gloo-worker",
+                                              str(out), "--reps", str(reps)]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL)
+        raw = json.loads(out.read_text())
+    return {kind: {"latency_s": a, "s_per_byte": b, "samples": s} for kind, s in raw["samples"].items()
+            for a, b in [fit(s)]}
+
+
+def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
+    """Per scheme: median per-step seconds of base_gemm, lora, attention, other for rank 0 running alone."""
+    import trtllm_bdlora.engine.llama as llama
+    from trtllm_bdlora.engine.bench import _select, setup_schemes
+
+    torch.set_num_threads(1)
+    comm = StubComm(0, tp)
+    engine, pools = setup_schemes(comm, base, argparse.Namespace(**{**vars(args), "tp": tp}))
+    acc = {"lora": 0.0, "attention": 0.0}
+    orig_lora, orig_attn = llama.apply_lora_group, llama.TPLlama._attention
+
+    def timed(key, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            acc[key] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    llama.apply_lora_group, llama.TPLlama._attention = timed("lora", orig_lora), timed("attention", orig_attn)
+    try:
+        out = {}
+        gen = torch.Generator().manual_seed(0)
+        for k, scheme in enumerate(SCHEMES):
+            _select(engine, pools, scheme)
+            ids = [None] * args.batch if scheme == "none" else [1 + i % args.num_adapters for i in range(args.batch)]
+            loads, slots = pools[scheme].assign(ids)
+            prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
+            engine.execute({"loads": loads, "chunks": [[k * 100 + i, p, 0, s] for i, (p, s) in enumerate(zip(prompts, slots))]})
+            samples = []
+            for step in range(args.steps + 1):
+                acc.update(lora=0.0, attention=0.0)
+                t0 = time.perf_counter()
+                engine.execute({"chunks": [[k * 100 + i, [1], args.prompt_len + step, s] for i, s in enumerate(slots)]})
+                total = time.perf_counter() - t0
+                if step:
+                    samples.append((total, acc["lora"], acc["attention"]))
+            out[scheme] = {"total": statistics.median(s[0] for s in samples), "lora": statistics.median(s[1] for s in samples),
+                           "attention": statistics.median(s[2] for s in samples)}
+    finally:
+        llama.apply_lora_group, llama.TPLlama._attention = orig_lora, orig_attn
+    gemm = _base_gemm_time(engine, args.batch)
+    for row in out.values():
+        row["base_gemm"] = gemm
+        row["other"] = max(0.0, row["total"] - gemm - row["lora"] - row["attention"])
+    return out
+
+
+def _base_gemm_time(engine, batch: int, reps: int = 20) -> float:
+    """Median time of one step's base GEMMs on this rank's shards (four per layer and the LM head)."""
+    model = engine.model
+    xs = {}
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for L in model.layers:
+            for key in ("qkv", "o", "gate_up", "down"):
+                w = L[key]
+                x = xs.setdefault(w.shape[1], torch.randn(batch, w.shape[1], dtype=w.dtype))
+                x @ w.T
+        x = xs.setdefault(model.lm_head.shape[1], torch.randn(batch, model.lm_head.shape[1]))
+        x @ model.lm_head.T
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def predict(compute: dict, gloo: dict, shape, tp: int, args, cores: int) -> dict[str, dict[str, float]]:
+    """The model's step breakdown per scheme from the CPU constants."""
+    from trtllm_bdlora.perf.presets import System
+
+    w = Workload(args.batch, args.prompt_len, -(-args.rank // tp) * tp, -(-args.rank // tp) * tp, args.num_adapters,
+                 dtype_bytes=4)
+    cpu = System("cpu", tp, 0.0, 0.0, {})
+
+    def coll(kind, nbytes):
+        g = gloo[kind]
+        return g["latency_s"] + g["s_per_byte"] * nbytes
+
+    rows = {}
+    for scheme in SCHEMES:
+        colls = step_collectives(shape, tp, w, scheme, parallel_lm_head=False) + [("broadcast", 512, "base_coll", 2)]
+        rows[scheme] = breakdown(compute[scheme], colls, cpu, tp, contention=max(1.0, tp / cores), collective_fn=coll)
+    return rows
+
+
+def run_bench(model_dir: str, tp: int, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "trtllm_bdlora", "bench", "--model", model_dir, "--tp", str(tp), "--batch",
+               str(args.batch), "--num-adapters", str(args.num_adapters), "--rank", str(args.rank), "--steps",
+               str(args.steps), "--prompt-len", str(args.prompt_len), "--threads", "1", "--json", str(out)]
+        subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="validation.json")
+    p.add_argument("--model", default=None, help="HF Llama dir (default: a random 8-head Llama made here)")
+    p.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--num-adapters", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--reps", type=int, default=30, help="gloo micro-benchmark repetitions per size")
+    p.add_argument("--gloo-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.gloo_worker:
+        gloo_worker(args.gloo_worker, args.reps)
+        return 0
+    from trtllm_bdlora.models.loader import load_base_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or str(_random_model(Path(tmp) / "model"))
+        base = load_base_model(model_dir)
+        cores = os.cpu_count() or 1
+        cells, fits = [], {}
+        for tp in args.tp:
+            gloo = measure_gloo(tp, args.reps)
+            compute = measure_compute(base, tp, args)
+            measured = run_bench(model_dir, tp, args)
+            predicted = predict(compute, gloo, base.shape, tp, args, cores)
+            for scheme in SCHEMES:
+                m = measured["schemes"][scheme]
+                cells.append({"tp": tp, "scheme": scheme, "predicted_ms": predicted[scheme]["total"] * 1e3,
+                              "measured_ms": m["median_ms"], "measured_p25_ms": m["p25_ms"], "measured_p75_ms": m["p75_ms"],
+                              "error_pct": 100 * (predicted[scheme]["total"] * 1e3 / m["median_ms"] - 1),
+                              "breakdown_ms": {k: v * 1e3 for k, v in predicted[scheme].items()}})
+                c = cells[-1]
+                print(f"tp {tp} {scheme:<11} predicted {c['predicted_ms']:8.1f} ms  measured {m['median_ms']:8.1f} ms"
+                      f"  ({m['p25_ms']:.1f}-{m['p75_ms']:.1f})  error {c['error_pct']:+6.1f}%", flush=True)
+            fits[tp] = {k: {"latency_us": v["latency_s"] * 1e6, "us_per_kib": v["s_per_byte"] * 1024e6}
+                        for k, v in gloo.items()}
+    shape = base.shape
+    Path(args.out).write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d %H:%M"), "cores": cores, "command": " ".join(sys.argv),
+        "model": {"hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "layers": shape.num_layers,
+                  "heads": shape.num_heads, "kv_heads": shape.num_kv_heads, "vocab": shape.vocab_size},
+        "workload": {"batch": args.batch, "adapters": args.num_adapters, "rank": args.rank, "steps": args.steps,
+                     "prompt_len": args.prompt_len},
+        "gloo_fits": fits, "cells": cells}, indent=1))
+    return 0
+
+
+def _random_model(directory: Path) -> Path:
+    """A random Llama with 8 heads, so TP 2, 4 and 8 all divide it (smollm2-135m has 9)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""KServe v2 tensors on the wire (gRPC protobuf, HTTP JSON with the binary-data extension) to and from numpy,
+checked against a model's declared inputs the way Triton checks them, with one-line errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+
+from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.serving.interface import Model
+from trtllm_bdlora.serving.model_config import wire_type
+
+FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")  # lora_weights: the engine's dtype, but any float is read
+CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+class InputError(RequestError):
+    """A bad value of one named input; an ensemble reports it under the name its client used."""
+
+    def __init__(self, name: str, reason: str):
+        self.input, self.reason = name, reason
+        super().__init__(f"{name} {reason}")
+
+
+@dataclass
+class WireTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    model: str
+    id: str = ""
+    inputs: list[WireTensor] = field(default_factory=list)
+    outputs: list[str] | None = None  # requested output names; None: all
+    binary_outputs: set[str] | bool = True  # HTTP only: which outputs go as binary data
+    parameters: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- decoding
+def array_from_bytes(data: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    if datatype == "BYTES":
+        array = deserialize_bytes_tensor(data) if data else np.array([], dtype=object)
+    elif datatype == "BF16":
+        array = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        dtype = triton_to_np_dtype(datatype)
+        if dtype is None:
+            raise RequestError(f"input {name}: unsupported data type {datatype}")
+        if len(data) % np.dtype(dtype).itemsize:
+            raise RequestError(f"input {name}: {len(data)} bytes is not a whole number of {datatype} values")
+        array = np.frombuffer(data, dtype=dtype)
+    return _shaped(array, shape, name)
+
+
+def _shaped(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    if any(d < 0 for d in shape) or int(np.prod(shape)) != array.size:
+        raise RequestError(f"input {name}: shape {shape} does not match its {array.size} elements")
+    return array.reshape(shape)
+
+
+def from_grpc(request: pb.ModelInferRequest) -> InferRequest:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
+        if raw:
+            array = array_from_bytes(raw[i], t.datatype, shape, t.name)
+        else:
+            field_name = CONTENTS_FIELD.get(t.datatype)
+            if field_name is None:
+                raise RequestError(f"input {t.name}: send {t.datatype} as raw_input_contents")
+            values = list(getattr(t.contents, field_name))
+            dtype = object if t.datatype == "BYTES" else triton_to_np_dtype(t.datatype)
+            array = _shaped(np.array(values, dtype=dtype), shape, t.name)
+        tensors.append(WireTensor(t.name, t.datatype, shape, array))
+    outputs = [o.name for o in request.outputs] or None
+    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
+              if v.WhichOneof("parameter_choice")}
+    return InferRequest(request.model_name, request.id, tensors, outputs, True, params)
+
+
+def from_http(model: str, body: bytes, header_length: int | None) -> InferRequest:
+    head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    try:
+        doc = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise RequestError("request JSON must be an object with an 'inputs' list")
+    tensors, offset = [], 0
+    for t in doc["inputs"]:
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise RequestError("every input needs 'name', 'datatype' and 'shape'")
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if offset + size > len(binary):
+                raise RequestError(f"input {name}: binary_data_size {size} runs past the request body")
+            array = array_from_bytes(binary[offset : offset + size], datatype, shape, name)
+            offset += size
+        else:
+            array = json_array(t.get("data"), datatype, shape, name)
+        tensors.append(WireTensor(name, datatype, shape, array))
+    params = doc.get("parameters") or {}
+    requested = doc.get("outputs")
+    outputs = [o["name"] for o in requested] if requested else None
+    binary_outputs: set[str] | bool = bool(params.get("binary_data_output", False))
+    if requested:
+        binary_outputs = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data")}
+    return InferRequest(model, str(doc.get("id", "")), tensors, outputs, binary_outputs, params)
+
+
+def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    if data is None:
+        raise RequestError(f"input {name}: no data")
+    if datatype == "BYTES":
+        flat = np.array(data, dtype=object).reshape(-1)
+        array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
+    else:
+        dtype = triton_to_np_dtype(datatype)
+        if dtype is None or datatype == "BF16":
+            raise RequestError(f"input {name}: send {datatype} as binary data")
+        try:
+            array = np.array(data, dtype=dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"input {name}: data is not {datatype}") from None
+    return _shaped(array.reshape(-1), shape, name)
+
+
+# ---------------------------------------------------------------------------- checking
+def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int
+                 ) -> dict[str, np.ndarray]:
+    """Triton's checks of an inference request against the model configuration."""
+    out: dict[str, np.ndarray] = {}
+    batch = None
+    for t in tensors:
+        spec = model.input(t.name)
+        if spec is None:
+            raise RequestError(f"unexpected inference input '{t.name}' for model '{model.name}'")
+        if t.name in out:
+            raise RequestError(f"input {t.name} given twice")
+        want = wire_type(spec, values)
+        allowed = FLOAT_WIRE_TYPES if want in FLOAT_WIRE_TYPES and "lora_weights" in t.name.lower() else (want,)
+        if t.datatype not in allowed:
+            raise RequestError(f"input {t.name} must be {'/'.join(allowed)} for model '{model.name}', got {t.datatype}")
+        expected = [-1, *spec.dims]
+        if len(t.shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, t.shape)):
+            hint = " (one value per request)" if spec.dims == (1,) else ""
+            raise RequestError(f"unexpected shape for input '{t.name}' for model '{model.name}': expected "
+                               f"{expected}, got {t.shape}{hint}")
+        if batch is None:
+            batch = t.shape[0]
+        elif t.shape[0] != batch and not spec.ragged:
+            raise RequestError(f"input {t.name} has batch size {t.shape[0]}, other inputs {batch}")
+        out[t.name] = t.array
+    missing = [s.name for s in model.inputs if not s.optional and s.name not in out]
+    if missing:
+        raise RequestError(f"missing required input {', '.join(missing)} for model '{model.name}' "
+                           f"(got {', '.join(out) or 'none'})")
+    if batch is not None and (batch < 1 or batch > max_batch_size):
+        raise RequestError(f"inference request batch-size must be in [1, {max_batch_size}] for '{model.name}', "
+                           f"got {batch}")
+    return out
+
+
+# ---------------------------------------------------------------------------- encoding
+def wire_datatype(array: np.ndarray) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    return {"bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64", "uint64": "UINT64",
+            "float16": "FP16", "float32": "FP32", "float64": "FP64"}[array.dtype.name]
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    if wire_datatype(array) == "BYTES":
+        flat = np.array([v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)], dtype=object)
+        return serialize_byte_tensor(flat).item() if flat.size else b""
+    return np.ascontiguousarray(array).tobytes()
+
+
+def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None
+            ) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for name, array in outputs.items():
+        response.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
+        response.raw_output_contents.append(array_bytes(array))
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool
+            ) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is plain JSON)."""
+    doc_outputs, chunks = [], []
+    for name, array in outputs.items():
+        entry = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
+        if binary is True or (isinstance(binary, set) and name in binary):
+            data = array_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif entry["datatype"] == "BYTES":
+            entry["data"] = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+                             for v in array.reshape(-1)]
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        doc_outputs.append(entry)
+    doc = {"model_name": model, "model_version": "1", "outputs": doc_outputs}
+    if request_id:
+        doc["id"] = request_id
+    head = json.dumps(doc).encode()
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)
