@@ -1,7 +1,9 @@
-"""Exact-match accuracy of the shipped BD-LoRA adapters on held-out prompts, through our serving path
-(`trtllm-bdlora generate`, TP 1 and 3) and through PEFT directly, next to the base model's.
+"""Exact-match accuracy of the shipped BD-LoRA adapters on held-out prompts, in both request forms (`messages`, the
+chat template, as chat endpoints send it; and a plain `prompt`, as `serve` + `client` send text), through our
+serving path (`trtllm-bdlora generate`, TP 1 and 3; `serve` + the tritonclient client for plain text) and through
+PEFT directly, next to the base model's.
 
-  python examples/evaluate.py [--n 20] [--tp 1 3]
+  python examples/evaluate.py [--n 20] [--tp 1 3] [--forms chat plain] [--serve-tp 3] [--no-peft]
 """
 
 from __future__ import annotations
@@ -17,29 +19,34 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-from tasks import TASKS, examples, messages  # noqa: E402
+from tasks import FORMS, TASKS, examples, input_ids, request_input  # noqa: E402
 
 ADAPTERS = {i + 1: (task, HERE / "adapters" / task) for i, task in enumerate(TASKS)}
 MAX_TOKENS = 24
 
 
-def requests_for(n: int) -> list[dict]:
-    """Each task's held-out prompts, once with its adapter and once on the base model."""
+def requests_for(n: int, forms: tuple[str, ...] = FORMS, base: bool = True) -> list[dict]:
+    """Each task's held-out prompts in each form, with its adapter (and, with `base`, on the base model)."""
     out = []
     for task_id, (task, _) in ADAPTERS.items():
         for prompt, answer in examples(task, "heldout", n):
-            for adapter in (task_id, None):
-                out.append({"id": len(out), "adapter": adapter, "messages": messages(prompt), "max_tokens": MAX_TOKENS,
-                            "task": task, "answer": answer})
+            for form in forms:
+                for adapter in (task_id, None) if base else (task_id,):
+                    out.append({"id": len(out), "adapter": adapter, **request_input(prompt, form),
+                                "max_tokens": MAX_TOKENS, "task": task, "form": form, "answer": answer})
     return out
 
 
-def run_generate(requests: list[dict], tp: int) -> list[dict]:
+def run_generate(requests: list[dict], tp: int, adapters: dict[int, Path] | None = None, scheme: str = "bdlora",
+                 max_batch_size: int = 32) -> list[dict]:
+    """`trtllm-bdlora generate` on smollm2-135m with `adapters` ({task id: dir}; default the shipped ones)."""
+    adapters = adapters if adapters is not None else {task_id: d for task_id, (_, d) in ADAPTERS.items()}
     argv = [sys.executable, "-m", "trtllm_bdlora", "generate", "--model", "smollm2-135m", "--tp", str(tp),
-            "--max-batch-size", "32", "--requests", "-"]
-    for task_id, (_, directory) in ADAPTERS.items():
+            "--scheme", scheme, "--max-batch-size", str(max_batch_size), "--requests", "-"]
+    for task_id, directory in adapters.items():
         argv += ["--adapter", f"{task_id}={directory}"]
-    payload = "\n".join(json.dumps({k: r[k] for k in ("id", "adapter", "messages", "max_tokens")}) for r in requests)
+    keys = ("id", "adapter", "prompt", "messages", "max_tokens")
+    payload = "\n".join(json.dumps({k: r[k] for k in keys if k in r}) for r in requests)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(argv, input=payload + "\n", capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
@@ -47,8 +54,9 @@ def run_generate(requests: list[dict], tp: int) -> list[dict]:
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
-def peft_outputs(requests: list[dict]) -> list[list[int]]:
-    """Greedy token ids from PEFT's PeftModel (the independent reference), one request at a time."""
+def peft_outputs(requests: list[dict], batch: int = 16) -> list[list[int]]:
+    """Greedy token ids (through the first EOS) from PEFT's PeftModel, the independent reference; requests with the
+    same adapter and prompt length are generated together (no padding)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,41 +72,109 @@ def peft_outputs(requests: list[dict]) -> list[list[int]]:
         if task_id != first:
             model.load_adapter(directory, adapter_name=str(task_id))
     model.eval()
-    outs = []
-    for r in requests:
-        text = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        kwargs = dict(max_new_tokens=r["max_tokens"], do_sample=False, eos_token_id=model.config.eos_token_id)
-        with torch.no_grad():
-            if r["adapter"] is None:
-                with model.disable_adapter():
+    eos = model.config.eos_token_id
+    encoded = [input_ids(tokenizer, r) for r in requests]
+    groups: dict[tuple, list[int]] = {}
+    for i, (r, ids) in enumerate(zip(requests, encoded)):
+        groups.setdefault((r["adapter"], len(ids), r["max_tokens"]), []).append(i)
+    outs: list[list[int]] = [[] for _ in requests]
+    for (adapter, _, max_tokens), indices in groups.items():
+        for j in range(0, len(indices), batch):
+            part = indices[j : j + batch]
+            ids = torch.tensor([encoded[i] for i in part])
+            kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos)
+            with torch.no_grad():
+                if adapter is None:
+                    with model.disable_adapter():
+                        gen = model.generate(ids, **kwargs)
+                else:
+                    model.set_adapter(str(adapter))
                     gen = model.generate(ids, **kwargs)
-            else:
-                model.set_adapter(str(r["adapter"]))
-                gen = model.generate(ids, **kwargs)
-        outs.append(gen[0, ids.shape[1]:].tolist())
+            for i, row in zip(part, gen[:, ids.shape[1] :].tolist()):
+                outs[i] = row[: row.index(eos) + 1] if eos in row else row
     return outs
 
 
-def accuracy(requests: list[dict], texts: list[str]) -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, list[bool]]] = {}
+def run_serve(requests: list[dict], tp: int, timeout: float = 600) -> list[str]:
+    """Plain-text requests through `trtllm-bdlora serve --tp` with the shipped adapters, sent with the project's
+    tritonclient client (what `trtllm-bdlora client --text` does), a few at a time."""
+    import signal
+    import socket
+    import tempfile
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+
+    from trtllm_bdlora.serving.client import infer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "trtllm_bdlora", "serve", "--model", "smollm2-135m", "--tp", str(tp),
+            "--grpc-port", str(port), "--max-batch-size", "32"]
+    for task_id, (_, directory) in ADAPTERS.items():
+        argv += ["--adapter", f"{task_id}={directory}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def send(r: dict) -> str:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            return infer(client, r["prompt"], r["max_tokens"], r["adapter"])
+        finally:
+            client.close()
+
+    try:
+        deadline = time.time() + timeout
+        probe = grpcclient.InferenceServerClient(url)
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"serve did not become ready: {log.read()[-3000:]}")
+            try:
+                if probe.is_server_ready() and probe.is_model_ready("ensemble"):
+                    break
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.5)
+        probe.close()
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(send, requests))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+        log.close()
+
+
+def accuracy(requests: list[dict], texts: list[str]) -> dict[tuple[str, str], dict[str, float]]:
+    """{(task, form): {"adapter": share correct, "base": share correct}}; the whole stripped text must match."""
+    table: dict[tuple[str, str], dict[str, list[bool]]] = {}
     for r, text in zip(requests, texts):
         column = "adapter" if r["adapter"] else "base"
-        table.setdefault(r["task"], {}).setdefault(column, []).append(text.strip() == r["answer"])
-    return {task: {col: sum(v) / len(v) for col, v in cols.items()} for task, cols in table.items()}
+        table.setdefault((r["task"], r["form"]), {}).setdefault(column, []).append(text.strip() == r["answer"])
+    return {key: {col: sum(v) / len(v) for col, v in cols.items()} for key, cols in table.items()}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20, help="held-out prompts per task")
-    p.add_argument("--tp", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 3], help="TP sizes to run `generate` at")
+    p.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    p.add_argument("--serve-tp", type=int, default=3, help="TP of `serve` for the plain-text requests (0: skip)")
     p.add_argument("--no-peft", action="store_true")
     args = p.parse_args(argv)
-    requests = requests_for(args.n)
+    requests = requests_for(args.n, tuple(args.forms))
     results = {}
     for tp in args.tp:
         outs = run_generate(requests, tp)
         results[f"generate tp{tp}"] = accuracy(requests, [o["text"] for o in outs])
+    plain = [r for r in requests if r["form"] == "plain"]
+    if args.serve_tp and plain:
+        results[f"serve+client tp{args.serve_tp}"] = accuracy(plain, run_serve(plain, args.serve_tp))
     if not args.no_peft:
         from transformers import AutoTokenizer
 
@@ -107,10 +183,12 @@ def main(argv=None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in peft_outputs(requests)]
         results["peft"] = accuracy(requests, texts)
-    print(f"exact match on {args.n} held-out prompts per task (adapter / base model)")
-    print(f"{'path':<16}" + "".join(f"{t:>18}" for t in TASKS))
+    print(f"exact match on {args.n} held-out prompts per task and form (adapter / base model)")
+    columns = [(t, f) for t in TASKS for f in args.forms]
+    print(f"{'path':<22}" + "".join(f"{f'{t} ({f})':>20}" for t, f in columns))
     for path, acc in results.items():
-        print(f"{path:<16}" + "".join(f"{acc[t]['adapter']:>9.0%} / {acc[t]['base']:<6.0%}" for t in TASKS))
+        cells = [f"{acc[c]['adapter']:>11.0%} / {acc[c]['base']:<6.0%}" if c in acc else f"{'-':>20}" for c in columns]
+        print(f"{path:<22}" + "".join(cells))
     return 0
 
 

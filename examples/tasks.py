@@ -1,5 +1,5 @@
 """Three tasks whose answers are checked exactly, which the base model fails: generated, seeded, with a
-held-out split that shares no example with training."""
+held-out split that shares no example with training; and the two forms a request can take."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ WORDS = (
 ).split()
 
 TASKS = ("upper", "reverse", "json")
+FORMS = ("chat", "plain")  # `messages` through the chat template (chat endpoints), or a plain `prompt` (serve + client)
+PLAIN_SEPARATOR = "\n"  # a plain prompt is completed as PROMPT + "\n" + ANSWER
 
 
 def _example(task: str, rng: random.Random) -> tuple[str, str]:
@@ -48,3 +50,18 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[tuple[str, st
 
 def messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
+
+
+def request_input(prompt: str, form: str) -> dict:
+    """The prompt part of a `generate` request in `form`."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}")
+    return {"messages": messages(prompt)} if form == "chat" else {"prompt": prompt}
+
+
+def input_ids(tokenizer, request: dict) -> list[int]:
+    """The token ids `generate` (and `serve`) feed the model for a `messages` or `prompt` request."""
+    if "messages" in request:
+        text = tokenizer.apply_chat_template(request["messages"], add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(request["prompt"])["input_ids"]

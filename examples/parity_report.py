@@ -1,0 +1,130 @@
+"""Summaries of a parity run: mean ± std over seeds per (task, method, rank), a markdown table, and the figure in
+the paper's layout (score against adapter parameters on a log2 axis, one line per method, error bars).
+
+  python examples/parity_report.py RUN/results.json   # rewrite RUN/table.md and RUN/parity.png from a finished run
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+TASK_LABELS = {
+    "lm": ("held-out perplexity (lower is better)", "{:.3f}"),
+    "add": ("exact match, 3-digit addition (higher is better)", "{:.1%}"),
+}
+METHOD_LABELS = {"lora": "LoRA", "bdlora": "BD-LoRA"}
+
+
+def summarise(runs: list[dict], path: str) -> list[dict]:
+    """One row per (task, method, rank): parameters and the mean / sample std of `path`'s score over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["method"], run["rank"]), []).append(run)
+    rows = []
+    for (task, method, rank), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "lora", kv[0][2])):
+        scores = [g["scores"][path] for g in group]
+        rows.append({
+            "task": task, "method": method, "rank": rank, "params": group[0]["params"], "seeds": len(scores),
+            "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        })
+    return rows
+
+
+def markdown_table(rows_by_path: dict[str, list[dict]], base: dict[str, dict[str, float]]) -> str:
+    """Method, rank, parameters and mean ± std per task, for each evaluation path (columns)."""
+    paths = list(rows_by_path)
+    tasks = sorted({r["task"] for r in next(iter(rows_by_path.values()))}, key=list(TASK_LABELS).index)
+    header = ["method", "rank", "parameters"] + [f"{t} ({p})" for t in tasks for p in paths]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cell(task: str, path: str, method: str, rank: int) -> str:
+        fmt = TASK_LABELS[task][1]
+        row = next((r for r in rows_by_path[path] if (r["task"], r["method"], r["rank"]) == (task, method, rank)), None)
+        return "" if row is None else f"{fmt.format(row['mean'])} ± {fmt.format(row['std'])}"
+
+    keys = sorted({(r["method"], r["rank"], r["params"]) for r in next(iter(rows_by_path.values()))},
+                  key=lambda k: (k[0] != "lora", k[1]))
+    lines.append("| base model | – | 0 | " + " | ".join(
+        TASK_LABELS[t][1].format(base[p][t]) for t in tasks for p in paths) + " |")
+    for method, rank, params in keys:
+        cells = [cell(t, p, method, rank) for t in tasks for p in paths]
+        lines.append(f"| {METHOD_LABELS[method]} | {rank} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_gaps(runs: list[dict], path: str) -> str:
+    """Markdown table: per task and LoRA rank, BD-LoRA's score minus its matched LoRA's at the same seed (same
+    batches), mean ± std over seeds, and how many seeds BD-LoRA did better on."""
+    by_key = {(r["task"], r["method"], r["lora_rank"], r["seed"]): r["scores"][path] for r in runs}
+    lines = ["| task | LoRA rank → BD-LoRA rank | BD-LoRA − LoRA (mean ± std) | seeds where BD-LoRA is better |",
+             "|---|---|---|---|"]
+    for task in [t for t in TASK_LABELS if any(r["task"] == t for r in runs)]:
+        for lora_rank in sorted({r["lora_rank"] for r in runs if r["task"] == task}):
+            bd_rank = next(r["rank"] for r in runs if (r["task"], r["method"], r["lora_rank"]) == (task, "bdlora", lora_rank))
+            seeds = sorted(k[3] for k in by_key if k[:3] == (task, "lora", lora_rank) and (task, "bdlora", lora_rank, k[3]) in by_key)
+            gaps = [by_key[(task, "bdlora", lora_rank, s)] - by_key[(task, "lora", lora_rank, s)] for s in seeds]
+            better = sum(g < 0 if task == "lm" else g > 0 for g in gaps)
+            fmt = "{:+.3f}" if task == "lm" else "{:+.1%}"
+            std = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+            lines.append(f"| {task} | {lora_rank} → {bd_rank} | {fmt.format(statistics.fmean(gaps))} ± "
+                         f"{fmt.format(std).lstrip('+')} | {better} of {len(gaps)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], base: dict[str, float], out: Path, title: str) -> None:
+    """One panel per task: mean ± std against adapter parameters (log2 x axis), one line per method."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASK_LABELS if any(r["task"] == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(6.0, 5.2 * len(tasks)), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method, marker in (("lora", "o"), ("bdlora", "s")):
+            pts = sorted((r for r in rows if r["task"] == task and r["method"] == method), key=lambda r: r["params"])
+            if not pts:
+                continue
+            ax.errorbar([r["params"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts],
+                        marker=marker, capsize=3, label=METHOD_LABELS[method])
+            for r in pts:
+                ax.annotate(f"r={r['rank']}", (r["params"], r["mean"]), textcoords="offset points",
+                            xytext=(4, 6) if method == "lora" else (-8, -14), fontsize=7)
+        if task in base:  # as text: a line at the base model's score would flatten the curves
+            ax.set_title(f"base model: {TASK_LABELS[task][1].format(base[task])}", fontsize=9)
+        ax.set_xscale("log", base=2)
+        params = sorted({r["params"] for r in rows if r["task"] == task})
+        ax.set_xlim(params[0] / 2**0.4, params[-1] * 2**0.4)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1e6:.3g}M"))
+        ax.minorticks_off()
+        if task == "add":
+            ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_xlabel("adapter parameters (log2 scale)")
+        ax.set_ylabel(TASK_LABELS[task][0])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """table.md (both evaluation paths, then BD-LoRA's paired gap) and parity.png (the serving path) into out."""
+    runs, s = results["runs"], results["settings"]
+    rows = {path: summarise(runs, path) for path in ("peft", "engine")}
+    (out / "table.md").write_text(markdown_table(rows, results["base"]) + "\n\n" + paired_gaps(runs, "engine") + "\n")
+    plot(rows["engine"], results["base"]["engine"], out / "parity.png",
+         f"smollm2-135m, LoRA vs BD-LoRA (nblocks {s['nblocks']}),\nmean ± std over {len(s['seeds'])} seed(s), "
+         f"scored through the TP-{s['tp']} serving path")
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1])
+    write_report(json.loads(path.read_text()), path.parent)
+    print((path.parent / "table.md").read_text())
