@@ -20,7 +20,7 @@ import numpy as np
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
 from trtllm_bdlora.engine.scheduler import Scheduler
-from trtllm_bdlora.errors import BdLoraError, RequestError
+from trtllm_bdlora.errors import BdLoraError, ServerBusyError, ServerUnavailableError
 
 HEARTBEAT_S = 1.0
 
@@ -56,7 +56,7 @@ class Runtime:
 
     def submit(self, sub: Submission) -> None:
         if self.stopping.is_set() or not self.healthy:
-            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+            raise ServerUnavailableError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
         sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
             sub.request.index = self._next
@@ -64,7 +64,8 @@ class Runtime:
         try:
             self.inbox.put_nowait(sub)
         except queue.Full:
-            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued "
+                                  "(--max-queue), retry later") from None
 
     @staticmethod
     def cancel(request: Request) -> None:
