@@ -42,6 +42,7 @@ class Runtime:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.failure: str | None = None
+        self.cut_reason: str | None = None  # set by `cut`: fail what is left and stop
         self._next = 0
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
@@ -81,10 +82,15 @@ class Runtime:
     def active(self) -> int:
         return len(self.pending)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish in-flight and queued requests, then stop every rank."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish in-flight and queued requests, then stop every rank; whether that happened within `timeout`."""
         self.stopping.set()
-        self.stopped.wait(timeout)
+        return self.stopped.wait(timeout)
+
+    def cut(self, reason: str) -> None:
+        """Fail every pending and queued request with `reason` at the next step boundary, then stop every rank."""
+        self.cut_reason = reason
+        self.stopping.set()
 
     # engine thread ------------------------------------------------------------
     def _admit(self, sub: Submission) -> None:
@@ -115,6 +121,9 @@ class Runtime:
         try:
             last = time.monotonic()
             while True:
+                if self.cut_reason is not None:
+                    self._fail_all(self.cut_reason)
+                    break
                 idle = not self.scheduler.busy
                 if idle and self.stopping.is_set() and self.inbox.empty():
                     break
@@ -131,10 +140,14 @@ class Runtime:
             self.engine.lead(None)
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            for sub in list(self.pending.values()):
-                sub.on_done(None, f"server failed: {self.failure}")
-            self.pending.clear()
-            while not self.inbox.empty():
-                self.inbox.get_nowait().on_done(None, f"server failed: {self.failure}")
+            self._fail_all(f"server failed: {self.failure}")
         finally:
             self.stopped.set()
+
+    def _fail_all(self, message: str) -> None:
+        for sub in list(self.pending.values()):
+            sub.request.cancelled = True
+            sub.on_done(None, message)
+        self.pending.clear()
+        while not self.inbox.empty():
+            self.inbox.get_nowait().on_done(None, message)
