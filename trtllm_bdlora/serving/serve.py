@@ -24,9 +24,9 @@ def main(args: argparse.Namespace) -> int:
     if mpi_world_size() is None:
         from trtllm_bdlora.engine.engine import check_launch
 
-        check_launch(args)  # before any rank starts
         check_ports_free(args.host, {"--grpc-port": args.grpc_port, "--http-port": args.http_port,
                                      "--metrics-port": args.metrics_port})
+        check_launch(args)  # before any rank starts
         if args.tp > 1:
             from trtllm_bdlora.engine.launcher import relaunch_ranks
 
@@ -94,7 +94,6 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
     return 0
-
 
 
 CUT_GRACE_S = 10.0  # after --shutdown-timeout: how long the engine may take to reach a step boundary
