@@ -25,6 +25,10 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 EXTENSIONS = ["model_configuration", "binary_tensor_data", "parameters", "statistics", "model_repository",
               "generate"]
 EMPTY_FINAL = "triton_enable_empty_final_response"
+# refusals beyond the front ends' capacity; a call beyond the queue starts with Triton core's queue-full wording
+STREAMS_REFUSAL = "Exceeds maximum number of concurrent streams: {limit} open (--max-streams), retry later"
+CALLS_REFUSAL = ("Exceeds maximum queue size: {limit} inference calls already in progress (--max-queue + "
+                 "--max-batch-size), retry later")
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -50,8 +54,8 @@ class Capacity:
 class CallSlots:
     """A counter that refuses instead of waiting."""
 
-    def __init__(self, limit: int, what: str):
-        self.limit, self.what, self.used = limit, what, 0
+    def __init__(self, limit: int, refusal: str):
+        self.limit, self.refusal_text, self.used = limit, refusal, 0
         self.lock = threading.Lock()
 
     def acquire(self) -> bool:
@@ -66,15 +70,15 @@ class CallSlots:
             self.used -= 1
 
     def refusal(self) -> str:
-        return f"Exceeds maximum {self.what}: {self.limit} already open, retry later"
+        return self.refusal_text.format(limit=self.limit)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, server: ModelServer, capacity: Capacity | None = None):
         self.server = server
         capacity = capacity or Capacity()
-        self.stream_slots = CallSlots(capacity.streams, "concurrent streams (--max-streams)")
-        self.unary_slots = CallSlots(capacity.unary, "concurrent inference calls")
+        self.stream_slots = CallSlots(capacity.streams, STREAMS_REFUSAL)
+        self.unary_slots = CallSlots(capacity.unary, CALLS_REFUSAL)
 
     # health and metadata -----------------------------------------------------
     def ServerLive(self, request, context):

@@ -19,13 +19,14 @@ from google.protobuf import json_format
 
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError
-from trtllm_bdlora.serving.grpc_server import EXTENSIONS, CallSlots
+from trtllm_bdlora.serving.grpc_server import CALLS_REFUSAL, EXTENSIONS, CallSlots
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.model_server import ModelServer
 from trtllm_bdlora.serving.protocol import CallContext, ModelResponse, error_status
 from trtllm_bdlora.serving.tensors import InferRequest, WireTensor, from_http, to_http
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to finish
 
 
 def _error(err: BaseException) -> JSONResponse:
@@ -38,7 +39,7 @@ class InferencePool:
     and bounded: a call beyond `limit` is refused at once with 429."""
 
     def __init__(self, limit: int):
-        self.slots = CallSlots(limit, "concurrent inference calls")
+        self.slots = CallSlots(limit, CALLS_REFUSAL)
         self.executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="http-infer")
 
     async def run(self, fn, *args):
@@ -265,15 +266,20 @@ class HttpServer:
         except OSError as err:
             self.sock.close()
             raise BdLoraError(f"cannot listen on {host}:{port} ({err.strerror})") from None
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=STOP_GRACE_S))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> HttpServer:
         self.thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def begin_stop(self) -> None:
+        """Stop accepting; open connections get STOP_GRACE_S to finish."""
         self.server.should_exit = True
+
+    def stop(self, timeout: float = STOP_GRACE_S + 2) -> None:
+        self.begin_stop()
         self.thread.join(timeout)
         self.sock.close()
 

@@ -38,11 +38,12 @@ def main(args: argparse.Namespace) -> int:
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        try:
-            engine.follow()
-        finally:
-            shutdown(comm)
-        return 0
+        engine.follow()
+        # rank 0 said stop: nothing is left to do. Tearing the process group down would wait on rank 0's store,
+        # which may already be gone (the launcher then kills this rank after its grace period).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return _serve_rank0(args, engine, comm)
 
 
@@ -60,11 +61,14 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     server = ModelServer(runtime, serve_values(args.model, args.tp, args.max_batch_size), metrics)
     grpc_server, http_servers = None, []
 
-    def stop_endpoints():
+    def stop_endpoints():  # all at once: a stop must fit in --shutdown-timeout + a few seconds
+        for http in http_servers:
+            http.begin_stop()
+        stopped = grpc_server.stop(grace=1) if grpc_server is not None else None
         for http in http_servers:
             http.stop()
-        if grpc_server is not None:
-            grpc_server.stop(grace=2).wait()
+        if stopped is not None:
+            stopped.wait()
 
     try:
         grpc_server = start_server(server, args.host, args.grpc_port, capacity)
@@ -93,7 +97,8 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
         return 1
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # nothing is left to save; interpreter teardown (idle server threads, torch) only delays the exit
 
 
 CUT_GRACE_S = 10.0  # after --shutdown-timeout: how long the engine may take to reach a step boundary
