@@ -2,6 +2,7 @@
 bad sampling values and adapter weights get per-request errors and the next request is still right (greedy
 tokens equal transformers'); adapter ids keep the weights they were registered with; malformed raw tensors and
 non-UTF-8 text are INVALID_ARGUMENT / 400 with a message; health answers within 1 s with 100 idle streams open."""
+# ruff: noqa: F811 - test arguments name the fixtures imported from test_triton_serve
 
 import json
 import queue
@@ -14,44 +15,25 @@ import pytest
 import requests
 import torch
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.test_adapter_cache import random_request_adapter
-from tests.test_triton_serve import core_inputs, ensemble_inputs, tensors
+from tests.test_triton_serve import (  # noqa: F401 - its module fixtures, shared (the same session server)
+    core_inputs,
+    ensemble_inputs,
+    grpc_client,
+    http_client,
+    served,
+    tensors,
+    tokenizer,
+)
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter
 from trtllm_bdlora.models.loader import load_model_config
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def served(triton_served):
-    return triton_served
-
-
-@pytest.fixture(scope="module")
-def grpc_client(served):
-    c = grpcclient.InferenceServerClient(served[0].url)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def http_client(served):
-    c = httpclient.InferenceServerClient(served[0].http_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(served):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(served[1])
 
 
 @pytest.fixture(scope="module")
