@@ -249,7 +249,7 @@ def build_metrics_app(metrics: Metrics) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora metrics")
 
     @app.get("/metrics")
-    def metrics_text():
+    async def metrics_text():  # on the event loop: a scrape never waits behind streaming responses' threads
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
