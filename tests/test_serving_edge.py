@@ -250,3 +250,14 @@ def test_health_answers_within_a_second_with_100_idle_streams(served):
             s.close()
         for c in channels:
             c.close()
+
+
+def test_http_body_over_the_limit_is_refused_before_reading(served):
+    from trtllm_bdlora.serving.grpc_server import MAX_MESSAGE_BYTES
+
+    url = f"http://{served[0].http_url}/v2/models/ensemble/infer"
+    response = requests.post(url, data=b"{" * (MAX_MESSAGE_BYTES + 1), timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["error"], response.text
+    response = requests.post(f"http://{served[0].http_url}/v2/repository/index", data=b"{not json", timeout=60)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    assert requests.get(f"http://{served[0].http_url}/v2/health/live", timeout=5).status_code == 200

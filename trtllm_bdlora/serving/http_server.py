@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError
-from trtllm_bdlora.serving.grpc_server import CALLS_REFUSAL, EXTENSIONS, CallSlots
+from trtllm_bdlora.serving.grpc_server import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.model_server import ModelServer
 from trtllm_bdlora.serving.protocol import CallContext, ModelResponse, error_status
@@ -31,7 +31,7 @@ STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to fini
 
 def _error(err: BaseException) -> JSONResponse:
     _, status, message = error_status(err)
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=413 if isinstance(err, BodyTooLarge) else status)
 
 
 class InferencePool:
@@ -99,6 +99,10 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora KServe v2", version=__version__)
     pool = InferencePool(max_inference_calls)
 
+    @app.exception_handler(BdLoraError)
+    async def request_error(_request: Request, err: BdLoraError):  # e.g. a body over the limit
+        return _error(err)
+
     @app.get("/v2/health/live")
     async def live():
         return Response(status_code=200)
@@ -114,8 +118,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
 
     @app.post("/v2/repository/index")
     async def index(request: Request):
-        body = await request.body()
-        only_ready = bool(json.loads(body or b"{}").get("ready", False)) if body else False
+        doc = _json(await _body(request) or b"{}")
+        only_ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
         return [m for m in server.index() if not only_ready or m["state"] == "READY"]
 
     @app.get("/v2/models/stats")
@@ -163,7 +167,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
         header = request.headers.get(HEADER_LENGTH)
 
         def run():
@@ -188,7 +192,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     @app.post("/v2/models/{model}/generate")
     @app.post("/v2/models/{model}/versions/{version}/generate")
     async def generate(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
 
         def run():
             infer_request = generate_inputs(server, model, _json(body))
@@ -206,7 +210,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     @app.post("/v2/models/{model}/generate_stream")
     @app.post("/v2/models/{model}/versions/{version}/generate_stream")
     async def generate_stream(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
         try:
             infer_request = await pool.run(generate_inputs, server, model, _json(body))
         except Exception as err:  # noqa: BLE001
@@ -227,6 +231,23 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+class BodyTooLarge(RequestError):
+    """HTTP 413: a request body over the limit gRPC also applies (MAX_MESSAGE_BYTES), refused before it is read."""
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_MESSAGE_BYTES:
+            raise BodyTooLarge(f"request body is over the {MAX_MESSAGE_BYTES}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _header_length(header: str | None) -> int | None:
