@@ -205,7 +205,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 for request in request_iterator:
                     with lock:
-                        live[0] += 1
+                        full = live[0] >= self.unary_slots.limit  # one stream holds at most this many requests
+                        live[0] += 0 if full else 1
+                    if full:
+                        responses.put(pb.ModelStreamInferResponse(
+                            error_message=self.unary_slots.refusal(),
+                            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                        continue
                     threading.Thread(target=run, args=(request,), daemon=True).start()
             except Exception:  # the client closed the stream abruptly; in-flight requests are cancelled
                 closed.set()
