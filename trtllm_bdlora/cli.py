@@ -113,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC (Triton's default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (Triton's default 8002)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 'server busy'")
-    p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to finish in-flight work on SIGTERM; then the rest is cut with an error and serve exits")
+    p.add_argument("--max-streams", type=_positive_int, default=128,
+                   help="concurrent gRPC ModelStreamInfer streams; more get RESOURCE_EXHAUSTED (health never waits)")
+    p.add_argument("--allow-request-adapters", action=argparse.BooleanOptionalAction, default=True,
+                   help="register adapters sent with requests (lora_task_id + lora_weights + lora_config), as Triton "
+                        "does; --no-allow-request-adapters serves only the --adapter ids")
     p.add_argument("--openai-port", type=int, default=9000, help="OpenAI-compatible HTTP API (/v1/...) on --host")
     p.add_argument("--served-model-name", default=None, help="the base model's OpenAI model name (default: --model)")
     p.add_argument("--allow-adapter-loading", action="store_true",

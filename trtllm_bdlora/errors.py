@@ -33,3 +33,12 @@ class AdapterNotCachedError(RequestError):
 class AdapterCacheFullError(RequestError):
     """No room in the host LoRA cache: everything it holds is pinned or in use by requests that have not finished.
     Starts with TensorRT-LLM's wording (PeftCacheManager: "PEFT Cache is full. Could not store taskId=...")."""
+
+
+class ServerBusyError(RequestError):
+    """The request queue is full: retry later (gRPC RESOURCE_EXHAUSTED, HTTP 429). The message starts with Triton
+    core's queue-full wording ("Exceeds maximum queue size", scheduler_utils.cc `RequestQueue::Enqueue`)."""
+
+
+class ServerUnavailableError(RequestError):
+    """The server is shutting down or failed: go elsewhere (gRPC UNAVAILABLE, HTTP 503)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
+from trtllm_bdlora.engine.adapter_owners import AdapterOwners
 from trtllm_bdlora.engine.adapter_pool import (
     DEFAULT_HOST_CACHE_BYTES,
     DEFAULT_MAX_LORA_RANK,
@@ -63,6 +64,7 @@ class Engine:
         max_lora_rank: int | None = None,
         lora_cache_host_bytes: int = DEFAULT_HOST_CACHE_BYTES,
         pin_adapters: bool = True,
+        allow_request_adapters: bool = True,
     ):
         self.comm = comm
         self.pin_adapters = pin_adapters
@@ -77,8 +79,12 @@ class Engine:
         self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device,
                                 max_lora_rank, lora_cache_host_bytes)
         check_unique_adapter_ids(adapters)
+        self.owners = AdapterOwners(allow_request_adapters)  # rank 0 decides who may send weights for an id
         for task_id, directory in adapters:
-            self.register(task_id, load_peft_adapter(directory, model_shape=self.shape), pinned=pin_adapters)
+            adapter = load_peft_adapter(directory, model_shape=self.shape)
+            self.register(task_id, adapter, pinned=pin_adapters)
+            if comm.rank == 0:
+                self.owners.add_startup(task_id, adapter, comm.world)
         if self.pool.host_bytes_used > lora_cache_host_bytes:
             raise AdapterError(f"the --adapter adapters take {self.pool.host_bytes_used} bytes per rank, more than "
                                f"--lora-cache-host-bytes {lora_cache_host_bytes}")
@@ -105,12 +111,17 @@ class Engine:
             if weights is not None or config is not None:
                 raise RequestError("lora_weights sent without a lora_task_id")
             return
+        if weights is None or config is None:
+            if task_id not in self.pool:
+                raise AdapterNotCachedError(task_id)
+            self.pool.touch(task_id)
+            return
+        digest = self.owners.check(task_id, weights, config)  # weights for an id bound to others: refused
         if task_id in self.pool:
             self.pool.touch(task_id)
             return
-        if weights is None or config is None:
-            raise AdapterNotCachedError(task_id)
         self._register_request_adapter(task_id, weights, config, in_use)
+        self.owners.bind(task_id, digest, self.pool)
 
     def _register_request_adapter(self, task_id: int, weights, config, in_use: set[int]) -> None:
         import numpy as np
@@ -207,4 +218,4 @@ def engine_from_args(args, comm: Comm) -> Engine:
     that meets it, and the launcher reports it once."""
     return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype,
                   max_lora_rank=args.max_lora_rank, lora_cache_host_bytes=args.lora_cache_host_bytes,
-                  pin_adapters=args.pin_adapters)
+                  pin_adapters=args.pin_adapters, allow_request_adapters=getattr(args, "allow_request_adapters", True))

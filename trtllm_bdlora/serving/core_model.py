@@ -30,6 +30,7 @@ from trtllm_bdlora.serving.tensors import InputError
 from trtllm_bdlora.serving.text import parse_word_list
 
 POLL_S = 0.25
+MAX_LORA_WEIGHT = 65504.0  # float16's largest value: TensorRT-LLM engines hold adapter weights in fp16 / bf16
 # inputs with no effect at beam width 1, or hints that do not change outputs: accepted at any value
 NO_EFFECT = ("len_penalty", "early_stopping", "beam_search_diversity_rate", "draft_acceptance_threshold",
              "runtime_top_p_min", "runtime_top_p_reset_ids", "decoder_input_ids", "decoder_input_lengths",
@@ -209,6 +210,13 @@ class CoreModel:
             return None
         if weights is None or config is None:
             raise RequestError("send lora_weights and lora_config together")
+        if weights.size and weights.dtype.kind == "f":  # bf16 arrives as float32: every served type is checked
+            if not np.isfinite(weights).all():
+                raise InputError("lora_weights", "must be finite (NaN or infinity found)")
+            largest = float(np.abs(weights).max())
+            if largest > MAX_LORA_WEIGHT:
+                raise InputError("lora_weights", f"holds {largest:g}, beyond {MAX_LORA_WEIGHT:g} (the largest float16): "
+                                 "an adapter scale this large overflows the activations")
         if weights.ndim == 3 and weights.shape[0] > 1:
             return weights[row], config[row]
         return weights, config

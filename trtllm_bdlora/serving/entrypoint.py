@@ -30,7 +30,8 @@ ENV_FLAGS = (("MODEL", "--model"), ("TP", "--tp"), ("BACKEND", "--backend"), ("D
 TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-loras", "device": "--device",
               "lora_cache_host_bytes": "--lora-cache-host-bytes", "pin_adapters": "--no-pin-adapters",
               "comm_interface": "--comm-interface", "host": "--host", "max_queue": "--max-queue",
-              "shutdown_timeout": "--shutdown-timeout"}
+              "shutdown_timeout": "--shutdown-timeout", "max_streams": "--max-streams",
+              "allow_request_adapters": "--no-allow-request-adapters"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:

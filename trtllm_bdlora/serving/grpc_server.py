@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -17,29 +18,67 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.serving.model_server import ModelNotFound, ModelServer
-from trtllm_bdlora.serving.protocol import CallContext
+from trtllm_bdlora.serving.protocol import CallContext, error_status
 from trtllm_bdlora.serving.tensors import from_grpc, to_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 EXTENSIONS = ["model_configuration", "binary_tensor_data", "parameters", "statistics", "model_repository",
               "generate"]
 EMPTY_FINAL = "triton_enable_empty_final_response"
+# refusals beyond the front ends' capacity; a call beyond the queue starts with Triton core's queue-full wording
+STREAMS_REFUSAL = "Exceeds maximum number of concurrent streams: {limit} open (--max-streams), retry later"
+CALLS_REFUSAL = ("Exceeds maximum queue size: {limit} inference calls already in progress (--max-queue + "
+                 "--max-batch-size), retry later")
 
 
-def status_of(err: BdLoraError) -> grpc.StatusCode:
-    message = str(err)
-    if isinstance(err, ModelNotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if message.startswith("server failed"):
-        return grpc.StatusCode.INTERNAL
-    if message.startswith(("server busy", "server is shutting down")):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INVALID_ARGUMENT
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, _, message = error_status(err)
+    return getattr(grpc.StatusCode, code), message
+
+
+@dataclass
+class Capacity:
+    """Separate capacity for inference and for everything else: at most `streams` ModelStreamInfer calls and
+    `unary` ModelInfer calls hold a worker thread at once (more are refused with RESOURCE_EXHAUSTED), and the
+    pool keeps `reserve` workers beyond them, so health, metadata and statistics answer under any load."""
+
+    streams: int = 128
+    unary: int = 272
+    reserve: int = 16
+
+    @property
+    def workers(self) -> int:
+        return self.streams + self.unary + self.reserve
+
+
+class CallSlots:
+    """A counter that refuses instead of waiting."""
+
+    def __init__(self, limit: int, refusal: str):
+        self.limit, self.refusal_text, self.used = limit, refusal, 0
+        self.lock = threading.Lock()
+
+    def acquire(self) -> bool:
+        with self.lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def release(self) -> None:
+        with self.lock:
+            self.used -= 1
+
+    def refusal(self) -> str:
+        return self.refusal_text.format(limit=self.limit)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: ModelServer):
+    def __init__(self, server: ModelServer, capacity: Capacity | None = None):
         self.server = server
+        capacity = capacity or Capacity()
+        self.stream_slots = CallSlots(capacity.streams, STREAMS_REFUSAL)
+        self.unary_slots = CallSlots(capacity.unary, CALLS_REFUSAL)
 
     # health and metadata -----------------------------------------------------
     def ServerLive(self, request, context):
@@ -98,13 +137,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # inference ---------------------------------------------------------------
     def ModelInfer(self, request, context):
+        if not self.unary_slots.acquire():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.unary_slots.refusal())
+        try:
+            return self._infer(request, context)
+        finally:
+            self.unary_slots.release()
+
+    def _infer(self, request, context):
         ctx = CallContext(request.id, decoupled=False)
         context.add_callback(ctx.cancelled.set)
         try:
             infer = from_grpc(request)
             responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
-        except BdLoraError as err:
-            context.abort(status_of(err), str(err))
+        except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
+            context.abort(*status_of(err))
         if not responses:  # e.g. a `stop` request: answered without outputs
             return to_grpc(request.model_name, request.id, {})
         if len(responses) != 1:
@@ -116,6 +163,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return out
 
     def ModelStreamInfer(self, request_iterator, context):
+        if not self.stream_slots.acquire():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.stream_slots.refusal())
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            self.stream_slots.release()
+
+    def _stream(self, request_iterator, context):
         """Decoupled: each request runs in its own thread; responses interleave on the stream."""
         responses: queue.Queue = queue.Queue()
         live = [0]
@@ -138,9 +193,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if empty_final and not final_sent:
                     responses.put(pb.ModelStreamInferResponse(
                         infer_response=to_grpc(request.model_name, request.id, {}, True)))
-            except BdLoraError as err:
+            except Exception as err:  # noqa: BLE001 - an error response on the stream, never the server's end
                 responses.put(pb.ModelStreamInferResponse(
-                    error_message=str(err), infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                    error_message=status_of(err)[1], infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                                                  id=request.id)))
             finally:
                 with lock:
@@ -150,7 +205,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 for request in request_iterator:
                     with lock:
-                        live[0] += 1
+                        full = live[0] >= self.unary_slots.limit  # one stream holds at most this many requests
+                        live[0] += 0 if full else 1
+                    if full:
+                        responses.put(pb.ModelStreamInferResponse(
+                            error_message=self.unary_slots.refusal(),
+                            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                        continue
                     threading.Thread(target=run, args=(request,), daemon=True).start()
             except Exception:  # the client closed the stream abruptly; in-flight requests are cancelled
                 closed.set()
@@ -167,12 +228,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         return
 
 
-def start_server(server: ModelServer, host: str, port: int, workers: int = 64) -> grpc.Server:
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server), grpc_server)
-    bound = grpc_server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise BdLoraError(f"cannot listen on {host}:{port}")
+def start_server(server: ModelServer, host: str, port: int, capacity: Capacity | None = None) -> grpc.Server:
+    """Listen on host:port, or raise BdLoraError at once when the port is taken (gRPC's SO_REUSEPORT is off, so a
+    second server cannot share a port with a running one)."""
+    capacity = capacity or Capacity()
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.so_reuseport", 0)]
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers, thread_name_prefix="grpc"),
+                              options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server, capacity), grpc_server)
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0 or (port != 0 and bound != port):
+        grpc_server.stop(None)
+        raise BdLoraError(f"cannot listen on {host}:{port} (gRPC): address already in use or not available")
     grpc_server.start()
     return grpc_server

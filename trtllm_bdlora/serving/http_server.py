@@ -4,34 +4,51 @@ index, statistics, `infer` with the binary tensor data extension (what `tritoncl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
-from starlette.concurrency import run_in_threadpool
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, RequestError
-from trtllm_bdlora.serving.grpc_server import EXTENSIONS
+from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError
+from trtllm_bdlora.serving.grpc_server import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.metrics import Metrics
-from trtllm_bdlora.serving.model_server import ModelNotFound, ModelServer
-from trtllm_bdlora.serving.protocol import CallContext, ModelResponse
+from trtllm_bdlora.serving.model_server import ModelServer
+from trtllm_bdlora.serving.protocol import CallContext, ModelResponse, error_status
 from trtllm_bdlora.serving.tensors import InferRequest, WireTensor, from_http, to_http
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to finish
 
 
-def _error(err: BdLoraError) -> JSONResponse:
-    message = str(err)
-    status = 404 if isinstance(err, ModelNotFound) else 500 if message.startswith("server failed") else \
-        503 if message.startswith(("server busy", "server is shutting down")) else 400
-    return JSONResponse({"error": message}, status_code=status)
+def _error(err: BaseException) -> JSONResponse:
+    _, status, message = error_status(err)
+    return JSONResponse({"error": message}, status_code=413 if isinstance(err, BodyTooLarge) else status)
+
+
+class InferencePool:
+    """The threads that run HTTP inference calls, apart from the event loop (health and metadata answer there)
+    and bounded: a call beyond `limit` is refused at once with 429."""
+
+    def __init__(self, limit: int):
+        self.slots = CallSlots(limit, CALLS_REFUSAL)
+        self.executor = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="http-infer")
+
+    async def run(self, fn, *args):
+        if not self.slots.acquire():
+            raise ServerBusyError(self.slots.refusal())
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.slots.release()
 
 
 def generate_inputs(server: ModelServer, model: str, doc) -> InferRequest:
@@ -76,32 +93,39 @@ def _json_outputs(outputs: dict[str, np.ndarray]) -> dict:
     return doc
 
 
-def build_app(server: ModelServer) -> FastAPI:
+def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
+    """Health, metadata, config and statistics run on the event loop (async, never waiting for a thread);
+    inference runs on its own bounded pool."""
     app = FastAPI(title="trtllm-bdlora KServe v2", version=__version__)
+    pool = InferencePool(max_inference_calls)
+
+    @app.exception_handler(BdLoraError)
+    async def request_error(_request: Request, err: BdLoraError):  # e.g. a body over the limit
+        return _error(err)
 
     @app.get("/v2/health/live")
-    def live():
+    async def live():
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
-    def ready():
+    async def ready():
         runtime = server.runtime
         return Response(status_code=200 if runtime.healthy and not runtime.stopping.is_set() else 400)
 
     @app.get("/v2")
-    def metadata():
+    async def metadata():
         return {"name": "trtllm-bdlora", "version": __version__, "extensions": EXTENSIONS}
 
     @app.post("/v2/repository/index")
     async def index(request: Request):
-        body = await request.body()
-        only_ready = bool(json.loads(body or b"{}").get("ready", False)) if body else False
+        doc = _json(await _body(request) or b"{}")
+        only_ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
         return [m for m in server.index() if not only_ready or m["state"] == "READY"]
 
     @app.get("/v2/models/stats")
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
-    def stats(model: str = "", version: str = ""):
+    async def stats(model: str = "", version: str = ""):
         names = [model] if model else sorted(server.models)
         error = next(filter(None, (unknown(name, version) for name in names)), None)
         if error is not None:
@@ -126,28 +150,28 @@ def build_app(server: ModelServer) -> FastAPI:
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
-    def model_metadata(model: str, version: str = ""):
+    async def model_metadata(model: str, version: str = ""):
         return unknown(model, version) or server.metadata[model]
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
-    def model_ready(model: str, version: str = ""):
+    async def model_ready(model: str, version: str = ""):
         return Response(status_code=200 if server.ready(model, version) else 400)
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
-    def model_config(model: str, version: str = ""):
+    async def model_config(model: str, version: str = ""):
         return unknown(model, version) or json_format.MessageToDict(server.configs[model],
                                                                     preserving_proto_field_name=True)
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
         header = request.headers.get(HEADER_LENGTH)
 
         def run():
-            infer_request = from_http(model, body, int(header) if header is not None else None)
+            infer_request = from_http(model, body, _header_length(header))
             ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters)
             responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
             if len(responses) != 1:
@@ -158,8 +182,8 @@ def build_app(server: ModelServer) -> FastAPI:
             return out
 
         try:
-            payload, json_size = await run_in_threadpool(run)
-        except BdLoraError as err:
+            payload, json_size = await pool.run(run)
+        except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
             return _error(err)
         headers = {HEADER_LENGTH: str(json_size)} if json_size is not None else {}
         media = "application/octet-stream" if json_size is not None else "application/json"
@@ -168,7 +192,7 @@ def build_app(server: ModelServer) -> FastAPI:
     @app.post("/v2/models/{model}/generate")
     @app.post("/v2/models/{model}/versions/{version}/generate")
     async def generate(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
 
         def run():
             infer_request = generate_inputs(server, model, _json(body))
@@ -179,17 +203,17 @@ def build_app(server: ModelServer) -> FastAPI:
             return {"model_name": model, "model_version": "1", **_json_outputs(responses[0].outputs)}
 
         try:
-            return await run_in_threadpool(run)
-        except BdLoraError as err:
+            return await pool.run(run)
+        except Exception as err:  # noqa: BLE001
             return _error(err)
 
     @app.post("/v2/models/{model}/generate_stream")
     @app.post("/v2/models/{model}/versions/{version}/generate_stream")
     async def generate_stream(model: str, request: Request, version: str = ""):
-        body = await request.body()
+        body = await _body(request)
         try:
-            infer_request = await run_in_threadpool(generate_inputs, server, model, _json(body))
-        except BdLoraError as err:
+            infer_request = await pool.run(generate_inputs, server, model, _json(body))
+        except Exception as err:  # noqa: BLE001
             return _error(err)
         ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters)
 
@@ -199,14 +223,40 @@ def build_app(server: ModelServer) -> FastAPI:
                     if r.outputs:
                         doc = {"model_name": model, "model_version": "1", **_json_outputs(r.outputs)}
                         yield f"data: {json.dumps(doc)}\n\n"
-            except BdLoraError as err:
-                yield f"data: {json.dumps({'error': str(err)})}\n\n"
+            except Exception as err:  # noqa: BLE001
+                yield f"data: {json.dumps({'error': error_status(err)[2]})}\n\n"
             finally:
                 ctx.cancelled.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+class BodyTooLarge(RequestError):
+    """HTTP 413: a request body over the limit gRPC also applies (MAX_MESSAGE_BYTES), refused before it is read."""
+
+
+async def _body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_MESSAGE_BYTES:
+            raise BodyTooLarge(f"request body is over the {MAX_MESSAGE_BYTES}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(header: str | None) -> int | None:
+    if header is None:
+        return None
+    try:
+        return int(header)
+    except ValueError:
+        raise RequestError(f"{HEADER_LENGTH} must be an integer, got {header[:40]!r}") from None
 
 
 def _json(body: bytes):
@@ -220,7 +270,7 @@ def build_metrics_app(metrics: Metrics) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora metrics")
 
     @app.get("/metrics")
-    def metrics_text():
+    async def metrics_text():  # on the event loop: a scrape never waits behind streaming responses' threads
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
@@ -237,15 +287,20 @@ class HttpServer:
         except OSError as err:
             self.sock.close()
             raise BdLoraError(f"cannot listen on {host}:{port} ({err.strerror})") from None
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                                    timeout_graceful_shutdown=STOP_GRACE_S))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> HttpServer:
         self.thread.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def begin_stop(self) -> None:
+        """Stop accepting; open connections get STOP_GRACE_S to finish."""
         self.server.should_exit = True
+
+    def stop(self, timeout: float = STOP_GRACE_S + 2) -> None:
+        self.begin_stop()
         self.thread.join(timeout)
         self.sock.close()
 

@@ -44,7 +44,9 @@ def runtime_error(message: str) -> OpenAIError:
     if message.startswith("unknown lora_task_id") or message.endswith("not found in cache. Please send LoRA weights "
                                                                        "with request"):  # unloaded or evicted
         return OpenAIError(404, f"The model does not exist: {message}", "model")
-    if message.startswith(("server busy", "server is shutting down", "PEFT Cache is full")):
+    if message.startswith(("Exceeds maximum queue size", "PEFT Cache is full")):  # as protocol.error_status
+        return OpenAIError(429, message)
+    if message.startswith("server is shutting down"):
         return OpenAIError(503, message)
     if message.startswith("server failed"):
         return OpenAIError(500, message)

@@ -20,7 +20,7 @@ import numpy as np
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
 from trtllm_bdlora.engine.scheduler import Scheduler
-from trtllm_bdlora.errors import BdLoraError, RequestError
+from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError, ServerUnavailableError
 
 HEARTBEAT_S = 1.0
 
@@ -65,6 +65,7 @@ class Runtime:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.failure: str | None = None
+        self.cut_reason: str | None = None  # set by `cut`: fail what is left and stop
         self._next = 0
         self.retiring: set[int] = set()  # unregistered adapters still used by queued or running requests
         self._lock = threading.Lock()
@@ -80,7 +81,7 @@ class Runtime:
 
     def submit(self, sub: Submission) -> None:
         if self.stopping.is_set() or not self.healthy:
-            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+            raise ServerUnavailableError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
         sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
             sub.request.index = self._next
@@ -88,7 +89,8 @@ class Runtime:
         try:
             self.inbox.put_nowait(sub)
         except queue.Full:
-            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued "
+                                  "(--max-queue), retry later") from None
 
     @staticmethod
     def cancel(request: Request) -> None:
@@ -126,22 +128,29 @@ class Runtime:
 
     def _control(self, action: Callable[[], None]) -> None:
         if self.stopping.is_set() or not self.healthy:
-            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+            raise ServerUnavailableError("server is shutting down" if self.failure is None
+                                         else f"server failed: {self.failure}")
         item = _Control(action)
         try:
             self.inbox.put(item, timeout=60)
         except queue.Full:
-            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued, "
+                                  "retry later") from None
         while not item.done.wait(0.5):
             if self.stopped.is_set():
-                raise RequestError("server is shutting down")
+                raise ServerUnavailableError("server is shutting down")
         if item.error:
             raise RequestError(item.error)
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish in-flight and queued requests, then stop every rank."""
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish in-flight and queued requests, then stop every rank; whether that happened within `timeout`."""
         self.stopping.set()
-        self.stopped.wait(timeout)
+        return self.stopped.wait(timeout)
+
+    def cut(self, reason: str) -> None:
+        """Fail every pending and queued request with `reason` at the next step boundary, then stop every rank."""
+        self.cut_reason = reason
+        self.stopping.set()
 
     # engine thread ------------------------------------------------------------
     def _admit(self, sub: Submission | _Control) -> None:
@@ -185,6 +194,9 @@ class Runtime:
         try:
             last = time.monotonic()
             while True:
+                if self.cut_reason is not None:
+                    self._fail_all(self.cut_reason)
+                    break
                 idle = not self.scheduler.busy
                 if idle and self.stopping.is_set() and self.inbox.empty():
                     break
@@ -203,10 +215,14 @@ class Runtime:
             self.engine.lead(None)
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            for sub in list(self.pending.values()):
-                sub.on_done(None, f"server failed: {self.failure}")
-            self.pending.clear()
-            while not self.inbox.empty():
-                self.inbox.get_nowait().on_done(None, f"server failed: {self.failure}")
+            self._fail_all(f"server failed: {self.failure}")
         finally:
             self.stopped.set()
+
+    def _fail_all(self, message: str) -> None:
+        for sub in list(self.pending.values()):
+            sub.request.cancelled = True
+            sub.on_done(None, message)
+        self.pending.clear()
+        while not self.inbox.empty():
+            self.inbox.get_nowait().on_done(None, message)

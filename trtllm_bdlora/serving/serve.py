@@ -5,7 +5,9 @@ metrics (--metrics-port 8002), all bound to --host."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import socket
 import sys
 import threading
 
@@ -25,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
     if mpi_world_size() is None:
         from trtllm_bdlora.engine.engine import check_launch
 
+        check_ports_free(args.host, {"--grpc-port": args.grpc_port, "--http-port": args.http_port,
+                                     "--metrics-port": args.metrics_port})
         check_launch(args)  # before any rank starts
         if args.tp > 1:
             from trtllm_bdlora.engine.launcher import relaunch_ranks
@@ -37,16 +41,17 @@ def main(args: argparse.Namespace) -> int:
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        try:
-            engine.follow()
-        finally:
-            shutdown(comm)
-        return 0
+        engine.follow()
+        # rank 0 said stop: nothing is left to do. Tearing the process group down would wait on rank 0's store,
+        # which may already be gone (the launcher then kills this rank after its grace period).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return _serve_rank0(args, engine, comm)
 
 
 def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
-    from trtllm_bdlora.serving.grpc_server import start_server
+    from trtllm_bdlora.serving.grpc_server import Capacity, start_server
     from trtllm_bdlora.serving.http_server import HttpServer, build_app, build_metrics_app
     from trtllm_bdlora.serving.metrics import Metrics
     from trtllm_bdlora.serving.model_server import ModelServer, serve_values
@@ -54,20 +59,24 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.runtime import Runtime
 
     runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    capacity = Capacity(streams=args.max_streams, unary=args.max_queue + args.max_batch_size)
     metrics = Metrics()
     metrics.watch(runtime)
     server = ModelServer(runtime, serve_values(args.model, args.tp, args.max_batch_size), metrics)
     grpc_server, http_servers = None, []
 
-    def stop_endpoints():
+    def stop_endpoints():  # all at once: a stop must fit in --shutdown-timeout + a few seconds
+        for http in http_servers:
+            http.begin_stop()
+        stopped = grpc_server.stop(grace=1) if grpc_server is not None else None
         for http in http_servers:
             http.stop()
-        if grpc_server is not None:
-            grpc_server.stop(grace=2).wait()
+        if stopped is not None:
+            stopped.wait()
 
     try:
-        grpc_server = start_server(server, args.host, args.grpc_port)
-        http_servers.append(HttpServer(build_app(server), args.host, args.http_port).start())
+        grpc_server = start_server(server, args.host, args.grpc_port, capacity)
+        http_servers.append(HttpServer(build_app(server, capacity.unary), args.host, args.http_port).start())
         http_servers.append(HttpServer(build_metrics_app(metrics), args.host, args.metrics_port).start())
         http_servers.append(HttpServer(openai_app(runtime, args), args.host, args.openai_port).start())
     except BdLoraError:
@@ -84,12 +93,46 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     print(f"trtllm-bdlora: OpenAI API on http://{args.host}:{args.openai_port}/v1", flush=True)
     while not stop.wait(0.2) and not runtime.stopped.is_set():
         pass
-    runtime.stop(timeout=args.shutdown_timeout)  # in-flight and queued requests finish first
+    forced = _drain_or_cut(runtime, args.shutdown_timeout)
     stop_endpoints()
+    if forced:
+        print(f"trtllm-bdlora serve: error: {forced}", file=sys.stderr, flush=True)
+        os._exit(1)  # the engine thread is stuck in a step: the launcher stops the workers
     if runtime.failure:
         print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
         return 1
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # nothing is left to save; interpreter teardown (idle server threads, torch) only delays the exit
 
+
+CUT_GRACE_S = 10.0  # after --shutdown-timeout: how long the engine may take to reach a step boundary
+
+
+def _drain_or_cut(runtime, timeout: float) -> str | None:
+    """Let in-flight and queued requests finish for `timeout` seconds; then fail the rest with an error (clients
+    get UNAVAILABLE / 503) and stop. Returns why the process must be ended by force, or None."""
+    if runtime.stop(timeout=timeout):
+        return None
+    left = runtime.active + runtime.inbox.qsize()
+    runtime.cut(f"server is shutting down: request cut after --shutdown-timeout {timeout:g} s")
+    print(f"trtllm-bdlora: --shutdown-timeout {timeout:g} s passed: cutting {left} requests", flush=True)
+    if runtime.stopped.wait(CUT_GRACE_S):
+        return None
+    return f"the engine did not reach a step boundary {CUT_GRACE_S:g} s after --shutdown-timeout; exiting"
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse at once (before any rank starts) a port that is given twice or that another process listens on."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port in seen:
+            raise BdLoraError(f"{flag} {port} is also {seen[port]}")
+        seen[port] = flag
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are no obstacle
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                raise BdLoraError(f"cannot listen on {host}:{port} ({flag}): {err.strerror}") from None

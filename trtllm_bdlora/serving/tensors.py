@@ -4,6 +4,7 @@ checked against a model's declared inputs the way Triton checks them, with one-l
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,23 +49,50 @@ class InferRequest:
 
 
 # ---------------------------------------------------------------------------- decoding
+MAX_ELEMENTS = 1 << 31  # a declared shape larger than this is refused before anything is allocated
+
+
 def array_from_bytes(data: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """A raw tensor (gRPC raw_input_contents, HTTP binary data); a byte size that does not match the shape and
+    the data type is a one-line RequestError."""
+    count = _element_count(shape, name)
     if datatype == "BYTES":
-        array = deserialize_bytes_tensor(data) if data else np.array([], dtype=object)
-    elif datatype == "BF16":
-        array = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        array = _bytes_elements(data, name)
     else:
-        dtype = triton_to_np_dtype(datatype)
+        dtype = np.dtype(np.uint16) if datatype == "BF16" else triton_to_np_dtype(datatype)
         if dtype is None:
-            raise RequestError(f"input {name}: unsupported data type {datatype}")
-        if len(data) % np.dtype(dtype).itemsize:
-            raise RequestError(f"input {name}: {len(data)} bytes is not a whole number of {datatype} values")
+            raise RequestError(f"input {name}: unsupported data type {datatype!r}")
+        itemsize = np.dtype(dtype).itemsize
+        if len(data) != count * itemsize:
+            raise RequestError(f"input {name}: {len(data)} bytes of {datatype} data for shape {shape}, "
+                               f"which needs {count * itemsize}")
         array = np.frombuffer(data, dtype=dtype)
+        if datatype == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
     return _shaped(array, shape, name)
 
 
+def _bytes_elements(data: bytes, name: str) -> np.ndarray:
+    if not data:
+        return np.array([], dtype=object)
+    try:
+        return deserialize_bytes_tensor(data)
+    except Exception:  # noqa: BLE001 - struct.error, ValueError...: the client's data, not a server fault
+        raise RequestError(f"input {name}: malformed BYTES data (each element is a 4-byte little-endian length, "
+                           "then that many bytes)") from None
+
+
+def _element_count(shape: list[int], name: str) -> int:
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise RequestError(f"input {name}: shape {shape} must be non-negative integers")
+    count = math.prod(shape)
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # even an empty tensor: numpy cannot hold such a shape
+        raise RequestError(f"input {name}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}")
+    return count
+
+
 def _shaped(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
-    if any(d < 0 for d in shape) or int(np.prod(shape)) != array.size:
+    if _element_count(shape, name) != array.size:
         raise RequestError(f"input {name}: shape {shape} does not match its {array.size} elements")
     return array.reshape(shape)
 
@@ -93,6 +121,8 @@ def from_grpc(request: pb.ModelInferRequest) -> InferRequest:
 
 
 def from_http(model: str, body: bytes, header_length: int | None) -> InferRequest:
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise RequestError(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
     head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
     try:
         doc = json.loads(head)
@@ -102,11 +132,15 @@ def from_http(model: str, body: bytes, header_length: int | None) -> InferReques
         raise RequestError("request JSON must be an object with an 'inputs' list")
     tensors, offset = [], 0
     for t in doc["inputs"]:
+        if not isinstance(t, dict):
+            raise RequestError("every input must be a JSON object")
         name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise RequestError("every input needs 'name', 'datatype' and 'shape'")
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        size = _object(t.get("parameters"), f"input {name}: parameters").get("binary_data_size")
         if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RequestError(f"input {name}: binary_data_size must be a non-negative integer, got {size!r}")
             if offset + size > len(binary):
                 raise RequestError(f"input {name}: binary_data_size {size} runs past the request body")
             array = array_from_bytes(binary[offset : offset + size], datatype, shape, name)
@@ -114,13 +148,28 @@ def from_http(model: str, body: bytes, header_length: int | None) -> InferReques
         else:
             array = json_array(t.get("data"), datatype, shape, name)
         tensors.append(WireTensor(name, datatype, shape, array))
-    params = doc.get("parameters") or {}
+    params = _object(doc.get("parameters"), "parameters")
     requested = doc.get("outputs")
+    if requested is not None and not (isinstance(requested, list) and all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
     outputs = [o["name"] for o in requested] if requested else None
     binary_outputs: set[str] | bool = bool(params.get("binary_data_output", False))
     if requested:
-        binary_outputs = {o["name"] for o in requested if (o.get("parameters") or {}).get("binary_data")}
-    return InferRequest(model, str(doc.get("id", "")), tensors, outputs, binary_outputs, params)
+        binary_outputs = {o["name"] for o in requested
+                          if _object(o.get("parameters"), f"output {o['name']}: parameters").get("binary_data")}
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise RequestError(f"'id' must be a string, got {request_id!r}")
+    return InferRequest(model, str(request_id), tensors, outputs, binary_outputs, params)
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"{what} must be a JSON object")
+    return value
 
 
 def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:

@@ -17,8 +17,17 @@ import numpy as np
 from trtllm_bdlora.errors import RequestError
 
 
-def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+def _text(value, name: str = "text") -> str:
+    """A string element as text; bytes that are not UTF-8 are refused (as upstream's `bytes.decode()`), never
+    silently replaced."""
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        from trtllm_bdlora.serving.tensors import InputError
+
+        raise InputError(name, f"is not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start})") from None
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -30,23 +39,23 @@ def special_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.encode(eos, add_special_tokens=False)[0], tokenizer.encode(pad, add_special_tokens=False)[0]
 
 
-def encode_queries(tokenizer, queries: np.ndarray, add_special_tokens: bool, pad_id: int
+def encode_queries(tokenizer, queries: np.ndarray, add_special_tokens: bool, pad_id: int, name: str = "QUERY"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [batch, longest] int32 right-padded, lengths [batch, 1] int32) of a [batch, 1] string tensor."""
-    ids = [tokenizer.encode(_text(q[0]), add_special_tokens=add_special_tokens) for q in queries]
+    ids = [tokenizer.encode(_text(q[0], name), add_special_tokens=add_special_tokens) for q in queries]
     width = max(1, max(len(i) for i in ids))
     padded = np.array([i + [pad_id] * (width - len(i)) for i in ids], dtype=np.int32)
     return padded, np.array([[len(i)] for i in ids], dtype=np.int32)
 
 
-def word_list(tokenizer, words: np.ndarray | None, batch_size: int) -> np.ndarray:
+def word_list(tokenizer, words: np.ndarray | None, batch_size: int, name: str = "words") -> np.ndarray:
     if words is None:
         return np.zeros((batch_size, 2, 0), dtype=np.int32)
     flat, offsets = [], []
     for row in words:
         ids, ends = [], []
         for word in row:
-            encoded = tokenizer.encode(_text(word), add_special_tokens=False)
+            encoded = tokenizer.encode(_text(word, name), add_special_tokens=False)
             if encoded:
                 ids += encoded
                 ends.append(len(ids))
@@ -91,7 +100,7 @@ def embedding_bias(tokenizer, words: np.ndarray | None, weights: np.ndarray | No
         if len(row_words) != len(row_weights):
             raise RequestError("embedding bias words and weights must have the same length")
         for word, weight in zip(row_words, row_weights):
-            for i in tokenizer.encode(_text(word)):
+            for i in tokenizer.encode(_text(word, "EMBEDDING_BIAS_WORDS")):
                 out[b, i] += weight
     return out
 

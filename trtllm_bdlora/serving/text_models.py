@@ -41,14 +41,15 @@ class Preprocessing:
         ids, lengths = encode_queries(self.tokenizer, query, self.add_special_tokens, int(pad_id.reshape(-1)[0]))
         if "DECODER_QUERY" in inputs:
             decoder_ids, decoder_lengths = encode_queries(self.tokenizer, inputs["DECODER_QUERY"],
-                                                          self.add_special_tokens, int(pad_id.reshape(-1)[0]))
+                                                          self.add_special_tokens, int(pad_id.reshape(-1)[0]),
+                                                          "DECODER_QUERY")
         else:
             decoder_ids, decoder_lengths = pad_id.astype(np.int32).reshape(batch, 1), np.ones((batch, 1), np.int32)
         out = {
             "INPUT_ID": ids, "REQUEST_INPUT_LEN": lengths, "DECODER_INPUT_ID": decoder_ids,
             "REQUEST_DECODER_INPUT_LEN": decoder_lengths,
-            "BAD_WORDS_IDS": word_list(self.tokenizer, inputs.get("BAD_WORDS_DICT"), batch),
-            "STOP_WORDS_IDS": word_list(self.tokenizer, inputs.get("STOP_WORDS_DICT"), batch),
+            "BAD_WORDS_IDS": word_list(self.tokenizer, inputs.get("BAD_WORDS_DICT"), batch, "BAD_WORDS_DICT"),
+            "STOP_WORDS_IDS": word_list(self.tokenizer, inputs.get("STOP_WORDS_DICT"), batch, "STOP_WORDS_DICT"),
             "EMBEDDING_BIAS": embedding_bias(self.tokenizer, inputs.get("EMBEDDING_BIAS_WORDS"),
                                              inputs.get("EMBEDDING_BIAS_WEIGHTS"), batch),
             "REQUEST_OUTPUT_LEN": inputs["REQUEST_OUTPUT_LEN"],

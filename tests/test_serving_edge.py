@@ -1,0 +1,263 @@
+"""Edge checks of `serve --tp 2` (the session's shared server, probed with tritonclient and raw gRPC / HTTP):
+bad sampling values and adapter weights get per-request errors and the next request is still right (greedy
+tokens equal transformers'); adapter ids keep the weights they were registered with; malformed raw tensors and
+non-UTF-8 text are INVALID_ARGUMENT / 400 with a message; health answers within 1 s with 100 idle streams open."""
+# ruff: noqa: F811 - test arguments name the fixtures imported from test_triton_serve
+
+import json
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.test_adapter_cache import random_request_adapter
+from tests.test_triton_serve import (  # noqa: F401 - its module fixtures, shared (the same session server)
+    core_inputs,
+    ensemble_inputs,
+    grpc_client,
+    http_client,
+    served,
+    tensors,
+    tokenizer,
+)
+from trtllm_bdlora.adapters import load_peft_adapter
+from trtllm_bdlora.adapters.trtllm_format import convert_adapter
+from trtllm_bdlora.models.loader import load_model_config
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(served, tokenizer):
+    """Greedy tokens of PROMPT from transformers (the independent reference a correct answer must equal)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(served[1], torch_dtype=torch.float32).eval()
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                             pad_token_id=tokenizer.eos_token_id)
+    return ids, out[0, len(ids):].tolist()
+
+
+def _core_greedy(client, ids, end_id, **extra):
+    values = core_inputs(ids, 6, end_id, end_id, exclude_input_in_output=np.array([[True]], bool), **extra)
+    protocol = "grpc" if isinstance(client, grpcclient.InferenceServerClient) else "http"
+    return client.infer("tensorrt_llm", tensors(values, protocol)).as_numpy("output_ids").reshape(-1).tolist()
+
+
+def _refused(call, status: str, *words: str) -> str:
+    """Run `call`; it must fail with `status` (gRPC code name or HTTP status) and a message naming `words`."""
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    message = str(info.value.message() or info.value)
+    assert status in str(info.value.status()), (info.value.status(), message)
+    for word in words:
+        assert word in message, message
+    assert "Traceback" not in message and "\n" not in message.strip()
+    return message
+
+
+F32, I32 = np.float32, np.int32
+BAD_VALUES = [  # ensemble input, value, dtype
+    ("temperature", np.nan, F32), ("temperature", np.inf, F32), ("temperature", -1.0, F32),
+    ("top_p", np.nan, F32), ("top_p", 1.5, F32), ("top_p", -np.inf, F32), ("top_k", -1, I32),
+    ("repetition_penalty", 0.0, F32), ("repetition_penalty", np.nan, F32), ("presence_penalty", np.inf, F32),
+    ("frequency_penalty", np.nan, F32), ("min_tokens", -1, I32), ("max_tokens", 0, I32), ("max_tokens", -5, I32),
+    ("max_tokens", 2**31 - 1, I32), ("num_return_sequences", 0, I32),
+]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_sampling_values_get_per_request_errors(protocol, grpc_client, http_client, tokenizer, greedy_reference):
+    client = grpc_client if protocol == "grpc" else http_client
+    invalid = "INVALID_ARGUMENT" if protocol == "grpc" else "400"
+    ids, expected = greedy_reference
+    for name, value, dtype in BAD_VALUES:
+        values = {**ensemble_inputs(PROMPT, 4), name: np.array([[value]], dtype)}
+        _refused(lambda v=values: client.infer("ensemble", tensors(v, protocol)), invalid, name)
+    assert _core_greedy(client, ids, tokenizer.eos_token_id) == expected
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served, grpc_client, http_client, tokenizer,
+                                                               greedy_reference):
+    client = grpc_client if protocol == "grpc" else http_client
+    invalid = "INVALID_ARGUMENT" if protocol == "grpc" else "400"
+    shape = load_model_config(str(served[1]))
+    weights, config = random_request_adapter(shape, 8, 41, dtype=np.float32)
+    ids, expected = greedy_reference
+    task = 710 if protocol == "grpc" else 711
+    for poison in (np.nan, np.inf, 1e38):
+        bad = weights.copy()
+        bad[0, 3, 5] = poison
+        lora = {"lora_task_id": np.array([[task]], np.uint64), "lora_weights": bad, "lora_config": config}
+        _refused(lambda lo=lora: _core_greedy(client, ids, tokenizer.eos_token_id, **lo), invalid, "lora")
+    # the id was never registered by the refused requests, and the server still answers right
+    _refused(lambda: _core_greedy(client, ids, tokenizer.eos_token_id, lora_task_id=np.array([[task]], np.uint64)),
+             invalid, "not found in cache")
+    assert _core_greedy(client, ids, tokenizer.eos_token_id) == expected
+
+
+# ---------------------------------------------------------------------------- adapter ownership (17.3)
+def test_adapter_id_keeps_its_first_weights(served, grpc_client, tokenizer, greedy_reference):
+    shape = load_model_config(str(served[1]))
+    ids, _ = greedy_reference
+    end = tokenizer.eos_token_id
+    first, config = random_request_adapter(shape, 8, 51, dtype=np.float32)
+    other, _ = random_request_adapter(shape, 8, 52, dtype=np.float32)
+
+    def run(task, weights=None, cfg=None, client=grpc_client):
+        lora = {"lora_task_id": np.array([[task]], np.uint64)}
+        if weights is not None:
+            lora.update(lora_weights=weights, lora_config=cfg)
+        return _core_greedy(client, ids, end, **lora)
+
+    first16 = first.astype(np.float16)
+    owned = run(720, first16, config)  # registered in float16
+    assert run(730, other, config) != owned  # the two adapters answer differently: a mix-up would show
+    message = _refused(lambda: run(720, other, config), "INVALID_ARGUMENT", "lora_task_id 720", "different lora_weights")
+    print("OWNERSHIP_REFUSAL", message)
+    assert run(720) == owned  # the original keeps serving
+    assert run(720, first16.astype(np.float32), config) == owned  # the same values in another float type: accepted
+    _refused(lambda: run(720, first, config), "INVALID_ARGUMENT", "different lora_weights")  # not rounded: others
+
+
+def test_startup_ids_are_immutable(served, grpc_client, tokenizer, greedy_reference):
+    """Adapter 1 was registered with --adapter: other weights for it are refused; its own `convert-adapter` form
+    (any float type) is accepted and changes nothing."""
+    shape = load_model_config(str(served[1]))
+    ids, _ = greedy_reference
+    end = tokenizer.eos_token_id
+    task = {"lora_task_id": np.array([[1]], np.uint64)}
+    registered = _core_greedy(grpc_client, ids, end, **task)
+    weights, config = random_request_adapter(shape, 8, 61, dtype=np.float32)
+    _refused(lambda: _core_greedy(grpc_client, ids, end, **task, lora_weights=weights, lora_config=config),
+             "INVALID_ARGUMENT", "lora_task_id 1", "start-up")
+    own_w, own_c = convert_adapter(load_peft_adapter(served[2][1]), tp=2, dtype="float16")
+    assert _core_greedy(grpc_client, ids, end, **task, lora_weights=own_w, lora_config=own_c) == registered
+    assert _core_greedy(grpc_client, ids, end, **task) == registered
+
+
+# ---------------------------------------------------------------------------- malformed tensors (17.4)
+def _raw_request(model: str, inputs: list[tuple[str, str, list[int], bytes]]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    for name, datatype, shape, _ in inputs:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.extend(data for *_, data in inputs)
+    return request
+
+
+def _bytes_tensor(*items: bytes) -> bytes:
+    return b"".join(len(i).to_bytes(4, "little") + i for i in items)
+
+
+MALFORMED = {  # what, ensemble inputs (name, datatype, shape, raw bytes), words the message must hold
+    "int32 size": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("max_tokens", "INT32", [1, 1], b"\x01\x00")],
+                   ["max_tokens", "2 bytes"]),
+    "fp32 size": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0"),
+                   ("temperature", "FP32", [1, 1], b"\0" * 7)], ["temperature", "7 bytes"]),
+    "bytes length past the end": ([("text_input", "BYTES", [1, 1], b"\x40\0\0\0Hi"),
+                                   ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "BYTES"]),
+    "bytes count vs shape": ([("text_input", "BYTES", [1, 2], _bytes_tensor(b"Hi")),
+                              ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "shape"]),
+    "non-UTF-8 text": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9 \xff")),
+                        ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "UTF-8"]),
+    "negative shape": ([("text_input", "BYTES", [1, -1], _bytes_tensor(b"Hi")),
+                        ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "shape"]),
+    "huge shape": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
+                    ("max_tokens", "INT32", [1 << 40, 1 << 40], b"")], ["max_tokens", "elements"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_raw_tensors_are_invalid_argument(case, served, grpc_client, tokenizer, greedy_reference):
+    inputs, words = MALFORMED[case]
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served[0].url))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_raw_request("ensemble", inputs), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+    for word in words:
+        assert word in info.value.details(), info.value.details()
+    assert "Traceback" not in info.value.details() and "Exception calling" not in info.value.details()
+    # the same over HTTP, as binary tensor data
+    head = {"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                       for n, d, s, b in inputs]}
+    header = json.dumps(head).encode()
+    response = requests.post(f"http://{served[0].http_url}/v2/models/ensemble/infer",
+                              data=header + b"".join(b for *_, b in inputs),
+                              headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
+    assert response.status_code == 400, response.text
+    for word in words:
+        assert word in response.json()["error"]
+    ids, expected = greedy_reference
+    assert _core_greedy(grpc_client, ids, tokenizer.eos_token_id) == expected
+
+
+# ---------------------------------------------------------------------------- liveness under load (17.4)
+class IdleStream:
+    """A ModelStreamInfer call that sends nothing until closed (as an idle streaming client)."""
+
+    def __init__(self, stub):
+        self.requests: queue.Queue = queue.Queue()
+        self.call = stub.ModelStreamInfer(iter(self.requests.get, None))
+        self.error: list = []
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self):
+        try:
+            for _ in self.call:
+                pass
+        except grpc.RpcError as err:
+            self.error.append(err)
+
+    def close(self):
+        self.requests.put(None)
+        self.call.cancel()
+
+
+def test_health_answers_within_a_second_with_100_idle_streams(served):
+    channels = [grpc.insecure_channel(served[0].url) for _ in range(4)]
+    streams = [IdleStream(pb_grpc.GRPCInferenceServiceStub(channels[i % 4])) for i in range(100)]
+    try:
+        time.sleep(2)  # every stream is open on the server
+        assert not any(s.error for s in streams), [s.error for s in streams if s.error][:1]
+        client = grpcclient.InferenceServerClient(served[0].url)
+        worst = 0.0
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert client.is_server_live() and client.is_server_ready()
+            assert client.get_model_metadata("ensemble").name == "ensemble"
+            assert requests.get(f"http://{served[0].http_url}/v2/health/live", timeout=1).status_code == 200
+            worst = max(worst, time.monotonic() - t0)
+        print(f"LIVENESS_100_STREAMS worst {worst * 1000:.1f} ms (gRPC live + ready + metadata, HTTP live)")
+        assert worst < 1.0
+        assert grpcclient.InferenceServerClient(served[0].url).infer(
+            "ensemble", tensors(ensemble_inputs(PROMPT, 2))).as_numpy("text_output") is not None
+        client.close()
+    finally:
+        for s in streams:
+            s.close()
+        for c in channels:
+            c.close()
+
+
+def test_http_body_over_the_limit_is_refused_before_reading(served):
+    from trtllm_bdlora.serving.grpc_server import MAX_MESSAGE_BYTES
+
+    url = f"http://{served[0].http_url}/v2/models/ensemble/infer"
+    response = requests.post(url, data=b"{" * (MAX_MESSAGE_BYTES + 1), timeout=60)
+    assert response.status_code == 413 and "limit" in response.json()["error"], response.text
+    response = requests.post(f"http://{served[0].http_url}/v2/repository/index", data=b"{not json", timeout=60)
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]
+    assert requests.get(f"http://{served[0].http_url}/v2/health/live", timeout=5).status_code == 200
