@@ -7,7 +7,7 @@ docker/Dockerfile.cpu (`serve` with the torch backend on CPU). A user moves betw
 
 The environment gives defaults for the serve flags; a flag on the command line wins. MODEL --model, TP --tp,
 BACKEND --backend (each image sets its own), DTYPE, MAX_BATCH_SIZE, MAX_LORA_RANK, HOST, HTTP_PORT, GRPC_PORT,
-METRICS_PORT as the flags of those names; ADAPTERS: ID=DIR entries separated by spaces or commas, one --adapter each.
+METRICS_PORT, OPENAI_PORT as the flags of those names; ADAPTERS: ID=DIR entries separated by spaces or commas, one --adapter each.
 --backend torch runs `trtllm-bdlora serve`. --backend trtllm checks the pinned TensorRT-LLM / TensorRT, builds the
 per-rank engines if ENGINE_DIR (/engines) has none, fills MODEL_REPO (/model_repo) and launches one tritonserver per
 rank with PLUGIN_LIB preloaded. DRY_RUN=1 prints the commands instead of running them.
@@ -25,13 +25,16 @@ from pathlib import Path
 DEFAULT_PLUGIN = "/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so"
 ENV_FLAGS = (("MODEL", "--model"), ("TP", "--tp"), ("BACKEND", "--backend"), ("DTYPE", "--dtype"),
              ("MAX_BATCH_SIZE", "--max-batch-size"), ("MAX_LORA_RANK", "--max-lora-rank"), ("HOST", "--host"),
-             ("HTTP_PORT", "--http-port"), ("GRPC_PORT", "--grpc-port"), ("METRICS_PORT", "--metrics-port"))
+             ("HTTP_PORT", "--http-port"), ("GRPC_PORT", "--grpc-port"), ("METRICS_PORT", "--metrics-port"),
+             ("OPENAI_PORT", "--openai-port"))
 # serve flags the Triton route has no use for: refused there rather than silently dropped
 TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-loras", "device": "--device",
               "lora_cache_host_bytes": "--lora-cache-host-bytes", "pin_adapters": "--no-pin-adapters",
               "comm_interface": "--comm-interface", "host": "--host", "max_queue": "--max-queue",
               "shutdown_timeout": "--shutdown-timeout", "max_streams": "--max-streams",
-              "allow_request_adapters": "--no-allow-request-adapters"}
+              "allow_request_adapters": "--no-allow-request-adapters", "openai_port": "--openai-port",
+              "served_model_name": "--served-model-name", "allow_adapter_loading": "--allow-adapter-loading",
+              "adapter_root": "--adapter-root"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:
