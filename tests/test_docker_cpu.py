@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image(engine, tmp_path_factory):
+def image(engine, reference_job, tmp_path_factory):
     import torch
 
     tag = f"localhost/trtllm-bdlora-cpu:test{os.getpid()}"
@@ -195,12 +196,19 @@ def _requests() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """`generate` here, with the same adapters (7 = examples/adapters/json, as mounted into the container)."""
+def reference_job():
+    """`generate` here, with the same adapters (7 = examples/adapters/json, as mounted into the container); started
+    before the image build (which depends on this fixture) so that the two overlap."""
     argv = ["generate", "--model", "smollm2-135m", "--requests", "-"]
     for task_id, task in {**ADAPTERS, 7: "json"}.items():
         argv += ["--adapter", f"{task_id}={REPO / 'examples' / 'adapters' / task}"]
-    res = run_cli(*argv, stdin="".join(json.dumps(r) + "\n" for r in _requests()))
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(run_cli, *argv, stdin="".join(json.dumps(r) + "\n" for r in _requests()))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_job):
+    res = reference_job.result()
     assert res.returncode == 0, res.stderr[-3000:]
     return {out["id"]: out["text"] for out in map(json.loads, res.stdout.splitlines())}
 
@@ -210,11 +218,12 @@ class Container:
 
     def __init__(self, engine: Engine, image: str):
         self.engine, self.name = engine, f"trtllm-bdlora-test{os.getpid()}"
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.http, self.grpc, self.metrics, self.openai = free_port(), free_port(), free_port(), free_port()
         volume = f"{REPO / 'examples' / 'adapters'}:/adapters:ro"
         self.started = time.monotonic()
         engine.run("-d", "--name", self.name, "-v", volume, image, "--http-port", str(self.http),
-                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--adapter", "7=/adapters/json",
+                   "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--openai-port", str(self.openai),
+                   "--adapter", "7=/adapters/json",
                    health=True)
 
     def running(self) -> bool:
