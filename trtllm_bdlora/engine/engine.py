@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
@@ -18,6 +20,7 @@ from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestErr
 from trtllm_bdlora.models.loader import BaseModel, load_base_model
 from trtllm_bdlora.sharding import make_layout
 
+log = logging.getLogger("trtllm_bdlora.adapters")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,6 +80,9 @@ class Engine:
         check_unique_adapter_ids(adapters)
         for task_id, directory in adapters:
             self.register(task_id, load_peft_adapter(directory, model_shape=self.shape), pinned=pin_adapters)
+            if comm.rank == 0:
+                log.info("adapter registered task_id=%d source=--adapter dir=%s pinned=%s host_bytes_used=%d",
+                         task_id, directory, pin_adapters, self.pool.host_bytes_used)
         if self.pool.host_bytes_used > lora_cache_host_bytes:
             raise AdapterError(f"the --adapter adapters take {self.pool.host_bytes_used} bytes per rank, more than "
                                f"--lora-cache-host-bytes {lora_cache_host_bytes}")
@@ -87,6 +93,7 @@ class Engine:
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
+        self.in_collective = False  # rank 0: a plan is out to the workers and not yet executed here
 
     def register(self, task_id: int, adapter, pinned: bool = False) -> None:
         """Every rank, same order: add an adapter to the host cache (no eviction: start-up and plans)."""
@@ -124,6 +131,10 @@ class Engine:
         c = torch.from_numpy(np.array(config, dtype=np.int32))
         entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
         self.lead({"evict": evict, "register": [entry]}, [(w, c, shards)])
+        for old in evict:
+            log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
+        log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d",
+                 task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), self.pool.host_bytes_used)
 
     def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
         """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, shards) it already
@@ -169,9 +180,12 @@ class Engine:
 
     def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
         """Rank 0: send a plan (and the arrays of adapters it registers) to the workers and execute it;
-        None stops them."""
+        None stops them. `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
+        self.in_collective = True
         self.comm.broadcast_json(plan)
-        return None if plan is None else self.execute(plan, arrays)
+        out = None if plan is None else self.execute(plan, arrays)
+        self.in_collective = False
+        return out
 
 
 def engine_from_args(args, comm: Comm) -> Engine:

@@ -43,10 +43,17 @@ class Request:
     output_log_probs: list[float] = field(default_factory=list)
     context_logits: Any = None  # [prompt tokens, vocab] when return_context_logits
     generation_logits: list = field(default_factory=list)  # one [vocab] row per generated token
-    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled"
+    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled" | "error"
+    error: str | None = None  # one line, when serving this request failed (finish_reason "error")
     times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
     cancelled: bool = False
+    client_gone: Callable[[], bool] | None = None  # polled before every step: the client cancelled or left
     on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token
+
+    @property
+    def abandoned(self) -> bool:
+        """Cancelled, or nobody will read the result (disconnect, deadline): leave the batch now."""
+        return self.cancelled or (self.client_gone is not None and self.client_gone())
 
     @property
     def greedy(self) -> bool:

@@ -49,7 +49,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.model_server import ModelServer, serve_values
     from trtllm_bdlora.serving.runtime import Runtime
 
-    runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    runtime = Runtime(engine, args.max_batch_size, args.max_queue, args.max_num_tokens).start()
     metrics = Metrics()
     metrics.watch(runtime)
     server = ModelServer(runtime, serve_values(args.model, args.tp, args.max_batch_size), metrics)
