@@ -101,12 +101,15 @@ def test_plan_chunks_decodes_first_then_prefills_within_budget():
         return r
 
     decoding = [running(4, 5, [9]), running(3, 4, [8])]
-    long_a, long_b = running(100, 0), running(50, 20)
+    long_a, long_b, short = running(100, 0), running(50, 20), running(6, 0)
+    # decodes first; the shortest remaining prompt next; the oldest prompt (long_a) keeps a quarter of the budget
     step = plan_chunks([long_a, *decoding, long_b], 40)
-    assert [(len(t), s) for _, t, s in step] == [(1, 5), (1, 4), (38, 0)]
-    step = plan_chunks([long_a, long_b], 120)
-    assert [(len(t), s) for _, t, s in step] == [(100, 0), (20, 20)]
+    assert [(r, len(t), s) for r, t, s in step] == [(decoding[0], 1, 5), (decoding[1], 1, 4), (long_b, 28, 20),
+                                                    (long_a, 10, 0)]
+    step = plan_chunks([long_a, long_b, short], 120)
+    assert [(r, len(t), s) for r, t, s in step] == [(short, 6, 0), (long_b, 30, 20), (long_a, 84, 0)]
     assert [(len(t), s) for _, t, s in plan_chunks([long_a], 1)] == [(1, 0)]  # a budget of one still progresses
+    assert [len(t) for _, t, _ in plan_chunks([*decoding, long_a], 2)] == [1, 1]  # decodes fill it: prefill waits
 
 
 def test_cancelled_requests_leave_before_the_next_step(engine):

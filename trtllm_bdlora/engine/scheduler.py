@@ -1,9 +1,9 @@
 """Rank 0's continuous batching: sequences join and leave between steps; prefill and decode share a step.
 
 Each step takes at most `max_num_tokens` tokens (TensorRT-LLM's name; vLLM's `max_num_batched_tokens`):
-first one token for every decoding sequence, then prompt chunks of the sequences still in prefill, oldest
-first, in what is left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM's chunked
-prefill). A long prompt is thus prefilled over several steps while the others keep decoding; the attention
+first one token for every decoding sequence, then prompt chunks of the sequences still in prefill in what is
+left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM's chunked prefill; see
+`plan_chunks` for the order). A long prompt is thus prefilled over several steps while the others keep decoding; the attention
 of a chunk reads the KV cache of the earlier chunks, so the result is that of one whole prefill.
 
 Requests whose client has gone (`Request.cancelled` / `Request.client_gone`) leave at the start of the next
@@ -77,16 +77,19 @@ def one_line(err: BaseException) -> str:
 
 
 def plan_chunks(running: list[Running], max_num_tokens: int) -> list[tuple[Running, list[int], int]]:
-    """(sequence, tokens, start) for one step: every decoding sequence's last token, then prompt chunks of the
-    sequences in prefill, in order, while the token budget lasts (at least one chunk when nothing decodes)."""
+    """(sequence, tokens, start) for one step: every decoding sequence's last token, then prompt chunks while the
+    token budget lasts, shortest remaining prompt first (a short request is not queued behind long prefills, as
+    vLLM's partial-prefill limits intend), the oldest prompt in prefill always getting a quarter of the budget
+    (so no prompt starves) and at least one token when nothing decodes."""
     step = [(r, [r.req.output_ids[-1]], r.position) for r in running if not r.prefilling]
     budget = max_num_tokens - len(step)
-    for r in running:
-        if not r.prefilling:
+    oldest = next((r for r in running if r.prefilling), None)
+    reserved = min(len(oldest.req.prompt_ids) - oldest.position, max(max_num_tokens // 4, 1)) if oldest else 0
+    for r in sorted((r for r in running if r.prefilling), key=lambda r: len(r.req.prompt_ids) - r.position):
+        room = budget if r is oldest else budget - reserved
+        if room <= 0 and (step or r is not oldest):
             continue
-        if budget <= 0 and step:
-            break
-        n = min(len(r.req.prompt_ids) - r.position, max(budget, 1))
+        n = min(len(r.req.prompt_ids) - r.position, max(room, 1))
         step.append((r, r.req.prompt_ids[r.position : r.position + n], r.position))
         budget -= n
     return step
