@@ -3,6 +3,7 @@ logits, cancelled requests leave before the next step with their KV cache freed,
 request's processing fails that request alone."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -150,3 +151,49 @@ def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_
     for req in requests:
         assert req.output_ids == peft_reference[req.adapter][1], f"seed {SEED}"
     assert not engine.model.kv_cache  # every sequence freed, the failed one included
+
+
+def test_a_step_that_cannot_be_planned_fails_its_requests_only(engine, monkeypatch):
+    scheduler = Scheduler(engine, max_batch_size=4)
+    first = [Request(i, i, None, [3, 4, 5 + i], 4, end_ids=frozenset()) for i in range(2)]
+    real = engine.pool.assign
+    monkeypatch.setattr(engine.pool, "assign", lambda adapters: (_ for _ in ()).throw(KeyError("slot table")))
+    for req in first:
+        scheduler.add(req)
+    finished = scheduler.step()
+    assert sorted(r.id for r, _ in finished) == [0, 1]
+    assert all(r.error == "internal error while scheduling: KeyError: 'slot table'" for r in first)
+    monkeypatch.setattr(engine.pool, "assign", real)
+    again = Request(5, 5, None, [3, 4, 5], 4, end_ids=frozenset())
+    _run(scheduler, [again])
+    assert again.finish_reason == "length" and again.output_ids == _tokens_alone(engine, [3, 4, 5], 4)
+
+
+def _tokens_alone(engine, prompt, n):
+    req = Request(0, 0, None, prompt, n, end_ids=frozenset())
+    _run(Scheduler(engine), [req])
+    return req.output_ids
+
+
+def test_access_line_format(capsys):
+    import logging
+
+    from trtllm_bdlora.serving.access_log import configure_logging, kv, log_request
+
+    assert kv(id="a b", n=3, ms=1.25, adapter=None, e='x="1"') == 'id="a b" n=3 ms=1.2 adapter=- e="x=\\"1\\""'
+    req = Request(4, "req-1", 7, [1, 2, 3], 5, output_ids=[9, 9], times_ns={"arrival": 0, "first_scheduled": 2_000_000})
+    configure_logging("warning")
+    log_request(req, "ensemble", "length")
+    assert capsys.readouterr().err == ""
+    configure_logging("info")
+    try:
+        log_request(req, "ensemble", "error", "internal error: boom")
+        line = capsys.readouterr().err.strip()
+        assert " INFO trtllm_bdlora.access id=req-1 seq=4 model=ensemble adapter=7 tokens_in=3 tokens_out=2 " \
+               "queue_ms=2.0 compute_ms=" in line and line.endswith('outcome=error error="internal error: boom"')
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", line), line
+    finally:
+        package = logging.getLogger("trtllm_bdlora")
+        package.handlers.clear()
+        package.setLevel(logging.NOTSET)
+        package.propagate = True
