@@ -1,4 +1,4 @@
-"""One `serve --tp 2` (tiny random Llama, hidden 256, 8 layers, context 4096, --max-num-tokens 256) probed from
+"""One `serve --tp 2` (tiny random Llama, hidden 256, 4 layers, context 4096, --max-num-tokens 256) probed from
 outside: abandoned requests (client deadline) leave the batch, a short request is not stalled by long prompts in
 prefill (whose outputs equal transformers'), oversized texts and context overflows are refused at once, a request
 whose adapter makes the logits non-finite fails alone, and every request leaves one access-log line."""
@@ -26,15 +26,28 @@ SEED = int.from_bytes(os.urandom(4), "little")  # fresh prompts every run; print
 VOCAB = 49152
 
 
+def request_adapter_bytes_per_rank(model, rank: int) -> int:
+    """Host-cache bytes the largest rank keeps for a `random_request_adapter` of `rank` at TP 2."""
+    from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
+    from trtllm_bdlora.engine.adapter_pool import AdapterPool, shards_nbytes
+    from trtllm_bdlora.sharding import make_layout
+
+    shape = load_model_config(str(model))
+    adapter = adapter_from_trtllm(*random_request_adapter(shape, rank, 0), shape, tp=2)
+    pools = [AdapterPool(make_layout(shape, 2), r, "bdlora", 1, torch.float32, torch.device("cpu")) for r in range(2)]
+    return max(shards_nbytes(pool.prepare(adapter)) for pool in pools)
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    model = make_tiny_llama(tmp_path_factory.mktemp("scheduler") / "model", hidden=256, layers=8, tokenizer=True)
+    model = make_tiny_llama(tmp_path_factory.mktemp("scheduler") / "model", hidden=256, layers=4, tokenizer=True)
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = CONTEXT
     (model / "config.json").write_text(json.dumps(config))
+    cache = int(1.6 * request_adapter_bytes_per_rank(model, 16))  # one rank-16 request adapter and a rank-8 one
     server = Server(model, {}, tp=2, max_loras=2,
                     extra=["--max-num-tokens", str(BUDGET), "--max-batch-size", "16", "--log-level", "info",
-                           "--lora-cache-host-bytes", str(3 << 20)])
+                           "--lora-cache-host-bytes", str(cache)])
     try:
         server.wait_ready()
         yield server, model
@@ -126,11 +139,11 @@ def test_abandoned_requests_leave_the_batch(served, client):
 
 
 def test_short_request_not_stalled_by_long_prefills(served, client):
-    """Four 1500-token prompts are prefilled in chunks of at most 256 tokens a step; a 4-token request sent while
-    they prefill finishes before the first of them; their outputs (two checked, for time) equal transformers'
-    greedy generation."""
+    """Four 2000-token prompts are prefilled in chunks of at most 256 tokens a step; a 4-token request sent while
+    they prefill finishes within a third of the time they take (unchunked, it waits for all of them); their
+    outputs (two checked, for time) equal transformers' greedy generation."""
     server, model = served
-    prompts = [random_ids(1500, SEED + 100 + i) for i in range(4)]
+    prompts = [random_ids(2000, SEED + 100 + i) for i in range(4)]
     finished, outputs = {}, {}
 
     def long_request(i):
@@ -148,11 +161,10 @@ def test_short_request_not_stalled_by_long_prefills(served, client):
     short_done = time.monotonic()
     for t in threads:
         t.join()
-    first_long = min(finished.values())
     print(f"\nshort request during prefill: {short_done - sent:.2f} s; long prompts done after "
-          f"{first_long - start:.2f} to {max(finished.values()) - start:.2f} s")
-    assert short_done < first_long, (short_done - start, first_long - start)
-    assert short_done - sent < 10.0
+          f"{min(finished.values()) - start:.2f} to {max(finished.values()) - start:.2f} s")
+    all_prefilled = max(finished.values()) - start
+    assert short_done - sent < min(all_prefilled / 3, 10.0), (short_done - sent, all_prefilled)
 
     from transformers import LlamaForCausalLM
 
@@ -197,13 +209,13 @@ def test_fault_in_one_request_fails_only_that_request(served, client):
     weights, config = random_request_adapter(shape, 8, SEED, dtype=np.float32)
     weights *= 1e30
     ids = random_ids(12, SEED + 7)
-    expected = generated(client.infer("tensorrt_llm", core(ids, 40)), 12)
-    bad = core(random_ids(10, SEED), 40, lora_task_id=np.array([[11]], np.uint64), lora_weights=weights,
+    expected = generated(client.infer("tensorrt_llm", core(ids, 16)), 12)
+    bad = core(random_ids(10, SEED), 16, lora_task_id=np.array([[11]], np.uint64), lora_weights=weights,
                lora_config=config, runtime_top_k=np.array([[5]], np.int32), temperature=np.array([[1.0]], np.float32))
     result = {}
 
     def good_request():
-        result["good"] = generated(client.infer("tensorrt_llm", core(ids, 40), request_id="beside-fault"), 12)
+        result["good"] = generated(client.infer("tensorrt_llm", core(ids, 16), request_id="beside-fault"), 12)
 
     thread = threading.Thread(target=good_request)
     thread.start()
@@ -212,7 +224,7 @@ def test_fault_in_one_request_fails_only_that_request(served, client):
     thread.join()
     assert "non-finite logits for this request (adapter 11)" in str(err.value), err.value
     assert result["good"] == expected
-    assert generated(client.infer("tensorrt_llm", core(ids, 40)), 12) == expected
+    assert generated(client.infer("tensorrt_llm", core(ids, 16)), 12) == expected
     assert client.is_server_live() and client.is_server_ready()
     line = next(f for f in access_lines(server) if f["id"] == "faulty")
     assert line["outcome"] == "error" and "non-finite" in line["error"] and line["adapter"] == "11"
@@ -223,7 +235,7 @@ def test_access_log_and_adapter_events(served, client):
     shape = load_model_config(str(model))
     client.infer("ensemble", _tensors({"text_input": np.array([["Hello there"]], dtype=object),
                                        "max_tokens": np.array([[5]], np.int32)}), request_id="logged")
-    for task_id in (21, 22, 23):  # the host cache (3 MiB) holds two of these: registering the third evicts one
+    for task_id in (21, 22, 23):  # the host cache holds one of these: registering the next evicts
         weights, config = random_request_adapter(shape, 16, task_id)
         client.infer("tensorrt_llm", core(random_ids(6, task_id), 2, lora_task_id=np.array([[task_id]], np.uint64),
                                           lora_weights=weights, lora_config=config), request_id=f"adapter-{task_id}")
