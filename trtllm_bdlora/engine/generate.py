@@ -51,7 +51,7 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_nu
     while scheduler.busy:
         for req, per_step in scheduler.step():
             if req.error:
-                results[req.index] = {"id": req.id, "error": req.error}
+                results[req.index] = {"id": req.id, "line": line_numbers[req.index], "error": req.error}
                 continue
             text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True) if engine.tokenizer else None
             out = {"id": req.id, "adapter": req.adapter, "output_ids": req.output_ids, "text": text}
