@@ -69,9 +69,10 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_scheduling_args(p: argparse.ArgumentParser, log_level: str) -> None:
-    p.add_argument("--max-num-tokens", type=_positive_int, default=2048, metavar="N",
+    p.add_argument("--max-num-tokens", type=_positive_int, default=None, metavar="N",
                    help="token budget of one engine step, as TensorRT-LLM's max_num_tokens: decoding sequences get "
-                        "their token first, prompts are prefilled in chunks in what is left (default 2048)")
+                        "their token first, prompts are prefilled in chunks in what is left (default 2048 on a GPU, "
+                        "256 on a CPU)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=log_level,
                    help=f"stderr log level; info adds one access line per request and adapter "
                         f"registrations / evictions (default {log_level}; see docs/reliability.md)")

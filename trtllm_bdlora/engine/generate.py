@@ -30,9 +30,7 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_nu
     from trtllm_bdlora.engine.requests import parse_request, read_request_lines
     from trtllm_bdlora.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(engine, max_batch_size, collect_stats=stats)
-    if max_num_tokens:
-        scheduler.max_num_tokens = max_num_tokens
+    scheduler = Scheduler(engine, max_batch_size, collect_stats=stats, max_num_tokens=max_num_tokens)
     results: list[dict | None] = []
     line_numbers: list[int] = []  # 1-based input line of each request (blank lines are skipped)
     numbered = (line_numbers.append(n) or line for n, line in enumerate(lines, 1) if line.strip())

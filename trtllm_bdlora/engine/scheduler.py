@@ -26,7 +26,13 @@ from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
 
-DEFAULT_MAX_NUM_TOKENS = 2048  # vLLM's chunked-prefill default for online serving; TensorRT-LLM builds use 8192
+# vLLM's chunked-prefill default for online serving on a GPU (TensorRT-LLM builds use 8192); on a CPU a step of
+# 2048 prompt tokens takes seconds even on a tiny model, which every decoding sequence would wait for
+DEFAULT_MAX_NUM_TOKENS = {"cuda": 2048, "cpu": 256}
+
+
+def default_max_num_tokens(device) -> int:
+    return DEFAULT_MAX_NUM_TOKENS.get(getattr(device, "type", str(device)), DEFAULT_MAX_NUM_TOKENS["cpu"])
 log = logging.getLogger("trtllm_bdlora.scheduler")
 
 
@@ -97,9 +103,9 @@ def plan_chunks(running: list[Running], max_num_tokens: int) -> list[tuple[Runni
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch_size: int = 16, collect_stats: bool = False,
-                 max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS):
+                 max_num_tokens: int | None = None):
         self.engine, self.max_batch_size, self.collect_stats = engine, max_batch_size, collect_stats
-        self.max_num_tokens = max_num_tokens
+        self.max_num_tokens = max_num_tokens or default_max_num_tokens(engine.comm.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
         self._free: list[int] = []

@@ -25,7 +25,7 @@ import numpy as np
 
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
-from trtllm_bdlora.engine.scheduler import DEFAULT_MAX_NUM_TOKENS, Scheduler, one_line
+from trtllm_bdlora.engine.scheduler import Scheduler, one_line
 from trtllm_bdlora.errors import BdLoraError, RequestError
 from trtllm_bdlora.serving.access_log import log_request
 
@@ -44,7 +44,7 @@ class Submission:
 
 class Runtime:
     def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256,
-                 max_num_tokens: int = DEFAULT_MAX_NUM_TOKENS):
+                 max_num_tokens: int | None = None):
         self.engine = engine
         self.scheduler = Scheduler(engine, max_batch_size, max_num_tokens=max_num_tokens)
         self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
