@@ -129,6 +129,12 @@ def test_cancelled_requests_leave_before_the_next_step(engine):
     assert seq not in engine.model.kv_cache  # freed in the step it left
     _run(scheduler, [])
     assert keep.finish_reason == "length" and len(keep.output_ids) == 6
+    last = Request(2, "last", None, [5, 6], 50, end_ids=frozenset())
+    scheduler.add(last)
+    scheduler.step()
+    last.cancelled = True  # a stop request for the only running sequence
+    assert scheduler.step() == [(last, [])] and not scheduler.busy
+    assert not engine.model.kv_cache  # freed at once, not with a later request's step
 
 
 def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_reference, monkeypatch):

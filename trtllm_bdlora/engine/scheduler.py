@@ -162,6 +162,7 @@ class Scheduler:
         finished = self._drop_abandoned()
         self._admit()
         if not self.running:
+            self.flush()  # the last sequences left: free their KV caches now, not with some later step
             return finished
         step: list[tuple[Running, list[int], int]] = []
         try:
