@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             ax.plot(SCHEMES, [measured[s] for s in SCHEMES], "ko", label="measured step")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("ms per decode step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_ylim(0, 1.1 * max(bottom + (list(measured.values()) if measured else [])))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
     return 0
