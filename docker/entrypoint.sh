@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# Build engines if absent, fill the model repository, start one tritonserver per rank (see entrypoint.py).
+# The entrypoint of both images (docker/Dockerfile, docker/Dockerfile.cpu): `IMAGE [serve flags]` serves, `IMAGE
+# SUBCOMMAND ...` runs any trtllm-bdlora subcommand, `IMAGE COMMAND ...` anything else (see entrypoint.py).
 set -euo pipefail
 exec python3 -m trtllm_bdlora.serving.entrypoint "$@"

@@ -21,20 +21,33 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, adapters: dict[int, Path], tp: int = 2, max_loras: int = 8, extra=()):
+    def __init__(self, model: Path, adapters: dict[int | str, Path], tp: int = 2, max_loras: int = 8, extra=(),
+                 mpirun: bool = False):
+        """`mpirun`: start the ranks with the user's `mpirun -n tp` (stopped with SIGUSR1) instead of serve's own
+        launcher."""
         self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.openai_port = free_port()
+        self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"
         args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
                 "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),
-                "--max-loras", str(max_loras), *extra]
+                "--openai-port", str(self.openai_port), "--max-loras", str(max_loras), *extra]
         for task_id, directory in adapters.items():
             args += ["--adapter", f"{task_id}={directory}"]
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "trtllm_bdlora", *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        cmd = [sys.executable, "-m", "trtllm_bdlora", *args]
+        self.stop_signal = signal.SIGTERM
+        if mpirun:
+            from trtllm_bdlora.engine.launch import mpirun_command
+
+            cmd = mpirun_command(tp, args)
+            cmd[1:1] = ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH"]
+            self.stop_signal = signal.SIGUSR1
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                     start_new_session=True)
 
     def wait_ready(self, timeout: float = 180) -> None:
         import tritonclient.grpc as grpcclient
@@ -63,9 +76,9 @@ class Server:
         return rank_processes(lambda cmd, env: b"serve" in cmd and port in cmd and b"trtllm_bdlora" in cmd)
 
     def stop(self) -> int:
-        """SIGTERM, wait, and keep the log readable through `output()`."""
+        """SIGTERM (SIGUSR1 to mpirun), wait, and keep the log readable through `output()`."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:

@@ -81,7 +81,7 @@ def test_launch_without_tritonserver_is_clear(tmp_path):
 
 def test_entrypoint_plans(tmp_path):
     env = dict(os.environ, MODEL="/models/m", TP="8", ENGINE_DIR=str(tmp_path / "engines"), DRY_RUN="1",
-               PYTHONPATH=str(REPO))
+               PYTHONPATH=str(REPO), BACKEND="trtllm")  # as docker/Dockerfile sets it
     out = subprocess.run([str(REPO / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, check=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
     assert len(lines) == 3 and lines[0].startswith("+ mpirun --allow-run-as-root -n 8 trtllm-bdlora build")

@@ -138,6 +138,7 @@ def test_build_and_entrypoint_refuse_other_versions(fake_stack, tiny_llama, tmp_
     from trtllm_bdlora.serving import entrypoint
 
     monkeypatch.setenv("MODEL", str(tiny_llama))
+    monkeypatch.setenv("BACKEND", "trtllm")  # as docker/Dockerfile sets it
     monkeypatch.delenv("DRY_RUN", raising=False)
     assert entrypoint.main([]) == 2
     err = capsys.readouterr().err

@@ -16,12 +16,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_adapter_arg(text: str) -> tuple[int, str]:
-    """`ID=DIR` with ID a positive integer task id (as TensorRT-LLM's lora_task_id)."""
-    task_id, sep, directory = text.partition("=")
-    if not sep or not directory or not task_id.isdigit() or int(task_id) < 1:
-        raise argparse.ArgumentTypeError(f"expected ID=DIR with ID a positive integer, got {text!r}")
-    return int(task_id), directory
+class AdapterArg(tuple):
+    """`(task_id, directory)` as the engine unpacks it, plus `name`: the adapter's OpenAI model name."""
+
+    name: str
+
+    def __new__(cls, task_id: int, directory: str, name: str | None = None) -> AdapterArg:
+        arg = super().__new__(cls, (task_id, directory))
+        arg.name = name or str(task_id)
+        return arg
+
+
+def parse_adapter_arg(text: str) -> AdapterArg:
+    """`ID=DIR` or `NAME:ID=DIR`, ID a positive integer task id (as TensorRT-LLM's lora_task_id); the OpenAI API
+    names the adapter NAME, or ID when no NAME is given."""
+    head, sep, directory = text.partition("=")
+    name, colon, task_id = head.rpartition(":")
+    if not sep or not directory or not task_id.isdigit() or int(task_id) < 1 or (colon and not name):
+        raise argparse.ArgumentTypeError(f"expected ID=DIR or NAME:ID=DIR with ID a positive integer, got {text!r}")
+    if name.isdigit() and int(name) != int(task_id):
+        raise argparse.ArgumentTypeError(f"adapter NAME must not be a number (numbers name task ids), got {text!r}")
+    return AdapterArg(int(task_id), directory, name or None)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -45,7 +60,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel ranks: started as N processes on this machine, or joins an mpirun launch of N")
     p.add_argument("--scheme", choices=["bdlora", "slora", "replicated"], default="bdlora")
     p.add_argument("--backend", choices=["torch", "trtllm"], default="torch")
-    p.add_argument("--adapter", type=parse_adapter_arg, action="append", default=[], metavar="ID=DIR")
+    p.add_argument("--adapter", type=parse_adapter_arg, action="append", default=[], metavar="[NAME:]ID=DIR",
+                   help="register the PEFT adapter in DIR as lora_task_id ID (OpenAI model name NAME, else ID)")
     p.add_argument("--max-loras", type=_positive_int, default=8, help="adapter slots per rank")
     p.add_argument("--max-batch-size", type=_positive_int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -100,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.generate", fromlist=["main"]).main(a))
 
     p = sub.add_parser("serve", help="Triton's KServe v2 gRPC + HTTP endpoints for TensorRT-LLM's inflight_batcher_llm "
-                                     "models (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls)")
+                                     "models (ensemble, preprocessing, tensorrt_llm, postprocessing, tensorrt_llm_bls) "
+                                     "and an OpenAI-compatible API")
     _add_engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address every endpoint binds to")
     p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP/REST (Triton's default 8000)")
@@ -108,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (Triton's default 8002)")
     p.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 'server busy'")
     p.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--openai-port", type=int, default=9000, help="OpenAI-compatible HTTP API (/v1/...) on --host")
+    p.add_argument("--served-model-name", default=None, help="the base model's OpenAI model name (default: --model)")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (directories under --adapter-root)")
+    p.add_argument("--adapter-root", default=None, help="the only directory tree adapters may be loaded from at run time")
     _add_scheduling_args(p, "info")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.serve", fromlist=["main"]).main(a))
 

@@ -87,3 +87,28 @@ class Adapter:
             for key, f in self.modules.items()
         }
         return Adapter(self.path, self.kind, self.rank, self.nblocks, modules, self.base_model, self.stored_dtype)
+
+
+def adapter_to_wire(adapter: Adapter) -> tuple[dict, torch.Tensor]:
+    """A JSON-serialisable description and one flat float32 tensor holding every factor: how rank 0 sends an
+    adapter it loaded to the other ranks (JSON and raw tensors, never pickle)."""
+    modules = [[layer, name, list(f.a.shape), list(f.b.shape), f.scaling, f.role, f.bd_factor, f.nblocks]
+               for (layer, name), f in adapter.modules.items()]
+    flat = torch.cat([t.reshape(-1).to(torch.float32) for f in adapter.modules.values() for t in (f.a, f.b)])
+    meta = {"path": adapter.path, "kind": adapter.kind, "rank": adapter.rank, "nblocks": adapter.nblocks,
+            "base_model": adapter.base_model, "stored_dtype": str(adapter.stored_dtype).removeprefix("torch."),
+            "modules": modules, "numel": flat.numel()}
+    return meta, flat
+
+
+def adapter_from_wire(meta: dict, flat: torch.Tensor) -> Adapter:
+    """The inverse of `adapter_to_wire`."""
+    modules, offset = {}, 0
+    for layer, name, a_shape, b_shape, scaling, role, bd_factor, nblocks in meta["modules"]:
+        a_size, b_size = a_shape[0] * a_shape[1], b_shape[0] * b_shape[1]
+        a = flat[offset : offset + a_size].view(a_shape).clone()
+        b = flat[offset + a_size : offset + a_size + b_size].view(b_shape).clone()
+        offset += a_size + b_size
+        modules[(layer, name)] = LoraFactors(a, b, scaling, role, bd_factor, nblocks)
+    return Adapter(meta["path"], meta["kind"], meta["rank"], meta["nblocks"], modules, meta["base_model"],
+                   getattr(torch, meta["stored_dtype"]))

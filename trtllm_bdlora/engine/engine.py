@@ -13,6 +13,7 @@ from trtllm_bdlora.engine.adapter_pool import (
     AdapterPool,
     bound_heap_retention,
     release_freed_memory,
+    shards_nbytes,
 )
 from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
@@ -67,6 +68,7 @@ class Engine:
         pin_adapters: bool = True,
     ):
         self.comm = comm
+        self.pin_adapters = pin_adapters
         bound_heap_retention()  # adapters come and go for as long as the process serves
         base = model if isinstance(model, BaseModel) else load_base_model(model, tp_rank=(comm.rank, comm.world))
         self.base = base
@@ -136,6 +138,18 @@ class Engine:
         log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d",
                  task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), self.pool.host_bytes_used)
 
+    def register_shared(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
+        """Rank 0: register an adapter loaded from a PEFT directory at run time (the OpenAI API's
+        load_lora_adapter) on every rank, as the `--adapter` ones: pinned unless --no-pin-adapters. Validated and
+        sharded here first; least recently used adapters that are neither pinned nor in `in_use` make room."""
+        from trtllm_bdlora.adapters.lora import adapter_to_wire
+
+        self._worked = True
+        shards = self.pool.prepare(adapter)
+        evict = self.pool.plan_evictions(task_id, shards_nbytes(shards), in_use)
+        meta, flat = adapter_to_wire(adapter)
+        self.lead({"evict": evict, "share": [dict(meta, task_id=task_id, pinned=self.pin_adapters)]}, [(shards, flat)])
+
     def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
         """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, shards) it already
         validated and prepared; the other ranks receive the arrays and convert them the same way."""
@@ -152,6 +166,19 @@ class Engine:
             del w, c
             self.pool.insert(entry["task_id"], shards)
 
+    def _share_from_plan(self, plan: dict, arrays: list | None) -> None:
+        """Adapters rank 0 loaded from a PEFT directory at run time (`register_shared`). Rank 0 passes (shards,
+        flat factors) it already prepared; the other ranks receive the factors and shard them the same way."""
+        from trtllm_bdlora.adapters.lora import adapter_from_wire
+
+        for i, meta in enumerate(plan.get("share", [])):
+            shards, flat = arrays[i] if arrays else (None, None)
+            flat = self.comm.broadcast_tensor(flat, [meta["numel"]], torch.float32)
+            if shards is None:
+                shards = self.pool.prepare(adapter_from_wire(meta, flat))
+            del flat
+            self.pool.insert(meta["task_id"], shards, meta["pinned"])
+
     def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
         """Run one planned step: evict, register sent adapters, free finished sequences, load slots, forward.
         The first empty plan (a heartbeat: the server is idle) after some work trims the heap."""
@@ -162,7 +189,8 @@ class Engine:
             return None
         self._worked = True
         self.pool.evict(plan.get("evict", []))
-        self._register_from_plan(plan, arrays)
+        self._register_from_plan(plan, arrays)  # a plan carries `register` or `share` entries, not both
+        self._share_from_plan(plan, arrays)
         for seq_id in plan.get("free", []):
             self.model.free(seq_id)
         for slot, task_id in plan.get("loads", []):

@@ -48,7 +48,7 @@ class Request:
     times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
     cancelled: bool = False
     client_gone: Callable[[], bool] | None = None  # polled before every step: the client cancelled or left
-    on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token
+    on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token; may cancel
 
     @property
     def abandoned(self) -> bool:

@@ -216,6 +216,8 @@ class Scheduler:
         r.req.finish_reason = reason  # set before on_token: a callback knows the token is the last one
         if r.req.on_token is not None:
             r.req.on_token(r.req.output_ids[-1])
+            if reason is None and r.req.cancelled:  # the callback ended it (an OpenAI stop string)
+                reason = r.req.finish_reason = "cancelled"
         if reason is not None:
             self.running.remove(r)
             self._free.append(r.seq_id)

@@ -42,6 +42,29 @@ class Submission:
     model: str = "tensorrt_llm"  # the model the client called, for the access log
 
 
+class _Control:
+    """Work for the engine thread between steps (adapter registration), queued in the inbox like a request."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action, self.error = action, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.action()
+        except BdLoraError as err:
+            self.error = str(err)
+        except Exception as err:  # a collective failed: the runtime fails as for a step
+            self.error = f"server failed: {type(err).__name__}"
+            raise
+        finally:
+            self.done.set()
+
+    def on_done(self, ids, error: str | None) -> None:  # the runtime failed or stopped before running it
+        self.error = error
+        self.done.set()
+
+
 class Runtime:
     def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256,
                  max_num_tokens: int | None = None):
@@ -53,6 +76,7 @@ class Runtime:
         self.stopped = threading.Event()
         self.failure: str | None = None
         self._next = 0
+        self.retiring: set[int] = set()  # unregistered adapters still used by queued or running requests
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
 
@@ -90,6 +114,40 @@ class Runtime:
     def active(self) -> int:
         return len(self.pending)
 
+    def register_adapter(self, task_id: int, adapter) -> None:
+        """Register a loaded Adapter under `task_id` on every rank, between engine steps, as the `--adapter` ones
+        (pinned unless --no-pin-adapters; may evict unpinned adapters no pending request uses)."""
+        def register():
+            if task_id in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"lora_task_id {task_id} is already registered")
+            self.engine.register_shared(task_id, adapter, self._in_use())
+
+        self._control(register)
+
+    def unregister_adapter(self, task_id: int) -> None:
+        """Refuse new requests for `task_id` at once; it leaves every rank when no pending request uses it."""
+        def retire():
+            if task_id not in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"unknown lora_task_id {task_id}")
+            self.retiring.add(task_id)
+            self._release_retired()
+
+        self._control(retire)
+
+    def _control(self, action: Callable[[], None]) -> None:
+        if self.stopping.is_set() or not self.healthy:
+            raise RequestError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+        item = _Control(action)
+        try:
+            self.inbox.put(item, timeout=60)
+        except queue.Full:
+            raise RequestError(f"server busy: {self.inbox.maxsize} requests already queued, retry later") from None
+        while not item.done.wait(0.5):
+            if self.stopped.is_set():
+                raise RequestError("server is shutting down")
+        if item.error:
+            raise RequestError(item.error)
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish in-flight and queued requests, then stop every rank."""
         self.stopping.set()
@@ -105,15 +163,19 @@ class Runtime:
         except Exception:
             log.exception("on_done callback of request %s failed", sub.request.id)
 
-    def _admit(self, sub: Submission) -> None:
+    def _admit(self, sub: Submission | _Control) -> None:
+        if isinstance(sub, _Control):
+            sub.run()
+            return
         req = sub.request
         if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
             req.finish_reason = "cancelled"
             self._finish(sub, "cancelled")
             return
         try:  # the host LoRA cache never evicts the adapter of a request still pending
-            in_use = {s.request.adapter for s in self.pending.values()} - {None}
-            self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, in_use)
+            if req.adapter in self.retiring:
+                raise RequestError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
+            self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, self._in_use())
         except BdLoraError as err:
             self._finish(sub, "rejected", str(err))
             return
@@ -125,6 +187,15 @@ class Runtime:
         sub.lora_weights = sub.lora_config = None  # registered: the request need not keep them (as TensorRT-LLM)
         self.pending[req.index] = sub
         self.scheduler.add(req)
+
+    def _in_use(self) -> set[int]:
+        return {s.request.adapter for s in self.pending.values()} - {None}
+
+    def _release_retired(self) -> None:
+        free = sorted(self.retiring - self._in_use())
+        if free:
+            self.engine.lead({"evict": free})
+            self.retiring -= set(free)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -149,6 +220,8 @@ class Runtime:
                 if self.scheduler.busy:
                     for req, _ in self.scheduler.step():
                         self._finish(self.pending.pop(req.index), req.finish_reason or "error", req.error)
+                    if self.retiring:
+                        self._release_retired()
                     last = time.monotonic()
                 elif time.monotonic() - last >= HEARTBEAT_S:
                     self.engine.lead({})
@@ -162,6 +235,10 @@ class Runtime:
                 self._finish(sub, "error", f"server failed: {self.failure}")
             self.pending.clear()
             while not self.inbox.empty():
-                self._finish(self.inbox.get_nowait(), "error", f"server failed: {self.failure}")
+                item = self.inbox.get_nowait()
+                if isinstance(item, _Control):
+                    item.on_done(None, f"server failed: {self.failure}")
+                else:
+                    self._finish(item, "error", f"server failed: {self.failure}")
         finally:
             self.stopped.set()

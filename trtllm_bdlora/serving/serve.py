@@ -19,6 +19,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 def main(args: argparse.Namespace) -> int:
     if args.backend == "trtllm":
         raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
+    from trtllm_bdlora.serving.openai_api import check_args
+
+    check_args(args)  # bad OpenAI flags fail before any rank starts
     if mpi_world_size() is None:
         from trtllm_bdlora.engine.engine import check_launch
 
@@ -47,6 +50,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.http_server import HttpServer, build_app, build_metrics_app
     from trtllm_bdlora.serving.metrics import Metrics
     from trtllm_bdlora.serving.model_server import ModelServer, serve_values
+    from trtllm_bdlora.serving.openai_api import openai_app
     from trtllm_bdlora.serving.runtime import Runtime
 
     runtime = Runtime(engine, args.max_batch_size, args.max_queue, args.max_num_tokens).start()
@@ -65,6 +69,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
         grpc_server = start_server(server, args.host, args.grpc_port)
         http_servers.append(HttpServer(build_app(server), args.host, args.http_port).start())
         http_servers.append(HttpServer(build_metrics_app(metrics), args.host, args.metrics_port).start())
+        http_servers.append(HttpServer(openai_app(runtime, args), args.host, args.openai_port).start())
     except BdLoraError:
         stop_endpoints()
         runtime.stop()
@@ -76,6 +81,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     print(f"trtllm-bdlora: serving {', '.join(sorted(server.models))} on {args.host} (gRPC {args.grpc_port}, "
           f"HTTP {args.http_port}, metrics {args.metrics_port}; tp {args.tp}, scheme {args.scheme}, "
           f"adapters {sorted(engine.pool.host)})", flush=True)
+    print(f"trtllm-bdlora: OpenAI API on http://{args.host}:{args.openai_port}/v1", flush=True)
     while not stop.wait(0.2) and not runtime.stopped.is_set():
         pass
     runtime.stop(timeout=args.shutdown_timeout)  # in-flight and queued requests finish first

@@ -1,0 +1,177 @@
+"""In-process checks of the OpenAI layer's parts: adapter names and `--adapter NAME:ID=DIR`, the adapter-root
+confinement, stop strings and stream pieces, the adapter wire format, and run-time (un)registration in the runtime."""
+
+import argparse
+import threading
+import time
+
+import pytest
+import torch
+
+from trtllm_bdlora.adapters import load_peft_adapter
+from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
+from trtllm_bdlora.cli import parse_adapter_arg
+from trtllm_bdlora.engine.adapter_pool import shards_nbytes
+from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.errors import BdLoraError, RequestError
+from trtllm_bdlora.serving.openai_models import AdapterNames, adapter_dir_under, adapter_root
+from trtllm_bdlora.serving.openai_protocol import OpenAIError, TextTracker, stream_piece
+from trtllm_bdlora.serving.runtime import Runtime, Submission
+
+
+def test_adapter_arg_forms():
+    plain, named = parse_adapter_arg("3=/a/b=c"), parse_adapter_arg("org:tuned:4=/d")
+    assert tuple(plain) == (3, "/a/b=c") and plain.name == "3"
+    assert tuple(named) == (4, "/d") and named.name == "org:tuned"
+    for bad in ("x=/d", "0=/d", ":1=/d", "2:1=/d", "1=", "1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_adapter_arg(bad)
+
+
+def test_names_resolve_list_and_refuse():
+    names = AdapterNames("base", "/m", [parse_adapter_arg("1=/a"), parse_adapter_arg("alpha:2=/b")])
+    registered = {1, 2, 7}  # 7: registered over gRPC, answers to "7"
+    assert [names.resolve(m, registered) for m in (None, "", "base", "1", "alpha", "2", "7")] == [None] * 3 + [1, 2, 2, 7]
+    for unknown in ("beta", "8", "07", "-1"):
+        with pytest.raises(OpenAIError) as info:
+            names.resolve(unknown, registered)
+        assert info.value.status == 404
+    cards = names.cards(registered, 256)
+    assert [(c["id"], c.get("lora_task_id"), c["root"]) for c in cards] == [
+        ("base", None, "/m"), ("1", 1, "/a"), ("alpha", 2, "/b"), ("7", 7, None)]
+    assert names.next_id(registered) == 8 and names.taken("alpha", registered) and names.taken("7", registered)
+    names.forget(2)
+    with pytest.raises(OpenAIError):
+        names.resolve("alpha", {1, 7})
+    for bad in (["base:1=/a"], ["x:1=/a", "x:2=/b"]):
+        with pytest.raises(BdLoraError):
+            AdapterNames("base", "/m", [parse_adapter_arg(a) for a in bad])
+
+
+def test_adapter_root_confinement(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "adapter_config.json").write_text("{}")
+    outside.mkdir()
+    (outside / "adapter_model.safetensors").write_bytes(b"")
+    (root / "link").symlink_to(outside)
+    (root / "mixed").mkdir()
+    (root / "mixed" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    resolved = adapter_root(str(root), True)
+    assert adapter_dir_under(resolved, "ok") == adapter_dir_under(resolved, str(root / "ok")) == resolved / "ok"
+    for path in (str(outside), "link", "../outside", "ok/../../outside", "mixed"):
+        with pytest.raises(OpenAIError) as info:
+            adapter_dir_under(resolved, path)
+        assert info.value.status == 403, path
+    with pytest.raises(OpenAIError) as info:
+        adapter_dir_under(resolved, "missing")
+    assert info.value.status == 404
+    assert adapter_root(None, False) is None
+    with pytest.raises(BdLoraError):
+        adapter_root(None, True)
+
+
+def test_stop_strings_and_stream_pieces():
+    pieces = ["He", "llo", " wor", "ld", "!"]
+    tracker = TextTracker(lambda ids: "".join(pieces[i] for i in ids), ["o w", "ld!"])
+    assert [tracker.add(i) for i in range(3)] == [False, False, True]
+    assert (tracker.text, tracker.stop_reason, tracker.holdback) == ("Hell", "o w", 2)
+    # a stream sends nothing that could still turn into a stop string, nor half a UTF-8 character
+    assert stream_piece("Hello", 0, 2, final=False) == ("Hel", 3)
+    assert stream_piece("Hello\ufffd", 3, 0, final=False) == ("lo", 5)
+    assert stream_piece("Hell", 3, 2, final=True) == ("l", 4)
+    assert stream_piece("Hi", 2, 2, final=False) == ("", 2)
+
+
+def test_adapter_wire_round_trip(bd_adapters, lora_adapter):
+    for directory in (bd_adapters[0], lora_adapter):
+        adapter = load_peft_adapter(directory)
+        meta, flat = adapter_to_wire(adapter)
+        back = adapter_from_wire(meta, flat.clone())
+        assert (back.kind, back.rank, back.nblocks, back.path) == (adapter.kind, adapter.rank, adapter.nblocks, adapter.path)
+        assert back.modules.keys() == adapter.modules.keys()
+        for key, f in adapter.modules.items():
+            g = back.modules[key]
+            assert torch.equal(f.a, g.a) and torch.equal(f.b, g.b)
+            assert (f.scaling, f.role, f.bd_factor, f.nblocks) == (g.scaling, g.role, g.bd_factor, g.nblocks)
+
+
+def _run(runtime, adapter, max_tokens=12, on_token=None):
+    done, result = threading.Event(), {}
+    req = Request(0, "r", adapter, [5, 9, 13, 2, 7], max_tokens, on_token=on_token)
+    runtime.submit(Submission(req, on_done=lambda ids, err: (result.update(ids=ids, err=err), done.set())))
+    return done, result
+
+
+def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
+    engine = Engine(Comm(), str(tiny_llama), "bdlora", [parse_adapter_arg(f"first:1={bd_adapters[0]}")], max_loras=2)
+    runtime = Runtime(engine).start()
+    try:
+        done, reference = _run(runtime, 1)
+        assert done.wait(60) and reference["err"] is None
+
+        runtime.register_adapter(5, load_peft_adapter(bd_adapters[0]))  # the same weights under another id
+        with pytest.raises(RequestError, match="already registered"):
+            runtime.register_adapter(5, load_peft_adapter(bd_adapters[1]))
+
+        started, release = threading.Event(), threading.Event()
+
+        def on_token(_):
+            started.set()
+            release.wait(60)  # hold the engine between steps until the retirement has been checked
+
+        done, running = _run(runtime, 5, on_token=on_token)
+        assert started.wait(60)
+        retire = threading.Thread(target=runtime.unregister_adapter, args=(5,))
+        retire.start()
+        release.set()
+        retire.join(60)
+        late_done, late = _run(runtime, 5)
+        assert late_done.wait(60) and "unknown lora_task_id 5" in late["err"]
+        assert done.wait(60) and running == reference  # the running request finished with the adapter
+        deadline = time.monotonic() + 10
+        while (5 in engine.pool or runtime.retiring) and time.monotonic() < deadline:  # right after, on the engine thread
+            time.sleep(0.01)
+        assert 5 not in engine.pool and not runtime.retiring  # and then it left
+        with pytest.raises(RequestError, match="unknown lora_task_id"):
+            runtime.unregister_adapter(5)
+    finally:
+        runtime.stop(30)
+
+
+def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters):
+    """Run-time loads are held like `--adapter` ones: capped at --max-lora-rank, pinned by default (a full cache
+    refuses the next load with TensorRT-LLM's message); with --no-pin-adapters the least recently used is evicted and
+    loses its OpenAI name."""
+    from trtllm_bdlora.serving.openai_api import OpenAIServer
+
+    adapter = load_peft_adapter(bd_adapters[1])
+    for pinned in (True, False):
+        engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2, pin_adapters=pinned, max_lora_rank=16)
+        engine.pool.host_cache_bytes = 5 * shards_nbytes(engine.pool.prepare(adapter)) // 2  # room for two
+        runtime = Runtime(engine).start()
+        server = OpenAIServer(runtime, AdapterNames("base", "/m"), None)
+        try:
+            for task_id, name in ((1, "one"), (2, "two")):
+                runtime.register_adapter(task_id, adapter)
+                server.names.add(name, task_id, bd_adapters[1])
+            assert engine.pool.pinned == ({1, 2} if pinned else set())
+            with pytest.raises(RequestError, match="over --max-lora-rank 16"):
+                runtime.register_adapter(4, load_peft_adapter(bd_adapters[2]))  # rank 32
+            if pinned:
+                with pytest.raises(RequestError, match="PEFT Cache is full"):
+                    runtime.register_adapter(3, adapter)
+                assert set(engine.pool.host) == {1, 2}
+            else:
+                runtime.register_adapter(3, adapter)
+                assert list(engine.pool.host) == [2, 3]  # 1 was the least recently used
+                assert server.registered() == {2, 3} and "one" not in server.names.ids
+                with pytest.raises(OpenAIError) as info:
+                    server.names.resolve("one", server.registered())
+                assert info.value.status == 404
+            runtime.unregister_adapter(2)
+            assert 2 not in engine.pool and 2 not in engine.pool.pinned
+        finally:
+            runtime.stop(30)
