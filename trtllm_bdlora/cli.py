@@ -84,6 +84,16 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
                         "name the interface the machines share for a multi-node mpirun launch")
 
 
+def _add_scheduling_args(p: argparse.ArgumentParser, log_level: str) -> None:
+    p.add_argument("--max-num-tokens", type=_positive_int, default=None, metavar="N",
+                   help="token budget of one engine step, as TensorRT-LLM's max_num_tokens: decoding sequences get "
+                        "their token first, prompts are prefilled in chunks in what is left (default 2048 on a GPU, "
+                        "256 on a CPU)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=log_level,
+                   help=f"stderr log level; info adds one access line per request and adapter "
+                        f"registrations / evictions (default {log_level}; see docs/reliability.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trtllm-bdlora",
@@ -102,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p)
     p.add_argument("--requests", required=True, help="JSON-lines file, or - for stdin")
     p.add_argument("--stats", action="store_true", help="add per-step collective accounting to the output")
+    _add_scheduling_args(p, "warning")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.engine.generate", fromlist=["main"]).main(a))
 
     p = sub.add_parser("serve", help="Triton's KServe v2 gRPC + HTTP endpoints for TensorRT-LLM's inflight_batcher_llm "
@@ -125,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (directories under --adapter-root)")
     p.add_argument("--adapter-root", default=None, help="the only directory tree adapters may be loaded from at run time")
+    _add_scheduling_args(p, "info")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.serve", fromlist=["main"]).main(a))
 
     p = sub.add_parser("client", help="send one request to a serve / Triton endpoint with tritonclient")
@@ -221,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "log_level", None):
+        from trtllm_bdlora.serving.access_log import configure_logging
+
+        configure_logging(args.log_level)
     from trtllm_bdlora.engine.launch import mpi_world_size, run_rank
 
     if mpi_world_size() is not None:  # one rank of a multi-rank launch: report failures once, exit at once

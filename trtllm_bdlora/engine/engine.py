@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
@@ -20,6 +22,7 @@ from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestErr
 from trtllm_bdlora.models.loader import BaseModel, load_base_model
 from trtllm_bdlora.sharding import make_layout
 
+log = logging.getLogger("trtllm_bdlora.adapters")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,6 +88,8 @@ class Engine:
             self.register(task_id, adapter, pinned=pin_adapters)
             if comm.rank == 0:
                 self.owners.add_startup(task_id, adapter, comm.world)
+                log.info("adapter registered task_id=%d source=--adapter dir=%s pinned=%s host_bytes_used=%d",
+                         task_id, directory, pin_adapters, self.pool.host_bytes_used)
         if self.pool.host_bytes_used > lora_cache_host_bytes:
             raise AdapterError(f"the --adapter adapters take {self.pool.host_bytes_used} bytes per rank, more than "
                                f"--lora-cache-host-bytes {lora_cache_host_bytes}")
@@ -95,6 +100,7 @@ class Engine:
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
+        self.in_collective = False  # rank 0: a plan is out to the workers and not yet executed here
 
     def register(self, task_id: int, adapter, pinned: bool = False) -> None:
         """Every rank, same order: add an adapter to the host cache (no eviction: start-up and plans)."""
@@ -137,6 +143,10 @@ class Engine:
         c = torch.from_numpy(np.array(config, dtype=np.int32))
         entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
         self.lead({"evict": evict, "register": [entry]}, [(w, c, shards)])
+        for old in evict:
+            log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
+        log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d",
+                 task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), self.pool.host_bytes_used)
 
     def register_shared(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
         """Rank 0: register an adapter loaded from a PEFT directory at run time (the OpenAI API's
@@ -208,9 +218,12 @@ class Engine:
 
     def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
         """Rank 0: send a plan (and the arrays of adapters it registers) to the workers and execute it;
-        None stops them."""
+        None stops them. `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
+        self.in_collective = True
         self.comm.broadcast_json(plan)
-        return None if plan is None else self.execute(plan, arrays)
+        out = None if plan is None else self.execute(plan, arrays)
+        self.in_collective = False
+        return out
 
 
 def engine_from_args(args, comm: Comm) -> Engine:

@@ -24,12 +24,13 @@ def _stats_summary(per_step: list[dict]) -> dict:
     }
 
 
-def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> list[dict]:
+def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_num_tokens: int | None = None
+                 ) -> list[dict]:
     """Rank 0: validate, schedule and run every request; returns the output objects in input order."""
     from trtllm_bdlora.engine.requests import parse_request, read_request_lines
     from trtllm_bdlora.engine.scheduler import Scheduler
 
-    scheduler = Scheduler(engine, max_batch_size, collect_stats=stats)
+    scheduler = Scheduler(engine, max_batch_size, collect_stats=stats, max_num_tokens=max_num_tokens)
     results: list[dict | None] = []
     line_numbers: list[int] = []  # 1-based input line of each request (blank lines are skipped)
     numbered = (line_numbers.append(n) or line for n, line in enumerate(lines, 1) if line.strip())
@@ -47,6 +48,9 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False) -> lis
             results.append({"id": rid, "line": line_numbers[index], "error": str(err)})
     while scheduler.busy:
         for req, per_step in scheduler.step():
+            if req.error:
+                results[req.index] = {"id": req.id, "line": line_numbers[req.index], "error": req.error}
+                continue
             text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True) if engine.tokenizer else None
             out = {"id": req.id, "adapter": req.adapter, "output_ids": req.output_ids, "text": text}
             if stats:
@@ -78,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
         except OSError as err:
             raise BdLoraError(f"{args.requests}: {err.strerror}") from None
         with lines:
-            results = run_requests(engine, lines, args.max_batch_size, args.stats)
+            results = run_requests(engine, lines, args.max_batch_size, args.stats, args.max_num_tokens)
         engine.lead(None)
         for out in results:
             print(json.dumps(out), flush=True)

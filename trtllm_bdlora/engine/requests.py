@@ -43,10 +43,17 @@ class Request:
     output_log_probs: list[float] = field(default_factory=list)
     context_logits: Any = None  # [prompt tokens, vocab] when return_context_logits
     generation_logits: list = field(default_factory=list)  # one [vocab] row per generated token
-    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled"
+    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled" | "error"
+    error: str | None = None  # one line, when serving this request failed (finish_reason "error")
     times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
     cancelled: bool = False
+    client_gone: Callable[[], bool] | None = None  # polled before every step: the client cancelled or left
     on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token; may cancel
+
+    @property
+    def abandoned(self) -> bool:
+        """Cancelled, or nobody will read the result (disconnect, deadline): leave the batch now."""
+        return self.cancelled or (self.client_gone is not None and self.client_gone())
 
     @property
     def greedy(self) -> bool:
@@ -78,13 +85,34 @@ def check_penalties(repetition: float, presence: float, frequency: float, min_to
     check_number("min_tokens", min_tokens, int, low=0)
 
 
-def check_length(prompt_len: int, max_tokens: int, max_seq_len: int) -> None:
+def check_length(prompt_len: int, max_tokens: int, max_seq_len: int, name: str = "max_tokens") -> None:
+    """The prompt and every token asked for must fit the model's context (checked before the request runs)."""
     if prompt_len == 0:
         raise RequestError("empty prompt")
     if prompt_len >= max_seq_len:
-        raise RequestError(f"prompt of {prompt_len} tokens does not fit the context of {max_seq_len}")
+        raise RequestError(f"prompt of {prompt_len} tokens does not fit the context of {max_seq_len} tokens "
+                           "(no room for one output token)")
     if prompt_len + max_tokens > max_seq_len:
-        raise RequestError(f"max_tokens {max_tokens} with a {prompt_len}-token prompt exceeds the context of {max_seq_len}")
+        raise RequestError(f"{name} {max_tokens} with a {prompt_len}-token prompt ({prompt_len + max_tokens} tokens) "
+                           f"exceeds the context of {max_seq_len}")
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """An upper bound on the bytes of text one token stands for: the longest vocabulary entry in UTF-8 (byte-level
+    BPE spells each byte as one character of at most 2 bytes; SentencePiece's "\u2581" is 3 bytes for a space)."""
+    return max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1) or 1
+
+
+def max_text_bytes(tokenizer, max_seq_len: int) -> int:
+    """Texts longer than this cannot fit the context whatever they say: refuse them before tokenizing."""
+    return max_seq_len * longest_token_bytes(tokenizer)
+
+
+def check_text_bytes(name: str, nbytes: int, limit: int, max_seq_len: int) -> None:
+    """A prompt's size against `max_text_bytes`, before any tokenizer sees it."""
+    if nbytes > limit:
+        raise RequestError(f"{name} of {nbytes} bytes cannot fit the context of {max_seq_len} tokens "
+                           f"(at most {limit} bytes of text); refused before tokenizing")
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> list[int]:
@@ -134,6 +162,8 @@ def parse_request(
         if sources[0] == "prompt":
             if not isinstance(obj["prompt"], str):
                 raise RequestError("prompt must be a string")
+            check_text_bytes("prompt", len(obj["prompt"].encode("utf-8", "surrogatepass")),
+                             max_text_bytes(tokenizer, max_seq_len), max_seq_len)
             ids = tokenizer(obj["prompt"])["input_ids"] if obj["prompt"] else []
         else:
             ids = _chat_ids(tokenizer, obj["messages"])

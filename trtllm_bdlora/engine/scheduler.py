@@ -1,7 +1,21 @@
-"""Rank 0's continuous batching: sequences join and leave between steps; prefill and decode share a step."""
+"""Rank 0's continuous batching: sequences join and leave between steps; prefill and decode share a step.
+
+Each step takes at most `max_num_tokens` tokens (TensorRT-LLM's name; vLLM's `max_num_batched_tokens`):
+first one token for every decoding sequence, then prompt chunks of the sequences still in prefill in what is
+left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM's chunked prefill; see
+`plan_chunks` for the order). A long prompt is thus prefilled over several steps while the others keep decoding; the attention
+of a chunk reads the KV cache of the earlier chunks, so the result is that of one whole prefill.
+
+Requests whose client has gone (`Request.cancelled` / `Request.client_gone`) leave at the start of the next
+step, before any work is planned for them; their KV caches are freed in that step's plan. An exception
+while handling one request's result (sampling, stop checks, its callback) fails that request alone; one
+raised while planning fails the step's requests; one from the ranks' forward propagates (the ranks may
+disagree about what ran: the runtime stops the server).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -11,6 +25,15 @@ import torch
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
+
+# vLLM's chunked-prefill default for online serving on a GPU (TensorRT-LLM builds use 8192); on a CPU a step of
+# 2048 prompt tokens takes seconds even on a tiny model, which every decoding sequence would wait for
+DEFAULT_MAX_NUM_TOKENS = {"cuda": 2048, "cpu": 256}
+
+
+def default_max_num_tokens(device) -> int:
+    return DEFAULT_MAX_NUM_TOKENS.get(getattr(device, "type", str(device)), DEFAULT_MAX_NUM_TOKENS["cpu"])
+log = logging.getLogger("trtllm_bdlora.scheduler")
 
 
 @dataclass
@@ -30,9 +53,14 @@ class Running:
     req: Request
     seq_id: int
     end_ids: frozenset[int]
-    position: int = 0
+    position: int = 0  # tokens already in this sequence's KV cache
     generator: torch.Generator | None = None
     stats: list[dict] = field(default_factory=list)
+    context_logits: list[torch.Tensor] = field(default_factory=list)  # per prefill chunk, when asked for
+
+    @property
+    def prefilling(self) -> bool:
+        return self.position < len(self.req.prompt_ids)
 
 
 def finish_reason(req: Request, token: int, end_ids: frozenset[int]) -> str | None:
@@ -49,9 +77,35 @@ def finish_reason(req: Request, token: int, end_ids: frozenset[int]) -> str | No
     return None
 
 
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def plan_chunks(running: list[Running], max_num_tokens: int) -> list[tuple[Running, list[int], int]]:
+    """(sequence, tokens, start) for one step: every decoding sequence's last token, then prompt chunks while the
+    token budget lasts, shortest remaining prompt first (a short request is not queued behind long prefills, as
+    vLLM's partial-prefill limits intend), the oldest prompt in prefill always getting a quarter of the budget
+    (so no prompt starves) and at least one token when nothing decodes."""
+    step = [(r, [r.req.output_ids[-1]], r.position) for r in running if not r.prefilling]
+    budget = max_num_tokens - len(step)
+    oldest = next((r for r in running if r.prefilling), None)
+    reserved = min(len(oldest.req.prompt_ids) - oldest.position, max(max_num_tokens // 4, 1)) if oldest else 0
+    for r in sorted((r for r in running if r.prefilling), key=lambda r: len(r.req.prompt_ids) - r.position):
+        room = budget if r is oldest else budget - reserved
+        if room <= 0 and (step or r is not oldest):
+            continue
+        n = min(len(r.req.prompt_ids) - r.position, max(room, 1))
+        step.append((r, r.req.prompt_ids[r.position : r.position + n], r.position))
+        budget -= n
+    return step
+
+
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch_size: int = 16, collect_stats: bool = False):
+    def __init__(self, engine: Engine, max_batch_size: int = 16, collect_stats: bool = False,
+                 max_num_tokens: int | None = None):
         self.engine, self.max_batch_size, self.collect_stats = engine, max_batch_size, collect_stats
+        self.max_num_tokens = max_num_tokens or default_max_num_tokens(engine.comm.device)
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
         self._free: list[int] = []
@@ -65,17 +119,23 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _drop_cancelled(self) -> list[tuple[Request, list[dict]]]:
-        dropped = [req for req in self.waiting if req.cancelled]
-        for req in dropped:
+    def _drop_abandoned(self) -> list[tuple[Request, list[dict]]]:
+        """Cancelled requests, queued or running, leave now; a running one's KV cache is freed in this step."""
+        dropped = [(req, []) for req in self.waiting if req.abandoned]
+        for req, _ in dropped:
             self.waiting.remove(req)
+        for r in [r for r in self.running if r.req.abandoned]:
+            self.running.remove(r)
+            self._free.append(r.seq_id)
+            dropped.append((r.req, r.stats))
+        for req, _ in dropped:
             req.finish_reason = "cancelled"
-        return [(req, []) for req in dropped]
+            log.debug("request %s cancelled after %d tokens", req.id, len(req.output_ids))
+        return dropped
 
-    def _admit(self) -> list[Running]:
-        admitted = []
+    def _admit(self) -> None:
         adapters = {r.req.adapter for r in self.running} - {None}
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+        while self.waiting and len(self.running) < self.max_batch_size:
             wanted = adapters | ({self.waiting[0].adapter} - {None})
             if len(wanted) > self.engine.pool.max_loras:
                 break
@@ -84,70 +144,101 @@ class Scheduler:
             gen = None if req.greedy else torch.Generator().manual_seed(req.seed)
             end_ids = frozenset(self.engine.eos_ids) if req.end_ids is None else req.end_ids
             req.times_ns.setdefault("first_scheduled", time.time_ns())
-            admitted.append(Running(req, self._next_seq, end_ids, generator=gen))
+            self.running.append(Running(req, self._next_seq, end_ids, generator=gen))
             self._next_seq += 1
-        return admitted
+
+    def _fail(self, r: Running, message: str, finished: list) -> None:
+        """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
+        log.error("request %s failed: %s", r.req.id, message)
+        r.req.error = message
+        r.req.finish_reason = "error"
+        if r in self.running:
+            self.running.remove(r)
+        self._free.append(r.seq_id)
+        finished.append((r.req, r.stats))
 
     def step(self) -> list[tuple[Request, list[dict]]]:
         """One engine step; returns the requests that finished in it (with their per-step stats)."""
-        finished = self._drop_cancelled()
-        admitted = self._admit()
-        batch = admitted + self.running
-        if not batch:
+        finished = self._drop_abandoned()
+        self._admit()
+        if not self.running:
+            self.flush()  # the last sequences left: free their KV caches now, not with some later step
             return finished
-        occupied = set(self.engine.pool.slot_of.values())
-        loads, slots = self.engine.pool.assign([r.req.adapter for r in batch])
+        step: list[tuple[Running, list[int], int]] = []
+        try:
+            step = plan_chunks(self.running, self.max_num_tokens)
+            occupied = set(self.engine.pool.slot_of.values())
+            loads, slots = self.engine.pool.assign([r.req.adapter for r, _, _ in step])
+        except Exception as err:  # nothing was sent to the other ranks: only this step's requests fail
+            for r in [r for r, _, _ in step] or list(self.running):
+                self._fail(r, f"internal error while scheduling: {one_line(err)}", finished)
+            return finished
         self.stats.slot_evictions += sum(1 for slot, _ in loads if slot in occupied)
-        chunks = [[r.seq_id, r.req.prompt_ids, 0, slot] for r, slot in zip(admitted, slots)]
-        chunks += [[r.seq_id, [r.req.output_ids[-1]], r.position, slot]
-                   for r, slot in zip(self.running, slots[len(admitted):])]
-        plan = {"free": self._free, "loads": loads, "chunks": chunks}
-        all_logits = any(r.req.return_context_logits for r in admitted)
+        plan = {"free": self._free, "loads": loads,
+                "chunks": [[r.seq_id, toks, start, slot] for (r, toks, start), slot in zip(step, slots)]}
+        all_logits = any(r.prefilling and r.req.return_context_logits for r, _, _ in step)
         if all_logits:
             plan["all_logits"] = True
         self._free = []
-        log = self.engine.comm.log
-        log.clear()
+        comm_log = self.engine.comm.log
+        comm_log.clear()
         logits = self.engine.lead(plan)
-        step_stats = log.summary()
-        st = self.stats
-        st.iterations += 1
-        st.context_requests, st.generation_requests = len(admitted), len(self.running)
-        st.context_tokens = sum(len(r.req.prompt_ids) for r in admitted)
-        st.lora_collectives = log.count("lora")
-        rows = self._last_rows(logits, plan["chunks"], admitted) if all_logits else logits
-        self.running = []
-        for r, row, (_, toks, start, _) in zip(batch, rows, plan["chunks"]):
+        step_stats = comm_log.summary()
+        self._count(step, comm_log.count("lora"))
+        rows = self._last_rows(logits, step) if all_logits else logits
+        for (r, toks, start), row in zip(step, rows):
             r.position = start + len(toks)
-            self._sample_into(r, row)
             if self.collect_stats:
                 r.stats.append(step_stats)
-            reason = finish_reason(r.req, r.req.output_ids[-1], r.end_ids)
-            r.req.finish_reason = reason  # set before on_token: a callback knows the token is the last one
-            if r.req.on_token is not None:
-                r.req.on_token(r.req.output_ids[-1])
-                if reason is None and r.req.cancelled:  # the callback ended it (an OpenAI stop string)
-                    reason = r.req.finish_reason = "cancelled"
-            if reason is not None:
-                self._free.append(r.seq_id)
-                finished.append((r.req, r.stats))
-            else:
-                self.running.append(r)
+            if r.prefilling:
+                continue
+            try:
+                self._advance(r, row, finished)
+            except Exception as err:
+                self._fail(r, f"internal error while serving this request: {one_line(err)}", finished)
         return finished
 
+    def _count(self, step: list, lora_collectives: int) -> None:
+        st = self.stats
+        st.iterations += 1
+        prefill = [toks for r, toks, start in step if start < len(r.req.prompt_ids)]
+        st.context_requests, st.generation_requests = len(prefill), len(step) - len(prefill)
+        st.context_tokens = sum(len(toks) for toks in prefill)
+        st.lora_collectives = lora_collectives
+
+    def _advance(self, r: Running, row: torch.Tensor, finished: list) -> None:
+        """Sample one token for a sequence whose prompt is in its KV cache; finish it if it is done."""
+        if r.context_logits:
+            r.req.context_logits = torch.cat(r.context_logits)
+            r.context_logits = []
+        self._sample_into(r, row)
+        reason = finish_reason(r.req, r.req.output_ids[-1], r.end_ids)
+        r.req.finish_reason = reason  # set before on_token: a callback knows the token is the last one
+        if r.req.on_token is not None:
+            r.req.on_token(r.req.output_ids[-1])
+            if reason is None and r.req.cancelled:  # the callback ended it (an OpenAI stop string)
+                reason = r.req.finish_reason = "cancelled"
+        if reason is not None:
+            self.running.remove(r)
+            self._free.append(r.seq_id)
+            finished.append((r.req, r.stats))
+
     @staticmethod
-    def _last_rows(logits: torch.Tensor, chunks: list, admitted: list[Running]) -> list[torch.Tensor]:
+    def _last_rows(logits: torch.Tensor, step: list) -> list[torch.Tensor]:
         """Per-chunk last-token rows of an all-token logits tensor; keeps the prompt logits asked for."""
         rows, t = [], 0
-        for i, (_, toks, _, _) in enumerate(chunks):
-            if i < len(admitted) and admitted[i].req.return_context_logits:
-                admitted[i].req.context_logits = logits[t : t + len(toks)].clone()
+        for r, toks, start in step:
+            if start < len(r.req.prompt_ids) and r.req.return_context_logits:
+                r.context_logits.append(logits[t : t + len(toks)].clone())
             t += len(toks)
             rows.append(logits[t - 1])
         return rows
 
     def _sample_into(self, r: Running, row: torch.Tensor) -> None:
         req = r.req
+        if not bool(torch.isfinite(row).all()):
+            raise FloatingPointError("the model produced non-finite logits for this request"
+                                     + (f" (adapter {req.adapter})" if req.adapter is not None else ""))
         token, logp = sample(row, req, r.generator, r.end_ids)
         now = time.time_ns()
         req.times_ns.setdefault("first_token", now)

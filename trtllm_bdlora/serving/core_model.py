@@ -147,7 +147,12 @@ class CoreModel:
             raise InputError("input_lengths", f"must be in [1, {ids_row.shape[0]}] (the input_ids width), got {length}")
         prompt = check_token_ids("input_ids", ids_row[:length].tolist(), engine.shape.vocab_size)
         max_tokens = _value(inputs, "request_output_len", row, None, int, low=1)
-        check_length(len(prompt), max_tokens, engine.max_seq_len)
+        try:
+            check_length(len(prompt), max_tokens, engine.max_seq_len, "request_output_len")
+        except RequestError as err:  # named as the client sent it (an ensemble reports max_tokens)
+            if not str(err).startswith("request_output_len "):
+                raise
+            raise InputError("request_output_len", str(err)[len("request_output_len "):]) from None
         top_p = _value(inputs, "runtime_top_p", row, 0.0, low=0.0, high=1.0)
         top_k = _value(inputs, "runtime_top_k", row, 0, int, low=0)
         if top_k == 0 and top_p <= 0.0:
@@ -236,9 +241,11 @@ class CoreModel:
             for key, seq in enumerate(seqs):
                 seq.request.id = ctx.request_id or None
                 seq.request.on_token = lambda token, k=key: events.put((k, None))
+                seq.request.client_gone = ctx.is_cancelled  # disconnect, deadline: leave at the next step
                 weights, config = seq.lora if seq.lora is not None else (None, None)
                 self.runtime.submit(Submission(seq.request, weights, config,
-                                               lambda ids, err, k=key: events.put((k, err or ""))))
+                                               lambda ids, err, k=key: events.put((k, err or "")),
+                                               model=ctx.model or self.spec.name))
                 submitted.append(seq.request)
             if ctx.request_id:
                 self._active[ctx.request_id] = submitted

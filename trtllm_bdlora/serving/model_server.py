@@ -42,7 +42,8 @@ class ModelServer:
                          flag(values.get("normalize_log_probs"), True), on_finished=self._finished)
         self.models: dict[str, ServedModel] = {"tensorrt_llm": core}
         if tokenizer is not None:
-            self.models["preprocessing"] = Preprocessing(tokenizer, flag(values.get("add_special_tokens"), True))
+            self.models["preprocessing"] = Preprocessing(tokenizer, flag(values.get("add_special_tokens"), True),
+                                                         max_seq_len=runtime.engine.max_seq_len)
             self.models["postprocessing"] = Postprocessing(tokenizer, flag(values.get("skip_special_tokens"), True))
             self.models["ensemble"] = Ensemble(self.dispatch)
             self.models["tensorrt_llm_bls"] = Bls(Ensemble(self.dispatch), flag(values.get("accumulate_tokens"), False))
@@ -75,6 +76,7 @@ class ModelServer:
     def infer(self, request: InferRequest, ctx: CallContext, version: str = "") -> Iterator[ModelResponse]:
         """A client's request: checked as Triton checks it, then run; responses carry the requested outputs."""
         model = self.model(request.model, version)
+        ctx.model = ctx.model or request.model
         started = time.perf_counter_ns()
         try:
             inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size)

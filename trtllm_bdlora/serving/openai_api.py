@@ -115,7 +115,7 @@ class OpenAIServer:
                          TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
         req.on_token = gen.on_token
         try:
-            self.runtime.submit(Submission(req, on_done=gen.on_done))
+            self.runtime.submit(Submission(req, on_done=gen.on_done, model=body.model or self.names.base))
         except RequestError as err:
             raise runtime_error(str(err)) from None
         shape = ResponseShape(chat, body.model or self.names.base, bool(body.return_token_ids), req.prompt_ids)

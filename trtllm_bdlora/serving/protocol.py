@@ -27,13 +27,14 @@ class CallContext:
     cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
     queued_ns: int = 0  # time this call's core requests waited in the runtime's queue (for metrics)
     parent: CallContext | None = None
+    model: str = ""  # the model the client called (for the access log)
 
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set() or (self.parent is not None and self.parent.is_cancelled())
 
     def child(self) -> CallContext:
         """A context that can be cancelled on its own, and is cancelled with this one."""
-        return CallContext(self.request_id, self.decoupled, self.parameters, parent=self)
+        return CallContext(self.request_id, self.decoupled, self.parameters, parent=self, model=self.model)
 
 
 @dataclass

@@ -5,10 +5,16 @@ collective), admits requests between steps, and reports through callbacks: `Requ
 every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
 error)` once. Callbacks run on the engine thread and must not block. When idle it sends empty plans as
 heartbeats, so a dead rank is noticed within seconds.
+
+Fault isolation: an exception raised on rank 0 while no plan is out to the other ranks (admitting a request,
+handling one request's result, a callback) fails that request alone, with a one-line error; only one raised
+while the ranks execute a plan (`Engine.in_collective`: the ranks may now disagree) stops the server. Every
+request ends with one access-log line (`serving/access_log.py`).
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,10 +25,12 @@ import numpy as np
 
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.requests import Request
-from trtllm_bdlora.engine.scheduler import Scheduler
+from trtllm_bdlora.engine.scheduler import Scheduler, one_line
 from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError, ServerUnavailableError
+from trtllm_bdlora.serving.access_log import log_request
 
 HEARTBEAT_S = 1.0
+log = logging.getLogger("trtllm_bdlora.runtime")
 
 
 @dataclass
@@ -31,6 +39,7 @@ class Submission:
     lora_weights: np.ndarray | None = None
     lora_config: np.ndarray | None = None
     on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
+    model: str = "tensorrt_llm"  # the model the client called, for the access log
 
 
 class _Control:
@@ -57,9 +66,10 @@ class _Control:
 
 
 class Runtime:
-    def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256,
+                 max_num_tokens: int | None = None):
         self.engine = engine
-        self.scheduler = Scheduler(engine, max_batch_size)
+        self.scheduler = Scheduler(engine, max_batch_size, max_num_tokens=max_num_tokens)
         self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
         self.pending: dict[int, Submission] = {}
         self.stopping = threading.Event()
@@ -94,7 +104,7 @@ class Runtime:
 
     @staticmethod
     def cancel(request: Request) -> None:
-        """Stop generating for `request`: it finishes after its next token (reason "cancelled")."""
+        """Stop generating for `request`: it leaves the batch at the next step (reason "cancelled")."""
         request.cancelled = True
 
     @property
@@ -153,17 +163,35 @@ class Runtime:
         self.stopping.set()
 
     # engine thread ------------------------------------------------------------
+    @staticmethod
+    def _finish(sub: Submission, outcome: str, error: str | None = None) -> None:
+        """Log the request's access line and tell its caller; a failing callback fails nobody else."""
+        log_request(sub.request, sub.model, outcome, error)
+        try:
+            sub.on_done(None if error else sub.request.output_ids, error)
+        except Exception:
+            log.exception("on_done callback of request %s failed", sub.request.id)
+
     def _admit(self, sub: Submission | _Control) -> None:
         if isinstance(sub, _Control):
             sub.run()
             return
         req = sub.request
+        if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
+            req.finish_reason = "cancelled"
+            self._finish(sub, "cancelled")
+            return
         try:  # the host LoRA cache never evicts the adapter of a request still pending
             if req.adapter in self.retiring:
                 raise RequestError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
             self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, self._in_use())
         except BdLoraError as err:
-            sub.on_done(None, str(err))
+            self._finish(sub, "rejected", str(err))
+            return
+        except Exception as err:
+            if self.engine.in_collective:
+                raise
+            self._finish(sub, "error", f"internal error while admitting this request: {one_line(err)}")
             return
         sub.lora_weights = sub.lora_config = None  # registered: the request need not keep them (as TensorRT-LLM)
         self.pending[req.index] = sub
@@ -203,8 +231,7 @@ class Runtime:
                 self._drain_inbox(block=idle)
                 if self.scheduler.busy:
                     for req, _ in self.scheduler.step():
-                        sub = self.pending.pop(req.index)
-                        sub.on_done(req.output_ids, None)
+                        self._finish(self.pending.pop(req.index), req.finish_reason or "error", req.error)
                     if self.retiring:
                         self._release_retired()
                     last = time.monotonic()
@@ -214,15 +241,21 @@ class Runtime:
             self.scheduler.flush()
             self.engine.lead(None)
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
-            self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            self.failure = one_line(err)
+            log.critical("server failed: %s", self.failure)
             self._fail_all(f"server failed: {self.failure}")
         finally:
             self.stopped.set()
 
     def _fail_all(self, message: str) -> None:
+        """Fail every pending and queued request (and control item) with `message`."""
         for sub in list(self.pending.values()):
             sub.request.cancelled = True
-            sub.on_done(None, message)
+            self._finish(sub, "error", message)
         self.pending.clear()
         while not self.inbox.empty():
-            self.inbox.get_nowait().on_done(None, message)
+            item = self.inbox.get_nowait()
+            if isinstance(item, _Control):
+                item.on_done(None, message)
+            else:
+                self._finish(item, "error", message)

@@ -58,7 +58,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.openai_api import openai_app
     from trtllm_bdlora.serving.runtime import Runtime
 
-    runtime = Runtime(engine, args.max_batch_size, args.max_queue).start()
+    runtime = Runtime(engine, args.max_batch_size, args.max_queue, args.max_num_tokens).start()
     capacity = Capacity(streams=args.max_streams, unary=args.max_queue + args.max_batch_size)
     metrics = Metrics()
     metrics.watch(runtime)

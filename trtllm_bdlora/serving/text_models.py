@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from trtllm_bdlora.engine.requests import check_text_bytes, max_text_bytes
 from trtllm_bdlora.errors import RequestError
 from trtllm_bdlora.serving.interface import POSTPROCESSING, PREPROCESSING
 from trtllm_bdlora.serving.protocol import CallContext, ModelResponse
@@ -22,10 +23,12 @@ MULTIMODAL_INPUTS = ("IMAGE_BYTES", "IMAGE_URL", "IMAGES", "VIDEO_BYTES")
 class Preprocessing:
     spec = PREPROCESSING
 
-    def __init__(self, tokenizer, add_special_tokens: bool = True, lora_check=None):
+    def __init__(self, tokenizer, add_special_tokens: bool = True, lora_check=None, max_seq_len: int | None = None):
         if tokenizer is None:
             raise RequestError("this model has no tokenizer: the text models are not served")
         self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len  # when known, texts too long for it are refused before tokenizing
+        self.max_text_bytes = max_text_bytes(tokenizer, max_seq_len) if max_seq_len else None
         self.add_special_tokens = add_special_tokens
         self.lora_check = lora_check  # (weights, config) -> (weights, config), or None to pass them through
         self.end_id, self.pad_id = special_ids(tokenizer)
@@ -36,6 +39,13 @@ class Preprocessing:
                 raise InputError(name, "cannot be honoured: multimodal inputs are not supported by this model")
         query = inputs["QUERY"]
         batch = query.shape[0]
+        if self.max_text_bytes is not None:
+            for text in query.reshape(-1):
+                try:
+                    nbytes = len(text) if isinstance(text, bytes) else len(str(text).encode("utf-8", "surrogatepass"))
+                    check_text_bytes("text", nbytes, self.max_text_bytes, self.max_seq_len)
+                except RequestError as err:
+                    raise InputError("QUERY", str(err)[len("text "):]) from None
         end_id = inputs.get("END_ID", np.full((batch, 1), self.end_id, dtype=np.int32))
         pad_id = inputs.get("PAD_ID", np.full((batch, 1), self.pad_id, dtype=np.int32))
         ids, lengths = encode_queries(self.tokenizer, query, self.add_special_tokens, int(pad_id.reshape(-1)[0]))
