@@ -34,7 +34,7 @@ TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-
               "shutdown_timeout": "--shutdown-timeout", "max_streams": "--max-streams",
               "allow_request_adapters": "--no-allow-request-adapters", "openai_port": "--openai-port",
               "served_model_name": "--served-model-name", "allow_adapter_loading": "--allow-adapter-loading",
-              "adapter_root": "--adapter-root"}
+              "adapter_root": "--adapter-root", "max_num_tokens": "--max-num-tokens", "log_level": "--log-level"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:
