@@ -220,7 +220,7 @@ def step_times(device: str, smoke: bool) -> list[dict]:
     for tp in (1, 2) if smoke else (1, 2, 4):
         args = argparse.Namespace(model=f"random llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']})",
                                   tp=tp, batch=batch, prompt_len=32, steps=steps, num_adapters=4, rank=16, max_loras=8,
-                                  dtype=dtype)
+                                  dtype=dtype, max_lora_rank=None)
 
         def body(comm, args=args):
             engine, pools = setup_schemes(comm, base, args)

@@ -35,8 +35,8 @@ def served():
 def test_example_adapters_reach_their_accuracy_through_chat(served):
     client = openai.OpenAI(base_url=served.openai_url, api_key="unused", max_retries=0, timeout=600)
     assert {c.id for c in client.models.list().data} == {BASE, *TASKS}
-    requests = [r for r in evaluate.requests_for(N) if r["adapter"]]
-    requests += [r for r in evaluate.requests_for(N_BASE) if not r["adapter"]]
+    requests = [r for r in evaluate.requests_for(N, ("chat",)) if r["adapter"]]
+    requests += [r for r in evaluate.requests_for(N_BASE, ("chat",)) if not r["adapter"]]
 
     def ask(r):
         reply = client.chat.completions.create(model=r["task"] if r["adapter"] else BASE, messages=r["messages"],
@@ -47,8 +47,8 @@ def test_example_adapters_reach_their_accuracy_through_chat(served):
         texts = list(pool.map(ask, requests))
     accuracy = evaluate.accuracy(requests, texts)
     for task in TASKS:
-        assert accuracy[task]["adapter"] >= 0.90, (task, accuracy)
-        assert accuracy[task]["base"] <= 0.20, (task, accuracy)
+        assert accuracy[task, "chat"]["adapter"] >= 0.90, (task, accuracy)
+        assert accuracy[task, "chat"]["base"] <= 0.20, (task, accuracy)
 
 
 def test_adapter_loading_is_off_by_default(served):

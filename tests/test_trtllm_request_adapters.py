@@ -100,16 +100,17 @@ def test_normalize_refusals(tiny_llama, lora_adapter, bd_adapters):
                               "--max-lora-rank >= 96)")
     dora = np.concatenate([config, np.zeros_like(config[..., :1])], axis=-1)
     dora[0, [i for i, c in enumerate(config[0]) if c[0] == 4 and c[1] == 0][0], 3] = 1  # layer 0 o_proj
-    with pytest.raises(AdapterError, match="layer 0 o_proj is a DoRA row"):
+    with pytest.raises(AdapterError, match="layer 0 o_proj as DoRA"):
         normalize_request_adapter(weights, dora, shape, 2, max_lora_rank=64)
     # a BD-LoRA adapter run through hf_lora_convert.py: a column module's stacked B (out x r/nb) gives the row
     # rank r/nb while A (r x in) fills r*in values, so values run past the row's factors
     bd = load_peft_adapter(bd_adapters[1]).modules[(0, "q_proj")]
     row = np.concatenate([bd.a.flatten().numpy(), bd.b.flatten().numpy()])[None, None, :]
-    width = np.zeros((1, 1, 8 * 256), np.float32)
-    width[..., : row.shape[-1]] = row
+    width = np.zeros((1, 2, 8 * 256), np.float32)  # as wide as its widest row (layer 1 q_proj at rank 8)
+    width[0, 0, : row.shape[-1]] = row
+    width[0, 1] = np.random.default_rng(0).standard_normal(8 * 256) * 0.05
     with pytest.raises(AdapterError, match="layer 0 q_proj: non-zero weights after its rank-1 A and B"):
-        normalize_request_adapter(width, np.array([[[1, 0, 1]]], np.int32), shape, 2, max_lora_rank=64)
+        normalize_request_adapter(width, np.array([[[1, 0, 1], [1, 1, 8]]], np.int32), shape, 2, max_lora_rank=64)
 
 
 def test_bf16_requests_in_both_encodings(tiny_llama, lora_adapter):

@@ -154,6 +154,17 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
     return Comm(rank, world, dev)
 
 
+def exit_now(rc: int) -> None:
+    """Leave at once, without interpreter teardown. A clean exit in a user's MPI launch first finalizes MPI, as
+    mpirun requires of every rank (it reports the launch as failed otherwise)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if rc == 0 and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(rc)
+
+
 def shutdown(comm) -> None:
     if comm.world > 1:
         import torch.distributed as dist

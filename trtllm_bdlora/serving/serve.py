@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 
-from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
+from trtllm_bdlora.engine.launch import exit_now, init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError
 
 # SIGUSR1 is what `serve --tp N`'s launcher sends rank 0 on SIGINT/SIGTERM; send it to a user-run mpirun for a graceful stop.
@@ -44,9 +44,7 @@ def main(args: argparse.Namespace) -> int:
         engine.follow()
         # rank 0 said stop: nothing is left to do. Tearing the process group down would wait on rank 0's store,
         # which may already be gone (the launcher then kills this rank after its grace period).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_now(0)
     return _serve_rank0(args, engine, comm)
 
 
@@ -103,8 +101,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
         return 1
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
-    sys.stderr.flush()
-    os._exit(0)  # nothing is left to save; interpreter teardown (idle server threads, torch) only delays the exit
+    exit_now(0)  # nothing is left to save; interpreter teardown (idle server threads, torch) only delays the exit
 
 
 CUT_GRACE_S = 10.0  # after --shutdown-timeout: how long the engine may take to reach a step boundary
