@@ -213,7 +213,5 @@ def run_rank(args) -> int:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         report_rank_error(args.command, f"{type(err).__name__}: {first}", secondary=False)
     if rc:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
+        exit_now(rc)
     return 0

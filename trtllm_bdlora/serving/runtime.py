@@ -89,9 +89,13 @@ class Runtime:
     def healthy(self) -> bool:
         return self.failure is None and not self.stopped.is_set()
 
-    def submit(self, sub: Submission) -> None:
+    def _check_accepting(self) -> None:
         if self.stopping.is_set() or not self.healthy:
-            raise ServerUnavailableError("server is shutting down" if self.failure is None else f"server failed: {self.failure}")
+            raise ServerUnavailableError("server is shutting down" if self.failure is None
+                                         else f"server failed: {self.failure}")
+
+    def submit(self, sub: Submission) -> None:
+        self._check_accepting()
         sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
             sub.request.index = self._next
@@ -137,9 +141,7 @@ class Runtime:
         self._control(retire)
 
     def _control(self, action: Callable[[], None]) -> None:
-        if self.stopping.is_set() or not self.healthy:
-            raise ServerUnavailableError("server is shutting down" if self.failure is None
-                                         else f"server failed: {self.failure}")
+        self._check_accepting()
         item = _Control(action)
         try:
             self.inbox.put(item, timeout=60)

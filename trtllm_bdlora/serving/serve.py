@@ -5,7 +5,6 @@ metrics (--metrics-port 8002), all bound to --host."""
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import sys
@@ -95,7 +94,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     stop_endpoints()
     if forced:
         print(f"trtllm-bdlora serve: error: {forced}", file=sys.stderr, flush=True)
-        os._exit(1)  # the engine thread is stuck in a step: the launcher stops the workers
+        exit_now(1)  # the engine thread is stuck in a step: the launcher stops the workers
     if runtime.failure:
         print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
         return 1
