@@ -2,7 +2,8 @@
 
 Per linear group (q|k|v, o, gate|up, down) of one layer: the base GEMM, kernels.lora_ref (a loop over adapters),
 and kernels.lora_cpu with each strategy, at decode (T = 8) and prefill (T = 256) sizes, 4 adapters of rank 16 in
-8 slots. Medians of interleaved repetitions, in microseconds; the last line scales one layer to 30 layers.
+8 slots sized for --max-lora-rank (64, the engine's default).
+Medians of interleaved repetitions, in microseconds; the last line scales one layer to 30 layers.
 
   python benchmarks/cpu_lora_op.py [--reps 200]
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-lora-rank", type=int, default=64, help="slot width, as the engine allocates it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -39,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         totals = {k: 0.0 for k in ("base", "reference", "dense", "grouped")}
         for name, (K, Ms) in GROUPS.items():
             x, w = torch.randn(T, K, generator=gen), torch.randn(sum(Ms), K, generator=gen)
-            a = [torch.randn(args.slots, args.rank, K, generator=gen) for _ in Ms]
-            b = [torch.randn(args.slots, m, args.rank, generator=gen) for m in Ms]
+            cap = max(args.rank, args.max_lora_rank)
+            a = [torch.randn(args.slots, cap, K, generator=gen) for _ in Ms]
+            b = [torch.randn(args.slots, m, cap, generator=gen) for m in Ms]
             ranks = [torch.full((args.slots,), args.rank, dtype=torch.int32) for _ in Ms]
             scales = [torch.ones(args.slots) for _ in Ms]
             offs = [sum(Ms[:i]) for i in range(len(Ms))]

@@ -97,3 +97,22 @@ def test_prepared_factors_follow_slot_loads(monkeypatch, strategy):
     want = multi_lora_ref(y.clone(), x, slot_ids, a, b, ranks, scales, offs)
     torch.testing.assert_close(lora_cpu.multi_lora_cpu(y.clone(), x, slot_ids, a, b, ranks, scales, offs), want,
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["dense", "grouped"])
+def test_slots_wider_than_the_loaded_ranks(monkeypatch, strategy):
+    """Slots sized for max_lora_rank hold adapters of smaller rank (the engine's usual case): the op reads only
+    the columns up to the largest loaded rank, ignores the garbage beyond it, and widens again when an adapter of a
+    larger rank is loaded into a slot in place."""
+    monkeypatch.setattr(lora_cpu, "STRATEGY", strategy)
+    y, x, slot_ids, a, b, ranks, scales, offs = _problem(13, 40, torch.float32, cap=64)
+    for r in ranks:
+        r.clamp_(max=7)
+    for _ in range(2):
+        want = multi_lora_ref(y.clone(), x, slot_ids, a, b, ranks, scales, offs)
+        got = lora_cpu.multi_lora_cpu(y.clone(), x, slot_ids, a, b, ranks, scales, offs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.double(), _float64((y, x, slot_ids, a, b, ranks, scales, offs)),
+                                   rtol=1e-5, atol=1e-4)
+        ranks[1][3] = 41  # an in-place load of a wider adapter into a used slot
+        a[1][3].normal_()

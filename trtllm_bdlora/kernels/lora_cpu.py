@@ -79,8 +79,8 @@ def _group(slot_ids: torch.Tensor) -> TokenGroups | None:
 
 
 class _Prepared:
-    """Per-slot constants of one (A, B, ranks, scales) slot set, in the compute dtype, valid while the tensors'
-    version counters stay the same (an adapter load writes into them in place)."""
+    """Per-slot constants of one (A, B, ranks, scales) slot set for the split shrink / expand (the `slora` path),
+    in the compute dtype, valid while the tensors' version counters stay the same (a load writes in place)."""
 
     def __init__(self, a, b, ranks, scales, width: int, dtype: torch.dtype, versions: tuple | None):
         self.versions = versions
@@ -89,8 +89,7 @@ class _Prepared:
         self.width = width
         # A stacked [S*R, K] (a view unless widened); B stacked [S*R, M] with keep folded in
         self.a_rows = None if a is None else a.to(dtype).reshape(-1, a.shape[2])
-        self.b_rows = None if b is None else (
-            (b[:, :, :width].to(dtype) * self.keep[:, None, :]).transpose(1, 2).reshape(-1, b.shape[1]))
+        self.b_rows = None if b is None else _b_rows(b, self.keep)
         self._per_n: dict = {}
 
     def for_slots(self, n: int) -> tuple:
@@ -102,10 +101,47 @@ class _Prepared:
         return self._per_n[n]
 
 
-_prepared: dict = {}  # (ids of a, b, ranks, scales, width, dtype) -> _Prepared, dropped when one of them is freed
+def _b_rows(b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """B [S, M, R_b] -> rows [S*w, M] of its first w = keep.shape[1] columns, each slot's row s*w+c scaled by keep[s, c]."""
+    w = keep.shape[1]
+    return (b[:, :, :w].to(keep.dtype) * keep[:, None, :]).transpose(1, 2).reshape(-1, b.shape[1])
 
 
-def _versions(*tensors) -> tuple | None:
+class _Group:
+    """Constants of one linear group's slot sets (the outputs that share an input, as q|k|v), in the compute dtype,
+    looked up once per group: per output, A as rows [S*w, K] and B as rows [S*w, M] with each slot's scale and rank
+    mask folded in. w is the largest rank loaded in any slot of the group: slots are sized for max_lora_rank,
+    adapters rarely are, and the columns beyond w are never read (A is a view when nothing is trimmed or
+    converted). Valid while the tensors' version counters stay the same (an adapter load writes in place)."""
+
+    def __init__(self, a_slots, b_slots, ranks, scales, dtype: torch.dtype, versions: tuple | None):
+        self.versions = versions
+        used = max(int(r.max()) for r in ranks) if ranks[0].numel() else 0
+        w = self.width = max(1, min(a_slots[0].shape[1], used))
+        self.a_rows = [a[:, :w].to(dtype).reshape(-1, a.shape[2]) for a in a_slots]
+        cols = torch.arange(w, device=ranks[0].device)[None, :]
+        self.b_rows = [_b_rows(b, (cols < r[:, None]).to(dtype) * sc[:, None].to(dtype))
+                       for b, r, sc in zip(b_slots, ranks, scales)]
+        self._dense: dict = {}
+
+    def dense(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per output (A^T [K, n*w], B rows [n*w, M]) of slots 0..n-1: views."""
+        if n not in self._dense:
+            rows = n * self.width
+            self._dense[n] = [(a[:rows].t(), b[:rows]) for a, b in zip(self.a_rows, self.b_rows)]
+        return self._dense[n]
+
+    def grouped(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per output (A^T [n, K, w], B rows [n, w, M]) of slots 0..n-1, for torch._grouped_mm: views."""
+        w = self.width
+        return [(a.view(-1, w, a.shape[1])[:n].transpose(1, 2), b.view(-1, w, b.shape[1])[:n])
+                for a, b in zip(self.a_rows, self.b_rows)]
+
+
+_prepared: dict = {}  # ids of the tensors (and dtype) -> _Prepared / _Group, dropped when one of them is freed
+
+
+def _versions(tensors) -> tuple | None:
     """Version counters of the tensors (None entries skipped); None if one cannot tell (inference tensors)."""
     out = []
     for t in tensors:
@@ -116,33 +152,46 @@ def _versions(*tensors) -> tuple | None:
     return tuple(out)
 
 
-def _prepare(a, b, ranks, scales, width: int, dtype: torch.dtype) -> _Prepared:
-    """The cached constants of a slot set (ids are unique among live tensors, and an entry dies with its tensors)."""
-    key = (id(a), id(b), id(ranks), id(scales), width, dtype)
-    versions = _versions(a, b, ranks, scales)
+def _cached(key: tuple, tensors: list, build):
+    """The cached constants under `key` while `tensors` keep their version counters, else a fresh `build(versions)`
+    (cached unless the versions cannot be read). Ids are unique among live tensors, and an entry dies with its
+    tensors."""
+    versions = _versions(tensors)
     p = _prepared.get(key)
     if p is not None and versions is not None and p.versions == versions:
         return p
-    p = _Prepared(a, b, ranks, scales, width, dtype, versions)
+    p = build(versions)
     if versions is not None:
         if key not in _prepared:
-            for t in (a, b, ranks, scales):
+            for t in tensors:
                 if t is not None:
                     weakref.finalize(t, _prepared.pop, key, None)
         _prepared[key] = p
     return p
 
 
+def _prepare(a, b, ranks, scales, width: int, dtype: torch.dtype) -> _Prepared:
+    tensors = [a, b, ranks, scales]
+    return _cached((*map(id, tensors), width, dtype), tensors,
+                   lambda v: _Prepared(a, b, ranks, scales, width, dtype, v))
+
+
+def _group_constants(a_slots, b_slots, ranks, scales, dtype: torch.dtype) -> _Group:
+    tensors = [*a_slots, *b_slots, *ranks, *scales]
+    return _cached((*map(id, tensors), dtype), tensors, lambda v: _Group(a_slots, b_slots, ranks, scales, dtype, v))
+
+
 STRATEGY = os.environ.get("TRTLLM_BDLORA_CPU_OP", "auto")  # dense | grouped | auto
+
+
+_GROUPED_DTYPES = (torch.float32, *_LOW_PRECISION) if hasattr(torch, "_grouped_mm") else ()
 
 
 def _strategy(t: torch.Tensor) -> str:
     """STRATEGY (env TRTLLM_BDLORA_CPU_OP=dense|grouped) forces one; grouped needs a CPU float32/16 or bf16 tensor."""
-    forced = STRATEGY
-    grouped_ok = hasattr(torch, "_grouped_mm") and t.device.type == "cpu" and t.dtype in (torch.float32, *_LOW_PRECISION)
-    if forced == "dense" or not grouped_ok:
+    if STRATEGY == "dense" or t.dtype not in _GROUPED_DTYPES or t.device.type != "cpu":
         return "dense"
-    if forced == "grouped":
+    if STRATEGY == "grouped":
         return "grouped"
     return "dense" if t.shape[0] <= DENSE_MAX_TOKENS else "grouped"
 
@@ -182,20 +231,20 @@ def multi_lora_cpu(
     if g is None:
         return y
     xc = _compute(x)
-    dense = _strategy(xc) == "dense"
-    xs = None if dense else xc[g.order]
-    for a, b, r, sc, off in zip(a_slots, b_slots, ranks, scales, out_offsets):
-        p = _prepare(a, b, r, sc, a.shape[1], xc.dtype)
-        if dense:
-            a_t, b_rows = p.for_slots(g.num_slots)
-            h = torch.mm(xc, a_t).mul_(g.mask(p.width, xc.dtype))
+    grp = _group_constants(a_slots, b_slots, ranks, scales, xc.dtype)
+    if _strategy(xc) == "dense":
+        mask = g.mask(grp.width, xc.dtype)
+        for (a_t, b_rows), off in zip(grp.dense(g.num_slots), out_offsets):
+            h = torch.mm(xc, a_t).mul_(mask)
             if y.dtype == xc.dtype:
-                y[:, off : off + b.shape[1]].addmm_(h, b_rows)
+                y[:, off : off + b_rows.shape[1]].addmm_(h, b_rows)
             else:
                 _accumulate(y, off, torch.mm(h, b_rows))
-        else:
-            h = _grouped(xs, a, g).mul_(p.keep[g.sorted_slots])
-            _accumulate(y, off, _grouped(h, b[:, :, : p.width], g), g.order)
+        return y
+    xs = xc[g.order]
+    for (a_t, b_rows), off in zip(grp.grouped(g.num_slots), out_offsets):
+        h = torch._grouped_mm(xs, a_t, offs=g.ends)  # [Ta, w]
+        _accumulate(y, off, torch._grouped_mm(h, b_rows, offs=g.ends), g.order)
     return y
 
 

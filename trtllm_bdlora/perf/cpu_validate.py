@@ -1,9 +1,11 @@
 """Validate the step model where it can be measured: CPU ranks over gloo on this machine.
 
 The model is given CPU constants measured here, then compared with `trtllm-bdlora bench` at TP 2, 4 and 8:
-  compute     one rank's decode step run alone (one process, one thread, collectives stubbed out), split into
-              base GEMMs (the rank's four group GEMMs and the LM head, timed separately), LoRA (the op's calls),
-              attention and the rest; ranks beyond the machine's cores time-share them: x max(1, N / cores)
+  compute     one rank's decode step (one process, one thread, collectives stubbed out), split into base GEMMs
+              (the rank's four group GEMMs and the LM head, timed separately), LoRA (the op's calls), attention
+              and the rest. It is measured while min(N, cores) - 1 other processes stream weights of the same
+              size, as the other ranks do, so that sharing the memory bandwidth is in the constant; ranks beyond
+              the machine's cores time-share them: x max(1, N / cores)
   collectives a latency-bandwidth fit per collective type and world size from a gloo micro-benchmark under mpirun
 Same model code as the GPU projection (perf/model.py): step_collectives counts and sizes, breakdown sums.
 
@@ -13,6 +15,7 @@ Same model code as the GPU projection (perf/model.py): step_collectives counts a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -97,8 +100,33 @@ def measure_gloo(tp: int, reps: int) -> dict:
             for a, b in [fit(s)]}
 
 
+def load_worker(nbytes: int) -> None:
+    """Stream a float32 weight of `nbytes` through a batch-8 GEMM, one thread, until killed: another rank's traffic."""
+    torch.set_num_threads(1)
+    k = 1024
+    w = torch.randn(max(1, nbytes // (4 * k)), k)
+    x = torch.randn(8, k)
+    while True:
+        x @ w.T
+
+
+@contextlib.contextmanager
+def other_ranks(count: int, nbytes: int):
+    """`count` processes streaming `nbytes` each while the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--load-worker", str(nbytes)],
+                              stdin=subprocess.DEVNULL) for _ in range(count)]
+    try:
+        time.sleep(2.0 if procs else 0.0)  # let them allocate and start streaming
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
-    """Per scheme: median per-step seconds of base_gemm, lora, attention, other for rank 0 running alone."""
+    """Per scheme: median per-step seconds of base_gemm, lora, attention, other for rank 0, with min(tp, cores) - 1
+    other processes streaming as many weight bytes as a rank does."""
     import trtllm_bdlora.engine.llama as llama
     from trtllm_bdlora.engine.bench import _select, setup_schemes
 
@@ -117,6 +145,10 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
         return wrapper
 
     llama.apply_lora_group, llama.TPLlama._attention = timed("lora", orig_lora), timed("attention", orig_attn)
+    model = engine.model
+    rank_bytes = sum(L[k].nbytes for L in model.layers for k in ("qkv", "o", "gate_up", "down")) + model.lm_head.nbytes
+    others = other_ranks(min(tp, os.cpu_count() or 1) - 1, rank_bytes)
+    others.__enter__()
     try:
         out = {}
         gen = torch.Generator().manual_seed(0)
@@ -136,9 +168,10 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
                     samples.append((total, acc["lora"], acc["attention"]))
             out[scheme] = {"total": statistics.median(s[0] for s in samples), "lora": statistics.median(s[1] for s in samples),
                            "attention": statistics.median(s[2] for s in samples)}
+        gemm = _base_gemm_time(engine, args.batch)
     finally:
+        others.__exit__(None, None, None)
         llama.apply_lora_group, llama.TPLlama._attention = orig_lora, orig_attn
-    gemm = _base_gemm_time(engine, args.batch)
     for row in out.values():
         row["base_gemm"] = gemm
         row["other"] = max(0.0, row["total"] - gemm - row["lora"] - row["attention"])
@@ -187,7 +220,8 @@ def run_bench(model_dir: str, tp: int, args) -> dict:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "trtllm_bdlora", "bench", "--model", model_dir, "--tp", str(tp), "--batch",
                str(args.batch), "--num-adapters", str(args.num_adapters), "--rank", str(args.rank), "--steps",
-               str(args.steps), "--prompt-len", str(args.prompt_len), "--threads", "1", "--json", str(out)]
+               str(args.steps), "--prompt-len", str(args.prompt_len), "--threads", "1", "--json", str(out),
+               "--max-loras", str(args.max_loras)] + (["--max-lora-rank", str(args.max_lora_rank)] if args.max_lora_rank else [])
         subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
@@ -203,10 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-lora-rank", type=int, default=None, help="slot width (default: the engine's, 64)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=30, help="gloo micro-benchmark repetitions per size")
     p.add_argument("--gloo-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile-only", action="store_true",
+                   help="write only the per-category compute of rank 0 at each --tp (no gloo, no bench) to --out")
     args = p.parse_args(argv)
+    if args.load_worker:
+        load_worker(args.load_worker)
+        return 0
+    if args.profile_only:
+        return write_profile(args)
     if args.gloo_worker:
         gloo_worker(args.gloo_worker, args.reps)
         return 0
@@ -236,11 +279,29 @@ def main(argv: list[str] | None = None) -> int:
     shape = base.shape
     Path(args.out).write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M"), "cores": cores, "command": " ".join(sys.argv),
+        "compute_method": "rank 0 alone in its process, with min(N, cores) - 1 other processes streaming a rank's weight bytes",
         "model": {"hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "layers": shape.num_layers,
                   "heads": shape.num_heads, "kv_heads": shape.num_kv_heads, "vocab": shape.vocab_size},
         "workload": {"batch": args.batch, "adapters": args.num_adapters, "rank": args.rank, "steps": args.steps,
                      "prompt_len": args.prompt_len},
         "gloo_fits": fits, "cells": cells}, indent=1))
+    return 0
+
+
+def write_profile(args) -> int:
+    """The per-category step profile (seconds per step, medians) of rank 0 at each TP, as docs/perf/profile_*.json."""
+    from trtllm_bdlora.models.loader import load_base_model
+
+    base = load_base_model(args.model or "smollm2-135m")
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "model": args.model or "smollm2-135m",
+           "batch": args.batch, "adapters": args.num_adapters, "rank": args.rank,
+           "note": f"rank 0, 1 thread, collectives stubbed, min(N, cores) - 1 other weight streams; medians of "
+                   f"{args.steps} decode steps (s)"}
+    for tp in args.tp:
+        out[f"tp{tp}"] = measure_compute(base, tp, args)
+        print(f"tp {tp}: " + "  ".join(f"{s} {v['total'] * 1e3:.1f} ms (LoRA {v['lora'] * 1e3:.1f})"
+                                       for s, v in out[f"tp{tp}"].items()), flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
