@@ -2,20 +2,21 @@
 
 Same contract as `kernels.lora_ref` (slot layouts, ranks, scales, tokens without adapter), with fp32
 accumulation for low-precision inputs; slot entries beyond a slot's rank are ignored but must be finite.
-On CPU the cost of a decode step's LoRA is the number of torch calls, not arithmetic, so the op keeps that
-number small and independent of the number of adapters. Two strategies, chosen by the number of tokens:
+On CPU a decode step's LoRA costs the adapter bytes it reads and the number of torch calls, not arithmetic, so
+the op reads each used adapter once, only up to the largest rank loaded (w; slots are sized for max_lora_rank),
+and keeps the number of calls small and independent of the number of adapters. Two strategies, by token count:
 
   dense    (T <= DENSE_MAX_TOKENS) every token against every slot 0..n-1: one GEMM on the stacked
-           A [n*R, K] (a view), one multiply by the step's token-slot mask, and one GEMM that accumulates into
-           y against B stacked as [n*R, M] with each slot's scale and rank mask folded in. n times the exact
+           A [n*w, K], one multiply by the step's token-slot mask, and one GEMM that accumulates into
+           y against B stacked as [n*w, M] with each slot's scale and rank mask folded in. n times the exact
            FLOPs, but 3 torch calls per output.
   grouped  tokens sorted by slot once per step; `torch._grouped_mm` multiplies each adapter's segment by its own
            factors: exact FLOPs, for prefill batches.
 
 Two things are prepared once and reused: the token grouping (it depends only on the step's slot ids, so every
-layer and module shares it; `token_groups` remembers the last slot-id tensor) and, per slot buffer, B stacked
-with its scales and rank mask (it changes only when an adapter is loaded; keyed by the tensors' version
-counters). The stacked copy of B doubles B's memory on this backend.
+layer and module shares it; `token_groups` remembers the last slot-id tensor) and, per linear group, the stacked
+factors (they change only when an adapter is loaded; keyed by the tensors' ids and version counters). The cached
+copy of B, and of A when w is below the slot width, can double the adapter memory on this backend.
 `python benchmarks/cpu_lora_op.py` compares the strategies and the reference at the embedded model's shapes.
 """
 
