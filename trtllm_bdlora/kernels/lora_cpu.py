@@ -144,16 +144,13 @@ _prepared: dict = {}  # ids of the tensors (and dtype) -> _Prepared / _Group, dr
 
 def _versions(tensors) -> tuple | None:
     """Version counters of the tensors (None entries skipped); None if one cannot tell (inference tensors)."""
-    out = []
-    for t in tensors:
-        if t is not None:
-            if t.is_inference():
-                return None
-            out.append(t._version)
-    return tuple(out)
+    try:
+        return tuple([t._version for t in tensors if t is not None])
+    except RuntimeError:  # an inference tensor: it carries no version counter
+        return None
 
 
-def _cached(key: tuple, tensors: list, build):
+def _cached(key: tuple, tensors: tuple, build):
     """The cached constants under `key` while `tensors` keep their version counters, else a fresh `build(versions)`
     (cached unless the versions cannot be read). Ids are unique among live tensors, and an entry dies with its
     tensors."""
@@ -172,13 +169,13 @@ def _cached(key: tuple, tensors: list, build):
 
 
 def _prepare(a, b, ranks, scales, width: int, dtype: torch.dtype) -> _Prepared:
-    tensors = [a, b, ranks, scales]
+    tensors = (a, b, ranks, scales)
     return _cached((*map(id, tensors), width, dtype), tensors,
                    lambda v: _Prepared(a, b, ranks, scales, width, dtype, v))
 
 
 def _group_constants(a_slots, b_slots, ranks, scales, dtype: torch.dtype) -> _Group:
-    tensors = [*a_slots, *b_slots, *ranks, *scales]
+    tensors = (*a_slots, *b_slots, *ranks, *scales)
     return _cached((*map(id, tensors), dtype), tensors, lambda v: _Group(a_slots, b_slots, ranks, scales, dtype, v))
 
 
@@ -234,11 +231,11 @@ def multi_lora_cpu(
     xc = _compute(x)
     grp = _group_constants(a_slots, b_slots, ranks, scales, xc.dtype)
     if _strategy(xc) == "dense":
-        mask = g.mask(grp.width, xc.dtype)
+        mask, same_dtype = g.mask(grp.width, xc.dtype), y.dtype == xc.dtype
         for (a_t, b_rows), off in zip(grp.dense(g.num_slots), out_offsets):
             h = torch.mm(xc, a_t).mul_(mask)
-            if y.dtype == xc.dtype:
-                y[:, off : off + b_rows.shape[1]].addmm_(h, b_rows)
+            if same_dtype:
+                y.narrow(1, off, b_rows.shape[1]).addmm_(h, b_rows)
             else:
                 _accumulate(y, off, torch.mm(h, b_rows))
         return y
