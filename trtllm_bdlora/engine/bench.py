@@ -114,10 +114,16 @@ def main(args: argparse.Namespace) -> int:
         engine, pools = setup_schemes(comm, base, args)
         if comm.rank != 0:
             _follow(engine, pools)
-            return 0
-        result = _lead(engine, pools, args, [1 + i % args.num_adapters for i in range(args.batch)])
+        else:
+            result = _lead(engine, pools, args, [1 + i % args.num_adapters for i in range(args.batch)])
+        if comm.world > 1:  # every rank has its last broadcast before any tears the group down (a gloo abort seen once)
+            import torch.distributed as dist
+
+            dist.barrier()
     finally:
         shutdown(comm)
+    if comm.rank != 0:
+        return 0
     report = make_report(args, comm, result)
     print_report(report)
     if args.json:
