@@ -315,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", help="override the LoRA ranks (default 4 8 16 32)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, help="override the tasks (default lm add)")
     p.add_argument("--jobs", type=int, default=1, help="training processes (each with cores / jobs threads)")
+    p.add_argument("--lm-lr", type=float, help="override the lm task's peak learning rate (default 2e-3)")
+    p.add_argument("--add-lr", type=float, help="override the add task's peak learning rate (default 3e-3)")
     args = p.parse_args(argv)
     s = QUICK if args.quick else FULL
+    for field in ("lm_lr", "add_lr"):
+        if getattr(args, field):
+            s = replace(s, **{field: getattr(args, field)})
     for field in ("seeds", "ranks", "tasks"):
         if getattr(args, field):
             s = replace(s, **{"lora_ranks" if field == "ranks" else field: tuple(getattr(args, field))})

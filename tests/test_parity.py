@@ -48,7 +48,8 @@ def test_matched_ranks_follow_peft_rule():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("parity")
-    res = subprocess.run([sys.executable, str(REPO / "examples" / "parity.py"), "--quick", "--output", str(out)],
+    res = subprocess.run([sys.executable, str(REPO / "examples" / "parity.py"), "--quick", "--output", str(out),
+                          "--add-lr", "0.004"],
                          capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
@@ -57,6 +58,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_results_table_and_figure(quick_run):
     out, results = quick_run
     assert results["quick"] is True and results["settings"]["seeds"] == [0]
+    assert results["settings"]["add_lr"] == 0.004 and {r["lr"] for r in results["runs"] if r["task"] == "add"} == {0.004}
     png = (out / "parity.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 300 * 1024
     table = (out / "table.md").read_text()
