@@ -15,7 +15,6 @@ Same model code as the GPU projection (perf/model.py): step_collectives counts a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -110,18 +109,19 @@ def load_worker(nbytes: int) -> None:
         x @ w.T
 
 
-@contextlib.contextmanager
-def other_ranks(count: int, nbytes: int):
-    """`count` processes streaming `nbytes` each while the block runs."""
+def start_streams(count: int, nbytes: int) -> list[subprocess.Popen]:
+    """`count` processes streaming `nbytes` each (stand-ins for the other ranks' memory traffic)."""
     procs = [subprocess.Popen([sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--load-worker", str(nbytes)],
                               stdin=subprocess.DEVNULL) for _ in range(count)]
-    try:
-        time.sleep(2.0 if procs else 0.0)  # let them allocate and start streaming
-        yield
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+    if procs:
+        time.sleep(2.0)  # let them allocate and start streaming
+    return procs
+
+
+def stop_streams(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.kill()
+        proc.wait()
 
 
 def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
@@ -147,8 +147,7 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
     llama.apply_lora_group, llama.TPLlama._attention = timed("lora", orig_lora), timed("attention", orig_attn)
     model = engine.model
     rank_bytes = sum(L[k].nbytes for L in model.layers for k in ("qkv", "o", "gate_up", "down")) + model.lm_head.nbytes
-    others = other_ranks(min(tp, os.cpu_count() or 1) - 1, rank_bytes)
-    others.__enter__()
+    streams = start_streams(min(tp, os.cpu_count() or 1) - 1, rank_bytes)
     try:
         out = {}
         gen = torch.Generator().manual_seed(0)
@@ -170,7 +169,7 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
                            "attention": statistics.median(s[2] for s in samples)}
         gemm = _base_gemm_time(engine, args.batch)
     finally:
-        others.__exit__(None, None, None)
+        stop_streams(streams)
         llama.apply_lora_group, llama.TPLlama._attention = orig_lora, orig_attn
     for row in out.values():
         row["base_gemm"] = gemm
