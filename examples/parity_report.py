@@ -2,13 +2,14 @@
 the paper's layout (score against adapter parameters on a log2 axis, one line per method, error bars).
 
   python examples/parity_report.py RUN/results.json   # rewrite RUN/table.md and RUN/parity.png from a finished run
+  python examples/parity_report.py A/results.json B/results.json --out DIR
+      # B's tasks replace A's (for a task rerun with other settings); writes DIR/results.json, table.md, parity.png
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
 TASK_LABELS = {
@@ -124,7 +125,38 @@ def write_report(results: dict, out: Path) -> None:
          f"scored through the TP-{s['tp']} serving path")
 
 
+def merge_results(parts: list[tuple[str, dict]]) -> dict:
+    """One results dict from several runs: each later run's tasks replace the earlier runs' (runs, base scores and
+    that task's settings); the commands, timings and agreement problems of every part are kept."""
+    merged = json.loads(json.dumps(parts[0][1]))
+    merged["parts"] = []
+    for i, (path, part) in enumerate(parts):
+        tasks = part["settings"]["tasks"]
+        if i:
+            merged["runs"] = [r for r in merged["runs"] if r["task"] not in tasks] + part["runs"]
+            for side in ("peft", "engine"):
+                merged["base"][side].update({t: part["base"][side][t] for t in tasks})
+            merged["settings"].update({k: v for k, v in part["settings"].items() if k.split("_")[0] in tasks})
+            merged["agreement"]["problems"] += part["agreement"]["problems"]
+        merged["parts"].append({"results": path, "tasks": tasks, "command": part["command"], "date": part["date"],
+                                "seconds": part["seconds"]})
+    merged["settings"]["tasks"] = sorted({t for _, p in parts for t in p["settings"]["tasks"]}, key=list(TASK_LABELS).index)
+    return merged
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
-    write_report(json.loads(path.read_text()), path.parent)
-    print((path.parent / "table.md").read_text())
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", help="results.json of finished runs; later ones' tasks replace earlier ones'")
+    ap.add_argument("--out", default=None, help="folder for the merged results.json, table.md, parity.png")
+    args = ap.parse_args()
+    parts = [(p, json.loads(Path(p).read_text())) for p in args.results]
+    if len(parts) == 1 and not args.out:
+        out, results = Path(args.results[0]).parent, parts[0][1]
+    else:
+        out, results = Path(args.out or "."), merge_results(parts)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+    print((out / "table.md").read_text())

@@ -95,3 +95,24 @@ def test_quick_run_engine_agrees_with_peft(quick_run):
     assert set(results["base"]["peft"]) == set(results["base"]["engine"]) == {"lm", "add"}
     ppl_peft, ppl_engine = results["base"]["peft"]["lm"], results["base"]["engine"]["lm"]
     assert abs(ppl_engine / ppl_peft - 1) <= parity.PPL_RTOL
+
+
+def test_report_merges_a_rerun_task():
+    """parity_report's merge: the later run's task replaces the earlier run's runs, base score and task settings,
+    and keeps the other task and every part's command."""
+    import parity_report
+
+    def part(tasks, lr, score, command):
+        runs = [{"task": t, "method": m, "rank": 4, "seed": 0, "params": 1, "scores": {"peft": score, "engine": score}}
+                for t in tasks for m in ("lora", "bdlora")]
+        return {"settings": {"tasks": list(tasks), "seeds": [0], "lm_lr": lr, "add_lr": lr}, "runs": runs,
+                "base": {s: {t: score / 2 for t in tasks} for s in ("peft", "engine")}, "command": command,
+                "date": "d", "seconds": {"total": 1.0}, "agreement": {"problems": []}}
+
+    merged = parity_report.merge_results([("a", part(["lm", "add"], 3e-3, 10.0, "first")),
+                                          ("b", part(["add"], 1e-3, 0.5, "second"))])
+    assert sorted((r["task"], r["scores"]["peft"]) for r in merged["runs"]) == [("add", 0.5)] * 2 + [("lm", 10.0)] * 2
+    assert merged["base"]["engine"] == {"lm": 5.0, "add": 0.25}
+    assert merged["settings"]["add_lr"] == 1e-3 and merged["settings"]["lm_lr"] == 3e-3
+    assert merged["settings"]["tasks"] == ["lm", "add"]
+    assert [p["command"] for p in merged["parts"]] == ["first", "second"]
