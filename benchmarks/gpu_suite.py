@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import suite_kernels as sk  # noqa: E402
-from trtllm_bdlora.perf.model import Workload, lora_kernels  # noqa: E402
+from trtllm_bdlora.perf.cost_model import Workload, lora_kernels  # noqa: E402
 from trtllm_bdlora.perf.presets import MODELS, module_shapes  # noqa: E402
 
 TP = 8

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trtllm_bdlora.perf.model import CATEGORIES, SCHEMES  # noqa: E402
+from trtllm_bdlora.perf.cost_model import CATEGORIES, SCHEMES  # noqa: E402
 from trtllm_bdlora.perf.project import PAPER, paper_rows  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def sensitivity(gpu: str, rank: int, context: int) -> str:
     """BD-LoRA's projected speed-up over slora as the collective latency and the batch vary (TP 8, BD at 2x rank)."""
     import dataclasses
 
-    from trtllm_bdlora.perf.model import Workload, project
+    from trtllm_bdlora.perf.cost_model import Workload, project
     from trtllm_bdlora.perf.presets import MODELS, SYSTEMS
     from trtllm_bdlora.perf.project import KERNEL_FLOOR_S
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trtllm_bdlora.perf.model import CATEGORIES, SCHEMES  # noqa: E402
+from trtllm_bdlora.perf.cost_model import CATEGORIES, SCHEMES  # noqa: E402
 from trtllm_bdlora.perf.project import PAPER, paper_rows  # noqa: E402
 
 COLORS = {"base_gemm": "#4c72b0", "lora": "#dd8452", "attention": "#55a868", "other": "#8c8c8c", "base_coll": "#8172b3",

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     if shutil.which(args.aiperf) is None:
         p.error(f"{args.aiperf}: not found (pip install aiperf, or pass --aiperf PATH)")
     sys.path.insert(0, str(REPO))
-    from trtllm_bdlora.models.loader import resolve_model_dir
+    from trtllm_bdlora.llama.loader import resolve_model_dir
 
     tokenizer = str(resolve_model_dir(args.model))  # a local tokenizer: AIPerf needs no network
     version = subprocess.run([args.aiperf, "--version"], capture_output=True, text=True).stdout.strip()

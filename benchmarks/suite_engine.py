@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.distributed.comm import Comm
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 8, 200, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19], [250, 3, 77]]
 
@@ -156,7 +156,7 @@ def correctness(device: str, smoke: bool, workdir: Path) -> list[dict]:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.helpers import make_peft_adapter, make_tiny_llama
-    from trtllm_bdlora.models.loader import load_base_model
+    from trtllm_bdlora.llama.loader import load_base_model
 
     hidden, layers = (64, 2) if smoke else (512, 4)
     model_dir = make_tiny_llama(workdir / "model", heads=8, kv_heads=4, hidden=hidden, layers=layers, vocab=256)
@@ -183,7 +183,7 @@ def _random_base(shape_cfg: dict, device: str, dtype: torch.dtype):
     """A random Llama BaseModel built directly on the device (no checkpoint needed)."""
     from transformers import LlamaConfig
 
-    from trtllm_bdlora.models.loader import BaseModel
+    from trtllm_bdlora.llama.loader import BaseModel
 
     cfg = LlamaConfig(**shape_cfg, max_position_embeddings=4096, tie_word_embeddings=False)
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
@@ -207,7 +207,7 @@ def _random_base(shape_cfg: dict, device: str, dtype: torch.dtype):
 
 def step_times(device: str, smoke: bool) -> list[dict]:
     """Decode step time per scheme (bench's interleaved measurement) at TP 1, 2, 4 on the one device."""
-    from trtllm_bdlora.engine.bench import _follow, _lead, make_report, setup_schemes
+    from trtllm_bdlora.perf.bench import _follow, _lead, make_report, setup_schemes
 
     if smoke:
         cfg, dtype, batch, steps = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,

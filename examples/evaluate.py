@@ -61,7 +61,7 @@ def peft_outputs(requests: list[dict], batch: int = 16) -> list[list[int]]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     base_dir = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -107,7 +107,7 @@ def run_serve(requests: list[dict], tp: int, timeout: float = 600) -> list[str]:
 
     import tritonclient.grpc as grpcclient
 
-    from trtllm_bdlora.serving.client import infer
+    from trtllm_bdlora.cli.client import infer
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if not args.no_peft:
         from transformers import AutoTokenizer
 
-        from trtllm_bdlora.models.loader import embedded_model_dir
+        from trtllm_bdlora.llama.loader import embedded_model_dir
 
         tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in peft_outputs(requests)]

@@ -38,7 +38,7 @@ from parity_engine import window_nll  # noqa: E402
 from parity_report import write_report  # noqa: E402
 from training import load_base, lora_config, pad_batch, save_fp16, shuffled_batches, train  # noqa: E402
 
-from trtllm_bdlora.models.shape import LLAMA_MODULES, LlamaShape, module_role  # noqa: E402
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role  # noqa: E402
 
 TASKS = ("lm", "add")
 METHODS = ("lora", "bdlora")
@@ -246,7 +246,7 @@ def _engine_groups(runs: list[dict], task: str) -> dict[str, dict[int, dict]]:
 def evaluate_engine(runs: list[dict], s: Settings, out: Path, windows, examples) -> dict:
     """The same scores as evaluate_peft, through `trtllm-bdlora generate --tp` (exact match) and the TP engine
     under mpirun (perplexity)."""
-    from trtllm_bdlora.engine.launch import mpirun_command
+    from trtllm_bdlora.distributed.launch import mpirun_command
 
     results: dict = {"answers": {}, "base": {}}
     (out / "engine").mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir, load_model_config
+    from trtllm_bdlora.llama.loader import embedded_model_dir, load_model_config
 
     shape = load_model_config("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())

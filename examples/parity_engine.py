@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trtllm_bdlora.cli import parse_adapter_arg  # noqa: E402
+from trtllm_bdlora.distributed.launch import init_ranks, shutdown  # noqa: E402
 from trtllm_bdlora.engine.engine import Engine  # noqa: E402
-from trtllm_bdlora.engine.launch import init_ranks, shutdown  # noqa: E402
-from trtllm_bdlora.models.loader import load_base_model  # noqa: E402
+from trtllm_bdlora.llama.loader import load_base_model  # noqa: E402
 
 SCHEMES = ("bdlora", "replicated")
 

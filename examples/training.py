@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trtllm_bdlora.models.shape import COLUMN_MODULES, ROW_MODULES  # noqa: E402
+from trtllm_bdlora.llama.shape import COLUMN_MODULES, ROW_MODULES  # noqa: E402
 
 COLUMN, ROW = list(COLUMN_MODULES), list(ROW_MODULES)
 BASE_MODEL = "smollm2-135m"
@@ -31,7 +31,7 @@ def load_base():
     """(model, tokenizer) of smollm2-135m in float32, fresh from disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     base_dir = embedded_model_dir()
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(base_dir)

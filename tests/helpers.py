@@ -34,7 +34,7 @@ def make_tiny_llama(directory: Path, seed: int = 0, heads: int = 8, kv_heads: in
             p.normal_(0, 0.1 if p.dim() > 1 else 1.0)
     model.save_pretrained(directory)
     if tokenizer:
-        from trtllm_bdlora.models.loader import embedded_model_dir
+        from trtllm_bdlora.llama.loader import embedded_model_dir
 
         source = embedded_model_dir()
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

@@ -17,8 +17,8 @@ import tritonclient.grpc as grpcclient
 
 from tests.reliability_helpers import rank_processes, rss_bytes
 from tests.test_adapter_cache import random_request_adapter
-from trtllm_bdlora.models.loader import load_model_config
-from trtllm_bdlora.serving.client import infer
+from trtllm_bdlora.cli.client import infer
+from trtllm_bdlora.llama.loader import load_model_config
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.test_adapter_cache import random_request_adapter
 from tests.test_serving_scheduler_serve import _tensors, core, random_ids
-from trtllm_bdlora.models.loader import load_model_config
+from trtllm_bdlora.llama.loader import load_model_config
 
 
 def timed(call) -> tuple[float, str]:

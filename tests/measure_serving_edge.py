@@ -28,7 +28,7 @@ from tests.reliability_helpers import rss_bytes  # noqa: E402
 from tests.test_adapter_cache import random_request_adapter  # noqa: E402
 from tests.test_serving_edge import IdleStream, _bytes_tensor, _raw_request  # noqa: E402
 from tests.test_triton_serve import ensemble_inputs, tensors  # noqa: E402
-from trtllm_bdlora.models.loader import load_model_config  # noqa: E402
+from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
 
 
 def _outcome(fn):

@@ -41,7 +41,7 @@ class Server:
         cmd = [sys.executable, "-m", "trtllm_bdlora", *args]
         self.stop_signal = signal.SIGTERM
         if mpirun:
-            from trtllm_bdlora.engine.launch import mpirun_command
+            from trtllm_bdlora.distributed.launch import mpirun_command
 
             cmd = mpirun_command(tp, args)
             cmd[1:1] = ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH"]

@@ -10,10 +10,10 @@ import torch
 from tests.helpers import make_peft_adapter, rewrite_config
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm, convert_adapter
-from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.errors import AdapterCacheFullError, AdapterError, AdapterNotCachedError, RequestError
-from trtllm_bdlora.models.loader import load_model_config
+from trtllm_bdlora.llama.loader import load_model_config
 
 UPSTREAM_NOT_CACHED = "LoRA task {} not found in cache. Please send LoRA weights with request"
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tests.helpers import make_peft_adapter, rewrite_config
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.errors import AdapterError
-from trtllm_bdlora.models.shape import LlamaShape
+from trtllm_bdlora.llama.shape import LlamaShape
 
 
 def _peft_deltas(base_dir, adapter_dir):

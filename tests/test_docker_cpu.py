@@ -291,7 +291,7 @@ def test_grpc_and_http_answers_equal_generate(container, reference):
     import tritonclient.http as httpclient
     from transformers import AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     clients = {grpcclient: grpcclient.InferenceServerClient(f"127.0.0.1:{container.grpc}"),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import REPO
-from trtllm_bdlora.engine.launch import mpirun_command
+from trtllm_bdlora.distributed.launch import mpirun_command
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 8, 200, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [250, 3, 77],
            [9, 90, 190, 33, 4]]

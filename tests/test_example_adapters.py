@@ -14,7 +14,7 @@ import evaluate  # noqa: E402
 from tasks import FORMS, TASKS, examples  # noqa: E402
 
 from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
-from trtllm_bdlora.models.loader import load_model_config  # noqa: E402
+from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
 
 N = 20
 SERVED_PER_TASK = 4
@@ -63,7 +63,7 @@ def test_generate_tp3_equals_peft(runs):
 def test_accuracy_adapters_vs_base_in_both_forms(runs):
     from transformers import AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     requests, ours, peft = runs
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())

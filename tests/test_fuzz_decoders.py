@@ -15,9 +15,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from trtllm_bdlora.errors import RequestError
-from trtllm_bdlora.serving.interface import DEFAULTS, MODELS
-from trtllm_bdlora.serving.model_config import wire_type
-from trtllm_bdlora.serving.tensors import check_inputs, from_grpc, from_http
+from trtllm_bdlora.serving.kserve.tensors import from_grpc, from_http
+from trtllm_bdlora.serving.repository.calls import check_inputs
+from trtllm_bdlora.serving.repository.config import wire_type
+from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
 
 DATATYPES = ["BOOL", "INT8", "INT32", "INT64", "UINT8", "UINT64", "FP16", "FP32", "FP64", "BF16", "BYTES", "X", ""]
 NAMES = ["text_input", "max_tokens", "input_ids", "input_lengths", "request_output_len", "temperature",

@@ -144,7 +144,7 @@ def test_slot_tables_shapes():
 
 def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_adapter, monkeypatch):
     """The whole TP-1 engine gives the same logits with the Triton kernel, the batched CPU op and the torch reference."""
-    from trtllm_bdlora.engine.comm import Comm
+    from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
 
     adapters = [(1, str(bd_adapters[0])), (2, str(bd_adapters[2])), (3, str(lora_adapter))]

@@ -15,8 +15,8 @@ import torch
 from tests.helpers import REPO, make_peft_adapter
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import MODULE_NAMES, convert_adapter, normalize_request_adapter
-from trtllm_bdlora.models.loader import load_model_config
-from trtllm_bdlora.models.shape import module_role
+from trtllm_bdlora.llama.loader import load_model_config
+from trtllm_bdlora.llama.shape import module_role
 
 TP = 2
 

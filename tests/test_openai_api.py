@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.helpers import make_peft_adapter, make_tiny_llama, run_cli
 from tests.serving_helpers import Server
-from trtllm_bdlora.serving.client import converted_adapter, infer
+from trtllm_bdlora.cli.client import converted_adapter, infer
 
 MAX_TOKENS = 10
 # (name, OpenAI model, generate adapter, kind, prompt or user message, extra sampling settings)

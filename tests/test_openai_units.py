@@ -11,14 +11,14 @@ import torch
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
 from trtllm_bdlora.cli import parse_adapter_arg
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import shards_nbytes
-from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
-from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.engine.request import Request
+from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import BdLoraError, RequestError
-from trtllm_bdlora.serving.openai_models import AdapterNames, adapter_dir_under, adapter_root
-from trtllm_bdlora.serving.openai_protocol import OpenAIError, TextTracker, stream_piece
-from trtllm_bdlora.serving.runtime import Runtime, Submission
+from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root
+from trtllm_bdlora.serving.openai.protocol import OpenAIError, TextTracker, stream_piece
 
 
 def test_adapter_arg_forms():
@@ -145,7 +145,7 @@ def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters)
     """Run-time loads are held like `--adapter` ones: capped at --max-lora-rank, pinned by default (a full cache
     refuses the next load with TensorRT-LLM's message); with --no-pin-adapters the least recently used is evicted and
     loses its OpenAI name."""
-    from trtllm_bdlora.serving.openai_api import OpenAIServer
+    from trtllm_bdlora.serving.openai.api import OpenAIServer
 
     adapter = load_peft_adapter(bd_adapters[1])
     for pinned in (True, False):

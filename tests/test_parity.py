@@ -13,8 +13,8 @@ sys.path.insert(0, str(REPO / "examples"))
 import parity  # noqa: E402
 
 from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
-from trtllm_bdlora.models.loader import load_model_config  # noqa: E402
-from trtllm_bdlora.models.shape import LlamaShape  # noqa: E402
+from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
+from trtllm_bdlora.llama.shape import LlamaShape  # noqa: E402
 
 
 def _peft_trainable(shape: LlamaShape, rank: int, nblocks: int | None) -> int:

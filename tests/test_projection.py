@@ -6,8 +6,8 @@ import pytest
 
 from tests.helpers import run_cli
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.models.shape import LlamaShape
-from trtllm_bdlora.perf.model import Workload, breakdown, collective_time, compute_terms, project, step_collectives
+from trtllm_bdlora.llama.shape import LlamaShape
+from trtllm_bdlora.perf.cost_model import Workload, breakdown, collective_time, compute_terms, project, step_collectives
 from trtllm_bdlora.perf.presets import Collective, System, module_shapes, resolve_model
 from trtllm_bdlora.perf.project import load_kernel_times
 

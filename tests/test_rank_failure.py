@@ -115,7 +115,7 @@ def test_a_rank_that_fails_alone_reports_its_own_error(torch_build, tmp_path):
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fail the test if a rank would be started."""
-    import trtllm_bdlora.engine.launcher as launcher
+    import trtllm_bdlora.distributed.launcher as launcher
 
     def refuse(*args, **kwargs):
         raise AssertionError("a rank was launched")
@@ -154,7 +154,7 @@ def test_startup_errors_are_one_line_before_any_rank(tiny_llama, bd_adapters, to
 def test_build_under_mpirun_fails_fast_with_the_ranks_error(tiny_llama, tmp_path):
     """`build` is multi-rank only under the user's mpirun (TensorRT-LLM engines): a failing rank exits at once
     (no MPI finalize), so mpirun ends the job; here every rank lacks tensorrt_llm."""
-    from trtllm_bdlora.engine.launch import mpirun_command
+    from trtllm_bdlora.distributed.launch import mpirun_command
 
     marker = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(REPO), RELIABILITY_TEST=marker)

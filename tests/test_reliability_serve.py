@@ -18,9 +18,9 @@ from tests.reliability_helpers import inet_sockets, is_loopback, process_tree, r
 from tests.serving_helpers import Server
 from tests.test_adapter_cache import UPSTREAM_NOT_CACHED, random_request_adapter
 from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
+from trtllm_bdlora.cli.client import infer
 from trtllm_bdlora.engine.adapter_pool import AdapterPool, shards_nbytes
-from trtllm_bdlora.models.loader import load_model_config
-from trtllm_bdlora.serving.client import infer
+from trtllm_bdlora.llama.loader import load_model_config
 from trtllm_bdlora.sharding import make_layout
 
 RANK = 64

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from trtllm_bdlora.engine.requests import Request, parse_request
+from trtllm_bdlora.engine.request import Request, parse_request
 from trtllm_bdlora.engine.sampler import MASKED, adjust_logits, choose, kept_probabilities
 from trtllm_bdlora.engine.scheduler import finish_reason
 from trtllm_bdlora.errors import RequestError
-from trtllm_bdlora.serving.text import decode, embedding_bias, parse_word_list, word_list
+from trtllm_bdlora.serving.repository.tokens import decode, embedding_bias, parse_word_list, word_list
 
 V = 50
 

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import run_cli
-from trtllm_bdlora.serving.client import converted_adapter, infer, stream
+from trtllm_bdlora.cli.client import converted_adapter, infer, stream
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time", "List three colors:"]
 

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.helpers import make_peft_adapter, make_tiny_llama
 from tests.serving_helpers import Server
-from trtllm_bdlora.serving.client import infer
+from trtllm_bdlora.cli.client import infer
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from tests.test_triton_serve import (  # noqa: F401 - its module fixtures, share
 )
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter
-from trtllm_bdlora.models.loader import load_model_config
+from trtllm_bdlora.llama.loader import load_model_config
 
 PROMPT = "The capital of France is"
 
@@ -253,7 +253,7 @@ def test_health_answers_within_a_second_with_100_idle_streams(served):
 
 
 def test_http_body_over_the_limit_is_refused_before_reading(served):
-    from trtllm_bdlora.serving.grpc_server import MAX_MESSAGE_BYTES
+    from trtllm_bdlora.serving.kserve.grpc import MAX_MESSAGE_BYTES
 
     url = f"http://{served[0].http_url}/v2/models/ensemble/infer"
     response = requests.post(url, data=b"{" * (MAX_MESSAGE_BYTES + 1), timeout=60)

@@ -137,7 +137,7 @@ def test_a_taken_port_fails_serve_at_once(flag, served):
 
 def test_grpc_refuses_a_port_another_server_listens_on(served):
     """gRPC sets SO_REUSEPORT by default, which let a second server share a running one's port."""
-    from trtllm_bdlora.serving.grpc_server import start_server
+    from trtllm_bdlora.serving.kserve.grpc import start_server
 
     with pytest.raises(BdLoraError, match=f"cannot listen on 127.0.0.1:{served.port}"):
         start_server(None, "127.0.0.1", served.port)

@@ -7,11 +7,11 @@ import pytest
 from tests.test_adapter_cache import UPSTREAM_NOT_CACHED, random_request_adapter
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter, to_storage
-from trtllm_bdlora.engine.adapter_owners import AdapterOwners, adapter_digest
-from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.distributed.comm import Comm
+from trtllm_bdlora.engine.adapter_registry import AdapterOwners, adapter_digest
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.errors import AdapterNotCachedError, RequestError
-from trtllm_bdlora.models.loader import load_model_config
+from trtllm_bdlora.llama.loader import load_model_config
 
 
 @pytest.fixture(scope="module")

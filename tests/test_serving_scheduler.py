@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
-from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.scheduler import Running, Scheduler, plan_chunks
 
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; printed in failures
@@ -184,7 +184,7 @@ def _tokens_alone(engine, prompt, n):
 def test_access_line_format(capsys):
     import logging
 
-    from trtllm_bdlora.serving.access_log import configure_logging, kv, log_request
+    from trtllm_bdlora.logs import configure_logging, kv, log_request
 
     assert kv(id="a b", n=3, ms=1.25, adapter=None, e='x="1"') == 'id="a b" n=3 ms=1.2 adapter=- e="x=\\"1\\""'
     req = Request(4, "req-1", 7, [1, 2, 3], 5, output_ids=[9, 9], times_ns={"arrival": 0, "first_scheduled": 2_000_000})

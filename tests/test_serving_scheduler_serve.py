@@ -19,7 +19,7 @@ from tests.helpers import make_tiny_llama
 from tests.serving_helpers import Server
 from tests.test_adapter_cache import random_request_adapter
 from trtllm_bdlora.engine.scheduler import INJECT_FAULT_ENV
-from trtllm_bdlora.models.loader import load_model_config
+from trtllm_bdlora.llama.loader import load_model_config
 
 CONTEXT = 4096
 BUDGET = 256  # --max-num-tokens

@@ -5,11 +5,23 @@ import torch
 
 from trtllm_bdlora.adapters.lora import LoraFactors
 from trtllm_bdlora.errors import ModelError
-from trtllm_bdlora.models.shape import LLAMA_MODULES, LlamaShape, module_role
-from trtllm_bdlora.sharding import SCHEMES, apply_lora_shard, bd_misfit, make_layout, shard_lora
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
+from trtllm_bdlora.sharding import SCHEMES, LoraShard, bd_misfit, make_layout, shard_lora
 
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=16, num_kv_heads=8, head_dim=16)
 GQA = LlamaShape(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=16, num_kv_heads=2, head_dim=16)
+
+
+def apply_lora_shard(x_local: torch.Tensor, shard: LoraShard, out_features: int, comm) -> torch.Tensor:
+    """Reference per-rank math: the rank's (T, out_features) LoRA contribution (a partial sum for row modules)."""
+    h = x_local @ shard.a.T
+    if shard.collective == "all_gather":
+        h = comm.all_gather(h)
+    elif shard.collective == "all_reduce":
+        h = comm.all_reduce(h)
+    y = x_local.new_zeros(x_local.shape[0], out_features)
+    y[:, shard.out_offset : shard.out_offset + shard.b.shape[0]] = shard.scaling * (h @ shard.b.T)
+    return y
 
 
 class NoComm:

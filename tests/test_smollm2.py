@@ -14,7 +14,7 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer i
 def hf_answer():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     directory = embedded_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)

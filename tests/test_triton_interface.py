@@ -10,8 +10,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tests.helpers import REPO
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.serving.interface import DEFAULTS, ENSEMBLE, MODELS
-from trtllm_bdlora.serving.triton_repo import fill_model_repo
+from trtllm_bdlora.serving.repository.spec import DEFAULTS, ENSEMBLE, MODELS
+from trtllm_bdlora.trtllm.triton_repo import fill_model_repo
 
 UPSTREAM = json.loads((REPO / "tests" / "data" / "upstream_inflight_batcher_llm.json").read_text())["models"]
 PARAMS = {"engine_dir": "/engines/x", "tokenizer_dir": "/models/y", "tp_size": "2"}

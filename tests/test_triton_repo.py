@@ -12,8 +12,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tests.helpers import REPO, run_cli
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.serving.interface import ENSEMBLE
-from trtllm_bdlora.serving.triton_repo import fill_model_repo, launch_command
+from trtllm_bdlora.serving.repository.spec import ENSEMBLE
+from trtllm_bdlora.trtllm.triton_repo import fill_model_repo, launch_command
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_entrypoint_plans(tmp_path):
     out = subprocess.run([str(REPO / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True, check=True)
     assert not any("build" in line for line in out.stdout.splitlines() if line.startswith("+ "))  # engines kept
     env.pop("MODEL")
-    bad = subprocess.run([sys.executable, "-m", "trtllm_bdlora.serving.entrypoint"], env=env, capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "trtllm_bdlora.cli.entrypoint"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "set MODEL" in bad.stderr
 

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.helpers import REPO, run_cli
-from trtllm_bdlora.serving.interface import DEFAULTS
+from trtllm_bdlora.serving.repository.spec import DEFAULTS
 
 UPSTREAM = json.loads((REPO / "tests" / "data" / "upstream_inflight_batcher_llm.json").read_text())["models"]
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time"]

@@ -135,7 +135,7 @@ def test_build_and_entrypoint_refuse_other_versions(fake_stack, tiny_llama, tmp_
     code, _, err = run(capsys, *args)
     assert code == 2 and err.count("\n") == 1
     assert f"tensorrt_llm 1.0.0 (need {TENSORRT_LLM_VERSION}); tensorrt 10.11.0.33 (need {TENSORRT_VERSION})" in err
-    from trtllm_bdlora.serving import entrypoint
+    from trtllm_bdlora.cli import entrypoint
 
     monkeypatch.setenv("MODEL", str(tiny_llama))
     monkeypatch.setenv("BACKEND", "trtllm")  # as docker/Dockerfile sets it

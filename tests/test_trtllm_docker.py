@@ -6,7 +6,7 @@ import subprocess
 from packaging.requirements import Requirement
 
 from tests.helpers import REPO
-from trtllm_bdlora.deps import constraints, plan
+from trtllm_bdlora.cli.deps import constraints, plan
 from trtllm_bdlora.trtllm.smoke import container_problems, requests, verdict
 from trtllm_bdlora.versions import CONTAINER_IMAGE, TRITON_KERNEL_COMPILER
 

@@ -24,7 +24,7 @@ from trtllm_bdlora.adapters.trtllm_format import (  # noqa: E402
 )
 from trtllm_bdlora.cli import main as cli_main  # noqa: E402
 from trtllm_bdlora.errors import AdapterError  # noqa: E402
-from trtllm_bdlora.models.loader import load_model_config  # noqa: E402
+from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
 
 UPSTREAM_IDS = {"q_proj": 1, "k_proj": 2, "v_proj": 3, "o_proj": 4, "gate_proj": 5, "down_proj": 6, "up_proj": 7}
 

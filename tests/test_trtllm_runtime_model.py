@@ -10,15 +10,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
-from trtllm_bdlora.adapters.trtllm_format import MODULE_IDS, convert_adapter, read_converted, write_converted  # noqa: E402
-from trtllm_bdlora.kernels.multi_lora import launch  # noqa: E402
-from trtllm_bdlora.trtllm.runtime_model import (  # noqa: E402
+from tests.trtllm_reference import (  # noqa: E402
     RankPages,
     plugin_reference,
     plugin_tables,
     split_like_copy_to_pages,
 )
+from trtllm_bdlora.adapters import load_peft_adapter  # noqa: E402
+from trtllm_bdlora.adapters.trtllm_format import MODULE_IDS, convert_adapter, read_converted, write_converted  # noqa: E402
+from trtllm_bdlora.kernels.multi_lora import launch  # noqa: E402
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -130,7 +130,7 @@ def test_convert_cli_errors(tmp_path):
 def test_adapter_from_trtllm_roundtrip(tp, bd_adapters, lora_adapter):
     """convert -> adapter_from_trtllm keeps every module's delta, and recovers BD blocks at the engine's TP."""
     from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
-    from trtllm_bdlora.models.shape import LlamaShape
+    from trtllm_bdlora.llama.shape import LlamaShape
 
     shape = LlamaShape(128, 256, 2, 8, 8, 16)
     for directory, expect_bd in ((bd_adapters[0], tp > 1), (lora_adapter, False)):
@@ -145,7 +145,7 @@ def test_adapter_from_trtllm_roundtrip(tp, bd_adapters, lora_adapter):
 def test_adapter_from_trtllm_errors():
     from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
     from trtllm_bdlora.errors import AdapterError
-    from trtllm_bdlora.models.shape import LlamaShape
+    from trtllm_bdlora.llama.shape import LlamaShape
 
     shape = LlamaShape(128, 256, 2, 8, 8, 16)
     good_w = np.zeros((1, 1, 4 * 256), np.float16)

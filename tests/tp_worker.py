@@ -10,10 +10,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.generate import run_requests
-from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
-from trtllm_bdlora.models.loader import load_base_model
+from trtllm_bdlora.llama.loader import load_base_model
 
 
 def run_case(comm, base, case, out_dir: Path) -> None:

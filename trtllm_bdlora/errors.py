@@ -20,6 +20,18 @@ class RequestError(BdLoraError):
     """A single request that cannot be served; other requests are unaffected."""
 
 
+class InputError(RequestError):
+    """A bad value of one named input; an ensemble reports it under the name its client used."""
+
+    def __init__(self, name: str, reason: str):
+        self.input, self.reason = name, reason
+        super().__init__(f"{name} {reason}")
+
+
+class ModelNotFound(RequestError):
+    """A request for a model (Triton model name or OpenAI model) this server does not serve."""
+
+
 class AdapterNotCachedError(RequestError):
     """A lora_task_id sent without weights that the host LoRA cache does not hold (never sent, or evicted).
     The message is TensorRT-LLM's (PeftCacheManager::addRequestPeft, PeftTaskNotCachedException), so clients

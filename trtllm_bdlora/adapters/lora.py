@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from trtllm_bdlora.models.shape import Role
+from trtllm_bdlora.llama.shape import Role
 
 BdFactor = Literal["A", "B"] | None
 
@@ -56,6 +56,18 @@ class LoraFactors:
 
     def num_params(self) -> int:
         return self.a.numel() + self.b.numel()
+
+
+def block_misfit(f: LoraFactors, world: int) -> str | None:
+    """Why these factors' blocks cannot give each of `world` ranks its own blocks, or None if they can."""
+    want = "B" if f.role == "column" else "A"
+    if f.bd_factor is None:
+        return "plain LoRA factor (no block structure)"
+    if f.bd_factor != want:
+        return f"block-diagonal {f.bd_factor} on a {f.role}-parallel module (needs block-diagonal {want})"
+    if f.nblocks % world:
+        return f"nblocks={f.nblocks} is not a multiple of tp={world}"
+    return None
 
 
 @dataclass

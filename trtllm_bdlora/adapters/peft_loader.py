@@ -14,7 +14,7 @@ import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
 from trtllm_bdlora.errors import AdapterError
-from trtllm_bdlora.models.shape import LLAMA_MODULES, LlamaShape, module_role
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.adapters.lora import Adapter, LoraFactors, block_misfit
 from trtllm_bdlora.errors import AdapterError
-from trtllm_bdlora.sharding.adapter import block_misfit
 
 # TensorRT-LLM LORA_MODULE_IDS with its default HF mapping (lora_helper.get_default_trtllm_modules_to_hf_modules):
 # mlp_h_to_4h is gate_proj and mlp_gate is up_proj.
@@ -244,7 +243,7 @@ def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<reque
     """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated (sizes and the
     rank cap before anything is copied). Scaling is already folded into B. Dense factors that are block-diagonal
     over `tp` blocks are kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
-    from trtllm_bdlora.models.shape import module_role
+    from trtllm_bdlora.llama.shape import module_role
 
     w = np.asarray(weights)
     c = np.asarray(config)

@@ -240,9 +240,6 @@ class AdapterPool:
                     out_offset=offset,
                 )
 
-    def slot_nbytes(self) -> int:
-        return sum(t.nbytes for ms in self.slots.values() for t in (ms.a, ms.b, ms.ranks, ms.b_ranks, ms.scales))
-
     def _copy_in(self, slot: int, task_id: int) -> None:
         world = self.layout.world
         for key, ms in self.slots.items():

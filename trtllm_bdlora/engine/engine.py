@@ -7,7 +7,7 @@ import logging
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
-from trtllm_bdlora.engine.adapter_owners import AdapterOwners
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import (
     DEFAULT_HOST_CACHE_BYTES,
     DEFAULT_MAX_LORA_RANK,
@@ -16,10 +16,10 @@ from trtllm_bdlora.engine.adapter_pool import (
     release_freed_memory,
     shards_nbytes,
 )
-from trtllm_bdlora.engine.comm import Comm
+from trtllm_bdlora.engine.adapter_registry import AdapterOwners
 from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
-from trtllm_bdlora.models.loader import BaseModel, load_base_model
+from trtllm_bdlora.llama.loader import BaseModel, load_base_model
 from trtllm_bdlora.sharding import make_layout
 
 log = logging.getLogger("trtllm_bdlora.adapters")
@@ -39,9 +39,9 @@ def check_launch(args) -> None:
     """What can be refused before any rank starts, as one line: duplicate adapter ids, an unknown interface, a
     model that is not there, a TP its heads do not divide, a torch build made for another TP, an adapter that
     is invalid, does not fit the model or exceeds --max-lora-rank."""
+    from trtllm_bdlora.distributed.launch import interface_address
     from trtllm_bdlora.engine.adapter_pool import check_adapter_limits
-    from trtllm_bdlora.engine.launch import interface_address
-    from trtllm_bdlora.models.loader import load_model_config, read_build_info, resolve_model_dir
+    from trtllm_bdlora.llama.loader import load_model_config, read_build_info, resolve_model_dir
 
     check_unique_adapter_ids(args.adapter)
     interface_address(args.comm_interface)

@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 
-from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
+from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError, RequestError
 
 
@@ -27,7 +27,7 @@ def _stats_summary(per_step: list[dict]) -> dict:
 def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_num_tokens: int | None = None
                  ) -> list[dict]:
     """Rank 0: validate, schedule and run every request; returns the output objects in input order."""
-    from trtllm_bdlora.engine.requests import parse_request, read_request_lines
+    from trtllm_bdlora.engine.request import parse_request, read_request_lines
     from trtllm_bdlora.engine.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch_size, collect_stats=stats, max_num_tokens=max_num_tokens)
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _relaunch(args: argparse.Namespace) -> int:
     """Re-run this command as `tp` ranks; stdin requests go through a temporary file."""
-    from trtllm_bdlora.engine.launcher import relaunch_ranks
+    from trtllm_bdlora.distributed.launcher import relaunch_ranks
 
     argv = sys.argv[1:]
     tmp = None

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import AdapterPool
-from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
 

@@ -11,8 +11,8 @@ import os
 
 import torch
 
+from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import ModuleSlots
-from trtllm_bdlora.engine.comm import Comm
 from trtllm_bdlora.kernels import lora_cpu, lora_ref
 
 _TORCH_OPS = {  # (fused multi-output op, shrink, expand): the batched op and its reference share one contract

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.engine.request import Request
 
 MASKED = torch.finfo(torch.float64).min
 

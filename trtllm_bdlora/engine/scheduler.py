@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trtllm_bdlora.engine.engine import Engine
-from trtllm_bdlora.engine.requests import Request
+from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
 
 # Fault injection for tests of fault isolation: sampling raises for requests on this adapter id.

@@ -7,7 +7,7 @@ The model is given CPU constants measured here, then compared with `trtllm-bdlor
               size, as the other ranks do, so that sharing the memory bandwidth is in the constant; ranks beyond
               the machine's cores time-share them: x max(1, N / cores)
   collectives a latency-bandwidth fit per collective type and world size from a gloo micro-benchmark under mpirun
-Same model code as the GPU projection (perf/model.py): step_collectives counts and sizes, breakdown sums.
+Same model code as the GPU projection (perf/cost_model.py): step_collectives counts and sizes, breakdown sums.
 
   python -m trtllm_bdlora.perf.cpu_validate --out docs/perf/validation.json     (under the measurement lock)
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from trtllm_bdlora.engine.comm import Comm
-from trtllm_bdlora.perf.model import SCHEMES, Workload, breakdown, step_collectives
+from trtllm_bdlora.distributed.comm import Comm
+from trtllm_bdlora.perf.cost_model import SCHEMES, Workload, breakdown, step_collectives
 
 SIZES = [1 << k for k in range(6, 19, 2)]  # 64 B .. 256 KiB
 
@@ -51,7 +51,7 @@ def gloo_worker(out: str, reps: int) -> None:
     """Under mpirun: median time of all_reduce / all_gather (output bytes) / broadcast per size; rank 0 writes."""
     import torch.distributed as dist
 
-    from trtllm_bdlora.engine.launch import init_ranks, mpi_world_size, shutdown
+    from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 
     torch.set_num_threads(1)
     comm = init_ranks(mpi_world_size(), "cpu")
@@ -86,7 +86,7 @@ def fit(samples: list[tuple[int, float]]) -> tuple[float, float]:
 
 
 def measure_gloo(tp: int, reps: int) -> dict:
-    from trtllm_bdlora.engine.launch import mpirun_command
+    from trtllm_bdlora.distributed.launch import mpirun_command
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gloo.json"
@@ -128,7 +128,7 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
     """Per scheme: median per-step seconds of base_gemm, lora, attention, other for rank 0, with min(tp, cores) - 1
     other processes streaming as many weight bytes as a rank does."""
     import trtllm_bdlora.engine.llama as llama
-    from trtllm_bdlora.engine.bench import _select, setup_schemes
+    from trtllm_bdlora.perf.bench import _select, setup_schemes
 
     torch.set_num_threads(1)
     comm = StubComm(0, tp)
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gloo_worker:
         gloo_worker(args.gloo_worker, args.reps)
         return 0
-    from trtllm_bdlora.models.loader import load_base_model
+    from trtllm_bdlora.llama.loader import load_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(_random_model(Path(tmp) / "model"))
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_profile(args) -> int:
     """The per-category step profile (seconds per step, medians) of rank 0 at each TP, as docs/perf/profile_*.json."""
-    from trtllm_bdlora.models.loader import load_base_model
+    from trtllm_bdlora.llama.loader import load_base_model
 
     base = load_base_model(args.model or "smollm2-135m")
     out = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "model": args.model or "smollm2-135m",

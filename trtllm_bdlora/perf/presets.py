@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trtllm_bdlora.models.shape import LLAMA_MODULES, LlamaShape, module_role
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
 
 MODELS = {
     # meta-llama/Llama-3.1-8B config.json: hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads

@@ -11,7 +11,7 @@ import argparse
 import bisect
 import json
 
-from trtllm_bdlora.perf.model import CATEGORIES, KernelTimes, Workload, project
+from trtllm_bdlora.perf.cost_model import CATEGORIES, KernelTimes, Workload, project
 from trtllm_bdlora.perf.presets import MODELS, SYSTEMS, resolve_model
 
 # "Block-Diagonal LoRA for Eliminating Communication Overhead in Tensor Parallel LoRA Serving" (NeurIPS 2025):

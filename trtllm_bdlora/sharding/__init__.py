@@ -1,11 +1,10 @@
-from trtllm_bdlora.sharding.adapter import SCHEMES, LoraShard, apply_lora_shard, bd_misfit, shard_adapter, shard_lora
+from trtllm_bdlora.sharding.adapter import SCHEMES, LoraShard, bd_misfit, shard_adapter, shard_lora
 from trtllm_bdlora.sharding.base import TPLayout, make_layout, shard_llama_state_dict
 
 __all__ = [
     "SCHEMES",
     "LoraShard",
     "TPLayout",
-    "apply_lora_shard",
     "bd_misfit",
     "make_layout",
     "shard_adapter",

@@ -14,21 +14,16 @@ Row outputs are partial sums added before the base model's own all-reduce.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
-from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.adapters.lora import Adapter, LoraFactors, block_misfit
 from trtllm_bdlora.sharding.base import TPLayout
 
 Scheme = Literal["bdlora", "slora", "replicated"]
 SCHEMES: tuple[Scheme, ...] = ("bdlora", "slora", "replicated")
 Collective = Literal["none", "all_gather", "all_reduce"]
-
-
-class Comm(Protocol):
-    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -49,17 +44,6 @@ class LoraShard:
     def num_params(self) -> int:
         return self.a.numel() + self.b.numel()
 
-
-def block_misfit(f: LoraFactors, world: int) -> str | None:
-    """Why these factors' blocks cannot give each of `world` ranks its own blocks, or None if they can."""
-    want = "B" if f.role == "column" else "A"
-    if f.bd_factor is None:
-        return "plain LoRA factor (no block structure)"
-    if f.bd_factor != want:
-        return f"block-diagonal {f.bd_factor} on a {f.role}-parallel module (needs block-diagonal {want})"
-    if f.nblocks % world:
-        return f"nblocks={f.nblocks} is not a multiple of tp={world}"
-    return None
 
 
 def bd_misfit(f: LoraFactors, name: str, layout: TPLayout) -> str | None:
@@ -120,15 +104,3 @@ def shard_adapter(
     adapter: Adapter, layout: TPLayout, rank: int, scheme: Scheme
 ) -> dict[tuple[int, str], LoraShard]:
     return {key: shard_lora(f, key[1], layout, rank, scheme) for key, f in adapter.modules.items()}
-
-
-def apply_lora_shard(x_local: torch.Tensor, shard: LoraShard, out_features: int, comm: Comm | None) -> torch.Tensor:
-    """Reference per-rank math: the rank's (T, out_features) LoRA contribution (a partial sum for row modules)."""
-    h = x_local @ shard.a.T
-    if shard.collective == "all_gather":
-        h = comm.all_gather(h)
-    elif shard.collective == "all_reduce":
-        h = comm.all_reduce(h)
-    y = x_local.new_zeros(x_local.shape[0], out_features)
-    y[:, shard.out_offset : shard.out_offset + shard.b.shape[0]] = shard.scaling * (h @ shard.b.T)
-    return y

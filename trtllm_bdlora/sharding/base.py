@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_bdlora.errors import ModelError
-from trtllm_bdlora.models.shape import COLUMN_MODULES, ROW_MODULES, LlamaShape
+from trtllm_bdlora.llama.shape import COLUMN_MODULES, ROW_MODULES, LlamaShape
 
 _LINEAR_KEY = re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$")
 

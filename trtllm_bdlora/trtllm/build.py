@@ -87,7 +87,7 @@ def build_torch(args: argparse.Namespace) -> Path:
     from safetensors.torch import save_file
 
     from trtllm_bdlora.engine.engine import DTYPES
-    from trtllm_bdlora.models.loader import load_base_model, resolve_model_dir
+    from trtllm_bdlora.llama.loader import load_base_model, resolve_model_dir
     from trtllm_bdlora.sharding import make_layout, shard_llama_state_dict
 
     base = load_base_model(args.model, DTYPES[args.dtype] if args.dtype in DTYPES else torch.float16)
@@ -133,7 +133,7 @@ def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: n
     from tensorrt_llm.models import LLaMAForCausalLM
     from tensorrt_llm.plugin import PluginConfig
 
-    from trtllm_bdlora.models.loader import resolve_model_dir
+    from trtllm_bdlora.llama.loader import resolve_model_dir
     from trtllm_bdlora.trtllm.network import as_bdlora_model
 
     torch.cuda.set_device(build_device(dict(os.environ), torch.cuda.device_count()))
@@ -153,8 +153,8 @@ def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: n
 
 
 def build_trtllm(args: argparse.Namespace) -> Path:  # pragma: no cover - needs TensorRT-LLM
-    from trtllm_bdlora.engine.launch import mpi_world_size
-    from trtllm_bdlora.models.loader import load_model_config
+    from trtllm_bdlora.distributed.launch import mpi_world_size
+    from trtllm_bdlora.llama.loader import load_model_config
 
     load_plugin_library(args.plugin_lib)
     world = mpi_world_size() or 1

@@ -30,7 +30,7 @@ def main(args) -> int:
     tp, max_lora_rank, dtype = engine_targets(args.tp, args.max_lora_rank, args.dtype, args.engine_dir)
     shape = None
     if args.model:
-        from trtllm_bdlora.models.loader import load_model_config
+        from trtllm_bdlora.llama.loader import load_model_config
 
         shape = load_model_config(args.model)
     adapter = load_peft_adapter(args.adapter_dir, model_shape=shape)

@@ -1,13 +1,13 @@
 """Triton Python backend, `postprocessing`: output ids -> text with upstream's semantics. The logic lives in
-trtllm_bdlora.serving.text_models.Postprocessing, which `trtllm-bdlora serve` runs too."""
+trtllm_bdlora.serving.repository.text_models.Postprocessing, which `trtllm-bdlora serve` runs too."""
 
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
-from trtllm_bdlora.serving.protocol import CallContext
-from trtllm_bdlora.serving.text import flag
-from trtllm_bdlora.serving.text_models import Postprocessing
-from trtllm_bdlora.serving.triton_python import error_response, inputs_of, parameters, tensors
+from trtllm_bdlora.serving.repository.calls import CallContext
+from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.serving.repository.text_models import Postprocessing
+from trtllm_bdlora.trtllm.triton_python import error_response, inputs_of, parameters, tensors
 
 
 class TritonPythonModel:

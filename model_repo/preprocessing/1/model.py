@@ -1,17 +1,17 @@
 """Triton Python backend, `preprocessing`: text -> token tensors with upstream's semantics, and the request's
 LoRA adapter put in the form the BD-LoRA engine computes exactly (a plain LoRA converted, bad ones refused:
 trtllm_bdlora.adapters.trtllm_format.normalize_request_adapter). The text logic lives in
-trtllm_bdlora.serving.text_models.Preprocessing, which `trtllm-bdlora serve` runs too."""
+trtllm_bdlora.serving.repository.text_models.Preprocessing, which `trtllm-bdlora serve` runs too."""
 
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from trtllm_bdlora.adapters.trtllm_format import normalize_request_adapter
-from trtllm_bdlora.serving.protocol import CallContext
-from trtllm_bdlora.serving.text import flag
-from trtllm_bdlora.serving.text_models import Preprocessing
-from trtllm_bdlora.serving.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors
-from trtllm_bdlora.serving.triton_repo import engine_shape
+from trtllm_bdlora.serving.repository.calls import CallContext
+from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.serving.repository.text_models import Preprocessing
+from trtllm_bdlora.trtllm.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors
+from trtllm_bdlora.trtllm.triton_repo import engine_shape
 from trtllm_bdlora.trtllm.engine_dir import engine_lora_info
 
 

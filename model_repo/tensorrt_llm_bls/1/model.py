@@ -1,13 +1,13 @@
 """Triton Python backend, `tensorrt_llm_bls`: the preprocessing -> tensorrt_llm -> postprocessing chain run as
 BLS requests, with upstream's text stop words and `accumulate_tokens`. The logic lives in
-trtllm_bdlora.serving.ensemble (Ensemble, Bls), which `trtllm-bdlora serve` runs too."""
+trtllm_bdlora.serving.repository.ensemble (Ensemble, Bls), which `trtllm-bdlora serve` runs too."""
 
 import triton_python_backend_utils as pb_utils
 
-from trtllm_bdlora.serving.ensemble import Bls, Ensemble
-from trtllm_bdlora.serving.protocol import CallContext
-from trtllm_bdlora.serving.text import flag
-from trtllm_bdlora.serving.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors, triton_dispatch
+from trtllm_bdlora.serving.repository.ensemble import Bls, Ensemble
+from trtllm_bdlora.serving.repository.calls import CallContext
+from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.trtllm.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors, triton_dispatch
 
 
 class TritonPythonModel:

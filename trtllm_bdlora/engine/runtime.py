@@ -1,0 +1,263 @@
+"""Rank 0's serving loop: a bounded inbox, continuous batching, adapters registered on first use.
+
+Requests arrive from server threads through `submit`; one engine thread owns the engine (and so every
+collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
+every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
+error)` once. Callbacks run on the engine thread and must not block. When idle it sends empty plans as
+heartbeats, so a dead rank is noticed within seconds.
+
+Fault isolation: an exception raised on rank 0 while no plan is out to the other ranks (admitting a request,
+handling one request's result, a callback) fails that request alone, with a one-line error; only one raised
+while the ranks execute a plan (`Engine.in_collective`: the ranks may now disagree) stops the server. Every
+request ends with one access-log line (`logs.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.request import Request
+from trtllm_bdlora.engine.scheduler import Scheduler, one_line
+from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError, ServerUnavailableError
+from trtllm_bdlora.logs import log_request
+
+HEARTBEAT_S = 1.0
+log = logging.getLogger("trtllm_bdlora.runtime")
+
+
+@dataclass
+class Submission:
+    request: Request
+    lora_weights: np.ndarray | None = None
+    lora_config: np.ndarray | None = None
+    on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
+    model: str = "tensorrt_llm"  # the model the client called, for the access log
+
+
+class _Control:
+    """Work for the engine thread between steps (adapter registration), queued in the inbox like a request."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action, self.error = action, None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.action()
+        except BdLoraError as err:
+            self.error = str(err)
+        except Exception as err:  # a collective failed: the runtime fails as for a step
+            self.error = f"server failed: {type(err).__name__}"
+            raise
+        finally:
+            self.done.set()
+
+    def on_done(self, ids, error: str | None) -> None:  # the runtime failed or stopped before running it
+        self.error = error
+        self.done.set()
+
+
+class Runtime:
+    def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256,
+                 max_num_tokens: int | None = None):
+        self.engine = engine
+        self.scheduler = Scheduler(engine, max_batch_size, max_num_tokens=max_num_tokens)
+        self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
+        self.pending: dict[int, Submission] = {}
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        self.failure: str | None = None
+        self.cut_reason: str | None = None  # set by `cut`: fail what is left and stop
+        self._next = 0
+        self.retiring: set[int] = set()  # unregistered adapters still used by queued or running requests
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
+
+    def start(self) -> Runtime:
+        self.thread.start()
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None and not self.stopped.is_set()
+
+    def _check_accepting(self) -> None:
+        if self.stopping.is_set() or not self.healthy:
+            raise ServerUnavailableError("server is shutting down" if self.failure is None
+                                         else f"server failed: {self.failure}")
+
+    def submit(self, sub: Submission) -> None:
+        self._check_accepting()
+        sub.request.times_ns.setdefault("arrival", time.time_ns())
+        with self._lock:
+            sub.request.index = self._next
+            self._next += 1
+        try:
+            self.inbox.put_nowait(sub)
+        except queue.Full:
+            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued "
+                                  "(--max-queue), retry later") from None
+
+    @staticmethod
+    def cancel(request: Request) -> None:
+        """Stop generating for `request`: it leaves the batch at the next step (reason "cancelled")."""
+        request.cancelled = True
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet running."""
+        return self.inbox.qsize() + len(self.scheduler.waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self.pending)
+
+    def register_adapter(self, task_id: int, adapter) -> None:
+        """Register a loaded Adapter under `task_id` on every rank, between engine steps, as the `--adapter` ones
+        (pinned unless --no-pin-adapters; may evict unpinned adapters no pending request uses)."""
+        def register():
+            if task_id in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"lora_task_id {task_id} is already registered")
+            self.engine.register_shared(task_id, adapter, self._in_use())
+
+        self._control(register)
+
+    def unregister_adapter(self, task_id: int) -> None:
+        """Refuse new requests for `task_id` at once; it leaves every rank when no pending request uses it."""
+        def retire():
+            if task_id not in self.engine.pool or task_id in self.retiring:
+                raise RequestError(f"unknown lora_task_id {task_id}")
+            self.retiring.add(task_id)
+            self._release_retired()
+
+        self._control(retire)
+
+    def _control(self, action: Callable[[], None]) -> None:
+        self._check_accepting()
+        item = _Control(action)
+        try:
+            self.inbox.put(item, timeout=60)
+        except queue.Full:
+            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued, "
+                                  "retry later") from None
+        while not item.done.wait(0.5):
+            if self.stopped.is_set():
+                raise ServerUnavailableError("server is shutting down")
+        if item.error:
+            raise RequestError(item.error)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish in-flight and queued requests, then stop every rank; whether that happened within `timeout`."""
+        self.stopping.set()
+        return self.stopped.wait(timeout)
+
+    def cut(self, reason: str) -> None:
+        """Fail every pending and queued request with `reason` at the next step boundary, then stop every rank."""
+        self.cut_reason = reason
+        self.stopping.set()
+
+    # engine thread ------------------------------------------------------------
+    @staticmethod
+    def _finish(sub: Submission, outcome: str, error: str | None = None) -> None:
+        """Log the request's access line and tell its caller; a failing callback fails nobody else."""
+        log_request(sub.request, sub.model, outcome, error)
+        try:
+            sub.on_done(None if error else sub.request.output_ids, error)
+        except Exception:
+            log.exception("on_done callback of request %s failed", sub.request.id)
+
+    def _admit(self, sub: Submission | _Control) -> None:
+        if isinstance(sub, _Control):
+            sub.run()
+            return
+        req = sub.request
+        if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
+            req.finish_reason = "cancelled"
+            self._finish(sub, "cancelled")
+            return
+        try:  # the host LoRA cache never evicts the adapter of a request still pending
+            if req.adapter in self.retiring:
+                raise RequestError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
+            self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, self._in_use())
+        except BdLoraError as err:
+            self._finish(sub, "rejected", str(err))
+            return
+        except Exception as err:
+            if self.engine.in_collective:
+                raise
+            self._finish(sub, "error", f"internal error while admitting this request: {one_line(err)}")
+            return
+        sub.lora_weights = sub.lora_config = None  # registered: the request need not keep them (as TensorRT-LLM)
+        self.pending[req.index] = sub
+        self.scheduler.add(req)
+
+    def _in_use(self) -> set[int]:
+        return {s.request.adapter for s in self.pending.values()} - {None}
+
+    def _release_retired(self) -> None:
+        free = sorted(self.retiring - self._in_use())
+        if free:
+            self.engine.lead({"evict": free})
+            self.retiring -= set(free)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            sub = self.inbox.get(timeout=HEARTBEAT_S) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._admit(sub)
+        while True:
+            try:
+                self._admit(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        try:
+            last = time.monotonic()
+            while True:
+                if self.cut_reason is not None:
+                    self._fail_all(self.cut_reason)
+                    break
+                idle = not self.scheduler.busy
+                if idle and self.stopping.is_set() and self.inbox.empty():
+                    break
+                self._drain_inbox(block=idle)
+                if self.scheduler.busy:
+                    for req, _ in self.scheduler.step():
+                        self._finish(self.pending.pop(req.index), req.finish_reason or "error", req.error)
+                    if self.retiring:
+                        self._release_retired()
+                    last = time.monotonic()
+                elif time.monotonic() - last >= HEARTBEAT_S:
+                    self.engine.lead({})
+                    last = time.monotonic()
+            self.scheduler.flush()
+            self.engine.lead(None)
+        except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
+            self.failure = one_line(err)
+            log.critical("server failed: %s", self.failure)
+            self._fail_all(f"server failed: {self.failure}")
+        finally:
+            self.stopped.set()
+
+    def _fail_all(self, message: str) -> None:
+        """Fail every pending and queued request (and control item) with `message`."""
+        for sub in list(self.pending.values()):
+            sub.request.cancelled = True
+            self._finish(sub, "error", message)
+        self.pending.clear()
+        while not self.inbox.empty():
+            item = self.inbox.get_nowait()
+            if isinstance(item, _Control):
+                item.on_done(None, message)
+            else:
+                self._finish(item, "error", message)

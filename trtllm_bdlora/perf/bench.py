@@ -1,0 +1,173 @@
+"""`trtllm-bdlora bench`: decode step time for no LoRA vs bdlora vs slora vs replicated, same adapters.
+
+All four schemes share one model (same base weights, same process) and their decode steps are interleaved
+round-robin, rotating the order every round, so that load from other processes on a shared machine falls on
+every scheme alike. Each scheme has its own adapter pool and its own sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
+from trtllm_bdlora.distributed.launcher import relaunch_ranks
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
+
+SCHEMES = ("none", "bdlora", "slora", "replicated")
+
+
+def random_bd_adapter(shape: LlamaShape, rank: int, nblocks: int, seed: int) -> Adapter:
+    """A BD-LoRA adapter with random non-zero factors (column: block-diagonal B, row: block-diagonal A)."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = math.ceil(rank / nblocks) * nblocks
+    modules = {}
+    for layer in range(shape.num_layers):
+        for name in LLAMA_MODULES:
+            inp, out = shape.module_dims(name)
+            role = module_role(name)
+            a_cols = inp // nblocks if role == "row" else inp
+            b_cols = rank // nblocks if role == "column" else rank
+            a = torch.randn(rank, a_cols, generator=gen) / math.sqrt(inp)
+            b = torch.randn(out, b_cols, generator=gen) * 0.01
+            modules[(layer, name)] = LoraFactors(a, b, 1.0, role, "B" if role == "column" else "A", nblocks)
+    return Adapter(f"random-{seed}", "bdlora", rank, nblocks, modules)
+
+
+def _select(engine, pools: dict, scheme: str) -> None:
+    """Point the shared model at one scheme's adapter pool."""
+    engine.pool = engine.model.pool = pools[scheme]
+    engine.model.scheme = "bdlora" if scheme == "none" else scheme
+
+
+def _step(engine, pools: dict, plan: dict | None) -> None:
+    """Rank 0: send a plan tagged with its scheme and run it; None stops the workers."""
+    engine.comm.broadcast_json(plan)
+    if plan is not None:
+        _select(engine, pools, plan["scheme"])
+        engine.execute(plan)
+
+
+def _follow(engine, pools: dict) -> None:
+    while (plan := engine.comm.broadcast_json()) is not None:
+        _select(engine, pools, plan["scheme"])
+        engine.execute(plan)
+
+
+def _lead(engine, pools: dict, args, adapter_ids: list[int | None]) -> dict:
+    """Prefill every scheme's batch, then time interleaved decode steps. Returns per-scheme samples (s)."""
+    gen = torch.Generator().manual_seed(0)
+    slots, seq0 = {}, {}
+    for k, scheme in enumerate(SCHEMES):
+        ids = [None] * args.batch if scheme == "none" else adapter_ids
+        loads, slots[scheme] = pools[scheme].assign(ids)
+        seq0[scheme] = k * args.batch
+        prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
+        chunks = [[seq0[scheme] + i, p, 0, s] for i, (p, s) in enumerate(zip(prompts, slots[scheme]))]
+        _step(engine, pools, {"scheme": scheme, "loads": loads, "chunks": chunks})
+    samples: dict = {s: [] for s in SCHEMES}
+    collectives: dict = {}
+    for step in range(args.steps + 1):  # the first round warms up and is not counted
+        order = SCHEMES[step % 4:] + SCHEMES[: step % 4]
+        for scheme in order:
+            chunks = [[seq0[scheme] + i, [1], args.prompt_len + step, s] for i, s in enumerate(slots[scheme])]
+            engine.comm.log.clear()
+            t0 = time.perf_counter()
+            _step(engine, pools, {"scheme": scheme, "chunks": chunks})
+            if engine.comm.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step:
+                samples[scheme].append(time.perf_counter() - t0)
+            collectives[scheme] = engine.comm.log.summary()
+    _step(engine, pools, None)
+    return {"samples": samples, "collectives": collectives}
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median, quartiles, min and max of step times, in ms."""
+    ms = sorted(t * 1e3 for t in samples)
+    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "p25_ms": q[0], "p75_ms": q[2], "min_ms": ms[0], "max_ms": ms[-1],
+            "n": len(ms)}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.tp > 1 and mpi_world_size() is None:
+        import sys
+
+        from trtllm_bdlora.llama.loader import resolve_model_dir
+
+        resolve_model_dir(args.model)
+        return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface)
+    from trtllm_bdlora.llama.loader import load_base_model
+
+    comm = init_ranks(args.tp, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_base_model(args.model)
+    try:
+        engine, pools = setup_schemes(comm, base, args)
+        if comm.rank != 0:
+            _follow(engine, pools)
+        else:
+            result = _lead(engine, pools, args, [1 + i % args.num_adapters for i in range(args.batch)])
+        if comm.world > 1:  # every rank has its last broadcast before any tears the group down (a gloo abort seen once)
+            import torch.distributed as dist
+
+            dist.barrier()
+    finally:
+        shutdown(comm)
+    if comm.rank != 0:
+        return 0
+    report = make_report(args, comm, result)
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def setup_schemes(comm, base, args) -> tuple:
+    """One engine (the shared model) and an adapter pool per scheme holding the same random BD adapters."""
+    from trtllm_bdlora.engine.adapter_pool import AdapterPool
+    from trtllm_bdlora.engine.engine import DTYPES, Engine
+
+    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank)
+    pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, args.max_loras,
+                            DTYPES[args.dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
+    for scheme in SCHEMES[1:]:
+        for t in range(1, args.num_adapters + 1):
+            pools[scheme].register(t, random_bd_adapter(engine.shape, args.rank, args.tp, seed=t))
+    return engine, pools
+
+
+def make_report(args, comm, result: dict) -> dict:
+    return {
+        "model": args.model, "tp": args.tp, "batch": args.batch, "adapters": args.num_adapters,
+        "rank": math.ceil(args.rank / args.tp) * args.tp, "prompt_len": args.prompt_len, "dtype": args.dtype,
+        "device": comm.device.type, "threads_per_rank": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+        "schemes": {s: {**summarize(result["samples"][s]),
+                        "lora_collectives": sum(v["count"] for v in result["collectives"][s].get("lora", {}).values()),
+                        "base_collectives": sum(v["count"] for v in result["collectives"][s].get("base", {}).values())}
+                    for s in SCHEMES},
+    }
+
+
+def print_report(report: dict) -> None:
+    rows = report["schemes"]
+    none = rows["none"]["median_ms"]
+    print(f"model {report['model']}  tp {report['tp']}  batch {report['batch']}  adapters {report['adapters']}  "
+          f"rank {report['rank']}  device {report['device']}  dtype {report['dtype']}  "
+          f"threads/rank {report['threads_per_rank']}  steps {rows['none']['n']} per scheme, interleaved")
+    print(f"{'scheme':<12}{'step ms':>9}{'p25-p75 ms':>16}{'min-max ms':>16}{'tokens/s':>10}{'vs no-LoRA':>11}"
+          f"{'LoRA +%':>9}{'LoRA coll/step':>16}")
+    for scheme, r in rows.items():
+        ms = r["median_ms"]
+        print(f"{scheme:<12}{ms:>9.2f}{r['p25_ms']:>8.1f}-{r['p75_ms']:<7.1f}{r['min_ms']:>8.1f}-{r['max_ms']:<7.1f}"
+              f"{report['batch'] / ms * 1e3:>10.1f}{ms / none:>10.2f}x{100 * (ms / none - 1):>+8.1f}%{r['lora_collectives']:>16}")

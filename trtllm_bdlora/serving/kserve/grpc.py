@@ -1,0 +1,204 @@
+"""KServe v2 gRPC (the service shipped in `tritonclient`) for the five models, as Triton serves TensorRT-LLM's
+`inflight_batcher_llm` repository: health, server / model metadata, model config, repository index,
+statistics, ModelInfer (one response) and ModelStreamInfer (decoupled: every response of every request on
+the stream, `triton_final_response` when the client enables empty final responses)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from trtllm_bdlora import __version__
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound
+from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, STREAMS_REFUSAL, CallSlots, Capacity
+from trtllm_bdlora.serving.kserve.tensors import from_grpc, to_grpc
+from trtllm_bdlora.serving.repository.calls import CallContext, error_status
+from trtllm_bdlora.serving.repository.repository import ModelServer
+
+EMPTY_FINAL = "triton_enable_empty_final_response"
+
+
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    code, _, message = error_status(err)
+    return getattr(grpc.StatusCode, code), message
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, server: ModelServer, capacity: Capacity | None = None):
+        self.server = server
+        capacity = capacity or Capacity()
+        self.stream_slots = CallSlots(capacity.streams, STREAMS_REFUSAL)
+        self.unary_slots = CallSlots(capacity.unary, CALLS_REFUSAL)
+
+    # health and metadata -----------------------------------------------------
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        runtime = self.server.runtime
+        return pb.ServerReadyResponse(ready=runtime.healthy and not runtime.stopping.is_set())
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.server.ready(request.name, request.version))
+
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="trtllm-bdlora", version=__version__, extensions=EXTENSIONS)
+
+    def _model(self, name: str, version: str, context):
+        try:
+            return self.server.model(name, version)
+        except ModelNotFound as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+
+    def ModelMetadata(self, request, context):
+        self._model(request.name, request.version, context)
+        meta = self.server.metadata[request.name]
+        tm = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["inputs"]],
+            outputs=[tm(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in meta["outputs"]])
+
+    def ModelConfig(self, request, context):
+        self._model(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=self.server.configs[request.name])
+
+    def RepositoryIndex(self, request, context):
+        index = pb.RepositoryIndexResponse()
+        for m in self.server.index():
+            if request.ready and m["state"] != "READY":
+                continue
+            index.models.add(name=m["name"], version=m["version"], state=m["state"], reason=m["reason"])
+        return index
+
+    def ModelStatistics(self, request, context):
+        names = [request.name] if request.name else sorted(self.server.models)
+        out = pb.ModelStatisticsResponse()
+        for name in names:
+            self._model(name, request.version, context)
+            stats = self.server.metrics.statistics(name)
+            s = out.model_stats.add(name=name, version="1", last_inference=stats["last_inference"],
+                                    inference_count=stats["inference_count"],
+                                    execution_count=stats["execution_count"])
+            for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                count, ns = stats[key]
+                getattr(s.inference_stats, key).count, getattr(s.inference_stats, key).ns = count, ns
+        return out
+
+    # inference ---------------------------------------------------------------
+    def ModelInfer(self, request, context):
+        if not self.unary_slots.acquire():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.unary_slots.refusal())
+        try:
+            return self._infer(request, context)
+        finally:
+            self.unary_slots.release()
+
+    def _infer(self, request, context):
+        ctx = CallContext(request.id, decoupled=False)
+        context.add_callback(ctx.cancelled.set)
+        try:
+            infer = from_grpc(request)
+            responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
+        except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
+            context.abort(*status_of(err))
+        if not responses:  # e.g. a `stop` request: answered without outputs
+            return to_grpc(request.model_name, request.id, {})
+        if len(responses) != 1:
+            context.abort(grpc.StatusCode.INTERNAL, f"model '{request.model_name}' sent {len(responses)} responses to "
+                          "a unary request: use ModelStreamInfer")
+        started = time.perf_counter_ns()
+        out = to_grpc(request.model_name, request.id, responses[0].outputs)
+        self.server.metrics.output_time(request.model_name, time.perf_counter_ns() - started)
+        return out
+
+    def ModelStreamInfer(self, request_iterator, context):
+        if not self.stream_slots.acquire():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.stream_slots.refusal())
+        try:
+            yield from self._stream(request_iterator, context)
+        finally:
+            self.stream_slots.release()
+
+    def _stream(self, request_iterator, context):
+        """Decoupled: each request runs in its own thread; responses interleave on the stream."""
+        responses: queue.Queue = queue.Queue()
+        live = [0]
+        lock = threading.Lock()
+        reader_done = threading.Event()
+        closed = threading.Event()
+        context.add_callback(closed.set)
+
+        def run(request):
+            ctx = CallContext(request.id, decoupled=True, cancelled=closed)
+            empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
+            final_sent = False
+            try:
+                for r in self.server.infer(from_grpc(request), ctx, request.model_version):
+                    if not r.outputs and not (r.final and empty_final):
+                        continue
+                    final_sent = r.final
+                    response = to_grpc(request.model_name, request.id, r.outputs, r.final if empty_final else None)
+                    responses.put(pb.ModelStreamInferResponse(infer_response=response))
+                if empty_final and not final_sent:
+                    responses.put(pb.ModelStreamInferResponse(
+                        infer_response=to_grpc(request.model_name, request.id, {}, True)))
+            except Exception as err:  # noqa: BLE001 - an error response on the stream, never the server's end
+                responses.put(pb.ModelStreamInferResponse(
+                    error_message=status_of(err)[1], infer_response=pb.ModelInferResponse(model_name=request.model_name,
+                                                                                 id=request.id)))
+            finally:
+                with lock:
+                    live[0] -= 1
+
+        def read():
+            try:
+                for request in request_iterator:
+                    with lock:
+                        full = live[0] >= self.unary_slots.limit  # one stream holds at most this many requests
+                        live[0] += 0 if full else 1
+                    if full:
+                        responses.put(pb.ModelStreamInferResponse(
+                            error_message=self.unary_slots.refusal(),
+                            infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                        continue
+                    threading.Thread(target=run, args=(request,), daemon=True).start()
+            except Exception:  # the client closed the stream abruptly; in-flight requests are cancelled
+                closed.set()
+            finally:
+                reader_done.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        while context.is_active():
+            try:
+                yield responses.get(timeout=0.2)
+            except queue.Empty:
+                with lock:
+                    if reader_done.is_set() and live[0] == 0 and responses.empty():
+                        return
+
+
+def start_server(server: ModelServer, host: str, port: int, capacity: Capacity | None = None) -> grpc.Server:
+    """Listen on host:port, or raise BdLoraError at once when the port is taken (gRPC's SO_REUSEPORT is off, so a
+    second server cannot share a port with a running one)."""
+    capacity = capacity or Capacity()
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.so_reuseport", 0)]
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers, thread_name_prefix="grpc"),
+                              options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server, capacity), grpc_server)
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0 or (port != 0 and bound != port):
+        grpc_server.stop(None)
+        raise BdLoraError(f"cannot listen on {host}:{port} (gRPC): address already in use or not available")
+    grpc_server.start()
+    return grpc_server

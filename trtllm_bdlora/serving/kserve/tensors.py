@@ -1,0 +1,211 @@
+"""KServe v2 tensors on the wire (gRPC protobuf, HTTP JSON with the binary-data extension) to and from numpy, with
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
+
+from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.serving.repository.calls import InferRequest, WireTensor
+
+CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+# ---------------------------------------------------------------------------- decoding
+MAX_ELEMENTS = 1 << 31  # a declared shape larger than this is refused before anything is allocated
+
+
+def array_from_bytes(data: bytes, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    """A raw tensor (gRPC raw_input_contents, HTTP binary data); a byte size that does not match the shape and
+    the data type is a one-line RequestError."""
+    count = _element_count(shape, name)
+    if datatype == "BYTES":
+        array = _bytes_elements(data, name)
+    else:
+        dtype = np.dtype(np.uint16) if datatype == "BF16" else triton_to_np_dtype(datatype)
+        if dtype is None:
+            raise RequestError(f"input {name}: unsupported data type {datatype!r}")
+        itemsize = np.dtype(dtype).itemsize
+        if len(data) != count * itemsize:
+            raise RequestError(f"input {name}: {len(data)} bytes of {datatype} data for shape {shape}, "
+                               f"which needs {count * itemsize}")
+        array = np.frombuffer(data, dtype=dtype)
+        if datatype == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+    return _shaped(array, shape, name)
+
+
+def _bytes_elements(data: bytes, name: str) -> np.ndarray:
+    if not data:
+        return np.array([], dtype=object)
+    try:
+        return deserialize_bytes_tensor(data)
+    except Exception:  # noqa: BLE001 - struct.error, ValueError...: the client's data, not a server fault
+        raise RequestError(f"input {name}: malformed BYTES data (each element is a 4-byte little-endian length, "
+                           "then that many bytes)") from None
+
+
+def _element_count(shape: list[int], name: str) -> int:
+    if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise RequestError(f"input {name}: shape {shape} must be non-negative integers")
+    count = math.prod(shape)
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:  # even an empty tensor: numpy cannot hold such a shape
+        raise RequestError(f"input {name}: shape {shape} has {count} elements, more than {MAX_ELEMENTS}")
+    return count
+
+
+def _shaped(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    if _element_count(shape, name) != array.size:
+        raise RequestError(f"input {name}: shape {shape} does not match its {array.size} elements")
+    return array.reshape(shape)
+
+
+def from_grpc(request: pb.ModelInferRequest) -> InferRequest:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise RequestError(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
+        if raw:
+            array = array_from_bytes(raw[i], t.datatype, shape, t.name)
+        else:
+            field_name = CONTENTS_FIELD.get(t.datatype)
+            if field_name is None:
+                raise RequestError(f"input {t.name}: send {t.datatype} as raw_input_contents")
+            values = list(getattr(t.contents, field_name))
+            dtype = object if t.datatype == "BYTES" else triton_to_np_dtype(t.datatype)
+            array = _shaped(np.array(values, dtype=dtype), shape, t.name)
+        tensors.append(WireTensor(t.name, t.datatype, shape, array))
+    outputs = [o.name for o in request.outputs] or None
+    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
+              if v.WhichOneof("parameter_choice")}
+    return InferRequest(request.model_name, request.id, tensors, outputs, True, params)
+
+
+def from_http(model: str, body: bytes, header_length: int | None) -> InferRequest:
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise RequestError(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
+    head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
+    try:
+        doc = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
+        raise RequestError("request JSON must be an object with an 'inputs' list")
+    tensors, offset = [], 0
+    for t in doc["inputs"]:
+        if not isinstance(t, dict):
+            raise RequestError("every input must be a JSON object")
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+            raise RequestError("every input needs 'name', 'datatype' and 'shape'")
+        size = _object(t.get("parameters"), f"input {name}: parameters").get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RequestError(f"input {name}: binary_data_size must be a non-negative integer, got {size!r}")
+            if offset + size > len(binary):
+                raise RequestError(f"input {name}: binary_data_size {size} runs past the request body")
+            array = array_from_bytes(binary[offset : offset + size], datatype, shape, name)
+            offset += size
+        else:
+            array = json_array(t.get("data"), datatype, shape, name)
+        tensors.append(WireTensor(name, datatype, shape, array))
+    params = _object(doc.get("parameters"), "parameters")
+    requested = doc.get("outputs")
+    if requested is not None and not (isinstance(requested, list) and all(
+            isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)):
+        raise RequestError("'outputs' must be a list of objects with a 'name'")
+    outputs = [o["name"] for o in requested] if requested else None
+    binary_outputs: set[str] | bool = bool(params.get("binary_data_output", False))
+    if requested:
+        binary_outputs = {o["name"] for o in requested
+                          if _object(o.get("parameters"), f"output {o['name']}: parameters").get("binary_data")}
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+        raise RequestError(f"'id' must be a string, got {request_id!r}")
+    return InferRequest(model, str(request_id), tensors, outputs, binary_outputs, params)
+
+
+def _object(value, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"{what} must be a JSON object")
+    return value
+
+
+def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
+    if data is None:
+        raise RequestError(f"input {name}: no data")
+    if datatype == "BYTES":
+        flat = np.array(data, dtype=object).reshape(-1)
+        array = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
+    else:
+        dtype = triton_to_np_dtype(datatype)
+        if dtype is None or datatype == "BF16":
+            raise RequestError(f"input {name}: send {datatype} as binary data")
+        try:
+            array = np.array(data, dtype=dtype)
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"input {name}: data is not {datatype}") from None
+    return _shaped(array.reshape(-1), shape, name)
+
+
+# ---------------------------------------------------------------------------- encoding
+def wire_datatype(array: np.ndarray) -> str:
+    if array.dtype == object or array.dtype.kind in "SU":
+        return "BYTES"
+    return {"bool": "BOOL", "uint8": "UINT8", "int32": "INT32", "int64": "INT64", "uint64": "UINT64",
+            "float16": "FP16", "float32": "FP32", "float64": "FP64"}[array.dtype.name]
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    if wire_datatype(array) == "BYTES":
+        flat = np.array([v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)], dtype=object)
+        return serialize_byte_tensor(flat).item() if flat.size else b""
+    return np.ascontiguousarray(array).tobytes()
+
+
+def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None
+            ) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for name, array in outputs.items():
+        response.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
+        response.raw_output_contents.append(array_bytes(array))
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return response
+
+
+def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool
+            ) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is plain JSON)."""
+    doc_outputs, chunks = [], []
+    for name, array in outputs.items():
+        entry = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
+        if binary is True or (isinstance(binary, set) and name in binary):
+            data = array_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif entry["datatype"] == "BYTES":
+            entry["data"] = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+                             for v in array.reshape(-1)]
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        doc_outputs.append(entry)
+    doc = {"model_name": model, "model_version": "1", "outputs": doc_outputs}
+    if request_id:
+        doc["id"] = request_id
+    head = json.dumps(doc).encode()
+    if not chunks:
+        return head, None
+    return head + b"".join(chunks), len(head)

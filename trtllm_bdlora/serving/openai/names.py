@@ -1,0 +1,105 @@
+"""OpenAI model names of the base model and the adapters, and where run-time adapter loading may read from.
+
+Every registered adapter answers to its lora_task_id written as a number ("3"), whoever registered it (`--adapter`,
+gRPC `lora_task_id` + weights, `/v1/load_lora_adapter`); an adapter registered with a name (`--adapter NAME:ID=DIR`,
+`lora_name`) answers to that name too, and `/v1/models` lists it by that name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.serving.openai.protocol import OpenAIError
+
+
+def _canonical_id(name: str) -> int | None:
+    """The task id a numeric name stands for; None for other names."""
+    return int(name) if name.isdigit() and name == str(int(name)) and int(name) > 0 else None
+
+
+class AdapterNames:
+    def __init__(self, base: str, base_root: str, adapters: Iterable[tuple[int, str]] = ()):
+        self.base, self.base_root = base, base_root
+        self.ids: dict[str, int] = {}  # names given at registration
+        self.roots: dict[int, str] = {}  # adapter directories, where known
+        self.created = int(time.time())
+        for arg in adapters:
+            task_id, directory = arg
+            name = getattr(arg, "name", str(task_id))
+            if name == base:
+                raise BdLoraError(f"adapter name {name!r} is the base model's name")
+            if self.ids.get(name, task_id) != task_id:
+                raise BdLoraError(f"adapter name {name!r} is given to two task ids")
+            self.add(name, task_id, directory)
+
+    def add(self, name: str, task_id: int, root: str | None) -> None:
+        if _canonical_id(name) is None:
+            self.ids[name] = task_id
+        if root is not None:
+            self.roots[task_id] = root
+
+    def retain(self, registered: Collection[int]) -> None:
+        """Forget the names of adapters no longer registered (evicted from the host cache: --no-pin-adapters)."""
+        for task_id in {*self.ids.values(), *self.roots} - set(registered):
+            self.forget(task_id)
+
+    def forget(self, task_id: int) -> None:
+        self.ids = {n: t for n, t in self.ids.items() if t != task_id}
+        self.roots.pop(task_id, None)
+
+    def name_of(self, task_id: int) -> str:
+        return next((n for n, t in self.ids.items() if t == task_id), str(task_id))
+
+    def taken(self, name: str, registered: Collection[int]) -> bool:
+        return name == self.base or name in self.ids or _canonical_id(name) in registered
+
+    def resolve(self, model: str | None, registered: Collection[int]) -> int | None:
+        """The task id a request's `model` picks (None: the base model); 404 for a name nothing answers to."""
+        if not model or model == self.base:
+            return None
+        task_id = self.ids.get(model, _canonical_id(model))
+        if task_id is None or task_id not in registered:
+            raise OpenAIError(404, f"The model `{model}` does not exist.", "model")
+        return task_id
+
+    def next_id(self, registered: Collection[int]) -> int:
+        return max([0, *registered, *self.ids.values(), *self.roots]) + 1
+
+    def cards(self, registered: Collection[int], max_model_len: int) -> list[dict]:
+        """`/v1/models` entries (vLLM's ModelCard), base model first, plus each adapter's lora_task_id."""
+        def card(name, root, parent, **extra):
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "trtllm-bdlora", "root": root,
+                    "parent": parent, "max_model_len": max_model_len, **extra}
+
+        return [card(self.base, self.base_root, None)] + [
+            card(self.name_of(t), self.roots.get(t), self.base, lora_task_id=t) for t in sorted(registered)
+        ]
+
+
+def adapter_root(root: str | None, allow_loading: bool) -> Path | None:
+    """`--adapter-root` resolved (symlinks too); loading at run time needs one."""
+    if not allow_loading:
+        return None
+    if root is None:
+        raise BdLoraError("--allow-adapter-loading needs --adapter-root DIR (the only tree adapters load from)")
+    path = Path(root).resolve()
+    if not path.is_dir():
+        raise BdLoraError(f"--adapter-root {root}: not a directory")
+    return path
+
+
+def adapter_dir_under(root: Path, lora_path: str) -> Path:
+    """`lora_path` (absolute, or relative to `root`) with symlinks resolved; refused unless it and every file in it
+    lie under `root`."""
+    resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
+    outside = OpenAIError(403, f"lora_path {lora_path!r} is outside --adapter-root {root}", "lora_path")
+    if not resolved.is_relative_to(root):
+        raise outside
+    if not resolved.is_dir():
+        raise OpenAIError(404, f"lora_path {lora_path!r}: no such adapter directory under {root}", "lora_path")
+    if any(not entry.resolve().is_relative_to(root) for entry in resolved.iterdir()):
+        raise outside
+    return resolved

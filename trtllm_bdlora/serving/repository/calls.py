@@ -1,0 +1,147 @@
+"""What a served model is to the gRPC and HTTP front ends: a decoded request, checked against the model configuration as
+Triton checks it; inputs in, a stream of responses out."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from trtllm_bdlora.errors import (
+    AdapterCacheFullError,
+    BdLoraError,
+    ModelNotFound,
+    RequestError,
+    ServerBusyError,
+    ServerUnavailableError,
+)
+from trtllm_bdlora.serving.repository.config import wire_type
+from trtllm_bdlora.serving.repository.spec import Model
+
+# message prefixes of errors that reach the front ends as plain strings (the runtime's on_done)
+UNAVAILABLE_PREFIXES = ("server is shutting down",)
+INTERNAL_PREFIXES = ("server failed",)
+
+
+FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")  # lora_weights: the engine's dtype, but any float is read
+
+
+@dataclass
+class WireTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    model: str
+    id: str = ""
+    inputs: list[WireTensor] = field(default_factory=list)
+    outputs: list[str] | None = None  # requested output names; None: all
+    binary_outputs: set[str] | bool = True  # HTTP only: which outputs go as binary data
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class CallContext:
+    request_id: str = ""
+    decoupled: bool = True  # the transport takes many responses (ModelStreamInfer, generate_stream)
+    parameters: dict = field(default_factory=dict)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the client went away
+    queued_ns: int = 0  # time this call's core requests waited in the runtime's queue (for metrics)
+    parent: CallContext | None = None
+    model: str = ""  # the model the client called (for the access log)
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set() or (self.parent is not None and self.parent.is_cancelled())
+
+    def child(self) -> CallContext:
+        """A context that can be cancelled on its own, and is cancelled with this one."""
+        return CallContext(self.request_id, self.decoupled, self.parameters, parent=self, model=self.model)
+
+
+@dataclass
+class ModelResponse:
+    outputs: dict[str, np.ndarray]
+    final: bool = True
+
+
+class ServedModel(Protocol):
+    spec: Model
+
+    def infer(self, inputs: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
+        """Responses for one request; raises RequestError for a bad request (before or between responses)."""
+        ...
+
+
+def scalar(inputs: dict[str, np.ndarray], name: str, row: int = 0, default=None):
+    """The value of a one-per-request input for batch row `row`, as a Python value (None when absent)."""
+    array = inputs.get(name)
+    if array is None or array.size == 0:
+        return default
+    value = array.reshape(array.shape[0], -1)[row if array.shape[0] > 1 else 0]
+    value = value.reshape(-1)[0]
+    return value.item() if hasattr(value, "item") else value
+
+
+def error_status(err: BaseException) -> tuple[str, int, str]:
+    """(gRPC status code name, HTTP status, one-line message) for an error raised while answering a call.
+    Retryable conditions get the codes clients retry on: a full queue or adapter cache RESOURCE_EXHAUSTED / 429,
+    a server shutting down UNAVAILABLE / 503; a bad request INVALID_ARGUMENT / 400; anything unexpected
+    INTERNAL / 500 with its type and first line (the traceback goes to the server's log, never to the client)."""
+    if not isinstance(err, BdLoraError):
+        traceback.print_exception(err, file=sys.stderr)
+        first = str(err).splitlines()[0] if str(err) else ""
+        return "INTERNAL", 500, f"internal error: {type(err).__name__}: {first}"
+    message = str(err)
+    if isinstance(err, ModelNotFound):
+        return "NOT_FOUND", 404, message
+    if isinstance(err, (ServerBusyError, AdapterCacheFullError)):
+        return "RESOURCE_EXHAUSTED", 429, message
+    if isinstance(err, ServerUnavailableError) or message.startswith(UNAVAILABLE_PREFIXES):
+        return ("INTERNAL", 500, message) if message.startswith(INTERNAL_PREFIXES) else ("UNAVAILABLE", 503, message)
+    if message.startswith(INTERNAL_PREFIXES):
+        return "INTERNAL", 500, message
+    return "INVALID_ARGUMENT", 400, message
+
+
+def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int
+                 ) -> dict[str, np.ndarray]:
+    """Triton's checks of an inference request against the model configuration."""
+    out: dict[str, np.ndarray] = {}
+    batch = None
+    for t in tensors:
+        spec = model.input(t.name)
+        if spec is None:
+            raise RequestError(f"unexpected inference input '{t.name}' for model '{model.name}'")
+        if t.name in out:
+            raise RequestError(f"input {t.name} given twice")
+        want = wire_type(spec, values)
+        allowed = FLOAT_WIRE_TYPES if want in FLOAT_WIRE_TYPES and "lora_weights" in t.name.lower() else (want,)
+        if t.datatype not in allowed:
+            raise RequestError(f"input {t.name} must be {'/'.join(allowed)} for model '{model.name}', got {t.datatype}")
+        expected = [-1, *spec.dims]
+        if len(t.shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, t.shape)):
+            hint = " (one value per request)" if spec.dims == (1,) else ""
+            raise RequestError(f"unexpected shape for input '{t.name}' for model '{model.name}': expected "
+                               f"{expected}, got {t.shape}{hint}")
+        if batch is None:
+            batch = t.shape[0]
+        elif t.shape[0] != batch and not spec.ragged:
+            raise RequestError(f"input {t.name} has batch size {t.shape[0]}, other inputs {batch}")
+        out[t.name] = t.array
+    missing = [s.name for s in model.inputs if not s.optional and s.name not in out]
+    if missing:
+        raise RequestError(f"missing required input {', '.join(missing)} for model '{model.name}' "
+                           f"(got {', '.join(out) or 'none'})")
+    if batch is not None and (batch < 1 or batch > max_batch_size):
+        raise RequestError(f"inference request batch-size must be in [1, {max_batch_size}] for '{model.name}', "
+                           f"got {batch}")
+    return out

@@ -1,0 +1,112 @@
+"""The five served models behind one entry point, as Triton holds a repository: lookup, readiness, the
+checks of a request against the model configuration, requested outputs, and per-model metrics (an ensemble's
+composing models count their own requests, as in Triton)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from trtllm_bdlora.engine.runtime import Runtime
+from trtllm_bdlora.errors import ModelNotFound, RequestError
+from trtllm_bdlora.serving.metrics import Metrics
+from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, ServedModel, check_inputs
+from trtllm_bdlora.serving.repository.config import model_config, model_metadata
+from trtllm_bdlora.serving.repository.core import CoreModel
+from trtllm_bdlora.serving.repository.ensemble import Bls, Ensemble
+from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
+from trtllm_bdlora.serving.repository.text_models import Postprocessing, Preprocessing
+from trtllm_bdlora.serving.repository.tokens import flag
+
+
+def serve_values(model_dir: str, tp: int, max_batch_size: int, overrides: dict[str, str] | None = None) -> dict:
+    """Placeholder values for the models `serve` answers for (a config as fill-model-repo would write it)."""
+    return {**DEFAULTS, "engine_dir": model_dir, "tokenizer_dir": model_dir, "tp_size": str(tp),
+            "triton_max_batch_size": str(max_batch_size), "lora_weights_data_type": "TYPE_FP16", **(overrides or {})}
+
+
+class ModelServer:
+    def __init__(self, runtime: Runtime, values: dict[str, str], metrics: Metrics | None = None):
+        self.runtime, self.values = runtime, values
+        self.metrics = metrics or Metrics()
+        self.max_batch_size = int(values["triton_max_batch_size"])
+        tokenizer = runtime.engine.tokenizer
+        core = CoreModel(runtime, flag(values.get("exclude_input_in_output"), False),
+                         flag(values.get("normalize_log_probs"), True), on_finished=self._finished)
+        self.models: dict[str, ServedModel] = {"tensorrt_llm": core}
+        if tokenizer is not None:
+            self.models["preprocessing"] = Preprocessing(tokenizer, flag(values.get("add_special_tokens"), True),
+                                                         max_seq_len=runtime.engine.max_seq_len)
+            self.models["postprocessing"] = Postprocessing(tokenizer, flag(values.get("skip_special_tokens"), True))
+            self.models["ensemble"] = Ensemble(self.dispatch)
+            self.models["tensorrt_llm_bls"] = Bls(Ensemble(self.dispatch), flag(values.get("accumulate_tokens"), False))
+        self.configs = {name: model_config(MODELS[name], values) for name in self.models}
+        self.metadata = {name: model_metadata(MODELS[name], values) for name in self.models}
+
+    # ------------------------------------------------------------------ repository
+    def ready(self, name: str, version: str = "") -> bool:
+        return name in self.models and version in ("", "1") and self.runtime.healthy
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        if name not in self.models or version not in ("", "1"):
+            known = ", ".join(sorted(self.models))
+            raise ModelNotFound(f"Request for unknown model: '{name}'{f' version {version}' if version else ''} is "
+                                f"not found (this server serves {known})")
+        return self.models[name]
+
+    def index(self) -> list[dict]:
+        return [{"name": name, "version": "1", "state": "READY" if name in self.models else "UNAVAILABLE",
+                 "reason": "" if name in self.models else "the model has no tokenizer"} for name in sorted(MODELS)]
+
+    def _finished(self, request, ctx: CallContext) -> None:
+        times = request.times_ns
+        if "arrival" in times:
+            waited = times.get("first_scheduled", times["arrival"]) - times["arrival"]
+            ctx.queued_ns = max(ctx.queued_ns, waited)
+        self.metrics.tokens("tensorrt_llm", len(request.prompt_ids), len(request.output_ids))
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, request: InferRequest, ctx: CallContext, version: str = "") -> Iterator[ModelResponse]:
+        """A client's request: checked as Triton checks it, then run; responses carry the requested outputs."""
+        model = self.model(request.model, version)
+        ctx.model = ctx.model or request.model
+        started = time.perf_counter_ns()
+        try:
+            inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size)
+            if request.outputs is not None:
+                for name in request.outputs:
+                    if model.spec.output(name) is None:
+                        raise RequestError(f"unexpected inference output '{name}' for model '{request.model}'")
+        except RequestError:
+            self.metrics.failed(request.model, "REJECTED")
+            raise
+        self.metrics.input_time(request.model, time.perf_counter_ns() - started)
+        wanted = set(request.outputs) if request.outputs is not None else None
+        for response in self.dispatch(request.model, inputs, ctx):
+            if wanted is not None:
+                response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final)
+            yield response
+
+    def dispatch(self, name: str, inputs: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
+        """Run one model (a client's request, or an ensemble step), with its metrics."""
+        model = self.model(name)
+        batch = next((a.shape[0] for a in inputs.values() if a.ndim), 1)
+        record, queued_before = self.metrics.start(name, batch), ctx.queued_ns
+        try:
+            for response in model.infer(inputs, ctx):
+                record.responded()
+                if response.final:  # done, whatever the caller does with the generator next
+                    record.finish(None, ctx.queued_ns - queued_before)
+                yield response
+        except RequestError:
+            record.finish("BACKEND")
+            raise
+        except GeneratorExit:
+            record.finish("CANCELED")
+            raise
+        except Exception:
+            record.finish("OTHER")
+            raise
+        record.finish(None, ctx.queued_ns - queued_before)

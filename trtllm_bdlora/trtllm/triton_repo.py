@@ -1,0 +1,140 @@
+"""The production route's Triton side: write the model repository for a built engine (config.pbtxt of the
+five models from the interface description, with our Python models beside them), and launch one
+`tritonserver` per rank under `mpirun` (leader mode) with the BD-LoRA plugin library preloaded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.llama.shape import LlamaShape
+from trtllm_bdlora.serving.repository.config import model_config
+from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repo"
+REQUIRED = ("engine_dir", "tokenizer_dir", "tp_size")
+ENGINE_DTYPES = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}
+BUILD_RECORD = "bdlora_build.json"  # written by `trtllm-bdlora build` beside the engines
+
+
+def _build_record(engine_dir: str) -> dict:
+    path = Path(engine_dir) / BUILD_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BdLoraError(f"{path}: cannot read ({err})") from None
+
+
+def engine_values(engine_dir: str) -> dict[str, str]:
+    """What the engine directory says about the repository: its TP, its LoRA rank limit and the dtype
+    `lora_weights` must have."""
+    record = _build_record(engine_dir)
+    values = {"tp_size": str(record["tp"])} if "tp" in record else {}
+    if "max_lora_rank" in record:
+        values["lora_cache_max_adapter_size"] = str(record["max_lora_rank"])
+    if record.get("dtype") in ENGINE_DTYPES:
+        values["lora_weights_data_type"] = ENGINE_DTYPES[record["dtype"]]
+    return values
+
+
+def engine_shape(engine_dir: str) -> LlamaShape:
+    """The base model's dimensions an engine directory records: `trtllm-bdlora build`'s bdlora_build.json, else
+    TensorRT-LLM's config.json (pretrained_config)."""
+    try:
+        record = _build_record(engine_dir)
+        if record:
+            return LlamaShape(**record["shape"])
+        pretrained = json.loads((Path(engine_dir) / "config.json").read_text())["pretrained_config"]
+        heads = pretrained["num_attention_heads"]
+        return LlamaShape(hidden_size=pretrained["hidden_size"], intermediate_size=pretrained["intermediate_size"],
+                          num_layers=pretrained["num_hidden_layers"], num_heads=heads,
+                          num_kv_heads=pretrained.get("num_key_value_heads") or heads,
+                          head_dim=pretrained.get("head_size") or pretrained["hidden_size"] // heads,
+                          vocab_size=pretrained.get("vocab_size", 0))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BdLoraError(f"{engine_dir}: cannot read the base model's dimensions ({type(err).__name__}: {err})") from None
+
+
+def fill_model_repo(output: Path, params: dict[str, str], template: Path = TEMPLATE_DIR) -> Path:
+    """Write the repository: every model's config.pbtxt filled from `params` over the defaults (and what the
+    engine directory records), the Python models copied from `template`, a version directory for each."""
+    values = {**DEFAULTS, **engine_values(params.get("engine_dir") or "")}
+    values.update({k: str(v) for k, v in params.items() if v is not None})
+    for key in REQUIRED:
+        if not values.get(key):
+            hint = f" (or build the engines with `trtllm-bdlora build`, which records it in {BUILD_RECORD})" \
+                if key == "tp_size" else ""
+            raise BdLoraError(f"--{key.replace('_size', '').replace('_', '-')} is required{hint}")
+    if values["lora_weights_data_type"] not in ENGINE_DTYPES.values():
+        raise BdLoraError(f"lora_weights_data_type must be one of {', '.join(ENGINE_DTYPES.values())} (the engine's "
+                          f"dtype), got {values['lora_weights_data_type']!r}")
+    if output.resolve() == template.resolve():
+        raise BdLoraError("--output must differ from the template repository")
+    configs = {name: model_config(model, values) for name, model in MODELS.items()}
+    for name, config in configs.items():
+        version = output / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        source = template / name / "1"
+        for src in sorted(source.rglob("*")) if source.is_dir() else []:
+            if src.is_file() and "__pycache__" not in src.parts:
+                dst = version / src.relative_to(source)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+        (output / name / "config.pbtxt").write_text(
+            "# Written by `trtllm-bdlora fill-model-repo` from trtllm_bdlora/serving/repository/spec.py.\n"
+            + text_format.MessageToString(config))
+    return output
+
+
+def launch_command(world_size: int, model_repo: str, plugin_lib: str, grpc_port: int = 8001, http_port: int = 8000,
+                   metrics_port: int = 8002, mpirun: str = "mpirun", tritonserver: str = "tritonserver",
+                   as_root: bool = False) -> list[str]:
+    """mpirun leader mode, as TensorRT-LLM's launch_triton_server.py: rank 0 serves every model; other ranks
+    load only tensorrt_llm. LD_PRELOAD makes each rank's TensorRT see the BdLora plugin."""
+    cmd = [mpirun] + (["--allow-run-as-root"] if as_root else [])
+    for rank in range(world_size):
+        cmd += ["-n", "1", "-x", f"LD_PRELOAD={plugin_lib}", tritonserver, f"--model-repository={model_repo}",
+                "--disable-auto-complete-config", f"--backend-config=python,shm-region-prefix-name=prefix{rank}_"]
+        if rank == 0:
+            cmd += [f"--grpc-port={grpc_port}", f"--http-port={http_port}", f"--metrics-port={metrics_port}"]
+        else:
+            cmd += ["--model-control-mode=explicit", "--load-model=tensorrt_llm", "--allow-http=false",
+                    "--allow-grpc=false", "--allow-metrics=false"]
+        cmd.append(":")
+    return cmd[:-1]
+
+
+def fill_main(args: argparse.Namespace) -> int:
+    params = {"engine_dir": args.engine_dir, "tokenizer_dir": args.tokenizer_dir, "tp_size": args.tp,
+              "triton_max_batch_size": args.max_batch_size, "lora_cache_max_adapter_size": args.max_lora_rank}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+        params[key] = value
+    out = fill_model_repo(Path(args.output), params)
+    print(f"wrote Triton model repository to {out}")
+    return 0
+
+
+def launch_main(args: argparse.Namespace) -> int:
+    for tool in ("mpirun", "tritonserver"):
+        if shutil.which(tool) is None:
+            raise BdLoraError(f"{tool} not found: run inside the Triton TRT-LLM container (see docker/)")
+    if not Path(args.plugin_lib).is_file():
+        raise BdLoraError(f"{args.plugin_lib}: plugin library not found")
+    if not (Path(args.model_repo) / "tensorrt_llm" / "config.pbtxt").is_file():
+        raise BdLoraError(f"{args.model_repo}: not a filled model repository (run `trtllm-bdlora fill-model-repo`)")
+    cmd = launch_command(args.world_size, args.model_repo, str(Path(args.plugin_lib).resolve()), args.grpc_port,
+                         args.http_port, args.metrics_port, as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
+    print(" ".join(cmd), flush=True)
+    os.execvp(cmd[0], cmd)
+    return 0  # not reached
