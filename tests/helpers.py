@@ -75,3 +75,14 @@ def run_cli(*args: str, stdin: str | None = None, timeout: int = 600) -> subproc
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "trtllm_bdlora", *args], input=stdin, capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def make_request(index=0, id=0, adapter=None, prompt_ids=(3, 7, 7, 11), max_tokens=8, **fields):
+    """An engine Request; `fields` are SamplingParams fields or Request fields (output_ids, times_ns, on_token, ...)."""
+    from dataclasses import fields as dataclass_fields
+
+    from trtllm_bdlora.engine.request import Request, SamplingParams
+
+    names = {f.name for f in dataclass_fields(SamplingParams)}
+    params = SamplingParams(max_tokens=max_tokens, **{k: v for k, v in fields.items() if k in names})
+    return Request(index, id, adapter, list(prompt_ids), params, **{k: v for k, v in fields.items() if k not in names})

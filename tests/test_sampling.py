@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from trtllm_bdlora.engine.request import Request, parse_request
+from tests.helpers import make_request
+from trtllm_bdlora.engine.generate import parse_request
+from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import MASKED, adjust_logits, choose, kept_probabilities
 from trtllm_bdlora.engine.scheduler import finish_reason
 from trtllm_bdlora.errors import RequestError
@@ -17,7 +19,7 @@ V = 50
 
 
 def _request(**kw) -> Request:
-    return Request(**{"index": 0, "id": 0, "adapter": None, "prompt_ids": [3, 7, 7, 11], "max_tokens": 8, **kw})
+    return make_request(**{"index": 0, "id": 0, "adapter": None, "prompt_ids": [3, 7, 7, 11], "max_tokens": 8, **kw})
 
 
 def _reference(logits, req, end_ids):
@@ -26,20 +28,20 @@ def _reference(logits, req, end_ids):
     history = req.prompt_ids + req.output_ids
     for t in range(V):
         v = x[t]
-        if req.embedding_bias is not None:
-            v += float(req.embedding_bias[t])
-        if req.temperature != 1.0:
-            v *= 1.0 / (req.temperature + 1e-6)
+        if req.params.embedding_bias is not None:
+            v += float(req.params.embedding_bias[t])
+        if req.params.temperature != 1.0:
+            v *= 1.0 / (req.params.temperature + 1e-6)
         n = history.count(t)
         if n:
-            v = v * req.repetition_penalty if v < 0 else v / req.repetition_penalty
-            v -= req.presence_penalty
-            v -= req.frequency_penalty * n
+            v = v * req.params.repetition_penalty if v < 0 else v / req.params.repetition_penalty
+            v -= req.params.presence_penalty
+            v -= req.params.frequency_penalty * n
         x[t] = v
-    if len(req.output_ids) < req.min_tokens:
+    if len(req.output_ids) < req.params.min_tokens:
         for e in end_ids:
             x[e] = -math.inf
-    for word in req.bad_words:
+    for word in req.params.bad_words:
         if len(word) == 1 or tuple(history[-(len(word) - 1):]) == word[:-1]:
             x[word[-1]] = -math.inf
     return x
@@ -78,7 +80,7 @@ def test_top_k_then_top_p_keep_sets():
 
 def test_greedy_rule_and_log_probs():
     x = torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)
-    assert _request(temperature=0.0).greedy and _request(top_k=1).greedy and not _request(top_k=0).greedy
+    assert _request(temperature=0.0).params.greedy and _request(top_k=1).params.greedy and not _request(top_k=0).params.greedy
     token, logp = choose(x, _request(top_k=1, return_log_probs=True), None)
     assert token == 1 and logp == 0.0  # normalised over the one kept token
     token, logp = choose(x, _request(top_k=1, return_log_probs=True, normalize_log_probs=False), None)

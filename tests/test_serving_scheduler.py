@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from tests.helpers import make_request
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.request import Request
@@ -54,7 +55,7 @@ def peft_reference(tiny_llama, bd_adapters, prompts):
 
 
 def _requests(prompts) -> list[Request]:
-    return [Request(index=i, id=i, adapter=a, prompt_ids=p, max_tokens=12, end_ids=frozenset(),
+    return [make_request(index=i, id=i, adapter=a, prompt_ids=p, max_tokens=12, end_ids=frozenset(),
                     return_context_logits=True) for i, (a, p) in enumerate(zip((1, None, 2), prompts))]
 
 
@@ -97,7 +98,7 @@ def test_chunked_prefill_matches_peft(engine, prompts, peft_reference, budget):
 
 def test_plan_chunks_decodes_first_then_prefills_within_budget():
     def running(prompt_len, position, out=()):
-        r = Running(Request(0, 0, None, list(range(prompt_len)), 8), 0, frozenset(), position)
+        r = Running(make_request(0, 0, None, list(range(prompt_len)), 8), 0, frozenset(), position)
         r.req.output_ids = list(out)
         return r
 
@@ -115,8 +116,8 @@ def test_plan_chunks_decodes_first_then_prefills_within_budget():
 
 def test_cancelled_requests_leave_before_the_next_step(engine):
     scheduler = Scheduler(engine, max_batch_size=4)
-    keep = Request(0, "keep", None, [5, 6, 7], 6, end_ids=frozenset())
-    gone = Request(1, "gone", 1, [8, 9, 10, 11], 50, end_ids=frozenset())
+    keep = make_request(0, "keep", None, [5, 6, 7], 6, end_ids=frozenset())
+    gone = make_request(1, "gone", 1, [8, 9, 10, 11], 50, end_ids=frozenset())
     scheduler.add(keep)
     scheduler.add(gone)
     scheduler.step()
@@ -129,7 +130,7 @@ def test_cancelled_requests_leave_before_the_next_step(engine):
     assert seq not in engine.model.kv_cache  # freed in the step it left
     _run(scheduler, [])
     assert keep.finish_reason == "length" and len(keep.output_ids) == 6
-    last = Request(2, "last", None, [5, 6], 50, end_ids=frozenset())
+    last = make_request(2, "last", None, [5, 6], 50, end_ids=frozenset())
     scheduler.add(last)
     scheduler.step()
     last.cancelled = True  # a stop request for the only running sequence
@@ -150,9 +151,9 @@ def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_
     monkeypatch.setattr(scheduler_module, "sample", failing)
     scheduler = Scheduler(engine, max_batch_size=4)
     requests = _requests(prompts)
-    bad = Request(9, "bad", 1, [1, 2, 3], 12, end_ids=frozenset())
+    bad = make_request(9, "bad", 1, [1, 2, 3], 12, end_ids=frozenset())
     _run(scheduler, [*requests, bad])
-    assert bad.finish_reason == "error" and bad.error == "internal error while serving this request: " \
+    assert bad.finish_reason == "error" and str(bad.error) == "internal error while serving this request: " \
         "ZeroDivisionError: forced" and len(bad.output_ids) == 3
     for req in requests:
         assert req.output_ids == peft_reference[req.adapter][1], f"seed {SEED}"
@@ -161,22 +162,22 @@ def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_
 
 def test_a_step_that_cannot_be_planned_fails_its_requests_only(engine, monkeypatch):
     scheduler = Scheduler(engine, max_batch_size=4)
-    first = [Request(i, i, None, [3, 4, 5 + i], 4, end_ids=frozenset()) for i in range(2)]
+    first = [make_request(i, i, None, [3, 4, 5 + i], 4, end_ids=frozenset()) for i in range(2)]
     real = engine.pool.assign
     monkeypatch.setattr(engine.pool, "assign", lambda adapters: (_ for _ in ()).throw(KeyError("slot table")))
     for req in first:
         scheduler.add(req)
     finished = scheduler.step()
     assert sorted(r.id for r, _ in finished) == [0, 1]
-    assert all(r.error == "internal error while scheduling: KeyError: 'slot table'" for r in first)
+    assert all(str(r.error) == "internal error while scheduling: KeyError: 'slot table'" for r in first)
     monkeypatch.setattr(engine.pool, "assign", real)
-    again = Request(5, 5, None, [3, 4, 5], 4, end_ids=frozenset())
+    again = make_request(5, 5, None, [3, 4, 5], 4, end_ids=frozenset())
     _run(scheduler, [again])
     assert again.finish_reason == "length" and again.output_ids == _tokens_alone(engine, [3, 4, 5], 4)
 
 
 def _tokens_alone(engine, prompt, n):
-    req = Request(0, 0, None, prompt, n, end_ids=frozenset())
+    req = make_request(0, 0, None, prompt, n, end_ids=frozenset())
     _run(Scheduler(engine), [req])
     return req.output_ids
 
@@ -187,7 +188,7 @@ def test_access_line_format(capsys):
     from trtllm_bdlora.logs import configure_logging, kv, log_request
 
     assert kv(id="a b", n=3, ms=1.25, adapter=None, e='x="1"') == 'id="a b" n=3 ms=1.2 adapter=- e="x=\\"1\\""'
-    req = Request(4, "req-1", 7, [1, 2, 3], 5, output_ids=[9, 9], times_ns={"arrival": 0, "first_scheduled": 2_000_000})
+    req = make_request(4, "req-1", 7, [1, 2, 3], 5, output_ids=[9, 9], times_ns={"arrival": 0, "first_scheduled": 2_000_000})
     configure_logging("warning")
     log_request(req, "ensemble", "length")
     assert capsys.readouterr().err == ""

@@ -1,4 +1,6 @@
-"""`trtllm-bdlora generate`: JSON-lines requests in, one JSON line per request out, in input order."""
+"""`trtllm-bdlora generate`: JSON-lines requests in (`{"id", "adapter", "prompt" | "prompt_ids" | "messages",
+"max_tokens", "temperature", "top_p", "seed"}`), one JSON line per request out, in input order: the JSON-lines
+front end of the one request model (engine/request.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,19 @@ import json
 import os
 import sys
 import tempfile
+from typing import Any
 
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
-from trtllm_bdlora.errors import BdLoraError, RequestError
+from trtllm_bdlora.engine.request import (
+    MAX_SEED,
+    Request,
+    SamplingParams,
+    build_request,
+    chat_prompt_ids,
+    check_number,
+    text_prompt_ids,
+)
+from trtllm_bdlora.errors import BdLoraError, InputError, RequestError
 
 
 def _stats_summary(per_step: list[dict]) -> dict:
@@ -24,10 +36,58 @@ def _stats_summary(per_step: list[dict]) -> dict:
     }
 
 
+def _field(obj: dict, key: str, default, kind, low=None, high=None, low_open=False):
+    value = obj.get(key)
+    return check_number(key, default if value is None else value, kind, low, high, low_open)
+
+
+def parse_request(index: int, obj: Any, tokenizer, vocab_size: int, max_seq_len: int, adapters: set[int]) -> Request:
+    """One JSON-lines request as a Request; raises RequestError with a one-line reason."""
+    if not isinstance(obj, dict):
+        raise RequestError("request must be a JSON object")
+    adapter = obj.get("adapter")
+    if adapter is not None:
+        if isinstance(adapter, bool) or not isinstance(adapter, int) or adapter < 1:
+            raise InputError("adapter", f"must be a positive integer task id or null, got {adapter!r}")
+        if adapter not in adapters:
+            raise RequestError(f"unknown adapter {adapter} (register it with --adapter {adapter}=DIR)")
+    sources = [k for k in ("prompt", "prompt_ids", "messages") if obj.get(k) is not None]
+    if len(sources) != 1:
+        raise RequestError("give exactly one of prompt, prompt_ids, messages")
+    if sources[0] == "prompt_ids":
+        ids = obj["prompt_ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InputError("prompt_ids", "must be a list of integers")
+    elif sources[0] == "prompt":
+        ids = text_prompt_ids(tokenizer, obj["prompt"], max_seq_len)
+    else:
+        ids = chat_prompt_ids(tokenizer, obj["messages"])
+    params = SamplingParams(
+        max_tokens=_field(obj, "max_tokens", 16, int, low=1),
+        temperature=_field(obj, "temperature", 0.0, float, low=0.0),
+        top_p=_field(obj, "top_p", 1.0, float, low=0.0, high=1.0, low_open=True),
+        seed=_field(obj, "seed", 0, int, low=0, high=MAX_SEED),
+    )
+    return build_request(ids, params, vocab_size=vocab_size, max_seq_len=max_seq_len, adapter=adapter,
+                         id=obj.get("id", index), index=index)
+
+
+def read_request_lines(lines) -> list[tuple[int, Any, str | None]]:
+    """(index, parsed object or None, JSON error) per non-blank line."""
+    out = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            out.append((len(out), json.loads(line), None))
+        except json.JSONDecodeError as err:
+            out.append((len(out), None, f"invalid JSON ({err.msg} at column {err.colno})"))
+    return out
+
+
 def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_num_tokens: int | None = None
                  ) -> list[dict]:
     """Rank 0: validate, schedule and run every request; returns the output objects in input order."""
-    from trtllm_bdlora.engine.request import parse_request, read_request_lines
     from trtllm_bdlora.engine.scheduler import Scheduler
 
     scheduler = Scheduler(engine, max_batch_size, collect_stats=stats, max_num_tokens=max_num_tokens)
@@ -49,7 +109,7 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_nu
     while scheduler.busy:
         for req, per_step in scheduler.step():
             if req.error:
-                results[req.index] = {"id": req.id, "line": line_numbers[req.index], "error": req.error}
+                results[req.index] = {"id": req.id, "line": line_numbers[req.index], "error": str(req.error)}
                 continue
             text = engine.tokenizer.decode(req.output_ids, skip_special_tokens=True) if engine.tokenizer else None
             out = {"id": req.id, "adapter": req.adapter, "output_ids": req.output_ids, "text": text}

@@ -3,8 +3,8 @@
 Requests arrive from server threads through `submit`; one engine thread owns the engine (and so every
 collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
 every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
-error)` once. Callbacks run on the engine thread and must not block. When idle it sends empty plans as
-heartbeats, so a dead rank is noticed within seconds.
+error)` once, the error a typed `BdLoraError` (errors.py) or None. Callbacks run on the engine thread and must
+not block. When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds.
 
 Fault isolation: an exception raised on rank 0 while no plan is out to the other ranks (admitting a request,
 handling one request's result, a callback) fails that request alone, with a one-line error; only one raised
@@ -26,7 +26,15 @@ import numpy as np
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.scheduler import Scheduler, one_line
-from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError, ServerUnavailableError
+from trtllm_bdlora.errors import (
+    BdLoraError,
+    NotFoundError,
+    RequestError,
+    ServerBusyError,
+    ServerFailedError,
+    ServerUnavailableError,
+    as_error,
+)
 from trtllm_bdlora.logs import log_request
 
 HEARTBEAT_S = 1.0
@@ -38,7 +46,7 @@ class Submission:
     request: Request
     lora_weights: np.ndarray | None = None
     lora_config: np.ndarray | None = None
-    on_done: Callable[[list[int] | None, str | None], None] = lambda ids, err: None
+    on_done: Callable[[list[int] | None, BdLoraError | None], None] = lambda ids, err: None
     model: str = "tensorrt_llm"  # the model the client called, for the access log
 
 
@@ -53,14 +61,14 @@ class _Control:
         try:
             self.action()
         except BdLoraError as err:
-            self.error = str(err)
+            self.error = err
         except Exception as err:  # a collective failed: the runtime fails as for a step
-            self.error = f"server failed: {type(err).__name__}"
+            self.error = ServerFailedError(f"server failed: {type(err).__name__}")
             raise
         finally:
             self.done.set()
 
-    def on_done(self, ids, error: str | None) -> None:  # the runtime failed or stopped before running it
+    def on_done(self, ids, error: BdLoraError | None) -> None:  # the runtime failed or stopped before running it
         self.error = error
         self.done.set()
 
@@ -90,9 +98,10 @@ class Runtime:
         return self.failure is None and not self.stopped.is_set()
 
     def _check_accepting(self) -> None:
+        if self.failure is not None:
+            raise ServerFailedError(f"server failed: {self.failure}")
         if self.stopping.is_set() or not self.healthy:
-            raise ServerUnavailableError("server is shutting down" if self.failure is None
-                                         else f"server failed: {self.failure}")
+            raise ServerUnavailableError("server is shutting down")
 
     def submit(self, sub: Submission) -> None:
         self._check_accepting()
@@ -152,7 +161,7 @@ class Runtime:
             if self.stopped.is_set():
                 raise ServerUnavailableError("server is shutting down")
         if item.error:
-            raise RequestError(item.error)
+            raise item.error
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish in-flight and queued requests, then stop every rank; whether that happened within `timeout`."""
@@ -166,9 +175,9 @@ class Runtime:
 
     # engine thread ------------------------------------------------------------
     @staticmethod
-    def _finish(sub: Submission, outcome: str, error: str | None = None) -> None:
+    def _finish(sub: Submission, outcome: str, error: BdLoraError | None = None) -> None:
         """Log the request's access line and tell its caller; a failing callback fails nobody else."""
-        log_request(sub.request, sub.model, outcome, error)
+        log_request(sub.request, sub.model, outcome, None if error is None else str(error))
         try:
             sub.on_done(None if error else sub.request.output_ids, error)
         except Exception:
@@ -185,15 +194,15 @@ class Runtime:
             return
         try:  # the host LoRA cache never evicts the adapter of a request still pending
             if req.adapter in self.retiring:
-                raise RequestError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
+                raise NotFoundError(f"unknown lora_task_id {req.adapter}: it is being unloaded")
             self.engine.admit_adapter(req.adapter, sub.lora_weights, sub.lora_config, self._in_use())
         except BdLoraError as err:
-            self._finish(sub, "rejected", str(err))
+            self._finish(sub, "rejected", err)
             return
         except Exception as err:
             if self.engine.in_collective:
                 raise
-            self._finish(sub, "error", f"internal error while admitting this request: {one_line(err)}")
+            self._finish(sub, "error", as_error(err, "internal error while admitting this request"))
             return
         sub.lora_weights = sub.lora_config = None  # registered: the request need not keep them (as TensorRT-LLM)
         self.pending[req.index] = sub
@@ -225,7 +234,7 @@ class Runtime:
             last = time.monotonic()
             while True:
                 if self.cut_reason is not None:
-                    self._fail_all(self.cut_reason)
+                    self._fail_all(ServerUnavailableError(self.cut_reason))
                     break
                 idle = not self.scheduler.busy
                 if idle and self.stopping.is_set() and self.inbox.empty():
@@ -245,19 +254,19 @@ class Runtime:
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = one_line(err)
             log.critical("server failed: %s", self.failure)
-            self._fail_all(f"server failed: {self.failure}")
+            self._fail_all(ServerFailedError(f"server failed: {self.failure}"))
         finally:
             self.stopped.set()
 
-    def _fail_all(self, message: str) -> None:
-        """Fail every pending and queued request (and control item) with `message`."""
+    def _fail_all(self, error: BdLoraError) -> None:
+        """Fail every pending and queued request (and control item) with `error`."""
         for sub in list(self.pending.values()):
             sub.request.cancelled = True
-            self._finish(sub, "error", message)
+            self._finish(sub, "error", error)
         self.pending.clear()
         while not self.inbox.empty():
             item = self.inbox.get_nowait()
             if isinstance(item, _Control):
-                item.on_done(None, message)
+                item.on_done(None, error)
             else:
-                self._finish(item, "error", message)
+                self._finish(item, "error", error)

@@ -30,23 +30,23 @@ def adjust_logits(logits: torch.Tensor, req: Request, end_ids: frozenset[int]) -
     """[vocab] float64 logits after bias, temperature, penalties, min-tokens and bad words."""
     x = logits.double().clone()
     vocab = x.shape[0]
-    if req.embedding_bias is not None:
-        x += req.embedding_bias.to(x)
-    if req.temperature != 1.0:
-        x *= 1.0 / (req.temperature + 1e-6)
+    if req.params.embedding_bias is not None:
+        x += req.params.embedding_bias.to(x)
+    if req.params.temperature != 1.0:
+        x *= 1.0 / (req.params.temperature + 1e-6)
     history = req.prompt_ids + req.output_ids
-    if req.penalised:
+    if req.params.penalised:
         counts = torch.bincount(torch.tensor(history, dtype=torch.long), minlength=vocab)[:vocab].to(x)
         seen = (counts > 0).to(x)
-        if req.repetition_penalty != 1.0:
-            x = torch.where(seen > 0, torch.where(x < 0, x * req.repetition_penalty, x / req.repetition_penalty), x)
-        x -= req.presence_penalty * seen
-        x -= req.frequency_penalty * counts
-    if len(req.output_ids) < req.min_tokens:
+        if req.params.repetition_penalty != 1.0:
+            x = torch.where(seen > 0, torch.where(x < 0, x * req.params.repetition_penalty, x / req.params.repetition_penalty), x)
+        x -= req.params.presence_penalty * seen
+        x -= req.params.frequency_penalty * counts
+    if len(req.output_ids) < req.params.min_tokens:
         for end in end_ids:
             if 0 <= end < vocab:
                 x[end] = MASKED
-    for word in req.bad_words:
+    for word in req.params.bad_words:
         if len(word) == 1 or ends_with(history, word[:-1]):
             if 0 <= word[-1] < vocab:
                 x[word[-1]] = MASKED
@@ -70,18 +70,18 @@ def kept_probabilities(x: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def choose(x: torch.Tensor, req: Request, generator: torch.Generator | None) -> tuple[int, float]:
     """(token, its log probability) from adjusted logits."""
-    if req.greedy:
+    if req.params.greedy:
         token = int(torch.argmax(x))
-        if not req.return_log_probs:
+        if not req.params.return_log_probs:
             return token, 0.0
-        logp = 0.0 if req.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
+        logp = 0.0 if req.params.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
         return token, logp
-    top_k = req.top_k or 0
-    probs = kept_probabilities(x, top_k, req.top_p)
+    top_k = req.params.top_k or 0
+    probs = kept_probabilities(x, top_k, req.params.top_p)
     token = int(torch.multinomial(probs, 1, generator=generator))
-    if not req.return_log_probs:
+    if not req.params.return_log_probs:
         return token, 0.0
-    logp = float(torch.log(probs[token])) if req.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
+    logp = float(torch.log(probs[token])) if req.params.normalize_log_probs else float(torch.log_softmax(x, -1)[token])
     return token, logp
 
 

@@ -26,6 +26,7 @@ import torch
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
+from trtllm_bdlora.errors import BdLoraError, as_error
 
 # Fault injection for tests of fault isolation: sampling raises for requests on this adapter id.
 INJECT_FAULT_ENV = "TRTLLM_BDLORA_INJECT_FAULT_ADAPTER"
@@ -74,9 +75,9 @@ def finish_reason(req: Request, token: int, end_ids: frozenset[int]) -> str | No
     if token in end_ids:
         return "end_id"
     history = req.prompt_ids + req.output_ids
-    if any(ends_with(history, word) for word in req.stop_words):
+    if any(ends_with(history, word) for word in req.params.stop_words):
         return "stop_words"
-    if len(req.output_ids) >= req.max_tokens:
+    if len(req.output_ids) >= req.params.max_tokens:
         return "length"
     return None
 
@@ -146,16 +147,16 @@ class Scheduler:
                 break
             req = self.waiting.popleft()
             adapters = wanted
-            gen = None if req.greedy else torch.Generator().manual_seed(req.seed)
-            end_ids = frozenset(self.engine.eos_ids) if req.end_ids is None else req.end_ids
+            gen = None if req.params.greedy else torch.Generator().manual_seed(req.params.seed)
+            end_ids = frozenset(self.engine.eos_ids) if req.params.end_ids is None else req.params.end_ids
             req.times_ns.setdefault("first_scheduled", time.time_ns())
             self.running.append(Running(req, self._next_seq, end_ids, generator=gen))
             self._next_seq += 1
 
-    def _fail(self, r: Running, message: str, finished: list) -> None:
+    def _fail(self, r: Running, error: BdLoraError, finished: list) -> None:
         """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
-        log.error("request %s failed: %s", r.req.id, message)
-        r.req.error = message
+        log.error("request %s failed: %s", r.req.id, error)
+        r.req.error = error
         r.req.finish_reason = "error"
         if r in self.running:
             self.running.remove(r)
@@ -176,12 +177,12 @@ class Scheduler:
             loads, slots = self.engine.pool.assign([r.req.adapter for r, _, _ in step])
         except Exception as err:  # nothing was sent to the other ranks: only this step's requests fail
             for r in [r for r, _, _ in step] or list(self.running):
-                self._fail(r, f"internal error while scheduling: {one_line(err)}", finished)
+                self._fail(r, as_error(err, "internal error while scheduling"), finished)
             return finished
         self.stats.slot_evictions += sum(1 for slot, _ in loads if slot in occupied)
         plan = {"free": self._free, "loads": loads,
                 "chunks": [[r.seq_id, toks, start, slot] for (r, toks, start), slot in zip(step, slots)]}
-        all_logits = any(r.prefilling and r.req.return_context_logits for r, _, _ in step)
+        all_logits = any(r.prefilling and r.req.params.return_context_logits for r, _, _ in step)
         if all_logits:
             plan["all_logits"] = True
         self._free = []
@@ -200,7 +201,7 @@ class Scheduler:
             try:
                 self._advance(r, row, finished)
             except Exception as err:
-                self._fail(r, f"internal error while serving this request: {one_line(err)}", finished)
+                self._fail(r, as_error(err, "internal error while serving this request"), finished)
         return finished
 
     def _count(self, step: list, lora_collectives: int) -> None:
@@ -233,7 +234,7 @@ class Scheduler:
         """Per-chunk last-token rows of an all-token logits tensor; keeps the prompt logits asked for."""
         rows, t = [], 0
         for r, toks, start in step:
-            if start < len(r.req.prompt_ids) and r.req.return_context_logits:
+            if start < len(r.req.prompt_ids) and r.req.params.return_context_logits:
                 r.context_logits.append(logits[t : t + len(toks)].clone())
             t += len(toks)
             rows.append(logits[t - 1])
@@ -251,9 +252,9 @@ class Scheduler:
         req.times_ns.setdefault("first_token", now)
         req.times_ns["last_token"] = now
         req.output_ids.append(token)
-        if req.return_log_probs:
+        if req.params.return_log_probs:
             req.output_log_probs.append(logp)
-        if req.return_generation_logits:
+        if req.params.return_generation_logits:
             req.generation_logits.append(row.clone())
 
     def flush(self) -> None:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, RequestError, ServerBusyError
+from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, RequestError, ServerBusyError
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
 from trtllm_bdlora.serving.metrics import Metrics
@@ -31,7 +31,7 @@ STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to fini
 
 def _error(err: BaseException) -> JSONResponse:
     _, status, message = error_status(err)
-    return JSONResponse({"error": message}, status_code=413 if isinstance(err, BodyTooLarge) else status)
+    return JSONResponse({"error": message}, status_code=status)
 
 
 class InferencePool:
@@ -233,19 +233,15 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     return app
 
 
-class BodyTooLarge(RequestError):
-    """HTTP 413: a request body over the limit gRPC also applies (MAX_MESSAGE_BYTES), refused before it is read."""
-
-
 async def _body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
-        raise BodyTooLarge(f"request body of {declared} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+        raise BodyTooLargeError(f"request body of {declared} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_MESSAGE_BYTES:
-            raise BodyTooLarge(f"request body is over the {MAX_MESSAGE_BYTES}-byte limit")
+            raise BodyTooLargeError(f"request body is over the {MAX_MESSAGE_BYTES}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
 

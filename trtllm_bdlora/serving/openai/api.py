@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -18,19 +17,19 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from trtllm_bdlora.engine.request import parse_request
+from trtllm_bdlora.engine.request import build_request
 from trtllm_bdlora.engine.runtime import Runtime, Submission
-from trtllm_bdlora.errors import AdapterError, RequestError
+from trtllm_bdlora.errors import AdapterError, BdLoraError, NotFoundError, RequestError
 from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root
 from trtllm_bdlora.serving.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
-    OpenAIError,
     ResponseShape,
     SamplingRequest,
     TextTracker,
     UnloadLoRAAdapterRequest,
+    error_body,
     finish_reason,
     stop_reason,
     stream_piece,
@@ -39,18 +38,9 @@ from trtllm_bdlora.serving.openai.protocol import (
 DONE = format_sse_event(data_str="[DONE]")
 
 
-def runtime_error(message: str) -> OpenAIError:
-    """A runtime's one-line request error as an OpenAI error with its HTTP status."""
-    if message.startswith("unknown lora_task_id") or message.endswith("not found in cache. Please send LoRA weights "
-                                                                       "with request"):  # unloaded or evicted
-        return OpenAIError(404, f"The model does not exist: {message}", "model")
-    if message.startswith(("Exceeds maximum queue size", "PEFT Cache is full")):  # as protocol.error_status
-        return OpenAIError(429, message)
-    if message.startswith("server is shutting down"):
-        return OpenAIError(503, message)
-    if message.startswith("server failed"):
-        return OpenAIError(500, message)
-    return OpenAIError(400, message)
+def adapter_gone(err: NotFoundError) -> NotFoundError:
+    """An adapter unloaded or evicted after the request named it: for an OpenAI client, its model does not exist."""
+    return NotFoundError(f"The model does not exist: {err}", param="model")
 
 
 class Generation:
@@ -91,33 +81,29 @@ class OpenAIServer:
         return registered
 
     # generation --------------------------------------------------------------
-    async def generate(self, body: SamplingRequest, fields: dict, max_tokens: int | None, chat: bool):
+    async def generate(self, body: SamplingRequest, max_tokens: int | None, chat: bool):
         body.check_supported()
         eng = self.engine
         if eng.tokenizer is None:
-            raise OpenAIError(400, "this model has no tokenizer: the OpenAI API needs one")
+            raise RequestError("this model has no tokenizer: the OpenAI API needs one")
         task_id = self.names.resolve(body.model, self.registered())
-        obj = {**fields, **body.sampling_fields(1 if max_tokens is None else max_tokens), "adapter": task_id}
-        if obj["seed"] is None:
-            obj["seed"] = random.getrandbits(63)
-        try:
-            req = parse_request(0, obj, eng.tokenizer, eng.shape.vocab_size, eng.max_seq_len, {task_id})
-            for name, value in body.engine_settings(eng.shape.vocab_size).items():
-                setattr(req, name, value)
-        except RequestError as err:
-            raise OpenAIError(400, str(err)) from None
+        ids = body.prompt_ids(eng.tokenizer, eng.max_seq_len)
         if max_tokens is None:  # as vLLM: up to the end of the context
-            req.max_tokens = eng.max_seq_len - len(req.prompt_ids)
-        if req.min_tokens > req.max_tokens:  # as vLLM
-            raise OpenAIError(400, f"min_tokens {req.min_tokens} must be <= max_tokens {req.max_tokens}", "min_tokens")
+            max_tokens = max(1, eng.max_seq_len - len(ids))
+        params = body.sampling_params(max_tokens, eng.shape.vocab_size)
+        req = build_request(ids, params, vocab_size=eng.shape.vocab_size, max_seq_len=eng.max_seq_len,
+                            adapter=task_id, names={"prompt_ids": "prompt"})
+        if params.min_tokens > params.max_tokens:  # as vLLM
+            raise RequestError(f"min_tokens {params.min_tokens} must be <= max_tokens {params.max_tokens}",
+                               param="min_tokens")
         stops = body.stops()
         gen = Generation(asyncio.get_running_loop(),
                          TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
         req.on_token = gen.on_token
         try:
             self.runtime.submit(Submission(req, on_done=gen.on_done, model=body.model or self.names.base))
-        except RequestError as err:
-            raise runtime_error(str(err)) from None
+        except NotFoundError as err:
+            raise adapter_gone(err) from None
         shape = ResponseShape(chat, body.model or self.names.base, bool(body.return_token_ids), req.prompt_ids)
         try:
             event = first = await gen.events.get()
@@ -127,7 +113,7 @@ class OpenAIServer:
             gen.abandon()
             raise
         if event[0] == "done" and event[2]:  # refused at admission, or (not streaming) failed on the way
-            raise runtime_error(event[2])
+            raise adapter_gone(event[2]) if isinstance(event[2], NotFoundError) else event[2]
         if not body.stream:
             _, ids, _, text, text_stop = event
             return JSONResponse(shape.response(text, ids, finish_reason(req.finish_reason, text_stop),
@@ -153,7 +139,7 @@ class OpenAIServer:
                 event = await gen.events.get()
             _, ids, error, text, text_stop = event
             if error:
-                yield sse(runtime_error(error).body())
+                yield sse(error_body(adapter_gone(error) if isinstance(error, NotFoundError) else error))
             else:
                 piece, sent = stream_piece(text, sent, holdback, final=True)
                 engine_reason = gen.request.finish_reason
@@ -168,7 +154,7 @@ class OpenAIServer:
     # adapters ----------------------------------------------------------------
     def _loading_allowed(self) -> Path:
         if self.root is None:
-            raise OpenAIError(404, "run-time adapter loading is off: start serve with --allow-adapter-loading "
+            raise NotFoundError("run-time adapter loading is off: start serve with --allow-adapter-loading "
                                    "--adapter-root DIR")
         return self.root
 
@@ -176,27 +162,24 @@ class OpenAIServer:
         root = self._loading_allowed()
         name = body.lora_name
         if not name or not body.lora_path:
-            raise OpenAIError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+            raise RequestError("Both 'lora_name' and 'lora_path' must be provided.")
         if body.load_inplace:
-            raise OpenAIError(400, "load_inplace is not supported: unload the adapter first", "load_inplace")
+            raise RequestError("load_inplace is not supported: unload the adapter first", param="load_inplace")
         if name.isdigit() and (name != str(int(name)) or int(name) < 1):
-            raise OpenAIError(400, f"numeric lora_name must be a positive task id, got {name!r}", "lora_name")
+            raise RequestError(f"numeric lora_name must be a positive task id, got {name!r}", param="lora_name")
         async with self.adapter_lock:
             registered = self.registered()
             if self.names.taken(name, registered):
-                raise OpenAIError(400, f"The lora adapter '{name}' has already been loaded.", "lora_name")
+                raise RequestError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
             directory = adapter_dir_under(root, body.lora_path)
             from trtllm_bdlora.adapters import load_peft_adapter
 
             try:
                 adapter = await run_in_threadpool(load_peft_adapter, directory, self.engine.shape)
             except AdapterError as err:
-                raise OpenAIError(400, str(err), "lora_path") from None
+                raise AdapterError(str(err), param="lora_path") from None
             task_id = int(name) if name.isdigit() else self.names.next_id(registered)
-            try:
-                await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
-            except RequestError as err:
-                raise runtime_error(str(err)) from None
+            await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
             self.names.add(name, task_id, str(directory))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -204,16 +187,16 @@ class OpenAIServer:
         self._loading_allowed()
         name = body.lora_name
         if name == self.names.base:
-            raise OpenAIError(400, "the base model cannot be unloaded", "lora_name")
+            raise RequestError("the base model cannot be unloaded", param="lora_name")
         async with self.adapter_lock:
             try:
                 task_id = self.names.resolve(name, self.registered())
-            except OpenAIError:
-                raise OpenAIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name") from None
+            except NotFoundError:
+                raise NotFoundError(f"The lora adapter '{name}' cannot be found.", param="lora_name") from None
             try:
                 await run_in_threadpool(self.runtime.unregister_adapter, task_id)
-            except RequestError as err:
-                raise runtime_error(str(err)) from None
+            except NotFoundError as err:
+                raise adapter_gone(err) from None
             self.names.forget(task_id)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -231,17 +214,19 @@ def _validation_message(err: RequestValidationError) -> str:
 def create_app(server: OpenAIServer) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora OpenAI-compatible API")
 
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, err: OpenAIError):
-        return JSONResponse(err.body(), status_code=err.status)
+    @app.exception_handler(BdLoraError)
+    async def openai_error(request: Request, err: BdLoraError):
+        return JSONResponse(error_body(err), status_code=err.status.http)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError):  # as vLLM: 400, not FastAPI's 422
-        return JSONResponse(OpenAIError(400, _validation_message(err)).body(), status_code=400)
+        return JSONResponse(error_body(RequestError(_validation_message(err))), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
-        return JSONResponse(OpenAIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
+        body = error_body(NotFoundError(str(err.detail)) if err.status_code == 404 else RequestError(str(err.detail)))
+        body["error"]["code"] = err.status_code
+        return JSONResponse(body, status_code=err.status_code)
 
     @app.get("/health")
     async def health():
@@ -262,12 +247,12 @@ def create_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default
-        return await server.generate(body, body.prompt_fields(), max_tokens, chat=False)
+        return await server.generate(body, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        return await server.generate(body, {"messages": body.chat_messages()}, max_tokens, chat=True)
+        return await server.generate(body, max_tokens, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):

@@ -11,8 +11,7 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.serving.openai.protocol import OpenAIError
+from trtllm_bdlora.errors import BdLoraError, NotFoundError, PermissionDeniedError
 
 
 def _canonical_id(name: str) -> int | None:
@@ -62,7 +61,7 @@ class AdapterNames:
             return None
         task_id = self.ids.get(model, _canonical_id(model))
         if task_id is None or task_id not in registered:
-            raise OpenAIError(404, f"The model `{model}` does not exist.", "model")
+            raise NotFoundError(f"The model `{model}` does not exist.", param="model")
         return task_id
 
     def next_id(self, registered: Collection[int]) -> int:
@@ -95,11 +94,11 @@ def adapter_dir_under(root: Path, lora_path: str) -> Path:
     """`lora_path` (absolute, or relative to `root`) with symlinks resolved; refused unless it and every file in it
     lie under `root`."""
     resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
-    outside = OpenAIError(403, f"lora_path {lora_path!r} is outside --adapter-root {root}", "lora_path")
+    outside = PermissionDeniedError(f"lora_path {lora_path!r} is outside --adapter-root {root}", param="lora_path")
     if not resolved.is_relative_to(root):
         raise outside
     if not resolved.is_dir():
-        raise OpenAIError(404, f"lora_path {lora_path!r}: no such adapter directory under {root}", "lora_path")
+        raise NotFoundError(f"lora_path {lora_path!r}: no such adapter directory under {root}", param="lora_path")
     if any(not entry.resolve().is_relative_to(root) for entry in resolved.iterdir()):
         raise outside
     return resolved

@@ -8,14 +8,21 @@ penalties, with TensorRT-LLM's semantics: engine/sampler.py).
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
-ERROR_TYPES = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
-               500: "InternalServerError", 503: "ServiceUnavailableError"}
+from trtllm_bdlora.engine.request import (
+    SamplingParams,
+    chat_prompt_ids,
+    check_number,
+    check_token_ids,
+    text_prompt_ids,
+)
+from trtllm_bdlora.errors import BdLoraError, RequestError
 
 # Fields this server cannot honour, with the values that mean "off": anything else is a 400 naming the field.
 UNSUPPORTED = {
@@ -28,16 +35,11 @@ UNSUPPORTED = {
 MAX_STOPS = 4
 
 
-class OpenAIError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP status `code`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None):
-        self.status, self.message, self.param = status, " ".join(str(message).split()), param
-        super().__init__(self.message)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "BadRequestError"),
-                          "param": self.param, "code": self.status}}
+def error_body(err: BdLoraError) -> dict:
+    """An error as OpenAI answers it: `{"error": {"message", "type", "param", "code"}}`, status and type from the one
+    table of errors.py."""
+    status = err.status
+    return {"error": {"message": str(err), "type": status.openai_type, "param": err.param, "code": status.http}}
 
 
 class StreamOptions(BaseModel):
@@ -71,62 +73,58 @@ class SamplingRequest(BaseModel):
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOPS or not all(stops):
-            raise OpenAIError(400, f"stop takes up to {MAX_STOPS} non-empty strings", "stop")
+            raise RequestError(f"stop takes up to {MAX_STOPS} non-empty strings", param="stop")
         return stops
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
-            raise OpenAIError(400, f"n must be 1 (one choice per request), got {self.n}", "n")
+            raise RequestError(f"n must be 1 (one choice per request), got {self.n}", param="n")
         for key, value in (self.model_extra or {}).items():
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
-                raise OpenAIError(400, f"{key}={value!r} is not supported by this server", key)
+                raise RequestError(f"{key}={value!r} is not supported by this server", param=key)
 
-    def engine_settings(self, vocab_size: int) -> dict:
-        """Request attributes beyond `generate`'s fields (engine/request.py), validated: -1 and 0 turn top_k off as
-        in vLLM; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range [-2, 2]."""
-        from trtllm_bdlora.engine.request import check_number, check_penalties
-
-        settings: dict = {}
+    def sampling_params(self, max_tokens: int, vocab_size: int) -> SamplingParams:
+        """These fields on the one request model (engine/request.py), with OpenAI's defaults and vLLM's extensions:
+        -1 and 0 turn top_k off; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range
+        [-2, 2]; an unset seed is drawn at random."""
+        top_k = None
         if self.top_k is not None and self.temperature != 0:
-            settings["top_k"] = 0 if self.top_k == -1 else check_number("top_k", self.top_k, int, low=0)
-        penalties = [1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                     self.presence_penalty or 0.0, self.frequency_penalty or 0.0, self.min_tokens or 0]
-        check_penalties(*penalties)
-        for name, value in zip(("presence_penalty", "frequency_penalty"), penalties[1:3]):
-            check_number(name, value, low=-2.0, high=2.0)
-        settings.update(zip(("repetition_penalty", "presence_penalty", "frequency_penalty", "min_tokens"), penalties))
-        if self.ignore_eos:
-            settings["end_ids"] = frozenset()
+            top_k = 0 if self.top_k == -1 else check_number("top_k", self.top_k, int, low=0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), low=-2.0, high=2.0)
+        stop_words = ()
         if self.stop_token_ids:  # as vLLM: the stop token is the last output token
-            from trtllm_bdlora.engine.request import check_token_ids
-
-            settings["stop_words"] = tuple((t,) for t in check_token_ids("stop_token_ids", self.stop_token_ids,
-                                                                           vocab_size))
-        return settings
-
-    def sampling_fields(self, max_tokens: int | None) -> dict:
-        """The `generate` request fields (engine/request.py) for these settings; OpenAI's defaults."""
-        return {"max_tokens": max_tokens, "temperature": 1.0 if self.temperature is None else self.temperature,
-                "top_p": 1.0 if self.top_p is None else self.top_p, "seed": self.seed}
+            stop_words = tuple((t,) for t in check_token_ids("stop_token_ids", self.stop_token_ids, vocab_size))
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
+            seed=random.getrandbits(63) if self.seed is None else self.seed,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            min_tokens=self.min_tokens or 0, end_ids=frozenset() if self.ignore_eos else None, stop_words=stop_words)
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
 
-    def prompt_fields(self) -> dict:
+    def prompt_ids(self, tokenizer, max_seq_len: int) -> list[int]:
         prompt = self.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return {"prompt": prompt}
+            return text_prompt_ids(tokenizer, prompt, max_seq_len)
         if all(isinstance(t, int) for t in prompt):
-            return {"prompt_ids": prompt}
-        raise OpenAIError(400, "send one prompt per request (a string or a list of token ids)", "prompt")
+            return prompt
+        raise RequestError("send one prompt per request (a string or a list of token ids)", param="prompt")
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict]
     max_completion_tokens: int | None = None
+
+    def prompt_ids(self, tokenizer, max_seq_len: int) -> list[int]:
+        return chat_prompt_ids(tokenizer, self.chat_messages())
 
     def chat_messages(self) -> list[dict]:
         """Messages for the tokenizer's chat template, text content parts joined into one string."""
@@ -135,10 +133,10 @@ class ChatCompletionRequest(SamplingRequest):
             content = m.get("content")
             if isinstance(content, list):
                 if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise OpenAIError(400, "only text content parts are supported", "messages")
+                    raise RequestError("only text content parts are supported", param="messages")
                 content = "".join(str(p.get("text", "")) for p in content)
             if not isinstance(m.get("role"), str) or not isinstance(content, (str, type(None))):
-                raise OpenAIError(400, "each message needs a string role and string or text-part content", "messages")
+                raise RequestError("each message needs a string role and string or text-part content", param="messages")
             out.append(dict(m, content=content or ""))
         return out
 

@@ -12,21 +12,9 @@ from typing import Protocol
 
 import numpy as np
 
-from trtllm_bdlora.errors import (
-    AdapterCacheFullError,
-    BdLoraError,
-    ModelNotFound,
-    RequestError,
-    ServerBusyError,
-    ServerUnavailableError,
-)
+from trtllm_bdlora.errors import BdLoraError, RequestError, as_error
 from trtllm_bdlora.serving.repository.config import wire_type
 from trtllm_bdlora.serving.repository.spec import Model
-
-# message prefixes of errors that reach the front ends as plain strings (the runtime's on_done)
-UNAVAILABLE_PREFIXES = ("server is shutting down",)
-INTERNAL_PREFIXES = ("server failed",)
-
 
 FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")  # lora_weights: the engine's dtype, but any float is read
 
@@ -92,24 +80,13 @@ def scalar(inputs: dict[str, np.ndarray], name: str, row: int = 0, default=None)
 
 
 def error_status(err: BaseException) -> tuple[str, int, str]:
-    """(gRPC status code name, HTTP status, one-line message) for an error raised while answering a call.
-    Retryable conditions get the codes clients retry on: a full queue or adapter cache RESOURCE_EXHAUSTED / 429,
-    a server shutting down UNAVAILABLE / 503; a bad request INVALID_ARGUMENT / 400; anything unexpected
-    INTERNAL / 500 with its type and first line (the traceback goes to the server's log, never to the client)."""
+    """(gRPC status code name, HTTP status, one-line message) of an error raised while answering a call, from the one
+    table of errors.py. Anything unexpected is INTERNAL with its type and first line; its traceback goes to the
+    server's log, never to the client."""
     if not isinstance(err, BdLoraError):
         traceback.print_exception(err, file=sys.stderr)
-        first = str(err).splitlines()[0] if str(err) else ""
-        return "INTERNAL", 500, f"internal error: {type(err).__name__}: {first}"
-    message = str(err)
-    if isinstance(err, ModelNotFound):
-        return "NOT_FOUND", 404, message
-    if isinstance(err, (ServerBusyError, AdapterCacheFullError)):
-        return "RESOURCE_EXHAUSTED", 429, message
-    if isinstance(err, ServerUnavailableError) or message.startswith(UNAVAILABLE_PREFIXES):
-        return ("INTERNAL", 500, message) if message.startswith(INTERNAL_PREFIXES) else ("UNAVAILABLE", 503, message)
-    if message.startswith(INTERNAL_PREFIXES):
-        return "INTERNAL", 500, message
-    return "INVALID_ARGUMENT", 400, message
+    err = as_error(err)
+    return err.status.grpc, err.status.http, str(err)
 
 
 def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trtllm_bdlora.engine.request import MAX_SEED, Request, check_length, check_number, check_penalties, check_token_ids
+from trtllm_bdlora.engine.request import MAX_SEED, Request, SamplingParams, build_request, check_number
 from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import InputError, RequestError
 from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse, scalar
@@ -54,12 +54,13 @@ NOT_SUPPORTED = (
 )
 
 
+# the request model's fields (engine/request.py) under the names this model's clients send them by
+FIELD_NAMES = {"max_tokens": "request_output_len", "top_p": "runtime_top_p", "top_k": "runtime_top_k",
+               "prompt_ids": "input_ids"}
+
+
 def _value(inputs, name, row, default, kind=float, low=None, high=None, low_open=False):
-    value = scalar(inputs, name, row, default)
-    try:
-        return check_number(name, value, kind, low, high, low_open)
-    except RequestError as err:
-        raise InputError(name, str(err)[len(name) + 1:]) from None
+    return check_number(name, scalar(inputs, name, row, default), kind, low, high, low_open)
 
 
 def _flag(inputs, name, row, default=False) -> bool:
@@ -144,39 +145,28 @@ class CoreModel:
         engine = self.engine
         if not 0 < length <= ids_row.shape[0]:
             raise InputError("input_lengths", f"must be in [1, {ids_row.shape[0]}] (the input_ids width), got {length}")
-        prompt = check_token_ids("input_ids", ids_row[:length].tolist(), engine.shape.vocab_size)
-        max_tokens = _value(inputs, "request_output_len", row, None, int, low=1)
-        try:
-            check_length(len(prompt), max_tokens, engine.max_seq_len, "request_output_len")
-        except RequestError as err:  # named as the client sent it (an ensemble reports max_tokens)
-            if not str(err).startswith("request_output_len "):
-                raise
-            raise InputError("request_output_len", str(err)[len("request_output_len "):]) from None
         top_p = _value(inputs, "runtime_top_p", row, 0.0, low=0.0, high=1.0)
         top_k = _value(inputs, "runtime_top_k", row, 0, int, low=0)
         if top_k == 0 and top_p <= 0.0:
             top_k = 1  # TensorRT-LLM: no top-k and no top-p means greedy
         seed = _value(inputs, "seed", row, 0, int, low=0, high=MAX_SEED)
         end_id = scalar(inputs, "end_id", row)
-        penalties = [_value(inputs, "repetition_penalty", row, 1.0), _value(inputs, "presence_penalty", row, 0.0),
-                     _value(inputs, "frequency_penalty", row, 0.0), _value(inputs, "min_tokens", row, 0, int)]
-        try:
-            check_penalties(*penalties)
-        except RequestError as err:
-            name = str(err).split()[0]
-            raise InputError(name, str(err)[len(name) + 1:]) from None
-        req = Request(
-            index=0, id=None, adapter=int(scalar(inputs, "lora_task_id", row, 0)) or None, prompt_ids=prompt,
-            max_tokens=max_tokens, temperature=_value(inputs, "temperature", row, 1.0, low=0.0),
+        params = SamplingParams(
+            max_tokens=scalar(inputs, "request_output_len", row), temperature=scalar(inputs, "temperature", row, 1.0),
             top_p=top_p if top_p > 0.0 else 1.0, top_k=top_k, seed=(seed + index * 0x9E3779B97F4A7C15) % (MAX_SEED + 1),
-            repetition_penalty=penalties[0], presence_penalty=penalties[1], frequency_penalty=penalties[2],
-            min_tokens=penalties[3], end_ids=frozenset() if end_id is None else frozenset({int(end_id)}),
+            repetition_penalty=scalar(inputs, "repetition_penalty", row, 1.0),
+            presence_penalty=scalar(inputs, "presence_penalty", row, 0.0),
+            frequency_penalty=scalar(inputs, "frequency_penalty", row, 0.0), min_tokens=scalar(inputs, "min_tokens", row, 0),
+            end_ids=frozenset() if end_id is None else frozenset({int(end_id)}),
             stop_words=self._words(inputs, "stop_words_list", row), bad_words=self._words(inputs, "bad_words_list", row),
             embedding_bias=self._bias(inputs, row), normalize_log_probs=self.normalize_log_probs,
             return_log_probs=_flag(inputs, "return_log_probs", row),
             return_context_logits=_flag(inputs, "return_context_logits", row),
             return_generation_logits=_flag(inputs, "return_generation_logits", row),
         )
+        req = build_request(ids_row[:length].tolist(), params, vocab_size=engine.shape.vocab_size,
+                            max_seq_len=engine.max_seq_len, adapter=int(scalar(inputs, "lora_task_id", row, 0)) or None,
+                            names=FIELD_NAMES)
         exclude = scalar(inputs, "exclude_input_in_output", row)
         return Sequence(row, index, req, self.exclude_input_default if exclude is None else bool(exclude),
                         self._lora(inputs, row), int(scalar(inputs, "pad_id", row, end_id or 0)),
@@ -239,11 +229,11 @@ class CoreModel:
         try:
             for key, seq in enumerate(seqs):
                 seq.request.id = ctx.request_id or None
-                seq.request.on_token = lambda token, k=key: events.put((k, None))
+                seq.request.on_token = lambda token, k=key: events.put((k, False, None))
                 seq.request.client_gone = ctx.is_cancelled  # disconnect, deadline: leave at the next step
                 weights, config = seq.lora if seq.lora is not None else (None, None)
                 self.runtime.submit(Submission(seq.request, weights, config,
-                                               lambda ids, err, k=key: events.put((k, err or "")),
+                                               lambda ids, err, k=key: events.put((k, True, err)),
                                                model=ctx.model or self.spec.name))
                 submitted.append(seq.request)
             if ctx.request_id:
@@ -263,15 +253,15 @@ class CoreModel:
         n_seq = max(s.index for s in seqs) + 1
         while waiting:
             try:
-                key, done = events.get(timeout=POLL_S)
+                key, done, error = events.get(timeout=POLL_S)
             except queue.Empty:
                 if ctx.is_cancelled():
                     return
                 continue
             seq = seqs[key]
-            if done is not None:  # on_done: "" when finished, else the error
-                if done:
-                    raise RequestError(done)
+            if done:  # on_done: the sequence finished, or failed with `error`
+                if error is not None:
+                    raise error
                 waiting -= 1
                 self._observe(seq, ctx)
                 if ctx.decoupled and not seq.done:  # not streamed, or cancelled before its first token
@@ -310,12 +300,12 @@ class CoreModel:
         end = start + len(tokens)
         out = {"output_ids": np.array(tokens, dtype=np.int32).reshape(1, 1, len(tokens)),
                "sequence_length": np.array([[len(tokens)]], dtype=np.int32)}
-        if req.return_log_probs:
+        if req.params.return_log_probs:
             out["cum_log_probs"] = np.array([[sum(req.output_log_probs[:end])]], dtype=np.float32)
             out["output_log_probs"] = np.array(req.output_log_probs[start:end], dtype=np.float32).reshape(1, 1, -1)
-        if req.return_context_logits and start == 0 and req.context_logits is not None:
+        if req.params.return_context_logits and start == 0 and req.context_logits is not None:
             out["context_logits"] = req.context_logits.float().numpy()[None]
-        if req.return_generation_logits:
+        if req.params.return_generation_logits:
             rows = req.generation_logits[start:end]
             stacked = torch.stack(rows).float().numpy() if rows else np.zeros((0, self.engine.shape.vocab_size), np.float32)
             out["generation_logits"] = stacked[None, None]
