@@ -134,6 +134,7 @@ def _peft_logits(model_dir: Path, adapters: dict[int, Path], device: str) -> dic
 
 def _engine_logits(base, adapters: dict[int, Path], scheme: str, tp: int, device: str, requests: list) -> torch.Tensor:
     from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 
     def body(comm):
         engine = Engine(comm, base, scheme, [(t, str(d)) for t, d in adapters.items()], max_loras=4)
@@ -141,8 +142,8 @@ def _engine_logits(base, adapters: dict[int, Path], scheme: str, tp: int, device
             engine.follow()
             return None
         loads, slots = engine.pool.assign(requests)
-        chunks = [[i, p, 0, s] for i, (p, s) in enumerate(zip(PROMPTS, slots))]
-        logits = engine.lead({"loads": loads, "chunks": chunks, "all_logits": True})
+        chunks = [SeqChunk(i, p, 0, s) for i, (p, s) in enumerate(zip(PROMPTS, slots))]
+        logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True))
         engine.lead(None)
         return logits.float().cpu()
 

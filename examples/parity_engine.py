@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trtllm_bdlora.cli import parse_adapter_arg  # noqa: E402
 from trtllm_bdlora.distributed.launch import init_ranks, shutdown  # noqa: E402
 from trtllm_bdlora.engine.engine import Engine  # noqa: E402
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan  # noqa: E402
 from trtllm_bdlora.llama.loader import load_base_model  # noqa: E402
 
 SCHEMES = ("bdlora", "replicated")
@@ -42,9 +43,9 @@ def engine_nll(engine: Engine, adapter: int | None, windows: list[list[int]], ba
     for i in range(0, len(windows), batch):
         part = windows[i : i + batch]
         loads, slots = engine.pool.assign([adapter] * len(part))
-        chunks = [[j, ids, 0, slot] for j, (ids, slot) in enumerate(zip(part, slots))]
-        logits = engine.lead({"loads": loads, "chunks": chunks, "all_logits": True})
-        engine.lead({"free": list(range(len(part)))})
+        chunks = [SeqChunk(j, ids, 0, slot) for j, (ids, slot) in enumerate(zip(part, slots))]
+        logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True))
+        engine.lead(StepPlan(free=list(range(len(part)))))
         nll, n = window_nll(logits, part)
         total, count = total + nll, count + n
     return total, count

@@ -12,6 +12,7 @@ from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm, convert_adapter
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.errors import AdapterCacheFullError, AdapterError, AdapterNotCachedError, RequestError
 from trtllm_bdlora.llama.loader import load_model_config
 
@@ -51,8 +52,8 @@ def _engine(tiny_llama, bd_adapters, cap_adapters: float, shape, **kw):
 
 def _logits(engine, task_id):
     loads, slots = engine.pool.assign([task_id])
-    out = engine.lead({"loads": loads, "chunks": [[0, [5, 17, 3, 99], 0, slots[0]]]})
-    engine.lead({"free": [0]})
+    out = engine.lead(StepPlan(loads=loads, chunks=[SeqChunk(0, [5, 17, 3, 99], 0, slots[0])]))
+    engine.lead(StepPlan(free=[0]))
     return out
 
 

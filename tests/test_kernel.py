@@ -146,17 +146,18 @@ def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_
     """The whole TP-1 engine gives the same logits with the Triton kernel, the batched CPU op and the torch reference."""
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 
     adapters = [(1, str(bd_adapters[0])), (2, str(bd_adapters[2])), (3, str(lora_adapter))]
     engine = Engine(Comm(0, 1), str(tiny_llama), "bdlora", adapters, max_loras=4)
     loads, slots = engine.pool.assign([1, None, 2, 3])
     for slot, task in loads:
         engine.pool.load(task, slot)
-    chunks = [[i, tokens, 0, slot] for i, (tokens, slot) in enumerate(zip([[1, 2, 3, 4], [9, 8], [7, 7, 7], [5, 6]], slots))]
+    chunks = [SeqChunk(i, tokens, 0, slot) for i, (tokens, slot) in enumerate(zip([[1, 2, 3, 4], [9, 8], [7, 7, 7], [5, 6]], slots))]
     outs = {}
     for path in ("reference", "torch", "triton"):
         monkeypatch.setenv("TRTLLM_BDLORA_KERNEL", path)
-        outs[path] = engine.execute({"chunks": chunks, "all_logits": True})
-        engine.execute({"free": [0, 1, 2, 3]})
+        outs[path] = engine.execute(StepPlan(chunks=chunks, all_logits=True))
+        engine.execute(StepPlan(free=[0, 1, 2, 3]))
     assert float((outs["triton"] - outs["reference"]).abs().max()) < 1e-4
     assert float((outs["torch"] - outs["reference"]).abs().max()) < 1e-4

@@ -8,7 +8,7 @@ from tests.test_adapter_cache import UPSTREAM_NOT_CACHED, random_request_adapter
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter, to_storage
 from trtllm_bdlora.distributed.comm import Comm
-from trtllm_bdlora.engine.adapter_registry import AdapterOwners, adapter_digest
+from trtllm_bdlora.engine.adapter_registry import AdapterRegistry, adapter_digest
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.errors import AdapterNotCachedError, RequestError
 from trtllm_bdlora.llama.loader import load_model_config
@@ -69,7 +69,7 @@ def test_request_registration_can_be_turned_off(tiny_llama, bd_adapters, shape):
 
 
 def test_bindings_beyond_the_limit_forget_only_ids_not_cached():
-    owners = AdapterOwners(remembered=2)
+    registry = AdapterRegistry(remembered=2)
     for task in (1, 2, 3):
-        owners.bind(task, bytes([task]), resident={1})
-    assert list(owners.registered) == [1, 3]  # 2 was the oldest binding not in the cache
+        registry.bind_request(task, bytes([task]), resident={1})
+    assert list(registry.bindings) == [1, 3]  # 2 was the oldest binding not in the cache

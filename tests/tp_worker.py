@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.generate import run_requests
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.llama.loader import load_base_model
 
 
@@ -24,9 +25,9 @@ def run_case(comm, base, case, out_dir: Path) -> None:
         return
     reqs = case["requests"]
     loads, slots = engine.pool.assign([r["adapter"] for r in reqs])
-    chunks = [[i, r["prompt_ids"], 0, slot] for i, (r, slot) in enumerate(zip(reqs, slots))]
-    logits = engine.lead({"loads": loads, "chunks": chunks, "all_logits": True})
-    engine.lead({"free": list(range(len(reqs)))})
+    chunks = [SeqChunk(i, r["prompt_ids"], 0, slot) for i, (r, slot) in enumerate(zip(reqs, slots))]
+    logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True))
+    engine.lead(StepPlan(free=list(range(len(reqs)))))
     engine.lead(None)
     tensors, t0 = {}, 0
     for i, r in enumerate(reqs):

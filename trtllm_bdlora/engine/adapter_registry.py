@@ -1,12 +1,14 @@
-"""Who a `lora_task_id` belongs to (rank 0): an id means the same weights for the whole life of the server.
+"""The one adapter identity registry (rank 0): an adapter id means one set of weights, whatever the front end.
 
-- The first request that registers an id with `lora_weights` + `lora_config` binds the id to a digest of them;
-  a later request that sends weights for the id must send the same adapter (same digest, whatever float
-  type carries it), else it is refused and the registered adapter keeps serving. The binding outlives
-  eviction from the host cache (for the last `remembered` ids), so an evicted id cannot be taken over either.
-- Ids registered at start-up (`--adapter ID=DIR`) are immutable: a request may resend one only in the exact
-  form `convert-adapter` writes for it (at TP 1 or the server's TP, in float16, bfloat16 or float32).
-- `--no-allow-request-adapters` turns request-time registration off: only start-up ids are served.
+An id is bound to its weights by its first registration, from any entry: `--adapter ID=DIR` at start-up, a request's
+`lora_weights` + `lora_config` (KServe), or the OpenAI API's load. A binding is a set of digests of the forms the
+same adapter may arrive in: a request adapter's own digest (independent of the float type carrying it); for an
+adapter read from a PEFT directory, the forms `convert-adapter` writes for it (TP 1 or the server's TP, float16,
+bfloat16 or float32). Weights sent for a bound id must match the binding, on every front end, else they are
+refused with one line naming the id and the registered adapter keeps serving. A binding outlives LRU eviction
+from the host cache (for the last `remembered` request-registered ids), so an evicted id cannot be taken over;
+only an unload that completed (no pending request names the id) ends it. Start-up ids are never unbound, and
+`--no-allow-request-adapters` turns request-time registration off.
 
 TensorRT-LLM's PEFT cache keeps the first weights of an id and serves later requests with them whatever they
 carry; this is the check it lacks.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,35 +40,54 @@ def adapter_digest(weights, config) -> bytes:
     return h.digest()
 
 
-class AdapterOwners:
-    def __init__(self, allow_request_adapters: bool = True, remembered: int = REMEMBERED_IDS):
-        self.allow_request_adapters = allow_request_adapters
-        self.startup: dict[int, set[bytes]] = {}  # id -> digests of the forms it may be resent in
-        self.registered: OrderedDict[int, bytes] = OrderedDict()  # request-registered ids, oldest first
-        self.remembered = remembered
+@dataclass(frozen=True)
+class Binding:
+    forms: frozenset[bytes]
+    source: str  # "--adapter", "request" or "load"
 
-    def add_startup(self, task_id: int, adapter, tp: int) -> None:
-        forms = set()
-        for form_tp in sorted({1, tp}):
-            for dtype in WEIGHT_DTYPES:
-                try:
-                    forms.add(adapter_digest(*convert_adapter(adapter, form_tp, dtype)))
-                except BdLoraError:  # a form that cannot be written (e.g. blocks that do not fit): never matches
-                    continue
-        self.startup[task_id] = forms
 
-    def check(self, task_id: int, weights, config) -> bytes:
-        """Before weights sent with a request are used for `task_id`: their digest, or a RequestError when the
-        id is bound to other weights or request-time registration is off."""
+def directory_forms(adapter, tp: int) -> frozenset[bytes]:
+    """Digests of the request-format forms of an adapter read from a PEFT directory."""
+    forms = set()
+    for form_tp in sorted({1, tp}):
+        for dtype in WEIGHT_DTYPES:
+            try:
+                forms.add(adapter_digest(*convert_adapter(adapter, form_tp, dtype)))
+            except BdLoraError:  # a form that cannot be written (e.g. blocks that do not fit): never matches
+                continue
+    return frozenset(forms)
+
+
+class AdapterRegistry:
+    def __init__(self, tp: int = 1, allow_request_adapters: bool = True, remembered: int = REMEMBERED_IDS):
+        self.tp, self.allow_request_adapters, self.remembered = tp, allow_request_adapters, remembered
+        self.bindings: OrderedDict[int, Binding] = OrderedDict()  # oldest first
+
+    def source(self, task_id: int) -> str | None:
+        binding = self.bindings.get(task_id)
+        return None if binding is None else binding.source
+
+    def bind_directory(self, task_id: int, adapter, source: str) -> None:
+        """`--adapter` at start-up or the OpenAI API's load: bind `task_id` to an adapter read from a directory,
+        or refuse when it is bound to other weights."""
+        forms = directory_forms(adapter, self.tp)
+        known = self.bindings.get(task_id)
+        if known is not None and not known.forms & forms:
+            raise RequestError(f"lora_task_id {task_id} is registered ({known.source}) with other weights; an id keeps "
+                               "the adapter it was first registered with until it is unloaded: use another id")
+        self.bindings[task_id] = Binding(forms if known is None else known.forms | forms, known.source if known else source)
+        self.bindings.move_to_end(task_id)
+
+    def check_request(self, task_id: int, weights, config) -> bytes:
+        """Before weights sent with a request are used for `task_id`: their digest, or a RequestError when the id
+        is bound to other weights or request-time registration is off."""
         digest = adapter_digest(weights, config)
-        if task_id in self.startup:
-            if digest not in self.startup[task_id]:
+        known = self.bindings.get(task_id)
+        if known is not None and digest not in known.forms:
+            if known.source == "--adapter":
                 raise RequestError(
                     f"lora_task_id {task_id} is registered at start-up (--adapter) and cannot be replaced: these "
                     "lora_weights differ from it; send the request without lora_weights, or use another id")
-            return digest
-        known = self.registered.get(task_id)
-        if known is not None and known != digest:
             raise RequestError(
                 f"lora_task_id {task_id} is registered with different lora_weights (digest mismatch); an id keeps "
                 "the adapter it was first registered with: use another lora_task_id, or send no lora_weights")
@@ -74,14 +96,18 @@ class AdapterOwners:
                                "register adapters sent with requests (--no-allow-request-adapters)")
         return digest
 
-    def bind(self, task_id: int, digest: bytes, resident=()) -> None:
-        """After a request registered `task_id` with weights of this digest. Beyond `remembered` ids, the oldest
-        binding of an id no longer in `resident` (the host cache) is forgotten."""
-        if task_id in self.startup:
+    def bind_request(self, task_id: int, digest: bytes, resident=()) -> None:
+        """After a request registered `task_id` with weights of this digest. Beyond `remembered` request-registered
+        ids, the oldest binding of an id no longer in `resident` (the host cache) is forgotten."""
+        if task_id in self.bindings:
+            self.bindings.move_to_end(task_id)
             return
-        self.registered[task_id] = digest
-        self.registered.move_to_end(task_id)
-        if len(self.registered) > self.remembered:
-            gone = [t for t in self.registered if t not in resident][: len(self.registered) - self.remembered]
-            for t in gone:
-                del self.registered[t]
+        self.bindings[task_id] = Binding(frozenset({digest}), "request")
+        requested = [t for t, b in self.bindings.items() if b.source == "request"]
+        if len(requested) > self.remembered:
+            for t in [t for t in requested if t not in resident][: len(requested) - self.remembered]:
+                del self.bindings[t]
+
+    def unbind(self, task_id: int) -> None:
+        """An unload completed: the id is free for other weights."""
+        self.bindings.pop(task_id, None)

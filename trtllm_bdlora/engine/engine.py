@@ -7,6 +7,7 @@ import logging
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
+from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import (
     DEFAULT_HOST_CACHE_BYTES,
@@ -16,8 +17,9 @@ from trtllm_bdlora.engine.adapter_pool import (
     release_freed_memory,
     shards_nbytes,
 )
-from trtllm_bdlora.engine.adapter_registry import AdapterOwners
-from trtllm_bdlora.engine.llama import SeqChunk, TPLlama
+from trtllm_bdlora.engine.adapter_registry import AdapterRegistry
+from trtllm_bdlora.engine.llama import TPLlama
+from trtllm_bdlora.engine.plan import AdapterUpload, StepPlan
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
 from trtllm_bdlora.llama.loader import BaseModel, load_base_model
 from trtllm_bdlora.sharding import make_layout
@@ -81,18 +83,7 @@ class Engine:
         max_lora_rank = max_lora_rank or (base.build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
         self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device,
                                 max_lora_rank, lora_cache_host_bytes)
-        check_unique_adapter_ids(adapters)
-        self.owners = AdapterOwners(allow_request_adapters)  # rank 0 decides who may send weights for an id
-        for task_id, directory in adapters:
-            adapter = load_peft_adapter(directory, model_shape=self.shape)
-            self.register(task_id, adapter, pinned=pin_adapters)
-            if comm.rank == 0:
-                self.owners.add_startup(task_id, adapter, comm.world)
-                log.info("adapter registered task_id=%d source=--adapter dir=%s pinned=%s host_bytes_used=%d",
-                         task_id, directory, pin_adapters, self.pool.host_bytes_used)
-        if self.pool.host_bytes_used > lora_cache_host_bytes:
-            raise AdapterError(f"the --adapter adapters take {self.pool.host_bytes_used} bytes per rank, more than "
-                               f"--lora-cache-host-bytes {lora_cache_host_bytes}")
+        self.registry = AdapterRegistry(comm.world, allow_request_adapters)  # rank 0's: what each id means
         self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
                              presharded=base.build is not None)
         limit = getattr(base.config, "max_position_embeddings", 4096)
@@ -101,17 +92,45 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
         self.in_collective = False  # rank 0: a plan is out to the workers and not yet executed here
+        self._add_startup_adapters(list(adapters))
 
-    def register(self, task_id: int, adapter, pinned: bool = False) -> None:
-        """Every rank, same order: add an adapter to the host cache (no eviction: start-up and plans)."""
-        self.pool.register(task_id, adapter, pinned)
+    def _add_startup_adapters(self, adapters: list[tuple[int, str]]) -> None:
+        """`--adapter ID=DIR`: rank 0 reads each directory once and uploads the adapter to every rank, as every
+        adapter is added (`add_adapter`); the other ranks execute one plan per adapter."""
+        check_unique_adapter_ids(adapters)
+        for task_id, directory in adapters:
+            if self.comm.rank != 0:
+                self.execute(self.receive())
+                continue
+            adapter = load_peft_adapter(directory, model_shape=self.shape)
+            shards = self.pool.prepare(adapter)
+            total = self.pool.host_bytes_used + shards_nbytes(shards)
+            if total > self.pool.host_cache_bytes:
+                raise AdapterError(f"the --adapter adapters take {total} bytes per rank, more than "
+                                   f"--lora-cache-host-bytes {self.pool.host_cache_bytes}")
+            self.registry.bind_directory(task_id, adapter, "--adapter")
+            self.add_adapter(task_id, adapter, self.pin_adapters, set(self.pool.host), shards)
+            log.info("adapter registered task_id=%d source=--adapter dir=%s pinned=%s host_bytes_used=%d",
+                     task_id, directory, self.pin_adapters, self.pool.host_bytes_used)
 
-    # rank 0: adapters that requests name or carry ---------------------------------
+    # rank 0: adding adapters ------------------------------------------------------
+    def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None) -> None:
+        """Rank 0: the one way an adapter reaches the ranks. Validated and sharded here first (a malformed adapter
+        never reaches the workers); least recently used adapters that are neither pinned nor in `in_use` (the
+        adapters of unfinished requests) make room; then one plan uploads it to every rank in the wire format."""
+        self._worked = True
+        shards = self.pool.prepare(adapter) if shards is None else shards
+        evict = self.pool.plan_evictions(task_id, shards_nbytes(shards), in_use)
+        meta, flat = adapter_to_wire(adapter)
+        self.lead(StepPlan(evict=evict, uploads=[AdapterUpload(task_id, pinned, meta)]), [(flat, shards)])
+        for old in evict:
+            log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
+
     def admit_adapter(self, task_id: int | None, weights=None, config=None, in_use: set[int] = frozenset()) -> None:
         """Rank 0, before a request is scheduled: make its adapter available, as TensorRT-LLM's PEFT cache does.
         A cached id is marked used; an unknown (or evicted) id without weights is refused with upstream's error;
-        weights with an unknown id are validated and registered on every rank, evicting least recently used
-        adapters that are neither pinned nor in `in_use` (the adapters of requests not yet finished)."""
+        weights for an id are checked against what the id means (the registry), and those of an id not cached are
+        converted, validated and added on every rank."""
         self._worked = True
         if task_id is None:
             if weights is not None or config is not None:
@@ -122,106 +141,69 @@ class Engine:
                 raise AdapterNotCachedError(task_id)
             self.pool.touch(task_id)
             return
-        digest = self.owners.check(task_id, weights, config)  # weights for an id bound to others: refused
+        digest = self.registry.check_request(task_id, weights, config)
         if task_id in self.pool:
             self.pool.touch(task_id)
             return
-        self._register_request_adapter(task_id, weights, config, in_use)
-        self.owners.bind(task_id, digest, self.pool)
-
-    def _register_request_adapter(self, task_id: int, weights, config, in_use: set[int]) -> None:
-        import numpy as np
-
         from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
 
-        # validate fully on rank 0 first: a malformed adapter must never reach the workers
         adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, f"lora_task_id {task_id}",
                                       max_rank=self.pool.max_lora_rank)
-        shards = self.pool.prepare(adapter)
-        evict = self.pool.plan_evictions(task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), in_use)
-        w = torch.from_numpy(np.array(weights, dtype=np.float32))  # copies: request arrays are read-only views
-        c = torch.from_numpy(np.array(config, dtype=np.int32))
-        entry = {"task_id": task_id, "w_shape": list(w.shape), "c_shape": list(c.shape)}
-        self.lead({"evict": evict, "register": [entry]}, [(w, c, shards)])
-        for old in evict:
-            log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
-        log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d",
-                 task_id, sum(s.a.nbytes + s.b.nbytes for s in shards.values()), self.pool.host_bytes_used)
+        self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
+        self.registry.bind_request(task_id, digest, self.pool.host)
+        log.info("adapter registered task_id=%d source=request host_bytes_used=%d", task_id, self.pool.host_bytes_used)
 
-    def register_shared(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
-        """Rank 0: register an adapter loaded from a PEFT directory at run time (the OpenAI API's
-        load_lora_adapter) on every rank, as the `--adapter` ones: pinned unless --no-pin-adapters. Validated and
-        sharded here first; least recently used adapters that are neither pinned nor in `in_use` make room."""
-        from trtllm_bdlora.adapters.lora import adapter_to_wire
+    def load_adapter(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
+        """Rank 0: an adapter read from a PEFT directory at run time (the OpenAI API's load), held as the
+        `--adapter` ones: pinned unless --no-pin-adapters."""
+        self.registry.bind_directory(task_id, adapter, "load")
+        self.add_adapter(task_id, adapter, pinned=self.pin_adapters, in_use=in_use)
 
-        self._worked = True
-        shards = self.pool.prepare(adapter)
-        evict = self.pool.plan_evictions(task_id, shards_nbytes(shards), in_use)
-        meta, flat = adapter_to_wire(adapter)
-        self.lead({"evict": evict, "share": [dict(meta, task_id=task_id, pinned=self.pin_adapters)]}, [(shards, flat)])
-
-    def _register_from_plan(self, plan: dict, arrays: list | None) -> None:
-        """Adapters sent with requests (TensorRT-LLM format). Rank 0 passes (weights, config, shards) it already
-        validated and prepared; the other ranks receive the arrays and convert them the same way."""
-        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
-
-        for i, entry in enumerate(plan.get("register", [])):
-            w, c, shards = arrays[i] if arrays else (None, None, None)
-            w = self.comm.broadcast_tensor(w, entry["w_shape"], torch.float32)
-            c = self.comm.broadcast_tensor(c, entry["c_shape"], torch.int32)
-            if shards is None:
-                adapter = adapter_from_trtllm(w.numpy(), c.numpy(), self.shape, self.layout.world,
-                                              f"task {entry['task_id']}", max_rank=self.pool.max_lora_rank)
-                shards = self.pool.prepare(adapter)
-            del w, c
-            self.pool.insert(entry["task_id"], shards)
-
-    def _share_from_plan(self, plan: dict, arrays: list | None) -> None:
-        """Adapters rank 0 loaded from a PEFT directory at run time (`register_shared`). Rank 0 passes (shards,
-        flat factors) it already prepared; the other ranks receive the factors and shard them the same way."""
-        from trtllm_bdlora.adapters.lora import adapter_from_wire
-
-        for i, meta in enumerate(plan.get("share", [])):
-            shards, flat = arrays[i] if arrays else (None, None)
-            flat = self.comm.broadcast_tensor(flat, [meta["numel"]], torch.float32)
-            if shards is None:
-                shards = self.pool.prepare(adapter_from_wire(meta, flat))
-            del flat
-            self.pool.insert(meta["task_id"], shards, meta["pinned"])
-
-    def execute(self, plan: dict, arrays: list | None = None) -> torch.Tensor | None:
-        """Run one planned step: evict, register sent adapters, free finished sequences, load slots, forward.
-        The first empty plan (a heartbeat: the server is idle) after some work trims the heap."""
-        if not plan:
+    # every rank ------------------------------------------------------------------
+    def execute(self, plan: StepPlan, uploads: list | None = None) -> torch.Tensor | None:
+        """Run one planned step: evict, add uploaded adapters, free finished sequences, load slots, forward.
+        Rank 0 passes each upload's (flat factors, shards it already prepared); the other ranks receive the
+        factors and shard them the same way. The first empty plan (a heartbeat: the server is idle) after some
+        work trims the heap."""
+        if plan.empty:
             if self._worked:
                 release_freed_memory()
                 self._worked = False
             return None
         self._worked = True
-        self.pool.evict(plan.get("evict", []))
-        self._register_from_plan(plan, arrays)  # a plan carries `register` or `share` entries, not both
-        self._share_from_plan(plan, arrays)
-        for seq_id in plan.get("free", []):
+        self.pool.evict(plan.evict)
+        for i, upload in enumerate(plan.uploads):
+            flat, shards = uploads[i] if uploads else (None, None)
+            flat = self.comm.broadcast_tensor(flat, [upload.meta["numel"]], torch.float32)
+            if shards is None:
+                shards = self.pool.prepare(adapter_from_wire(upload.meta, flat))
+            del flat
+            self.pool.insert(upload.task_id, shards, upload.pinned)
+        for seq_id in plan.free:
             self.model.free(seq_id)
-        for slot, task_id in plan.get("loads", []):
+        for slot, task_id in plan.loads:
             self.pool.load(task_id, slot)
-        chunks = [SeqChunk(*c) for c in plan.get("chunks", [])]
-        if not chunks:
+        if not plan.chunks:
             return None
-        return self.model.forward(chunks, all_logits=plan.get("all_logits", False))
+        return self.model.forward(plan.chunks, all_logits=plan.all_logits)
+
+    def receive(self) -> StepPlan | None:
+        """Worker ranks: rank 0's next plan (None: stop)."""
+        obj = self.comm.broadcast_json()
+        return None if obj is None else StepPlan.from_json(obj)
 
     def follow(self) -> None:
         """Worker ranks: execute rank 0's plans until it broadcasts None."""
-        while (plan := self.comm.broadcast_json()) is not None:
+        while (plan := self.receive()) is not None:
             self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
 
-    def lead(self, plan: dict | None, arrays: list | None = None) -> torch.Tensor | None:
-        """Rank 0: send a plan (and the arrays of adapters it registers) to the workers and execute it;
-        None stops them. `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
+    def lead(self, plan: StepPlan | None, uploads: list | None = None) -> torch.Tensor | None:
+        """Rank 0: send a plan to the workers and execute it (`uploads`: see `execute`); None stops them.
+        `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
         self.in_collective = True
-        self.comm.broadcast_json(plan)
-        out = None if plan is None else self.execute(plan, arrays)
+        self.comm.broadcast_json(None if plan is None else plan.to_json())
+        out = None if plan is None else self.execute(plan, uploads)
         self.in_collective = False
         return out
 

@@ -7,28 +7,17 @@ after o_proj and down_proj; embedding, norms and lm_head are replicated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import AdapterPool
 from trtllm_bdlora.engine.lora_op import apply_lora_group
+from trtllm_bdlora.engine.plan import SeqChunk
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
 
 QKV = ("q_proj", "k_proj", "v_proj")
 GATE_UP = ("gate_proj", "up_proj")
-
-
-@dataclass
-class SeqChunk:
-    """`tokens` of sequence `seq_id` at positions start..start+len(tokens)."""
-
-    seq_id: int
-    tokens: list[int]
-    start: int
-    slot: int
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

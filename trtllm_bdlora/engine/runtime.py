@@ -24,11 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.plan import StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.scheduler import Scheduler, one_line
 from trtllm_bdlora.errors import (
     BdLoraError,
     NotFoundError,
+    PermissionDeniedError,
     RequestError,
     ServerBusyError,
     ServerFailedError,
@@ -75,8 +77,9 @@ class _Control:
 
 class Runtime:
     def __init__(self, engine: Engine, max_batch_size: int = 16, max_queue: int = 256,
-                 max_num_tokens: int | None = None):
+                 max_num_tokens: int | None = None, allow_startup_unload: bool = False):
         self.engine = engine
+        self.allow_startup_unload = allow_startup_unload
         self.scheduler = Scheduler(engine, max_batch_size, max_num_tokens=max_num_tokens)
         self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
         self.pending: dict[int, Submission] = {}
@@ -135,15 +138,20 @@ class Runtime:
         def register():
             if task_id in self.engine.pool or task_id in self.retiring:
                 raise RequestError(f"lora_task_id {task_id} is already registered")
-            self.engine.register_shared(task_id, adapter, self._in_use())
+            self.engine.load_adapter(task_id, adapter, self._in_use())
 
         self._control(register)
 
     def unregister_adapter(self, task_id: int) -> None:
-        """Refuse new requests for `task_id` at once; it leaves every rank when no pending request uses it."""
+        """Refuse new requests for `task_id` at once; it leaves every rank when no pending request uses it, and only
+        then may the id be registered again with other weights. `--adapter` ids stay unless
+        `allow_startup_unload`."""
         def retire():
             if task_id not in self.engine.pool or task_id in self.retiring:
-                raise RequestError(f"unknown lora_task_id {task_id}")
+                raise NotFoundError(f"unknown lora_task_id {task_id}")
+            if self.engine.registry.source(task_id) == "--adapter" and not self.allow_startup_unload:
+                raise PermissionDeniedError(f"lora_task_id {task_id} was registered at start-up (--adapter) and cannot "
+                                            "be unloaded (--allow-startup-adapter-unload)")
             self.retiring.add(task_id)
             self._release_retired()
 
@@ -214,8 +222,10 @@ class Runtime:
     def _release_retired(self) -> None:
         free = sorted(self.retiring - self._in_use())
         if free:
-            self.engine.lead({"evict": free})
+            self.engine.lead(StepPlan(evict=free))
             self.retiring -= set(free)
+            for task_id in free:
+                self.engine.registry.unbind(task_id)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -247,7 +257,7 @@ class Runtime:
                         self._release_retired()
                     last = time.monotonic()
                 elif time.monotonic() - last >= HEARTBEAT_S:
-                    self.engine.lead({})
+                    self.engine.lead(StepPlan())
                     last = time.monotonic()
             self.scheduler.flush()
             self.engine.lead(None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
 from trtllm_bdlora.errors import BdLoraError, as_error
@@ -180,11 +181,9 @@ class Scheduler:
                 self._fail(r, as_error(err, "internal error while scheduling"), finished)
             return finished
         self.stats.slot_evictions += sum(1 for slot, _ in loads if slot in occupied)
-        plan = {"free": self._free, "loads": loads,
-                "chunks": [[r.seq_id, toks, start, slot] for (r, toks, start), slot in zip(step, slots)]}
         all_logits = any(r.prefilling and r.req.params.return_context_logits for r, _, _ in step)
-        if all_logits:
-            plan["all_logits"] = True
+        plan = StepPlan(free=self._free, loads=loads, all_logits=all_logits,
+                        chunks=[SeqChunk(r.seq_id, toks, start, slot) for (r, toks, start), slot in zip(step, slots)])
         self._free = []
         comm_log = self.engine.comm.log
         comm_log.clear()
@@ -260,5 +259,5 @@ class Scheduler:
     def flush(self) -> None:
         """Free the KV caches of the last finished sequences on every rank."""
         if self._free:
-            self.engine.lead({"free": self._free})
+            self.engine.lead(StepPlan(free=self._free))
             self._free = []

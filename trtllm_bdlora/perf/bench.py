@@ -18,6 +18,7 @@ import torch
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.distributed.launcher import relaunch_ranks
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
 
 SCHEMES = ("none", "bdlora", "slora", "replicated")
@@ -46,18 +47,18 @@ def _select(engine, pools: dict, scheme: str) -> None:
     engine.model.scheme = "bdlora" if scheme == "none" else scheme
 
 
-def _step(engine, pools: dict, plan: dict | None) -> None:
+def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None) -> None:
     """Rank 0: send a plan tagged with its scheme and run it; None stops the workers."""
-    engine.comm.broadcast_json(plan)
-    if plan is not None:
-        _select(engine, pools, plan["scheme"])
+    engine.comm.broadcast_json(None if scheme is None else {"scheme": scheme, "plan": plan.to_json()})
+    if scheme is not None:
+        _select(engine, pools, scheme)
         engine.execute(plan)
 
 
 def _follow(engine, pools: dict) -> None:
-    while (plan := engine.comm.broadcast_json()) is not None:
-        _select(engine, pools, plan["scheme"])
-        engine.execute(plan)
+    while (tagged := engine.comm.broadcast_json()) is not None:
+        _select(engine, pools, tagged["scheme"])
+        engine.execute(StepPlan.from_json(tagged["plan"]))
 
 
 def _lead(engine, pools: dict, args, adapter_ids: list[int | None]) -> dict:
@@ -69,17 +70,17 @@ def _lead(engine, pools: dict, args, adapter_ids: list[int | None]) -> dict:
         loads, slots[scheme] = pools[scheme].assign(ids)
         seq0[scheme] = k * args.batch
         prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
-        chunks = [[seq0[scheme] + i, p, 0, s] for i, (p, s) in enumerate(zip(prompts, slots[scheme]))]
-        _step(engine, pools, {"scheme": scheme, "loads": loads, "chunks": chunks})
+        chunks = [SeqChunk(seq0[scheme] + i, p, 0, s) for i, (p, s) in enumerate(zip(prompts, slots[scheme]))]
+        _step(engine, pools, scheme, StepPlan(loads=loads, chunks=chunks))
     samples: dict = {s: [] for s in SCHEMES}
     collectives: dict = {}
     for step in range(args.steps + 1):  # the first round warms up and is not counted
         order = SCHEMES[step % 4:] + SCHEMES[: step % 4]
         for scheme in order:
-            chunks = [[seq0[scheme] + i, [1], args.prompt_len + step, s] for i, s in enumerate(slots[scheme])]
+            chunks = [SeqChunk(seq0[scheme] + i, [1], args.prompt_len + step, s) for i, s in enumerate(slots[scheme])]
             engine.comm.log.clear()
             t0 = time.perf_counter()
-            _step(engine, pools, {"scheme": scheme, "chunks": chunks})
+            _step(engine, pools, scheme, StepPlan(chunks=chunks))
             if engine.comm.device.type == "cuda":
                 torch.cuda.synchronize()
             if step:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from trtllm_bdlora.distributed.comm import Comm
+from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.perf.cost_model import SCHEMES, Workload, breakdown, step_collectives
 
 SIZES = [1 << k for k in range(6, 19, 2)]  # 64 B .. 256 KiB
@@ -156,12 +157,14 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
             ids = [None] * args.batch if scheme == "none" else [1 + i % args.num_adapters for i in range(args.batch)]
             loads, slots = pools[scheme].assign(ids)
             prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
-            engine.execute({"loads": loads, "chunks": [[k * 100 + i, p, 0, s] for i, (p, s) in enumerate(zip(prompts, slots))]})
+            engine.execute(StepPlan(loads=loads, chunks=[SeqChunk(k * 100 + i, p, 0, s)
+                                                    for i, (p, s) in enumerate(zip(prompts, slots))]))
             samples = []
             for step in range(args.steps + 1):
                 acc.update(lora=0.0, attention=0.0)
                 t0 = time.perf_counter()
-                engine.execute({"chunks": [[k * 100 + i, [1], args.prompt_len + step, s] for i, s in enumerate(slots)]})
+                engine.execute(StepPlan(chunks=[SeqChunk(k * 100 + i, [1], args.prompt_len + step, s)
+                                                 for i, s in enumerate(slots)]))
                 total = time.perf_counter() - t0
                 if step:
                     samples.append((total, acc["lora"], acc["attention"]))
