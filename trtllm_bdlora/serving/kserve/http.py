@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, RequestError, ServerBusyError
+from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
 from trtllm_bdlora.serving.metrics import Metrics
@@ -65,11 +65,14 @@ def generate_inputs(server: ModelServer, model: str, doc) -> InferRequest:
         t = spec.input(name)
         if t is None:
             raise RequestError(f"unexpected inference input '{name}' for model '{model}'")
-        if wire[name] == "BYTES":
-            array = np.vectorize(lambda v: v.encode() if isinstance(v, str) else v, otypes=[object])(
-                np.array(value, dtype=object))
-        else:
-            array = _cast(np.array(value), wire[name], name)
+        try:
+            if wire[name] == "BYTES":
+                array = np.vectorize(lambda v: v.encode() if isinstance(v, str) else v, otypes=[object])(
+                    np.array(value, dtype=object))
+            else:
+                array = _cast(np.array(value), wire[name], name)
+        except (ValueError, TypeError, OverflowError):  # ragged or mixed JSON arrays
+            raise InputError(name, f"must be a {wire[name]} value or a regular array of them") from None
         while array.ndim < len(t.dims):
             array = array[None]
         array = array[None]
