@@ -14,7 +14,7 @@ import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
 from trtllm_bdlora.errors import AdapterError
-from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, MODULE_PARENT, LlamaShape, module_role
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -174,7 +174,7 @@ def load_peft_adapter(
     rslora = bool(config.get("use_rslora"))
     modules: dict[tuple[int, str], LoraFactors] = {}
     for (layer, name), ab in sorted(pairs.items()):
-        parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        parent = MODULE_PARENT[name]
         module_path = f"model.layers.{layer}.{parent}.{name}"
         where = f"{weights_path}: {module_path}"
         if set(ab) != {"A", "B"}:

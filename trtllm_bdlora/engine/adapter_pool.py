@@ -26,6 +26,7 @@ import torch
 
 from trtllm_bdlora.adapters.lora import Adapter
 from trtllm_bdlora.errors import AdapterCacheFullError, AdapterError, RequestError
+from trtllm_bdlora.llama.shape import LLAMA_MODULES, module_role
 from trtllm_bdlora.sharding import LoraShard, TPLayout, shard_adapter
 from trtllm_bdlora.sharding.adapter import Scheme
 
@@ -214,16 +215,16 @@ class AdapterPool:
     # device slots -----------------------------------------------------------
     def _local_dims(self, name: str) -> tuple[int, int]:
         inp, out = self.layout.shape.module_dims(name)
-        if name in ("o_proj", "down_proj"):
+        if module_role(name) == "row":
             return inp // self.layout.world, out
         return inp, self.layout.out_slice(name, 0).stop - self.layout.out_slice(name, 0).start
 
     def _allocate(self) -> None:
         rank_cap, world = self.rank_cap, self.layout.world
         for layer in range(self.layout.shape.num_layers):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            for name in LLAMA_MODULES:
                 k, m = self._local_dims(name)
-                column = name not in ("o_proj", "down_proj")
+                column = module_role(name) == "column"
                 b_width = world * rank_cap if (self.scheme == "slora" and column) else rank_cap
                 if self.scheme == "slora" and not column:
                     chunk = torch.tensor_split(torch.arange(m), world)[self.tp_rank]

@@ -14,10 +14,10 @@ from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import AdapterPool
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
+from trtllm_bdlora.llama.shape import LINEAR_GROUPS
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
 
-QKV = ("q_proj", "k_proj", "v_proj")
-GATE_UP = ("gate_proj", "up_proj")
+QKV, GATE_UP = LINEAR_GROUPS["qkv"], LINEAR_GROUPS["gate_up"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Torch reference of the multi-adapter LoRA op (DESIGN section 3): the oracle every kernel is tested against.
+"""Torch reference of the multi-adapter LoRA op (docs/architecture.md): the oracle every kernel is tested against.
 
 Layouts (those of PEFT and TensorRT-LLM): `a_slots [S, R, K]`, `b_slots [S, M, R]`, `ranks [S]`,
 `scales [S]`, `slot_ids [T]` with -1 for tokens without adapter. For token t with s = slot_ids[t]:

@@ -21,6 +21,11 @@ MODULE_PARENT = {
 }
 
 
+# the linear groups of a decoder layer as the engine fuses them (one GEMM and one LoRA site each)
+LINEAR_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                 "down": ("down_proj",)}
+
+
 def module_role(name: str) -> Role:
     return "column" if name in COLUMN_MODULES else "row"
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from trtllm_bdlora.llama.shape import LlamaShape
+from trtllm_bdlora.llama.shape import LINEAR_GROUPS, LlamaShape
 from trtllm_bdlora.perf.presets import Collective, System, module_shapes
 
 SCHEMES = ("none", "bdlora", "slora", "replicated")
 CATEGORIES = ("base_gemm", "lora", "attention", "other", "base_coll", "lora_coll")
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}
+GROUPS = LINEAR_GROUPS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Per-rank slices of one module's LoRA under the three TP schemes (DESIGN section 1).
+"""Per-rank slices of one module's LoRA under the three TP schemes (docs/architecture.md, the scheme table).
 
 Every rank computes `h = x_local @ a^T`, optionally a collective on h, then `scaling * h @ b^T`:
 

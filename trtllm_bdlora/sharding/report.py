@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from trtllm_bdlora.adapters.lora import Adapter
-from trtllm_bdlora.llama.shape import LlamaShape, shape_from_adapter
+from trtllm_bdlora.llama.shape import LINEAR_GROUPS, LlamaShape, shape_from_adapter
 from trtllm_bdlora.sharding import SCHEMES, bd_misfit, make_layout, shard_lora
 
 
 def _slora_collectives(adapter: Adapter) -> int:
     """S-LoRA issues one collective per fused LoRA group per layer: qkv, o, gate_up, down."""
     names = set(adapter.target_modules)
-    groups = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
+    groups = [set(g) for g in LINEAR_GROUPS.values()]
     return sum(1 for g in groups if g & names)
 
 

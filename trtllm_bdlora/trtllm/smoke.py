@@ -55,6 +55,8 @@ def make_model_and_adapters(work: Path) -> tuple[Path, dict[int, Path]]:  # prag
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from trtllm_bdlora.llama.shape import COLUMN_MODULES, LLAMA_MODULES, ROW_MODULES
+
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
@@ -70,9 +72,8 @@ def make_model_and_adapters(work: Path) -> tuple[Path, dict[int, Path]]:  # prag
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0", eos_token="t1").save_pretrained(model_dir)
     adapters = {}
     for task, kind in ADAPTERS.items():
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        bd = BdLoraConfig(target_modules_bd_a=["o_proj", "down_proj"],
-                          target_modules_bd_b=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], nblocks=2)
+        targets = list(LLAMA_MODULES)
+        bd = BdLoraConfig(target_modules_bd_a=list(ROW_MODULES), target_modules_bd_b=list(COLUMN_MODULES), nblocks=2)
         peft = get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
             r=8, lora_alpha=16, target_modules=targets, use_bdlora=bd if kind == "bd" else None, lora_dropout=0.0))
         gen = torch.Generator().manual_seed(task)
