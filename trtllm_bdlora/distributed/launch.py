@@ -20,6 +20,7 @@ import traceback
 import zlib
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 from trtllm_bdlora.errors import BdLoraError
 
@@ -147,7 +148,7 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
     return Comm(rank, world, dev)
 
 
-def exit_now(rc: int) -> None:
+def exit_now(rc: int) -> NoReturn:
     """Leave at once, without interpreter teardown. A clean exit in a user's MPI launch first finalizes MPI, as
     mpirun requires of every rank (it reports the launch as failed otherwise)."""
     sys.stdout.flush()
@@ -183,7 +184,7 @@ def report_rank_error(command: str, message: str, secondary: bool) -> None:
     print(f"trtllm-bdlora {command}: error: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
-def run_rank(args) -> int:
+def run_rank(args) -> NoReturn:
     """Run a command as one rank of a launch. A rank that fails reports its error once and exits at once with a
     non-zero status, skipping MPI's finalize (which would wait for ranks still blocked in a collective), so the
     launcher, or mpirun, sees the failure and ends every other rank."""
@@ -205,6 +206,8 @@ def run_rank(args) -> int:
         traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         report_rank_error(args.command, f"{type(err).__name__}: {first}", secondary=False)
-    if rc:
-        exit_now(rc)
-    return 0
+    # Every rank of a launch ends here, without interpreter finalization: the process group is torn down (the
+    # command's `shutdown`), and what finalization would add is destroying torch.distributed's C++ objects (gloo
+    # device threads, rank 0's store daemon) in an order the other ranks' exits race with, which aborted a rank
+    # ("terminate called without an active exception") at the end of a successful `bench`.
+    exit_now(rc)
