@@ -102,9 +102,10 @@ def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served,
         bad[0, 3, 5] = poison
         lora = {"lora_task_id": np.array([[task]], np.uint64), "lora_weights": bad, "lora_config": config}
         _refused(lambda lo=lora: _core_greedy(client, ids, tokenizer.eos_token_id, **lo), invalid, "lora")
-    # the id was never registered by the refused requests, and the server still answers right
+    # the id was never registered by the refused requests (an unknown adapter: NOT_FOUND, errors.STATUS), and the
+    # server still answers right
     _refused(lambda: _core_greedy(client, ids, tokenizer.eos_token_id, lora_task_id=np.array([[task]], np.uint64)),
-             invalid, "not found in cache")
+             "NOT_FOUND" if protocol == "grpc" else "404", "not found in cache")
     assert _core_greedy(client, ids, tokenizer.eos_token_id) == expected
 
 

@@ -114,7 +114,7 @@ class Engine:
                      task_id, directory, self.pin_adapters, self.pool.host_bytes_used)
 
     # rank 0: adding adapters ------------------------------------------------------
-    def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None) -> None:
+    def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None) -> int:
         """Rank 0: the one way an adapter reaches the ranks. Validated and sharded here first (a malformed adapter
         never reaches the workers); least recently used adapters that are neither pinned nor in `in_use` (the
         adapters of unfinished requests) make room; then one plan uploads it to every rank in the wire format."""
@@ -125,6 +125,7 @@ class Engine:
         self.lead(StepPlan(evict=evict, uploads=[AdapterUpload(task_id, pinned, meta)]), [(flat, shards)])
         for old in evict:
             log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
+        return shards_nbytes(shards)
 
     def admit_adapter(self, task_id: int | None, weights=None, config=None, in_use: set[int] = frozenset()) -> None:
         """Rank 0, before a request is scheduled: make its adapter available, as TensorRT-LLM's PEFT cache does.
@@ -149,9 +150,10 @@ class Engine:
 
         adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, f"lora_task_id {task_id}",
                                       max_rank=self.pool.max_lora_rank)
-        self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
+        nbytes = self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
         self.registry.bind_request(task_id, digest, self.pool.host)
-        log.info("adapter registered task_id=%d source=request host_bytes_used=%d", task_id, self.pool.host_bytes_used)
+        log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d", task_id, nbytes,
+                 self.pool.host_bytes_used)
 
     def load_adapter(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
         """Rank 0: an adapter read from a PEFT directory at run time (the OpenAI API's load), held as the
