@@ -22,9 +22,9 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, adapters: dict[int | str, Path], tp: int = 2, max_loras: int = 8, extra=(),
-                 mpirun: bool = False):
+                 mpirun: bool = False, env: dict[str, str] | None = None):
         """`mpirun`: start the ranks with the user's `mpirun -n tp` (stopped with SIGUSR1) instead of serve's own
-        launcher."""
+        launcher. `env`: more environment variables for the server."""
         self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
@@ -36,7 +36,7 @@ class Server:
                 "--openai-port", str(self.openai_port), "--max-loras", str(max_loras), *extra]
         for task_id, directory in adapters.items():
             args += ["--adapter", f"{task_id}={directory}"]
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{self.port}.log", "w+")
         cmd = [sys.executable, "-m", "trtllm_bdlora", *args]
         self.stop_signal = signal.SIGTERM

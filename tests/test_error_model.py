@@ -60,7 +60,7 @@ class FailingOpenAI:
     def __init__(self):
         self.error: BaseException = RuntimeError("unset")
 
-    async def generate(self, body, max_tokens, chat):
+    async def generate(self, request, body, max_tokens, chat):
         raise self.error
 
 

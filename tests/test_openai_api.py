@@ -158,7 +158,7 @@ def test_models_list_what_was_registered(served, client, loaded):
     assert list(cards)[0] == base and cards[base].owned_by == "trtllm-bdlora"
     assert {"1", "alpha", "gamma"} <= set(cards)
     assert cards["alpha"].model_extra["lora_task_id"] == 2 and cards["alpha"].model_extra["parent"] == base
-    assert cards["alpha"].model_extra["root"] == str(served[2][2])
+    assert cards["alpha"].model_extra["root"] == served[2][2].name  # the directory's name: no host path
     assert client.models.retrieve("alpha").id == "alpha"
 
 

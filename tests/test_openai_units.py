@@ -40,7 +40,7 @@ def test_names_resolve_list_and_refuse():
         assert info.value.status.http == 404
     cards = names.cards(registered, 256)
     assert [(c["id"], c.get("lora_task_id"), c["root"]) for c in cards] == [
-        ("base", None, "/m"), ("1", 1, "/a"), ("alpha", 2, "/b"), ("7", 7, None)]
+        ("base", None, "/m"), ("1", 1, "a"), ("alpha", 2, "b"), ("7", 7, None)]  # adapters: directory names, no paths
     assert names.next_id(registered) == 8 and names.taken("alpha", registered) and names.taken("7", registered)
     names.forget(2)
     with pytest.raises(BdLoraError):

@@ -132,9 +132,14 @@ class ServerUnavailableError(RequestError):
 
 
 class InternalError(BdLoraError):
-    """Something failed that no request asked for: the request that met it fails alone, as INTERNAL."""
+    """Something failed that no request asked for: the request that met it fails alone, as INTERNAL. `detail` (the
+    exception's type and first line) is for the server's log only: clients never see exception names or paths."""
 
     kind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str, param: str | None = None, detail: str | None = None):
+        super().__init__(message, param)
+        self.detail = detail
 
 
 class ServerFailedError(InternalError):
@@ -142,9 +147,36 @@ class ServerFailedError(InternalError):
 
 
 def as_error(err: BaseException, context: str = "internal error") -> BdLoraError:
-    """`err` itself when it is one of ours, else an INTERNAL error with the exception's type and first line."""
+    """`err` itself when it is one of ours, else an INTERNAL error saying only `context` to the client; the
+    exception's type and first line go to the server's log (`log_text`)."""
     if isinstance(err, BdLoraError):
         return err
     text = str(err).strip()
-    first = text.splitlines()[0] if text else ""
-    return InternalError(f"{context}: {type(err).__name__}: {first}" if first else f"{context}: {type(err).__name__}")
+    first = " ".join(text.splitlines()[0].split()) if text else ""
+    return InternalError(context, detail=f"{type(err).__name__}: {first}" if first else type(err).__name__)
+
+
+def log_text(err: BdLoraError) -> str:
+    """An error as the server's log records it: the client's message, plus what only the log may show."""
+    detail = getattr(err, "detail", None)
+    return f"{err}: {detail}" if detail else str(err)
+
+
+# Host paths a client must not see (the adapter root, the model directory, --adapter directories), each with the
+# name it is shown by instead: set once by `serve` (hide_path) before it answers anyone.
+_HIDDEN_PATHS: dict[str, str] = {}
+
+
+def hide_path(path: str, shown_as: str) -> None:
+    """From now on, `public_text` shows the absolute `path` (and everything under it) as `shown_as`."""
+    path = str(path).rstrip("/")
+    if path.startswith("/") and len(path) > 1:
+        _HIDDEN_PATHS[path] = shown_as
+
+
+def public_text(text: str) -> str:
+    """`text` as a client may see it: every hidden path replaced by its public name (longest first)."""
+    for path in sorted(_HIDDEN_PATHS, key=len, reverse=True):
+        if path in text:
+            text = text.replace(path, _HIDDEN_PATHS[path])
+    return text

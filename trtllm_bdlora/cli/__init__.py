@@ -36,6 +36,8 @@ def parse_adapter_arg(text: str) -> AdapterArg:
         raise argparse.ArgumentTypeError(f"expected ID=DIR or NAME:ID=DIR with ID a positive integer, got {text!r}")
     if name.isdigit() and int(name) != int(task_id):
         raise argparse.ArgumentTypeError(f"adapter NAME must not be a number (numbers name task ids), got {text!r}")
+    if name and (not name.isprintable() or name != name.strip() or len(name) > 256):
+        raise argparse.ArgumentTypeError(f"adapter NAME must be printable text without surrounding spaces, got {name!r}")
     return AdapterArg(int(task_id), directory, name or None)
 
 
@@ -82,6 +84,53 @@ def _add_reliability_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm-interface", default=None, metavar="IFACE",
                    help="network interface the ranks' process group binds to (default: loopback, one machine); "
                         "name the interface the machines share for a multi-node mpirun launch")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def _add_edge_args(p: argparse.ArgumentParser) -> None:
+    """Connection limits, timeouts, the body limit, API keys and CORS of every listener (serving/edge/;
+    docs/reliability.md compares them with Triton's and vLLM's)."""
+    from trtllm_bdlora.serving.edge.settings import DEFAULT_MAX_CONNECTIONS, EdgeSettings
+
+    d = EdgeSettings()
+    g = p.add_argument_group("connections, limits and access (every listener)")
+    g.add_argument("--max-connections", type=_positive_int, default=None, metavar="N",
+                   help=f"open connections per listener (KServe HTTP, OpenAI, gRPC; metrics at most 64): at the cap a "
+                        f"new HTTP connection replaces the one idle the longest, and 8 more are kept for health requests "
+                        f"(default {DEFAULT_MAX_CONNECTIONS}, lowered to fit `ulimit -n`)")
+    g.add_argument("--request-header-timeout", type=_seconds, default=d.header_timeout, metavar="S",
+                   help=f"seconds a client has to send a whole request head (gRPC: the HTTP/2 handshake) "
+                        f"(default {d.header_timeout:g})")
+    g.add_argument("--request-body-timeout", type=_seconds, default=d.body_timeout, metavar="S",
+                   help=f"seconds a client has to send a whole request body after its head; then 408 (default "
+                        f"{d.body_timeout:g})")
+    g.add_argument("--keep-alive-timeout", type=_seconds, default=d.keep_alive_timeout, metavar="S",
+                   help=f"seconds an idle HTTP connection stays open between requests (default {d.keep_alive_timeout:g}, "
+                        "uvicorn's and vLLM's)")
+    g.add_argument("--max-keep-alive-requests", type=_positive_int, default=d.max_keep_alive_requests, metavar="N",
+                   help=f"requests on one HTTP connection before it is closed (default {d.max_keep_alive_requests}, nginx's)")
+    g.add_argument("--grpc-max-connection-idle", type=_seconds, default=d.grpc_max_connection_idle, metavar="S",
+                   help=f"seconds a gRPC connection without calls stays open; then GOAWAY (default "
+                        f"{d.grpc_max_connection_idle:g}; 0: never)")
+    g.add_argument("--grpc-max-connection-age", type=_seconds, default=d.grpc_max_connection_age, metavar="S",
+                   help="seconds a gRPC connection may live; then GOAWAY, its calls finish within as long again "
+                        "(default 0: never; Triton's --grpc-max-connection-age, in seconds)")
+    g.add_argument("--max-body-bytes", type=_positive_int, default=d.max_body_bytes, metavar="BYTES",
+                   help=f"largest HTTP request body on every HTTP port, refused with 413 before it is read (default "
+                        f"{d.max_body_bytes}, Triton's 64 MiB)")
+    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (gRPC: `authorization` metadata) on every endpoint but "
+                        "health and metrics; repeat (or separate with commas) for several keys; default: the API_KEY "
+                        "environment variable, else no key")
+    g.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGINS",
+                   help="browser origins allowed by CORS on the KServe HTTP and OpenAI ports (comma-separated or a JSON "
+                        "list, * for any; default none: no CORS headers)")
 
 
 def _add_scheduling_args(p: argparse.ArgumentParser, log_level: str) -> None:
@@ -136,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (directories under --adapter-root)")
     p.add_argument("--adapter-root", default=None, help="the only directory tree adapters may be loaded from at run time")
+    _add_edge_args(p)
     _add_scheduling_args(p, "info")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.server", fromlist=["main"]).main(a))
 

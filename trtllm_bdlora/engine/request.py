@@ -125,8 +125,16 @@ def check_length(prompt_len: int, max_tokens: int, max_seq_len: int, name: str =
 
 def longest_token_bytes(tokenizer) -> int:
     """An upper bound on the bytes of text one token stands for: the longest vocabulary entry in UTF-8 (byte-level
-    BPE spells each byte as one character of at most 2 bytes; SentencePiece's "\u2581" is 3 bytes for a space)."""
-    return max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1) or 1
+    BPE spells each byte as one character of at most 2 bytes; SentencePiece's "\u2581" is 3 bytes for a space).
+    Computed once per tokenizer."""
+    cached = getattr(tokenizer, "_bdlora_longest_token_bytes", None)
+    if cached is None:
+        cached = max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1) or 1
+        try:
+            tokenizer._bdlora_longest_token_bytes = cached
+        except AttributeError:
+            pass
+    return cached
 
 
 def max_text_bytes(tokenizer, max_seq_len: int) -> int:
@@ -138,7 +146,7 @@ def check_text_bytes(name: str, nbytes: int, limit: int, max_seq_len: int) -> No
     """A prompt's size against `max_text_bytes`, before any tokenizer sees it."""
     if nbytes > limit:
         raise RequestError(f"{name} of {nbytes} bytes cannot fit the context of {max_seq_len} tokens "
-                           f"(at most {limit} bytes of text); refused before tokenizing")
+                           f"(at most {limit} bytes of text); refused before tokenizing", param=name)
 
 
 def check_token_ids(name: str, ids, vocab_size: int) -> list[int]:
@@ -158,14 +166,32 @@ def text_prompt_ids(tokenizer, text: str, max_seq_len: int, name: str = "prompt"
     return tokenizer(text)["input_ids"] if text else []
 
 
-def chat_prompt_ids(tokenizer, messages, name: str = "messages") -> list[int]:
-    """The ids of `messages` through the tokenizer's chat template, with the generation prompt."""
+def text_bytes(value) -> int:
+    """UTF-8 bytes of every string in `value` (strings, and lists and dicts of them, keys included)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple)):
+            stack += item
+    return total
+
+
+def chat_prompt_ids(tokenizer, messages, name: str = "messages", max_seq_len: int | None = None) -> list[int]:
+    """The ids of `messages` through the tokenizer's chat template, with the generation prompt. With `max_seq_len`,
+    messages whose text alone cannot fit the context are refused before the template sees them."""
     if tokenizer is None:
         raise RequestError("this model has no tokenizer: send token ids")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
         raise InputError(name, "must be a list of {role, content} objects")
+    if max_seq_len is not None:
+        check_text_bytes(name, text_bytes(messages), max_text_bytes(tokenizer, max_seq_len), max_seq_len)
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as err:  # the template's own complaint, whatever its type
-        raise RequestError(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    except Exception as err:  # the template's own complaint (a jinja TemplateError raised by the template itself)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise RequestError(f"{name}: the chat template refused them" + (f": {first}" if first else "")) from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -36,10 +36,12 @@ from trtllm_bdlora.errors import (
     ServerFailedError,
     ServerUnavailableError,
     as_error,
+    log_text,
 )
 from trtllm_bdlora.logs import log_request
 
 HEARTBEAT_S = 1.0
+SERVER_FAILED = "server failed: a rank stopped or a collective failed (the server log says why)"
 log = logging.getLogger("trtllm_bdlora.runtime")
 
 
@@ -65,7 +67,7 @@ class _Control:
         except BdLoraError as err:
             self.error = err
         except Exception as err:  # a collective failed: the runtime fails as for a step
-            self.error = ServerFailedError(f"server failed: {type(err).__name__}")
+            self.error = ServerFailedError(SERVER_FAILED, detail=one_line(err))
             raise
         finally:
             self.done.set()
@@ -81,6 +83,7 @@ class Runtime:
         self.engine = engine
         self.allow_startup_unload = allow_startup_unload
         self.scheduler = Scheduler(engine, max_batch_size, max_num_tokens=max_num_tokens)
+        self.max_queue = max_queue
         self.inbox: queue.Queue[Submission] = queue.Queue(maxsize=max_queue)
         self.pending: dict[int, Submission] = {}
         self.stopping = threading.Event()
@@ -102,21 +105,27 @@ class Runtime:
 
     def _check_accepting(self) -> None:
         if self.failure is not None:
-            raise ServerFailedError(f"server failed: {self.failure}")
+            raise ServerFailedError(SERVER_FAILED, detail=self.failure)
         if self.stopping.is_set() or not self.healthy:
             raise ServerUnavailableError("server is shutting down")
 
     def submit(self, sub: Submission) -> None:
+        """Queue a request, or refuse it (ServerBusyError: RESOURCE_EXHAUSTED / 429) when `max_queue` requests
+        already wait anywhere (the inbox, or the scheduler's waiting list): one bound for every front end."""
         self._check_accepting()
         sub.request.times_ns.setdefault("arrival", time.time_ns())
         with self._lock:
-            sub.request.index = self._next
-            self._next += 1
-        try:
-            self.inbox.put_nowait(sub)
-        except queue.Full:
-            raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued "
-                                  "(--max-queue), retry later") from None
+            waiting = self.queued
+            if waiting < self.max_queue:
+                sub.request.index = self._next
+                self._next += 1
+                try:
+                    self.inbox.put_nowait(sub)
+                    return
+                except queue.Full:  # adapter registrations waiting in the inbox took the last places
+                    pass
+        raise ServerBusyError(f"Exceeds maximum queue size: {waiting} requests already waiting (--max-queue "
+                              f"{self.max_queue}), retry later")
 
     @staticmethod
     def cancel(request: Request) -> None:
@@ -125,7 +134,8 @@ class Runtime:
 
     @property
     def queued(self) -> int:
-        """Requests submitted and not yet running."""
+        """Requests submitted and not yet running (read from any thread: the engine thread moves a request from
+        the inbox to the waiting list, and from there into the batch)."""
         return self.inbox.qsize() + len(self.scheduler.waiting)
 
     @property
@@ -185,7 +195,7 @@ class Runtime:
     @staticmethod
     def _finish(sub: Submission, outcome: str, error: BdLoraError | None = None) -> None:
         """Log the request's access line and tell its caller; a failing callback fails nobody else."""
-        log_request(sub.request, sub.model, outcome, None if error is None else str(error))
+        log_request(sub.request, sub.model, outcome, None if error is None else log_text(error))
         try:
             sub.on_done(None if error else sub.request.output_ids, error)
         except Exception:
@@ -264,7 +274,7 @@ class Runtime:
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = one_line(err)
             log.critical("server failed: %s", self.failure)
-            self._fail_all(ServerFailedError(f"server failed: {self.failure}"))
+            self._fail_all(ServerFailedError(SERVER_FAILED, detail=self.failure))
         finally:
             self.stopped.set()
 

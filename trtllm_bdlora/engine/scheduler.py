@@ -27,7 +27,7 @@ from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
-from trtllm_bdlora.errors import BdLoraError, as_error
+from trtllm_bdlora.errors import BdLoraError, InternalError, as_error, log_text
 
 # Fault injection for tests of fault isolation: sampling raises for requests on this adapter id.
 INJECT_FAULT_ENV = "TRTLLM_BDLORA_INJECT_FAULT_ADAPTER"
@@ -156,7 +156,7 @@ class Scheduler:
 
     def _fail(self, r: Running, error: BdLoraError, finished: list) -> None:
         """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
-        log.error("request %s failed: %s", r.req.id, error)
+        log.error("request %s failed: %s", r.req.id, log_text(error))
         r.req.error = error
         r.req.finish_reason = "error"
         if r in self.running:
@@ -244,7 +244,7 @@ class Scheduler:
         if self._fault_adapter is not None and req.adapter == self._fault_adapter:
             raise RuntimeError(f"injected fault ({INJECT_FAULT_ENV}={self._fault_adapter})")
         if not bool(torch.isfinite(row).all()):
-            raise FloatingPointError("the model produced non-finite logits for this request"
+            raise InternalError("the model produced non-finite logits for this request"
                                      + (f" (adapter {req.adapter})" if req.adapter is not None else ""))
         token, logp = sample(row, req, r.generator, r.end_ids)
         now = time.time_ns()

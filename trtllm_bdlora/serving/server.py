@@ -20,9 +20,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 def main(args: argparse.Namespace) -> int:
     if args.backend == "trtllm":
         raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
+    from trtllm_bdlora.serving.edge.settings import connection_cap, edge_settings
     from trtllm_bdlora.serving.openai.api import check_args
 
     check_args(args)  # bad OpenAI flags fail before any rank starts
+    connection_cap(edge_settings(args).max_connections)  # and bad edge flags, or a cap `ulimit -n` cannot hold
     if mpi_world_size() is None:
         from trtllm_bdlora.engine.engine import check_launch
 
@@ -49,19 +51,31 @@ def main(args: argparse.Namespace) -> int:
 
 def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.engine.runtime import Runtime
+    from trtllm_bdlora.serving.edge.asgi import edge_app
+    from trtllm_bdlora.serving.edge.listener import HttpServer, Listener
+    from trtllm_bdlora.serving.edge.settings import METRICS_MAX_CONNECTIONS, connection_cap, edge_settings
+    from trtllm_bdlora.serving.kserve import http as kserve_http
     from trtllm_bdlora.serving.kserve.capacity import Capacity
     from trtllm_bdlora.serving.kserve.grpc import start_server
-    from trtllm_bdlora.serving.kserve.http import HttpServer, build_app, build_metrics_app
     from trtllm_bdlora.serving.metrics import Metrics
-    from trtllm_bdlora.serving.openai.api import openai_app
+    from trtllm_bdlora.serving.openai import api as openai_api
+    from trtllm_bdlora.serving.openai.names import public_model_name
+    from trtllm_bdlora.serving.openai.protocol import error_body
     from trtllm_bdlora.serving.repository.repository import ModelServer, serve_values
 
+    settings = edge_settings(args)
+    cap = connection_cap(settings.max_connections, raise_limit=True)
+    _hide_host_paths(args)
     runtime = Runtime(engine, args.max_batch_size, args.max_queue, args.max_num_tokens).start()
     capacity = Capacity(streams=args.max_streams, unary=args.max_queue + args.max_batch_size)
     metrics = Metrics()
     metrics.watch(runtime)
-    server = ModelServer(runtime, serve_values(args.model, args.tp, args.max_batch_size), metrics)
+    server = ModelServer(runtime, serve_values(public_model_name(args.model), args.tp, args.max_batch_size), metrics)
     grpc_server, http_servers = None, []
+
+    def listen(app, port: int, name: str, is_health, render, auth: bool = True, max_connections: int | None = None):
+        listener = Listener(f"{name} :{port}", is_health, max_connections or cap)
+        return HttpServer(edge_app(app, settings, is_health, render, auth), args.host, port, settings, listener).start()
 
     def stop_endpoints():  # all at once: a stop must fit in --shutdown-timeout + a few seconds
         for http in http_servers:
@@ -73,10 +87,14 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
             stopped.wait()
 
     try:
-        grpc_server = start_server(server, args.host, args.grpc_port, capacity)
-        http_servers.append(HttpServer(build_app(server, capacity.unary), args.host, args.http_port).start())
-        http_servers.append(HttpServer(build_metrics_app(metrics), args.host, args.metrics_port).start())
-        http_servers.append(HttpServer(openai_app(runtime, args), args.host, args.openai_port).start())
+        grpc_server = start_server(server, args.host, args.grpc_port, capacity, settings, cap)
+        http_servers.append(listen(kserve_http.build_app(server, capacity.unary, settings.max_body_bytes),
+                                   args.http_port, "KServe HTTP", kserve_http.is_health, kserve_http.error_document))
+        http_servers.append(listen(kserve_http.build_metrics_app(metrics), args.metrics_port, "metrics",
+                                   lambda path: path == "/metrics", kserve_http.error_document, auth=False,
+                                   max_connections=min(cap, METRICS_MAX_CONNECTIONS)))
+        http_servers.append(listen(openai_api.openai_app(runtime, args), args.openai_port, "OpenAI",
+                                   openai_api.is_health, error_body))
     except BdLoraError:
         stop_endpoints()
         runtime.stop()
@@ -89,6 +107,9 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
           f"HTTP {args.http_port}, metrics {args.metrics_port}; tp {args.tp}, scheme {args.scheme}, "
           f"adapters {sorted(engine.pool.host)})", flush=True)
     print(f"trtllm-bdlora: OpenAI API on http://{args.host}:{args.openai_port}/v1", flush=True)
+    if not settings.api_keys and not _loopback(args.host):
+        print(f"trtllm-bdlora: warning: serving on {args.host} without --api-key (or API_KEY): anyone who reaches "
+              "these ports can run inference" + (" and load adapters" if args.allow_adapter_loading else ""), flush=True)
     while not stop.wait(0.2) and not runtime.stopped.is_set():
         pass
     forced = _drain_or_cut(runtime, args.shutdown_timeout)
@@ -102,6 +123,34 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     shutdown(comm)
     print("trtllm-bdlora: stopped", flush=True)
     exit_now(0)  # nothing is left to save; interpreter teardown (idle server threads, torch) only delays the exit
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _hide_host_paths(args: argparse.Namespace) -> None:
+    """Clients see the model, the adapter root and --adapter directories by their names, never their host paths."""
+    from pathlib import Path
+
+    from trtllm_bdlora.errors import hide_path
+    from trtllm_bdlora.llama.loader import resolve_model_dir
+    from trtllm_bdlora.serving.openai.names import public_model_name
+
+    shown = f"<model {public_model_name(args.model)}>"
+    for path in (Path(args.model).absolute(), Path(args.model).resolve(), resolve_model_dir(args.model).resolve()):
+        hide_path(str(path), shown)
+    for adapter in args.adapter:
+        for path in (Path(adapter[1]).absolute(), Path(adapter[1]).resolve()):
+            hide_path(str(path), f"<adapter {getattr(adapter, 'name', adapter[0])}>")
+    if args.adapter_root:
+        for path in (Path(args.adapter_root).absolute(), Path(args.adapter_root).resolve()):
+            hide_path(str(path), "<--adapter-root>")
 
 
 CUT_GRACE_S = 10.0  # after --shutdown-timeout: how long the engine may take to reach a step boundary

@@ -16,6 +16,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, ModelNotFound
+from trtllm_bdlora.serving.edge.auth import ApiKeyInterceptor, ApiKeys
+from trtllm_bdlora.serving.edge.settings import DEFAULT_MAX_CONNECTIONS, EdgeSettings
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, STREAMS_REFUSAL, CallSlots, Capacity
 from trtllm_bdlora.serving.kserve.tensors import from_grpc, to_grpc
 from trtllm_bdlora.serving.repository.calls import CallContext, error_status
@@ -184,14 +186,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         return
 
 
-def start_server(server: ModelServer, host: str, port: int, capacity: Capacity | None = None) -> grpc.Server:
+def connection_options(settings: EdgeSettings, max_connections: int) -> list[tuple[str, int]]:
+    """gRPC core's own connection limits (channel arguments): beyond `max_connections` a new connection is closed
+    at accept (its connection quota); one that does not finish the HTTP/2 handshake within the header timeout is
+    closed; one without calls for --grpc-max-connection-idle, or older than --grpc-max-connection-age, is sent a
+    GOAWAY (calls in flight finish)."""
+    options = [("grpc.max_allowed_incoming_connections", max_connections),
+               ("grpc.server_handshake_timeout_ms", int(settings.header_timeout * 1000))]
+    if settings.grpc_max_connection_idle:
+        options.append(("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle * 1000)))
+    if settings.grpc_max_connection_age:
+        options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age * 1000)),
+                    ("grpc.max_connection_age_grace_ms", int(settings.grpc_max_connection_age * 1000))]
+    return options
+
+
+def start_server(server: ModelServer, host: str, port: int, capacity: Capacity | None = None,
+                 settings: EdgeSettings | None = None, max_connections: int | None = None) -> grpc.Server:
     """Listen on host:port, or raise BdLoraError at once when the port is taken (gRPC's SO_REUSEPORT is off, so a
     second server cannot share a port with a running one)."""
     capacity = capacity or Capacity()
+    settings = settings or EdgeSettings()
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.so_reuseport", 0)]
+               ("grpc.so_reuseport", 0),
+               *connection_options(settings, max_connections or settings.max_connections or DEFAULT_MAX_CONNECTIONS)]
+    interceptors = [ApiKeyInterceptor(ApiKeys(settings.api_keys))] if settings.api_keys else []
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers, thread_name_prefix="grpc"),
-                              options=options)
+                              options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server, capacity), grpc_server)
     try:
         bound = grpc_server.add_insecure_port(f"{host}:{port}")

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf import json_format
+from starlette.concurrency import run_in_threadpool
 
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError
+from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
+from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
 from trtllm_bdlora.serving.metrics import Metrics
@@ -26,7 +27,16 @@ from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, Mo
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to finish
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def is_health(path: str) -> bool:
+    """Triton's health endpoints: server live / ready and model ready (answered without an API key)."""
+    return path in HEALTH_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready"))
+
+
+def error_document(err: BaseException) -> dict:
+    return {"error": error_status(err)[2]}
 
 
 def _error(err: BaseException) -> JSONResponse:
@@ -85,6 +95,11 @@ def _cast(array: np.ndarray, datatype: str, name: str) -> np.ndarray:
               "FP16": np.float16, "FP32": np.float32, "BF16": np.float32}[datatype]
     if array.dtype.kind not in "biuf" or (np.dtype(target).kind in "iu" and array.dtype.kind == "f"):
         raise RequestError(f"input {name} must be {datatype}, got {array.dtype.name} values")
+    if np.dtype(target).kind in "iu" and array.size and array.dtype.kind in "iu":  # never wrap: -1 is no UINT64
+        info = np.iinfo(target)
+        low, high = int(array.min()), int(array.max())
+        if low < info.min or high > info.max:
+            raise InputError(name, f"must be in [{info.min}, {info.max}] ({datatype}), got {low if low < info.min else high}")
     return array.astype(target)
 
 
@@ -96,11 +111,15 @@ def _json_outputs(outputs: dict[str, np.ndarray]) -> dict:
     return doc
 
 
-def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
+def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_bytes: int = MAX_MESSAGE_BYTES) -> FastAPI:
     """Health, metadata, config and statistics run on the event loop (async, never waiting for a thread);
-    inference runs on its own bounded pool."""
+    inference, and reading any JSON document, run on threads (inference on its own bounded pool). A client that
+    disconnects before its answer cancels its request."""
     app = FastAPI(title="trtllm-bdlora KServe v2", version=__version__)
     pool = InferencePool(max_inference_calls)
+
+    async def body_of(request: Request) -> bytes:
+        return await _body(request, max_body_bytes)
 
     @app.exception_handler(BdLoraError)
     async def request_error(_request: Request, err: BdLoraError):  # e.g. a body over the limit
@@ -121,7 +140,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
 
     @app.post("/v2/repository/index")
     async def index(request: Request):
-        doc = _json(await _body(request) or b"{}")
+        doc = await run_in_threadpool(parse_json, await body_of(request) or b"{}")
         only_ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
         return [m for m in server.index() if not only_ready or m["state"] == "READY"]
 
@@ -170,12 +189,13 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str = ""):
-        body = await _body(request)
+        body = await body_of(request)
         header = request.headers.get(HEADER_LENGTH)
+        gone = threading.Event()
 
         def run():
             infer_request = from_http(model, body, _header_length(header))
-            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters)
+            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters, cancelled=gone)
             responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
             if len(responses) != 1:
                 raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
@@ -185,7 +205,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
             return out
 
         try:
-            payload, json_size = await pool.run(run)
+            async with cancel_on_disconnect(request, gone.set):
+                payload, json_size = await pool.run(run)
         except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
             return _error(err)
         headers = {HEADER_LENGTH: str(json_size)} if json_size is not None else {}
@@ -195,27 +216,29 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     @app.post("/v2/models/{model}/generate")
     @app.post("/v2/models/{model}/versions/{version}/generate")
     async def generate(model: str, request: Request, version: str = ""):
-        body = await _body(request)
+        body = await body_of(request)
+        gone = threading.Event()
 
         def run():
-            infer_request = generate_inputs(server, model, _json(body))
-            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters)
+            infer_request = generate_inputs(server, model, parse_json(body))
+            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters, cancelled=gone)
             responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs]
             if len(responses) != 1:
                 raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream")
             return {"model_name": model, "model_version": "1", **_json_outputs(responses[0].outputs)}
 
         try:
-            return await pool.run(run)
+            async with cancel_on_disconnect(request, gone.set):
+                return await pool.run(run)
         except Exception as err:  # noqa: BLE001
             return _error(err)
 
     @app.post("/v2/models/{model}/generate_stream")
     @app.post("/v2/models/{model}/versions/{version}/generate_stream")
     async def generate_stream(model: str, request: Request, version: str = ""):
-        body = await _body(request)
+        body = await body_of(request)
         try:
-            infer_request = await pool.run(generate_inputs, server, model, _json(body))
+            infer_request = await pool.run(lambda: generate_inputs(server, model, parse_json(body)))
         except Exception as err:  # noqa: BLE001
             return _error(err)
         ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters)
@@ -236,15 +259,15 @@ def build_app(server: ModelServer, max_inference_calls: int = 272) -> FastAPI:
     return app
 
 
-async def _body(request: Request) -> bytes:
+async def _body(request: Request, limit: int = MAX_MESSAGE_BYTES) -> bytes:
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_MESSAGE_BYTES:
-        raise BodyTooLargeError(f"request body of {declared} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"request body of {declared} bytes is over the {limit}-byte limit (--max-body-bytes)")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_MESSAGE_BYTES:
-            raise BodyTooLargeError(f"request body is over the {MAX_MESSAGE_BYTES}-byte limit")
+        if size > limit:
+            raise BodyTooLargeError(f"request body is over the {limit}-byte limit (--max-body-bytes)")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -258,13 +281,6 @@ def _header_length(header: str | None) -> int | None:
         raise RequestError(f"{HEADER_LENGTH} must be an integer, got {header[:40]!r}") from None
 
 
-def _json(body: bytes):
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"request body is not valid JSON: {err}") from None
-
-
 def build_metrics_app(metrics: Metrics) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora metrics")
 
@@ -273,33 +289,3 @@ def build_metrics_app(metrics: Metrics) -> FastAPI:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-
-
-class HttpServer:
-    """uvicorn on its own thread, on a socket bound up front so a taken port fails `serve` at once."""
-
-    def __init__(self, app: FastAPI, host: str, port: int):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.sock.bind((host, port))
-        except OSError as err:
-            self.sock.close()
-            raise BdLoraError(f"cannot listen on {host}:{port} ({err.strerror})") from None
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                    timeout_graceful_shutdown=STOP_GRACE_S))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def start(self) -> HttpServer:
-        self.thread.start()
-        return self
-
-    def begin_stop(self) -> None:
-        """Stop accepting; open connections get STOP_GRACE_S to finish."""
-        self.server.should_exit = True
-
-    def stop(self, timeout: float = STOP_GRACE_S + 2) -> None:
-        self.begin_stop()
-        self.thread.join(timeout)
-        self.sock.close()
-

@@ -11,6 +11,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
 from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.repository.calls import InferRequest, WireTensor
 
 CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -95,10 +96,7 @@ def from_http(model: str, body: bytes, header_length: int | None) -> InferReques
     if header_length is not None and not 0 <= header_length <= len(body):
         raise RequestError(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
     head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
-    try:
-        doc = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"request body is not valid JSON: {err}") from None
+    doc = parse_json(head)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list):
         raise RequestError("request JSON must be an object with an 'inputs' list")
     tensors, offset = [], 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -20,7 +22,9 @@ from starlette.exceptions import HTTPException
 from trtllm_bdlora.engine.request import build_request
 from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import AdapterError, BdLoraError, NotFoundError, RequestError
-from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root
+from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
+from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root, check_name, public_model_name
 from trtllm_bdlora.serving.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,11 +40,30 @@ from trtllm_bdlora.serving.openai.protocol import (
 )
 
 DONE = format_sse_event(data_str="[DONE]")
+TEXT_THREADS = 4  # threads that parse bodies, apply chat templates and tokenize (never the event loop)
+HEALTH_PATHS = frozenset({"/health"})
+
+
+def is_health(path: str) -> bool:
+    return path in HEALTH_PATHS
 
 
 def adapter_gone(err: NotFoundError) -> NotFoundError:
     """An adapter unloaded or evicted after the request named it: for an OpenAI client, its model does not exist."""
     return NotFoundError(f"The model does not exist: {err}", param="model")
+
+
+_TEXT_POOL = ThreadPoolExecutor(max_workers=TEXT_THREADS, thread_name_prefix="openai-text")
+
+
+async def off_loop(fn, *args):
+    """`fn(*args)` on a text thread: the event loop (health, other requests) never waits for it."""
+    return await asyncio.get_running_loop().run_in_executor(_TEXT_POOL, fn, *args)
+
+
+async def parse(request: Request, model: type[pydantic.BaseModel]):
+    """The request's body as `model`, parsed and checked on a text thread (parse_json: depth, Unicode)."""
+    return await off_loop(validate_body, model, await request.body())
 
 
 class Generation:
@@ -73,6 +96,7 @@ class OpenAIServer:
     def __init__(self, runtime: Runtime, names: AdapterNames, root: Path | None):
         self.runtime, self.engine, self.names, self.root = runtime, runtime.engine, names, root
         self.adapter_lock = asyncio.Lock()
+        self.off_loop = off_loop
 
     def registered(self) -> set[int]:
         """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries)."""
@@ -81,12 +105,12 @@ class OpenAIServer:
         return registered
 
     # generation --------------------------------------------------------------
-    async def generate(self, body: SamplingRequest, max_tokens: int | None, chat: bool):
-        body.check_supported()
+    def _build(self, body: SamplingRequest, max_tokens: int | None, task_id: int | None):
+        """The engine request (text thread): the prompt's size checked against the context before any template or
+        tokenizer sees it, then templated and tokenized."""
         eng = self.engine
         if eng.tokenizer is None:
             raise RequestError("this model has no tokenizer: the OpenAI API needs one")
-        task_id = self.names.resolve(body.model, self.registered())
         ids = body.prompt_ids(eng.tokenizer, eng.max_seq_len)
         if max_tokens is None:  # as vLLM: up to the end of the context
             max_tokens = max(1, eng.max_seq_len - len(ids))
@@ -96,7 +120,14 @@ class OpenAIServer:
         if params.min_tokens > params.max_tokens:  # as vLLM
             raise RequestError(f"min_tokens {params.min_tokens} must be <= max_tokens {params.max_tokens}",
                                param="min_tokens")
+        return req
+
+    async def generate(self, request: Request, body: SamplingRequest, max_tokens: int | None, chat: bool):
+        body.check_supported()
+        eng = self.engine
+        task_id = self.names.resolve(body.model, self.registered())
         stops = body.stops()
+        req = await self.off_loop(self._build, body, max_tokens, task_id)
         gen = Generation(asyncio.get_running_loop(),
                          TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
         req.on_token = gen.on_token
@@ -106,9 +137,10 @@ class OpenAIServer:
             raise adapter_gone(err) from None
         shape = ResponseShape(chat, body.model or self.names.base, bool(body.return_token_ids), req.prompt_ids)
         try:
-            event = first = await gen.events.get()
-            while not body.stream and event[0] != "done":
-                event = await gen.events.get()
+            async with cancel_on_disconnect(request, gen.abandon):  # a client that leaves cancels its request
+                event = first = await gen.events.get()
+                while not body.stream and event[0] != "done":
+                    event = await gen.events.get()
         except asyncio.CancelledError:
             gen.abandon()
             raise
@@ -163,6 +195,7 @@ class OpenAIServer:
         name = body.lora_name
         if not name or not body.lora_path:
             raise RequestError("Both 'lora_name' and 'lora_path' must be provided.")
+        check_name("lora_name", name)
         if body.load_inplace:
             raise RequestError("load_inplace is not supported: unload the adapter first", param="load_inplace")
         if name.isdigit() and (name != str(int(name)) or int(name) < 1):
@@ -180,7 +213,7 @@ class OpenAIServer:
                 raise AdapterError(str(err), param="lora_path") from None
             task_id = int(name) if name.isdigit() else self.names.next_id(registered)
             await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
-            self.names.add(name, task_id, str(directory))
+            self.names.add(name, task_id, str(directory.relative_to(root)))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
@@ -201,14 +234,24 @@ class OpenAIServer:
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
-def _validation_message(err: RequestValidationError) -> str:
+def _validation_message(errors, skip: int = 1) -> str:
+    """One line from pydantic's errors; `skip` leading location parts (FastAPI's "body")."""
     parts = []
-    for e in err.errors()[:3]:
+    for e in errors[:3]:
         if e.get("type") == "json_invalid":
             return f"request body is not valid JSON ({e.get('ctx', {}).get('error', 'decode error')})"
-        where = ".".join(str(x) for x in e.get("loc", ())[1:])
+        where = ".".join(str(x) for x in e.get("loc", ())[skip:])
         parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     return "invalid request body: " + "; ".join(parts)
+
+
+def validate_body(model: type[pydantic.BaseModel], raw: bytes):
+    """A request body as `model`: JSON checked by parse_json, fields by pydantic; a one-line 400 otherwise."""
+    doc = parse_json(raw)
+    try:
+        return model.model_validate(doc)
+    except pydantic.ValidationError as err:
+        raise RequestError(_validation_message(err.errors(include_url=False, include_input=False), skip=0)) from None
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
@@ -220,7 +263,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError):  # as vLLM: 400, not FastAPI's 422
-        return JSONResponse(error_body(RequestError(_validation_message(err))), status_code=400)
+        return JSONResponse(error_body(RequestError(_validation_message(err.errors()))), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException):
@@ -244,23 +287,26 @@ def create_app(server: OpenAIServer) -> FastAPI:
         cards = server.names.cards(registered, server.engine.max_seq_len)
         return cards[0] if task_id is None else next(c for c in cards[1:] if c["lora_task_id"] == task_id)
 
+    # bodies are parsed on a text thread (server.parse), never on the event loop
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default
-        return await server.generate(body, max_tokens, chat=False)
+        return await server.generate(request, body, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(request: Request):
+        body = await parse(request, ChatCompletionRequest)
         max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        return await server.generate(body, max_tokens, chat=True)
+        return await server.generate(request, body, max_tokens, chat=True)
 
     @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
-        return await server.load_adapter(body)
+    async def load_lora_adapter(request: Request):
+        return await server.load_adapter(await parse(request, LoadLoRAAdapterRequest))
 
     @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
-        return await server.unload_adapter(body)
+    async def unload_lora_adapter(request: Request):
+        return await server.unload_adapter(await parse(request, UnloadLoRAAdapterRequest))
 
     return app
 
@@ -268,7 +314,9 @@ def create_app(server: OpenAIServer) -> FastAPI:
 def check_args(args) -> tuple[AdapterNames, Path | None]:
     """The OpenAI names and loading root from `serve`'s flags; BdLoraError for bad ones (before ranks start)."""
     base = args.served_model_name or args.model
-    return AdapterNames(base, args.model, args.adapter), adapter_root(args.adapter_root, args.allow_adapter_loading)
+    check_name("--served-model-name" if args.served_model_name else "--model", base)
+    return (AdapterNames(base, public_model_name(base), args.adapter),
+            adapter_root(args.adapter_root, args.allow_adapter_loading))
 
 
 def openai_app(runtime: Runtime, args) -> FastAPI:

@@ -11,7 +11,25 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from trtllm_bdlora.errors import BdLoraError, NotFoundError, PermissionDeniedError
+from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError, PermissionDeniedError
+
+MAX_NAME_CHARS = 256
+
+
+def check_name(field: str, name: str) -> str:
+    """A model or adapter name clients will see and send: printable text (no NUL, control character or lone
+    surrogate), no surrounding spaces, at most MAX_NAME_CHARS; checked before anything is registered under it."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+        raise InputError(field, f"must be a name of 1 to {MAX_NAME_CHARS} characters")
+    if not name.isprintable() or name != name.strip():
+        raise InputError(field, "must be printable text without control characters, lone surrogates or surrounding "
+                                "spaces")
+    return name
+
+
+def public_model_name(model: str) -> str:
+    """What `/v1/models` shows as the base model's root: the name of its directory, never the host path."""
+    return Path(model).name if "/" in model else model
 
 
 def _canonical_id(name: str) -> int | None:
@@ -32,7 +50,7 @@ class AdapterNames:
                 raise BdLoraError(f"adapter name {name!r} is the base model's name")
             if self.ids.get(name, task_id) != task_id:
                 raise BdLoraError(f"adapter name {name!r} is given to two task ids")
-            self.add(name, task_id, directory)
+            self.add(name, task_id, Path(directory).name)  # shown as `root`: the directory's name, not its path
 
     def add(self, name: str, task_id: int, root: str | None) -> None:
         if _canonical_id(name) is None:
@@ -93,12 +111,15 @@ def adapter_root(root: str | None, allow_loading: bool) -> Path | None:
 def adapter_dir_under(root: Path, lora_path: str) -> Path:
     """`lora_path` (absolute, or relative to `root`) with symlinks resolved; refused unless it and every file in it
     lie under `root`."""
-    resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
-    outside = PermissionDeniedError(f"lora_path {lora_path!r} is outside --adapter-root {root}", param="lora_path")
+    try:
+        resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
+    except (ValueError, OSError):  # NUL, a symlink loop, a name too long
+        raise InputError("lora_path", "cannot be resolved to a directory") from None
+    outside = PermissionDeniedError("lora_path is outside --adapter-root", param="lora_path")  # neither path shown
     if not resolved.is_relative_to(root):
         raise outside
     if not resolved.is_dir():
-        raise NotFoundError(f"lora_path {lora_path!r}: no such adapter directory under {root}", param="lora_path")
+        raise NotFoundError("lora_path: no such adapter directory under --adapter-root", param="lora_path")
     if any(not entry.resolve().is_relative_to(root) for entry in resolved.iterdir()):
         raise outside
     return resolved

@@ -22,7 +22,7 @@ from trtllm_bdlora.engine.request import (
     check_token_ids,
     text_prompt_ids,
 )
-from trtllm_bdlora.errors import BdLoraError, RequestError
+from trtllm_bdlora.errors import BdLoraError, RequestError, public_text
 
 # Fields this server cannot honour, with the values that mean "off": anything else is a 400 naming the field.
 UNSUPPORTED = {
@@ -39,7 +39,8 @@ def error_body(err: BdLoraError) -> dict:
     """An error as OpenAI answers it: `{"error": {"message", "type", "param", "code"}}`, status and type from the one
     table of errors.py."""
     status = err.status
-    return {"error": {"message": str(err), "type": status.openai_type, "param": err.param, "code": status.http}}
+    return {"error": {"message": public_text(str(err)), "type": status.openai_type, "param": err.param,
+                      "code": status.http}}
 
 
 class StreamOptions(BaseModel):
@@ -124,7 +125,7 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
 
     def prompt_ids(self, tokenizer, max_seq_len: int) -> list[int]:
-        return chat_prompt_ids(tokenizer, self.chat_messages())
+        return chat_prompt_ids(tokenizer, self.chat_messages(), max_seq_len=max_seq_len)
 
     def chat_messages(self) -> list[dict]:
         """Messages for the tokenizer's chat template, text content parts joined into one string."""

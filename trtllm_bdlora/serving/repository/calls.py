@@ -3,20 +3,20 @@ Triton checks it; inputs in, a stream of responses out."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from trtllm_bdlora.errors import BdLoraError, RequestError, as_error
+from trtllm_bdlora.errors import BdLoraError, RequestError, as_error, public_text
 from trtllm_bdlora.serving.repository.config import wire_type
 from trtllm_bdlora.serving.repository.spec import Model
 
-FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")  # lora_weights: the engine's dtype, but any float is read
+FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")
+log = logging.getLogger("trtllm_bdlora.edge")  # lora_weights: the engine's dtype, but any float is read
 
 
 @dataclass
@@ -81,12 +81,17 @@ def scalar(inputs: dict[str, np.ndarray], name: str, row: int = 0, default=None)
 
 def error_status(err: BaseException) -> tuple[str, int, str]:
     """(gRPC status code name, HTTP status, one-line message) of an error raised while answering a call, from the one
-    table of errors.py. Anything unexpected is INTERNAL with its type and first line; its traceback goes to the
-    server's log, never to the client."""
+    table of errors.py. Anything unexpected is INTERNAL, and says so only: its type, message and traceback go to the
+    server's log (once per interval for a repeated one), never to the client; nor do host paths (`public_text`)."""
     if not isinstance(err, BdLoraError):
-        traceback.print_exception(err, file=sys.stderr)
-    err = as_error(err)
-    return err.status.grpc, err.status.http, str(err)
+        log.error("unexpected error while answering a call: %s", one_line(err), exc_info=err)
+    err = as_error(err, "internal error while answering this call")
+    return err.status.grpc, err.status.http, public_text(str(err))
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int

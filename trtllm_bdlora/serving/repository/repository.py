@@ -21,9 +21,10 @@ from trtllm_bdlora.serving.repository.text_models import Postprocessing, Preproc
 from trtllm_bdlora.serving.repository.tokens import flag
 
 
-def serve_values(model_dir: str, tp: int, max_batch_size: int, overrides: dict[str, str] | None = None) -> dict:
-    """Placeholder values for the models `serve` answers for (a config as fill-model-repo would write it)."""
-    return {**DEFAULTS, "engine_dir": model_dir, "tokenizer_dir": model_dir, "tp_size": str(tp),
+def serve_values(model_name: str, tp: int, max_batch_size: int, overrides: dict[str, str] | None = None) -> dict:
+    """Placeholder values for the models `serve` answers for (a config as fill-model-repo would write it); the
+    model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
+    return {**DEFAULTS, "engine_dir": model_name, "tokenizer_dir": model_name, "tp_size": str(tp),
             "triton_max_batch_size": str(max_batch_size), "lora_weights_data_type": "TYPE_FP16", **(overrides or {})}
 
 

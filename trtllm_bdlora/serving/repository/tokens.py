@@ -15,17 +15,18 @@ from __future__ import annotations
 import numpy as np
 
 from trtllm_bdlora.errors import InputError, RequestError
+from trtllm_bdlora.serving.edge.payload import check_text
 
 
 def _text(value, name: str = "text") -> str:
     """A string element as text; bytes that are not UTF-8 are refused (as upstream's `bytes.decode()`), never
-    silently replaced."""
-    if not isinstance(value, bytes):
-        return str(value)
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(name, f"is not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start})") from None
+    silently replaced, and so is text holding NUL or a lone surrogate (payload.text_problem)."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(name, f"is not valid UTF-8 (byte 0x{value[err.start]:02x} at offset {err.start})") from None
+    return check_text(name, str(value))
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
