@@ -34,7 +34,7 @@ GRPC_AUTH = {"authorization": f"Bearer {KEYS[0]}"}
 CAP, HEADER_S, BODY_S, MAX_QUEUE, MAX_BATCH = 24, 2, 2, 4, 2
 ORIGIN = "https://app.example"
 FAULT_ADAPTER = 7  # sampling raises for requests on this adapter (the server's fault-injection variable)
-SERVED_NAME = "tiny"
+SERVED_NAME = "model"  # the --model directory's name: how /v1/models lists the base model
 HEALTH_RESERVE = 8
 QUEUE_FULL = "Exceeds maximum queue size"
 
@@ -62,7 +62,7 @@ def edge(tmp_path_factory):
     (adapter_root / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 0}')
     (root / "outside").mkdir()
     server = Server(model, {FAULT_ADAPTER: adapter}, tp=1, extra=[
-        "--served-model-name", SERVED_NAME, "--max-connections", str(CAP), "--request-header-timeout", str(HEADER_S),
+        "--max-connections", str(CAP), "--request-header-timeout", str(HEADER_S),
         "--request-body-timeout", str(BODY_S), "--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH),
         "--api-key", KEYS[0], "--api-key", f"{KEYS[1]},spare-key", "--allowed-origins", ORIGIN,
         "--allow-adapter-loading", "--adapter-root", str(adapter_root)],
@@ -153,6 +153,17 @@ def test_slow_head_and_slow_body_are_dropped_at_their_timeouts(edge, which, path
             time.sleep(0.5)
     assert time.monotonic() - t0 < HEADER_S + 2
     sock.close()
+
+
+@pytest.mark.parametrize("which,path", [("kserve", "/v2/models/ensemble/infer"), ("openai", "/v1/chat/completions")])
+def test_one_body_limit_refuses_before_reading(edge, which, path):
+    """A declared body over --max-body-bytes (64 MiB) gets 413 from its head alone; the unread rest is dropped."""
+    sock = socket.create_connection(("127.0.0.1", edge.port(which)))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {AUTH['Authorization']}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {64 * 1024 * 1024 + 1}\r\n\r\n{{".encode())
+    data, seconds = _raw_answer(sock, 10)
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 413") and b"--max-body-bytes" in data and seconds < 5, (data[:200], seconds)
 
 
 def test_huge_chat_message_is_refused_before_templating_while_health_answers(edge):
@@ -281,10 +292,10 @@ MALFORMED = {  # (port, path, raw body, the field the error must name)
     "index nested": ("kserve", "/v2/repository/index", DEEP, "nested"),
     "infer id -1": ("kserve", "/v2/models/tensorrt_llm/infer", json.dumps({"inputs": [
         {"name": "lora_task_id", "datatype": "UINT64", "shape": [1, 1], "data": [-1]}]}), "lora_task_id"),
-    "prompt lone surrogate": ("openai", "/v1/completions", '{"model": "tiny", "prompt": "\\ud800"}', "prompt"),
+    "prompt lone surrogate": ("openai", "/v1/completions", '{"model": "model", "prompt": "\\ud800"}', "prompt"),
     "model lone surrogate": ("openai", "/v1/completions", '{"model": "\\ud800", "prompt": "hi"}', "model"),
     "message lone surrogate": ("openai", "/v1/chat/completions",
-                               '{"model": "tiny", "messages": [{"role": "user", "content": "x\\udfff"}]}', "messages[0].content"),
+                               '{"model": "model", "messages": [{"role": "user", "content": "x\\udfff"}]}', "messages[0].content"),
     "completions nested": ("openai", "/v1/completions", DEEP, "nested"),
     "chat nested": ("openai", "/v1/chat/completions", DEEP, "nested"),
     "lora_name lone surrogate": ("openai", "/v1/load_lora_adapter", '{"lora_name": "\\ud800", "lora_path": "a1"}',
@@ -360,6 +371,9 @@ def test_no_answer_shows_a_host_path_or_an_exception_name(edge):
         assert not any(path in body for path in hidden), body[:500]
         names = set(re.findall(r"[A-Za-z_]\w*", body)) & PYTHON_EXCEPTIONS
         assert not names, (names, body[:500])
+    alias = requests.post(f"{edge.openai}/v1/completions", headers=AUTH, timeout=60,  # the path still names the base
+                          json={"model": str(edge.model), "prompt": "Hello", "max_tokens": 2})
+    assert alias.status_code == 200, alias.text
     log = edge.server.output()  # the server's log keeps what clients do not see
     assert "RuntimeError: injected fault" in log and str(edge.adapter_root) in log
 

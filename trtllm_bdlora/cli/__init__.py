@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=_positive_int, default=1, help="the server's TP (for --adapter-dir conversion)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--api-key", default=None, help="the server's API key (default: the first key of API_KEY)")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.cli.client", fromlist=["main"]).main(a))
 
     p = sub.add_parser("fill-model-repo", help="fill model_repo/ (Triton inflight_batcher_llm layout) for an engine")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 
 import numpy as np
@@ -48,16 +49,18 @@ def converted_adapter(adapter_dir: str, tp: int = 1) -> tuple[np.ndarray, np.nda
 
 
 def infer(client, text: str, max_tokens: int, task_id: int | None = None, lora: tuple | None = None,
-          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> str:
-    result = client.infer("ensemble", _inputs(text, max_tokens, task_id, lora, False, temperature, top_p, seed))
+          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, headers: dict | None = None) -> str:
+    result = client.infer("ensemble", _inputs(text, max_tokens, task_id, lora, False, temperature, top_p, seed),
+                          headers=headers)
     return result.as_numpy("text_output").reshape(-1)[0].decode()
 
 
 def stream(client, text: str, max_tokens: int, task_id: int | None = None, lora: tuple | None = None,
-           on_text=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, timeout: float = 600) -> str:
+           on_text=None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, timeout: float = 600,
+           headers: dict | None = None) -> str:
     """Stream one request; `on_text` gets each text delta. Returns the whole text."""
     chunks: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: chunks.put((result, error)))
+    client.start_stream(callback=lambda result, error: chunks.put((result, error)), headers=headers)
     try:
         client.async_stream_infer("ensemble", _inputs(text, max_tokens, task_id, lora, True, temperature, top_p, seed),
                                   enable_empty_final_response=True)
@@ -86,14 +89,17 @@ def main(args: argparse.Namespace) -> int:
 
     client = grpcclient.InferenceServerClient(args.url)
     lora = None
+    key = getattr(args, "api_key", None) or os.environ.get("API_KEY", "").split(",")[0].strip()
+    headers = {"authorization": f"Bearer {key}"} if key else None
 
     def run():
         if args.stream:
             text = stream(client, args.text, args.max_tokens, args.adapter, lora,
-                          on_text=lambda s: print(s, end="", flush=True), temperature=args.temperature)
+                          on_text=lambda s: print(s, end="", flush=True), temperature=args.temperature, headers=headers)
             print()
             return text
-        text = infer(client, args.text, args.max_tokens, args.adapter, lora, temperature=args.temperature)
+        text = infer(client, args.text, args.max_tokens, args.adapter, lora, temperature=args.temperature,
+                     headers=headers)
         print(text)
         return text
 

@@ -7,7 +7,8 @@ docker/Dockerfile.cpu (`serve` with the torch backend on CPU). A user moves betw
 
 The environment gives defaults for the serve flags; a flag on the command line wins. MODEL --model, TP --tp,
 BACKEND --backend (each image sets its own), DTYPE, MAX_BATCH_SIZE, MAX_LORA_RANK, HOST, HTTP_PORT, GRPC_PORT,
-METRICS_PORT, OPENAI_PORT as the flags of those names; ADAPTERS: ID=DIR entries separated by spaces or commas, one --adapter each.
+METRICS_PORT, OPENAI_PORT as the flags of those names; ADAPTERS: ID=DIR entries separated by spaces or commas, one --adapter each;
+API_KEY is read by `serve` itself (--api-key; refused by --backend trtllm, which Triton serves without keys).
 --backend torch runs `trtllm-bdlora serve`. --backend trtllm checks the pinned TensorRT-LLM / TensorRT, builds the
 per-rank engines if ENGINE_DIR (/engines) has none, fills MODEL_REPO (/model_repo) and launches one tritonserver per
 rank with PLUGIN_LIB preloaded. DRY_RUN=1 prints the commands instead of running them.
@@ -34,7 +35,13 @@ TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-
               "shutdown_timeout": "--shutdown-timeout", "max_streams": "--max-streams",
               "allow_request_adapters": "--no-allow-request-adapters", "openai_port": "--openai-port",
               "served_model_name": "--served-model-name", "allow_adapter_loading": "--allow-adapter-loading",
-              "adapter_root": "--adapter-root", "max_num_tokens": "--max-num-tokens", "log_level": "--log-level"}
+              "adapter_root": "--adapter-root", "max_num_tokens": "--max-num-tokens", "log_level": "--log-level",
+              "max_connections": "--max-connections", "request_header_timeout": "--request-header-timeout",
+              "request_body_timeout": "--request-body-timeout", "keep_alive_timeout": "--keep-alive-timeout",
+              "max_keep_alive_requests": "--max-keep-alive-requests",
+              "grpc_max_connection_idle": "--grpc-max-connection-idle",
+              "grpc_max_connection_age": "--grpc-max-connection-age", "max_body_bytes": "--max-body-bytes",
+              "api_key": "--api-key", "allowed_origins": "--allowed-origins"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:
@@ -61,6 +68,8 @@ def trtllm_plan(args: argparse.Namespace, env: dict[str, str], engines_exist: bo
 
     parser = _subcommands()["serve"]
     unused = [flag for dest, flag in TORCH_ONLY.items() if getattr(args, dest) != parser.get_default(dest)]
+    if env.get("API_KEY"):  # never dropped silently: Triton itself has no API keys
+        unused.append("API_KEY")
     if unused:
         raise SystemExit(f"entrypoint: {', '.join(unused)}: not used by --backend trtllm (Triton serves the engines; "
                          "adapters are registered by the first request that carries lora_weights and lora_config)")

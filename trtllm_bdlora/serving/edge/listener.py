@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,9 +33,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.serving.edge.events import EventLog, throttle_library_logs
-from trtllm_bdlora.serving.edge.settings import HEALTH_RESERVE, EdgeSettings
+from trtllm_bdlora.serving.edge.settings import HEALTH_RESERVE, EdgeSettings, accept_burst
 
 STOP_GRACE_S = 1  # at shutdown: how long open HTTP connections may take to finish
+KERNEL_BACKLOG = 2048  # uvicorn's default listen backlog
 LINGER_S = 2.0  # how long the rest of a refused body is read and dropped before the connection is closed
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 16\r\n" \
                    b"connection: close\r\n\r\nrequest too slow"
@@ -266,13 +268,19 @@ class HttpServer:
 
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=STOP_GRACE_S,
-            http=protocol, ws="none", timeout_keep_alive=settings.keep_alive_timeout))
+            http=protocol, ws="none", timeout_keep_alive=settings.keep_alive_timeout, backlog=accept_burst(cap)))
         throttle_library_logs()
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name=f"http-{port}")
 
-    def start(self) -> HttpServer:
+    def start(self, timeout: float = 30.0) -> HttpServer:
         self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # asyncio accepts up to its backlog argument in one go (the burst the guard cannot see yet, kept small);
+        # the kernel may hold more waiting connections, so a burst of them is not dropped (SYN retries of 1 s+)
+        self.sock.listen(KERNEL_BACKLOG)
         return self
 
     def begin_stop(self) -> None:

@@ -99,9 +99,20 @@ def edge_settings(args) -> EdgeSettings:
         allowed_origins=split_origins(getattr(args, "allowed_origins", None)))
 
 
+HTTP_LISTENERS = 3  # KServe HTTP, OpenAI, metrics
+
+
+def accept_burst(max_connections: int) -> int:
+    """The listen backlog of an HTTP listener, which is also how many connections asyncio accepts in one go before
+    the guard sees any of them: it bounds how far a burst of connections overshoots the cap."""
+    return max(16, min(256, max_connections // 4))
+
+
 def descriptors_needed(max_connections: int) -> int:
-    """Open files rank 0 may need with every listener full."""
-    return CAPPED_LISTENERS * max_connections + 2 * HEALTH_RESERVE + METRICS_MAX_CONNECTIONS + HEALTH_RESERVE + FD_HEADROOM
+    """Open files rank 0 may need with every listener full (and a burst of new connections being turned away on
+    each HTTP listener: accepted, then closed by the guard)."""
+    return (CAPPED_LISTENERS * max_connections + 2 * HEALTH_RESERVE + METRICS_MAX_CONNECTIONS + HEALTH_RESERVE
+            + HTTP_LISTENERS * 3 * accept_burst(max_connections) + FD_HEADROOM)
 
 
 def connection_cap(requested: int | None, raise_limit: bool = False) -> int:
@@ -110,13 +121,12 @@ def connection_cap(requested: int | None, raise_limit: bool = False) -> int:
     limit of this process is raised to what the cap needs (as vLLM raises it at start)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    spare = ceiling - descriptors_needed(0)
+    fitting = max((c for c in range(1, DEFAULT_MAX_CONNECTIONS * 64 + 1) if descriptors_needed(c) <= ceiling), default=0)
     if requested is None:
-        cap = max(16, min(DEFAULT_MAX_CONNECTIONS, spare // CAPPED_LISTENERS))
+        cap = max(16, min(DEFAULT_MAX_CONNECTIONS, fitting))
     elif descriptors_needed(requested) > ceiling:
         raise BdLoraError(f"--max-connections {requested} needs up to {descriptors_needed(requested)} open files, but "
-                          f"`ulimit -n` allows {ceiling}: lower --max-connections (at most "
-                          f"{max(spare // CAPPED_LISTENERS, 0)}) or raise the limit")
+                          f"`ulimit -n` allows {ceiling}: lower --max-connections (at most {fitting}) or raise the limit")
     else:
         cap = requested
     needed = descriptors_needed(cap)

@@ -219,7 +219,7 @@ class OpenAIServer:
     async def unload_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
         self._loading_allowed()
         name = body.lora_name
-        if name == self.names.base:
+        if name == self.names.base or name in self.names.aliases:
             raise RequestError("the base model cannot be unloaded", param="lora_name")
         async with self.adapter_lock:
             try:
@@ -313,9 +313,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
 
 def check_args(args) -> tuple[AdapterNames, Path | None]:
     """The OpenAI names and loading root from `serve`'s flags; BdLoraError for bad ones (before ranks start)."""
-    base = args.served_model_name or args.model
+    base = args.served_model_name or public_model_name(args.model)  # a --model path is listed by its directory's name
     check_name("--served-model-name" if args.served_model_name else "--model", base)
-    return (AdapterNames(base, public_model_name(base), args.adapter),
+    aliases = () if args.served_model_name else (args.model,)  # clients that send the path still reach the base
+    return (AdapterNames(base, public_model_name(args.model) if args.served_model_name else base, args.adapter, aliases),
             adapter_root(args.adapter_root, args.allow_adapter_loading))
 
 

@@ -28,8 +28,9 @@ def check_name(field: str, name: str) -> str:
 
 
 def public_model_name(model: str) -> str:
-    """What `/v1/models` shows as the base model's root: the name of its directory, never the host path."""
-    return Path(model).name if "/" in model else model
+    """The base model as clients see it (its `/v1/models` id and root, the Triton config's paths): the name of its
+    directory, never the host path."""
+    return (Path(model).name or model) if "/" in model else model
 
 
 def _canonical_id(name: str) -> int | None:
@@ -38,8 +39,10 @@ def _canonical_id(name: str) -> int | None:
 
 
 class AdapterNames:
-    def __init__(self, base: str, base_root: str, adapters: Iterable[tuple[int, str]] = ()):
+    def __init__(self, base: str, base_root: str, adapters: Iterable[tuple[int, str]] = (), aliases: Iterable[str] = ()):
+        """`aliases`: other names the base model answers to (the --model path, listed by its directory's name)."""
         self.base, self.base_root = base, base_root
+        self.aliases = frozenset(aliases) - {base}
         self.ids: dict[str, int] = {}  # names given at registration
         self.roots: dict[int, str] = {}  # adapter directories, where known
         self.created = int(time.time())
@@ -71,11 +74,11 @@ class AdapterNames:
         return next((n for n, t in self.ids.items() if t == task_id), str(task_id))
 
     def taken(self, name: str, registered: Collection[int]) -> bool:
-        return name == self.base or name in self.ids or _canonical_id(name) in registered
+        return name == self.base or name in self.aliases or name in self.ids or _canonical_id(name) in registered
 
     def resolve(self, model: str | None, registered: Collection[int]) -> int | None:
         """The task id a request's `model` picks (None: the base model); 404 for a name nothing answers to."""
-        if not model or model == self.base:
+        if not model or model == self.base or model in self.aliases:
             return None
         task_id = self.ids.get(model, _canonical_id(model))
         if task_id is None or task_id not in registered:
