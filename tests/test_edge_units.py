@@ -15,7 +15,7 @@ from trtllm_bdlora.errors import BdLoraError, InputError, as_error, hide_path, l
 from trtllm_bdlora.serving.edge.asgi import edge_app
 from trtllm_bdlora.serving.edge.auth import ApiKeys
 from trtllm_bdlora.serving.edge.events import EventLog, RepeatFilter
-from trtllm_bdlora.serving.edge.listener import ConnectionGuard, Limits
+from trtllm_bdlora.serving.edge.listener import ConnectionGuard, HealthOnly, Limits
 from trtllm_bdlora.serving.edge.payload import MAX_JSON_DEPTH, check_document, parse_json, text_problem
 from trtllm_bdlora.serving.edge.settings import (
     EdgeSettings,
@@ -174,3 +174,10 @@ def test_guard_replaces_the_longest_idle_then_reserves_health_then_refuses():
     assert guard.admit(e) is None  # reserve busy too
     guard.rest(a)
     assert guard.admit(e) == "normal" and a.evicted and guard.open == 3
+
+
+def test_reserve_connections_answer_health_only():
+    client = TestClient(HealthOnly(_app(), lambda path: path == "/health"))
+    assert client.get("/health").json() == {"ok": True}
+    busy = client.post("/echo", content=b"x")
+    assert busy.status_code == 503 and "--max-connections" in busy.text and busy.headers["retry-after"] == "1"
