@@ -41,7 +41,7 @@ def files(tmp_path_factory):
 
 def _serve(files, tp: int):
     model, adapters = files
-    server = Server(model, adapters, tp=tp, max_loras=2)
+    server = Server(model, {"a1:1": adapters[1], 2: adapters[2]}, tp=tp, max_loras=2)
     try:
         server.wait_ready()
         yield server
@@ -215,7 +215,7 @@ def test_lm_eval_multiple_choice_accuracy_equals_peft(served_tp3, files, referen
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"),
                TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "local-completions", "--model_args",
-           f"model=1,base_url={url},tokenizer={model},tokenizer_backend=huggingface,tokenized_requests=True,"
+           f"model=a1,base_url={url},tokenizer={model},tokenizer_backend=huggingface,tokenized_requests=True,"
            "num_concurrent=1,max_retries=1", "--tasks", "bdlora_mc", "--include_path", "tests/data/lmeval",
            "--batch_size", "4", "--output_path", str(tmp_path / "out"), "--log_samples"]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -234,7 +234,7 @@ def test_lm_eval_multiple_choice_accuracy_equals_peft(served_tp3, files, referen
             score = sum(float(ref[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
             assert abs(float(resp[0][0]) - score) < TOL * len(cont), (context, continuation, resp, score)
             scores.append(score)
-        correct += int(int(np.argmax(scores)) == sample["target"])
+        correct += int(int(np.argmax(scores)) == sample["doc"]["answer"])
     assert len(samples) == 12 and math.isclose(accuracy, correct / len(samples))
 
 
