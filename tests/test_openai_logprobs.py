@@ -247,7 +247,7 @@ def test_json_schema_guided_decoding_across_mixed_adapters(served_tp1):
             return _post(served_tp1, "/chat/completions", body).json()
         return _post(served_tp1, "/completions", {**body, "prompt": f"Person {i} as JSON:"}).json()
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(16) as pool:
         outputs = list(pool.map(one, range(100)))
     for out in outputs:
         choice = out["choices"][0]
