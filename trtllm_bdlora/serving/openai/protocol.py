@@ -132,6 +132,11 @@ class SamplingRequest(BaseModel):
             return Guide("json_schema", json_schema_text(spec["schema"], "response_format.json_schema.schema"))
         raise InputError("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
 
+    def _choice_seed(self, choice: int) -> int:
+        """Choice 0 samples with `seed`, choice i > 0 with a seed of its own derived from it."""
+        seed = check_number("seed", self.seed, int, low=0, high=MAX_SEED)
+        return (seed + choice * 0x9E3779B97F4A7C15) % (MAX_SEED + 1)
+
     def sampling_params(self, max_tokens: int, vocab_size: int, choice: int = 0) -> SamplingParams:
         """These fields on the one request model (engine/request.py), with OpenAI's defaults and vLLM's extensions:
         -1 and 0 turn top_k off; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range
@@ -148,7 +153,7 @@ class SamplingRequest(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
-            seed=random.getrandbits(63) if self.seed is None else (self.seed + choice * 0x9E3779B97F4A7C15) % (MAX_SEED + 1),
+            seed=random.getrandbits(63) if self.seed is None else self._choice_seed(choice),
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             min_tokens=self.min_tokens or 0, end_ids=frozenset() if self.ignore_eos else None, stop_words=stop_words,
