@@ -31,6 +31,11 @@ from trtllm_bdlora.errors import BdLoraError, InputError, RequestError
 UNSUPPORTED = {
     "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0),
     "use_beam_search": (None, False), "tools": (None, []), "functions": (None, []),
+    # vLLM's extensions a client may send that this server does not implement
+    "truncate_prompt_tokens": (None,), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "logprob_token_ids": (None, []), "skip_special_tokens": (None, True),
+    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "priority": (None, 0),
 }
 MAX_STOPS = 4
 MAX_CHOICES = 64  # n times the number of prompts, per request
