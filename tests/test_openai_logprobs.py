@@ -169,11 +169,15 @@ def test_chat_logprobs_with_n_samples_match_float64_peft(tp, request, reference)
     tok = reference.tokenizer
     body = {"model": "2", "messages": [{"role": "user", "content": "Name a color"}], "logprobs": True,
             "top_logprobs": 2, "max_tokens": 5, "temperature": 1.0, "seed": 5, "n": 2, "return_token_ids": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "prompt_logprobs": 1}
     out = _post(server, "/chat/completions", body).json()
     assert [c["index"] for c in out["choices"]] == [0, 1], out
     assert out["choices"][0]["token_ids"] != out["choices"][1]["token_ids"]  # two samples
     prompt = out["prompt_token_ids"]
+    prompt_ref = reference.logprobs(2, prompt)  # vLLM: chat's prompt_logprobs at the top level
+    assert out["prompt_logprobs"][0] is None and len(out["prompt_logprobs"]) == len(prompt)
+    assert all(abs(out["prompt_logprobs"][i][str(prompt[i])]["logprob"] - float(prompt_ref[i - 1, prompt[i]])) < TOL
+               for i in range(1, len(prompt)))
     for choice in out["choices"]:
         ids = choice["token_ids"]
         ref = reference.logprobs(2, prompt + ids)[len(prompt) - 1 :]

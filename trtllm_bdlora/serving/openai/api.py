@@ -124,7 +124,7 @@ class Choices:
         return self.shape.choice(gen.index, text, finish=finish_reason(req.finish_reason, text_stop),
                                  stop_reason=stop_reason(text_stop, req.finish_reason, ids), ids=shown,
                                  prompt_ids=req.prompt_ids, logprobs=self.logprobs(gen, shown, entries, 0, self.echo),
-                                 prompt_logprobs=self.prompt_logprobs(gen))
+                                 prompt_logprobs=None if self.shape.chat else self.prompt_logprobs(gen))
 
 
 class OpenAIServer:
@@ -234,7 +234,9 @@ class OpenAIServer:
             out.append(choices.full(gen, ids, text, text_stop))
             completion_tokens += len(ids)
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
-        return JSONResponse(shape.response(out, prompt_tokens, completion_tokens, prompts[0][0]))
+        # vLLM: chat's prompt_logprobs at the response's top level (one prompt), completions' in each choice
+        top = choices.prompt_logprobs(gens[0]) if chat else None
+        return JSONResponse(shape.response(out, prompt_tokens, completion_tokens, prompts[0][0], top))
 
     async def _stream(self, choices: Choices, events: asyncio.Queue, include_usage: bool, event: tuple):
         """Server-sent events: chunks of every choice as their tokens come (`event`: the first, already read)."""

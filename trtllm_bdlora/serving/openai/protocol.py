@@ -340,8 +340,10 @@ class ResponseShape:
         return choice
 
     def response(self, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-                 prompt_ids: list[int] | None = None) -> dict:
-        extra = {"prompt_token_ids": prompt_ids} if self.chat and self.token_ids else {}
+                 prompt_ids: list[int] | None = None, prompt_logprobs: list | None = None) -> dict:
+        extra: dict = {"prompt_token_ids": prompt_ids} if self.chat and self.token_ids else {}
+        if prompt_logprobs is not None:
+            extra["prompt_logprobs"] = prompt_logprobs
         return self._envelope(self.object, choices, usage=usage(prompt_tokens, completion_tokens), **extra)
 
     def chunk(self, choice: dict, prompt_ids: list[int] | None = None) -> dict:
