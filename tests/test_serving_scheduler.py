@@ -144,10 +144,10 @@ def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_
 
     real = scheduler_module.sample
 
-    def failing(logits, req, generator, end_ids):
+    def failing(logits, req, generator, end_ids, allowed=None):
         if req.id == "bad" and len(req.output_ids) == 3:
             raise ZeroDivisionError("forced")
-        return real(logits, req, generator, end_ids)
+        return real(logits, req, generator, end_ids, allowed)
 
     monkeypatch.setattr(scheduler_module, "sample", failing)
     scheduler = Scheduler(engine, max_batch_size=4)

@@ -351,7 +351,9 @@ def test_sampling_log_probs_and_return_sequences(grpc_client, tokenizer):
 REJECTED = {
     "beam_width": ("tensorrt_llm", {"beam_width": np.array([[2]], np.int32)}),
     "draft_input_ids": ("tensorrt_llm", {"draft_input_ids": np.array([[5, 6]], np.int32)}),
-    "guided_decoding_guide_type": ("tensorrt_llm", {"guided_decoding_guide_type": np.array([["json"]], dtype=object)}),
+    "guided_decoding_guide_type": ("tensorrt_llm", {"guided_decoding_guide_type": np.array([["structural_tag"]], dtype=object)}),
+    "guided_decoding_guide": ("tensorrt_llm", {"guided_decoding_guide_type": np.array([["json_schema"]], dtype=object),
+                                               "guided_decoding_guide": np.array([['{"type": "object", ']], dtype=object)}),
     "runtime_top_p_decay": ("tensorrt_llm", {"runtime_top_p_decay": np.array([[0.5]], np.float32)}),
     "temperature": ("tensorrt_llm", {"temperature": np.array([[float("nan")]], np.float32)}),
     "runtime_top_p": ("tensorrt_llm", {"runtime_top_p": np.array([[1.5]], np.float32)}),

@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trtllm_bdlora.engine.guided import Guide
+from trtllm_bdlora.engine.logprobs import MAX_LOGPROBS, TokenLogprobs
 from trtllm_bdlora.errors import BdLoraError, InputError, RequestError
 
 MAX_SEED = 2**64 - 1
@@ -35,6 +37,9 @@ class SamplingParams:
     normalize_log_probs: bool = True
     return_context_logits: bool = False
     return_generation_logits: bool = False
+    logprobs: int | None = None  # per generated token: its raw log-prob and the top-k (engine/logprobs.py); None: off
+    prompt_logprobs: int | None = None  # per prompt token (vLLM's prompt_logprobs), the top-k; None: off
+    guide: Guide | None = None  # guided decoding: the output matches this grammar (engine/guided.py)
 
     @property
     def greedy(self) -> bool:
@@ -60,6 +65,9 @@ class SamplingParams:
         number("presence_penalty")
         number("frequency_penalty")
         number("min_tokens", int, low=0)
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(self, key) is not None:
+                number(key, int, low=0, high=MAX_LOGPROBS)
 
 
 @dataclass
@@ -74,7 +82,10 @@ class Request:
     output_log_probs: list[float] = field(default_factory=list)
     context_logits: Any = None  # [prompt tokens, vocab] when return_context_logits
     generation_logits: list = field(default_factory=list)  # one [vocab] row per generated token
-    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "cancelled" | "error"
+    output_token_logprobs: list[TokenLogprobs] = field(default_factory=list)  # when params.logprobs is set
+    prompt_token_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt positions 1.., params.prompt_logprobs
+    guide_matcher: Any = None  # params.guide's matcher (guided.attach_guide), advanced on rank 0
+    finish_reason: str | None = None  # "length" | "end_id" | "stop_words" | "guide_done" | "cancelled" | "error"
     error: BdLoraError | None = None  # when serving this request failed (finish_reason "error")
     times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
     cancelled: bool = False

@@ -10,7 +10,8 @@ each bad word masked when the tokens before it end the sequence.
 Sampling (samplingTopKKernels.cu / samplingTopPKernels.cu): greedy at top_k 1; otherwise top-k (0 = all)
 then top-p over the renormalised top-k probabilities, a token kept while the mass before it is below
 top_p. Log probabilities are those of the chosen token, normalised over the kept tokens by default
-(the backend's `normalize_log_probs`), else over the whole vocabulary.
+(the backend's `normalize_log_probs`), else over the whole vocabulary. A guided request's grammar mask
+(engine/guided.py) is applied after all of these, before the choice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from trtllm_bdlora.engine.request import Request
+from trtllm_bdlora.errors import RequestError
 
 MASKED = torch.finfo(torch.float64).min
 
@@ -85,6 +87,19 @@ def choose(x: torch.Tensor, req: Request, generator: torch.Generator | None) -> 
     return token, logp
 
 
+def apply_guide(x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Adjusted logits with the tokens a grammar forbids masked (guided decoding, applied last); a one-line error
+    when no token is left (the grammar and min_tokens or bad_words exclude each other)."""
+    x = x.masked_fill(~allowed, MASKED)
+    if not bool((x > MASKED).any()):
+        raise RequestError("guided decoding: no token is allowed by both the grammar and min_tokens / bad_words")
+    return x
+
+
 def sample(logits: torch.Tensor, req: Request, generator: torch.Generator | None,
-           end_ids: frozenset[int]) -> tuple[int, float]:
-    return choose(adjust_logits(logits, req, end_ids), req, generator)
+           end_ids: frozenset[int], allowed: torch.Tensor | None = None) -> tuple[int, float]:
+    """(token, its log-prob as `return_log_probs` defines it); `allowed`: the grammar's mask, or None."""
+    x = adjust_logits(logits, req, end_ids)
+    if allowed is not None:
+        x = apply_guide(x, allowed)
+    return choose(x, req, generator)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trtllm_bdlora.engine.engine import Engine
+from trtllm_bdlora.engine.logprobs import position_logprobs, prompt_chunk_logprobs
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
@@ -69,12 +70,19 @@ class Running:
         return self.position < len(self.req.prompt_ids)
 
 
+def wants_prompt_rows(req: Request) -> bool:
+    """A prefill of this request needs the logits of every prompt token, not only the last."""
+    return req.params.return_context_logits or req.params.prompt_logprobs is not None
+
+
 def finish_reason(req: Request, token: int, end_ids: frozenset[int]) -> str | None:
     """Why a sequence ends after `token` (TensorRT-LLM's order: end id, stop words, length), or None."""
     if req.cancelled:
         return "cancelled"
     if token in end_ids:
         return "end_id"
+    if req.guide_matcher is not None and req.guide_matcher.done:  # the grammar ended without an end token
+        return "guide_done"
     history = req.prompt_ids + req.output_ids
     if any(ends_with(history, word) for word in req.params.stop_words):
         return "stop_words"
@@ -181,7 +189,7 @@ class Scheduler:
                 self._fail(r, as_error(err, "internal error while scheduling"), finished)
             return finished
         self.stats.slot_evictions += sum(1 for slot, _ in loads if slot in occupied)
-        all_logits = any(r.prefilling and r.req.params.return_context_logits for r, _, _ in step)
+        all_logits = any(r.prefilling and wants_prompt_rows(r.req) for r, _, _ in step)
         plan = StepPlan(free=self._free, loads=loads, all_logits=all_logits,
                         chunks=[SeqChunk(r.seq_id, toks, start, slot) for (r, toks, start), slot in zip(step, slots)])
         self._free = []
@@ -230,11 +238,17 @@ class Scheduler:
 
     @staticmethod
     def _last_rows(logits: torch.Tensor, step: list) -> list[torch.Tensor]:
-        """Per-chunk last-token rows of an all-token logits tensor; keeps the prompt logits asked for."""
+        """Per-chunk last-token rows of an all-token logits tensor; keeps the prompt logits and prompt log-probs
+        asked for (the log-probs as a few numbers per position, not the rows)."""
         rows, t = [], 0
         for r, toks, start in step:
-            if start < len(r.req.prompt_ids) and r.req.params.return_context_logits:
-                r.context_logits.append(logits[t : t + len(toks)].clone())
+            if start < len(r.req.prompt_ids):
+                params = r.req.params
+                if params.return_context_logits:
+                    r.context_logits.append(logits[t : t + len(toks)].clone())
+                if params.prompt_logprobs is not None:
+                    r.req.prompt_token_logprobs += prompt_chunk_logprobs(logits[t : t + len(toks)], r.req.prompt_ids,
+                                                                         start, params.prompt_logprobs)
             t += len(toks)
             rows.append(logits[t - 1])
         return rows
@@ -246,7 +260,12 @@ class Scheduler:
         if not bool(torch.isfinite(row).all()):
             raise InternalError("the model produced non-finite logits for this request"
                                      + (f" (adapter {req.adapter})" if req.adapter is not None else ""))
-        token, logp = sample(row, req, r.generator, r.end_ids)
+        allowed = req.guide_matcher.allowed() if req.guide_matcher is not None else None
+        token, logp = sample(row, req, r.generator, r.end_ids, allowed)
+        if req.guide_matcher is not None:
+            req.guide_matcher.accept(token)
+        if req.params.logprobs is not None:  # the model's own log-probs (engine/logprobs.py), not the sampler's
+            req.output_token_logprobs += position_logprobs(row.unsqueeze(0), [token], req.params.logprobs)
         now = time.time_ns()
         req.times_ns.setdefault("first_token", now)
         req.times_ns["last_token"] = now

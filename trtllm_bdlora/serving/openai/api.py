@@ -19,13 +19,16 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from trtllm_bdlora.engine.guided import attach_guide
 from trtllm_bdlora.engine.request import build_request
 from trtllm_bdlora.engine.runtime import Runtime, Submission
-from trtllm_bdlora.errors import AdapterError, BdLoraError, NotFoundError, RequestError
+from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root, check_name, public_model_name
 from trtllm_bdlora.serving.openai.protocol import (
+    FIELD_NAMES,
     ChatCompletionRequest,
     CompletionRequest,
     LoadLoRAAdapterRequest,
@@ -67,12 +70,14 @@ async def parse(request: Request, model: type[pydantic.BaseModel]):
 
 
 class Generation:
-    """One request in flight: the engine thread reports tokens and completion, the event loop reads `events`.
-    A stop string, or the client going away, cancels the request (it ends at once, at its next token if queued)."""
+    """One sequence in flight (a prompt, one of its n samples): the engine thread reports tokens and completion
+    into the request's shared `events` queue, tagged with the choice index. A stop string, or the client going
+    away, cancels the sequence (it ends at once, at its next token if queued)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, tracker: TextTracker, request):
-        self.loop, self.tracker, self.request = loop, tracker, request
-        self.events: asyncio.Queue = asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, tracker: TextTracker,
+                 request, prompt_text: str | None):
+        self.loop, self.events, self.index, self.tracker, self.request = loop, events, index, tracker, request
+        self.prompt_text = prompt_text
 
     def abandon(self) -> None:
         Runtime.cancel(self.request)
@@ -83,13 +88,66 @@ class Generation:
         except RuntimeError:  # the event loop is closed (server stopping)
             self.abandon()
 
-    def on_token(self, token: int) -> None:  # engine thread
+    def on_token(self, token: int) -> None:  # engine thread: the token's log-probs are already recorded
         if self.tracker.add(token):
             self.abandon()
-        self._put(("token", token, self.tracker.text))
+        logprobs = self.request.output_token_logprobs
+        self._put(("token", self.index, token, self.tracker.text, logprobs[-1] if logprobs else None))
 
-    def on_done(self, ids: list[int] | None, error: str | None) -> None:  # engine thread
-        self._put(("done", ids, error, self.tracker.text, self.tracker.stop_reason))
+    def on_done(self, ids: list[int] | None, error) -> None:  # engine thread
+        self._put(("done", self.index, ids, error, self.tracker.text, self.tracker.stop_reason))
+
+
+class Choices:
+    """What one OpenAI request's choices need to be written: the request's options, each sequence, the tokenizer."""
+
+    def __init__(self, body: SamplingRequest, shape: ResponseShape, gens: list[Generation], tokenizer, echo_only: bool):
+        self.body, self.shape, self.gens, self.echo_only = body, shape, gens, echo_only
+        self.echo = bool(getattr(body, "echo", False))
+        self.k = body.logprob_count()
+        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}
+
+    def decode_one(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token])
+        return piece
+
+    def prompt_text(self, gen: Generation) -> str:
+        return gen.prompt_text if gen.prompt_text is not None else self.tokenizer.decode(gen.request.prompt_ids)
+
+    def prompt_entries(self, gen: Generation) -> list:
+        return [None, *gen.request.prompt_token_logprobs]
+
+    def logprobs(self, gen: Generation, ids: list[int], entries: list, offset: int, with_prompt: bool) -> dict | None:
+        """The choice's logprobs for output `ids` (and the prompt's first, when echoed)."""
+        if self.k is None:
+            return None
+        if self.shape.chat:
+            if not entries:  # as vLLM: a chunk without tokens (the role) has none
+                return None
+            return chat_logprobs(entries, self.k, self.decode_one)
+        if with_prompt:
+            ids, entries = gen.request.prompt_ids + ids, self.prompt_entries(gen) + entries
+        return completion_logprobs(ids, entries, self.k, self.decode_one, offset)
+
+    def prompt_logprobs(self, gen: Generation) -> list | None:
+        if self.body.prompt_top_logprobs() is None:
+            return None
+        return prompt_logprobs(gen.request.prompt_token_logprobs, self.decode_one)
+
+    def full(self, gen: Generation, ids: list[int], text: str, text_stop: str | None) -> dict:
+        """A whole choice (not streamed)."""
+        req = gen.request
+        shown = [] if self.echo_only else ids
+        entries = [] if self.echo_only else req.output_token_logprobs[: len(ids)]
+        if self.echo:
+            text = self.prompt_text(gen) + ("" if self.echo_only else text)
+        return self.shape.choice(gen.index, text, finish=finish_reason(req.finish_reason, text_stop),
+                                 stop_reason=stop_reason(text_stop, req.finish_reason, ids), ids=shown,
+                                 prompt_ids=req.prompt_ids, logprobs=self.logprobs(gen, shown, entries, 0, self.echo),
+                                 prompt_logprobs=None if self.shape.chat else self.prompt_logprobs(gen))
 
 
 class OpenAIServer:
@@ -104,84 +162,182 @@ class OpenAIServer:
         self.names.retain(registered)
         return registered
 
+    async def _lora_request_model(self, body: SamplingRequest) -> str | None:
+        """The model a request runs with: `model`, or trtllm-serve's `lora_request` (an adapter by lora_int_id or
+        lora_name, loaded from lora_path when not registered and run-time loading is on)."""
+        lora = body.lora_request
+        if lora is None:
+            return body.model
+        registered = self.registered()
+        task_id = lora.lora_int_id if lora.lora_int_id in registered else self.names.ids.get(lora.lora_name)
+        if task_id not in registered:
+            if not lora.lora_path or self.root is None:
+                raise NotFoundError(f"lora_request: adapter {lora.lora_name or lora.lora_int_id!r} is not loaded (load it "
+                                    "with /v1/load_lora_adapter, or start serve with --allow-adapter-loading "
+                                    "--adapter-root DIR to load lora_path)", param="lora_request")
+            name = lora.lora_name or str(lora.lora_int_id or "")
+            await self.load_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=lora.lora_path),
+                                    task_id=lora.lora_int_id)
+            task_id = self.names.resolve(name, self.registered())
+        if body.model not in (None, "", self.names.base) and self.names.resolve(body.model, registered) != task_id:
+            raise RequestError(f"model {body.model!r} and lora_request name different adapters", param="lora_request")
+        return str(task_id)
+
     # generation --------------------------------------------------------------
-    def _build(self, body: SamplingRequest, max_tokens: int | None, task_id: int | None):
-        """The engine request (text thread): the prompt's size checked against the context before any template or
-        tokenizer sees it, then templated and tokenized."""
+    def _build(self, body: SamplingRequest, max_tokens: int | None, task_id: int | None, chat: bool, echo_only: bool
+               ) -> tuple[list, list]:
+        """The engine requests (text thread): every prompt's size checked against the context before any template
+        or tokenizer sees it, then templated and tokenized; one request per prompt and choice, its grammar compiled
+        (cached per schema). Returns (prompts, [(prompt index, choice, request, prompt text)])."""
         eng = self.engine
-        if eng.tokenizer is None:
-            raise RequestError("this model has no tokenizer: the OpenAI API needs one")
-        ids = body.prompt_ids(eng.tokenizer, eng.max_seq_len)
-        if max_tokens is None:  # as vLLM: up to the end of the context
-            max_tokens = max(1, eng.max_seq_len - len(ids))
-        params = body.sampling_params(max_tokens, eng.shape.vocab_size)
-        req = build_request(ids, params, vocab_size=eng.shape.vocab_size, max_seq_len=eng.max_seq_len,
-                            adapter=task_id, names={"prompt_ids": "prompt"})
-        if params.min_tokens > params.max_tokens:  # as vLLM
-            raise RequestError(f"min_tokens {params.min_tokens} must be <= max_tokens {params.max_tokens}",
-                               param="min_tokens")
-        return req
+        prompts = body.prompts(eng.tokenizer, eng.max_seq_len)
+        built = []
+        for p, (ids, text) in enumerate(prompts):
+            limit = max(1, eng.max_seq_len - len(ids)) if max_tokens is None else max_tokens  # None: as vLLM
+            for i in range(body.choices):
+                params = body.sampling_params(1 if echo_only else limit, eng.shape.vocab_size, choice=i)
+                names = dict(FIELD_NAMES, logprobs="top_logprobs" if chat else "logprobs")
+                if len(prompts) > 1:
+                    names["prompt_ids"] = f"prompt[{p}]"
+                req = build_request(ids, params, vocab_size=eng.shape.vocab_size, max_seq_len=eng.max_seq_len,
+                                    adapter=task_id, names=names)
+                if params.min_tokens > params.max_tokens:  # as vLLM
+                    raise RequestError(f"min_tokens {params.min_tokens} must be <= max_tokens {params.max_tokens}",
+                                       param="min_tokens")
+                if params.guide is not None:
+                    attach_guide(req, eng.tokenizer, eng.shape.vocab_size, eng.eos_ids, "response_format")
+                built.append((p, i, req, text))
+        return prompts, built
 
     async def generate(self, request: Request, body: SamplingRequest, max_tokens: int | None, chat: bool):
         body.check_supported()
         eng = self.engine
-        task_id = self.names.resolve(body.model, self.registered())
+        if eng.tokenizer is None:
+            raise RequestError("this model has no tokenizer: the OpenAI API needs one")
+        model = await self._lora_request_model(body)
+        task_id = self.names.resolve(model, self.registered())
+        echo = bool(getattr(body, "echo", False))
+        if max_tokens == 0 and not echo:
+            raise InputError("max_tokens", "must be at least 1 (0 only with echo)")
+        echo_only = echo and max_tokens == 0  # as vLLM: one token is generated and not returned
         stops = body.stops()
-        req = await self.off_loop(self._build, body, max_tokens, task_id)
-        gen = Generation(asyncio.get_running_loop(),
-                         TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops), req)
-        req.on_token = gen.on_token
-        try:
-            self.runtime.submit(Submission(req, on_done=gen.on_done, model=body.model or self.names.base))
-        except NotFoundError as err:
-            raise adapter_gone(err) from None
-        shape = ResponseShape(chat, body.model or self.names.base, bool(body.return_token_ids), req.prompt_ids)
-        try:
-            async with cancel_on_disconnect(request, gen.abandon):  # a client that leaves cancels its request
-                event = first = await gen.events.get()
-                while not body.stream and event[0] != "done":
-                    event = await gen.events.get()
-        except asyncio.CancelledError:
-            gen.abandon()
-            raise
-        if event[0] == "done" and event[2]:  # refused at admission, or (not streaming) failed on the way
-            raise adapter_gone(event[2]) if isinstance(event[2], NotFoundError) else event[2]
-        if not body.stream:
-            _, ids, _, text, text_stop = event
-            return JSONResponse(shape.response(text, ids, finish_reason(req.finish_reason, text_stop),
-                                               stop_reason(text_stop, req.finish_reason, ids)))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(self._stream(gen, first, shape, gen.tracker.holdback, include_usage))
+        prompts, built = await self.off_loop(self._build, body, max_tokens, task_id, chat, echo_only)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        gens: list[Generation] = []
+        for p, i, req, text in built:
+            tracker = TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops,
+                                  bool(body.include_stop_str_in_output))
+            gen = Generation(loop, events, p * body.choices + i, tracker, req, text)
+            req.on_token = gen.on_token
+            gens.append(gen)
+        shape = ResponseShape(chat, body.model or model or self.names.base, bool(body.return_token_ids))
+        if body.lora_request is not None and body.lora_request.lora_name:
+            shape.model = body.lora_request.lora_name
+        choices = Choices(body, shape, gens, eng.tokenizer, echo_only)
 
-    async def _stream(self, gen: Generation, event: tuple, shape: ResponseShape, holdback: int, include_usage: bool):
+        def abandon_all() -> None:
+            for gen in gens:
+                gen.abandon()
+        try:
+            for gen in gens:
+                self.runtime.submit(Submission(gen.request, on_done=gen.on_done, model=body.model or self.names.base))
+        except NotFoundError as err:
+            abandon_all()
+            raise adapter_gone(err) from None
+        except BaseException:
+            abandon_all()
+            raise
+        done: dict[int, tuple] = {}
+        event: tuple = ()
+        try:
+            async with cancel_on_disconnect(request, abandon_all):  # a client that leaves cancels its requests
+                while len(done) < len(gens):
+                    event = await events.get()
+                    if event[0] == "done":
+                        if event[3]:  # refused at admission, or failed on the way
+                            raise adapter_gone(event[3]) if isinstance(event[3], NotFoundError) else event[3]
+                        done[event[1]] = event
+                    if body.stream:  # a refusal before the first token is an HTTP error; later ones end the stream
+                        break
+        except BaseException:
+            abandon_all()
+            raise
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventSourceResponse(self._stream(choices, events, include_usage, event))
+        out, completion_tokens = [], 0
+        for gen in gens:
+            _, _, ids, _, text, text_stop = done[gen.index]
+            out.append(choices.full(gen, ids, text, text_stop))
+            completion_tokens += len(ids)
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        # vLLM: chat's prompt_logprobs at the response's top level (one prompt), completions' in each choice
+        top = choices.prompt_logprobs(gens[0]) if chat else None
+        return JSONResponse(shape.response(out, prompt_tokens, completion_tokens, prompts[0][0], top))
+
+    async def _stream(self, choices: Choices, events: asyncio.Queue, include_usage: bool, event: tuple):
+        """Server-sent events: chunks of every choice as their tokens come (`event`: the first, already read)."""
         def sse(obj: dict) -> bytes:
             return format_sse_event(data_str=json.dumps(obj))
 
-        sent, pending, first = 0, [], True
+        shape, gens = choices.shape, {g.index: g for g in choices.gens}
+        sent = dict.fromkeys(gens, 0)  # characters of output text sent
+        offset = dict.fromkeys(gens, 0)  # characters sent in all (echoed prompt included): completions' text_offset
+        pending: dict[int, list] = {i: [] for i in gens}  # (token, log-probs) not yet sent
+        first = dict.fromkeys(gens, True)
+        running, completion_tokens = len(gens), 0
+
+        def piece_chunk(gen: Generation, piece: str, tokens: list, finish=None, reason=None) -> dict:
+            ids, entries = [t for t, _ in tokens], [e for _, e in tokens]
+            is_first, echoed = first[gen.index], choices.echo and first[gen.index]
+            if echoed:
+                piece = choices.prompt_text(gen) + piece
+            logprobs = choices.logprobs(gen, ids, entries, offset[gen.index], echoed)
+            first[gen.index] = False
+            offset[gen.index] += len(piece)
+            return shape.chunk(shape.choice(gen.index, piece, finish=finish, stop_reason=reason, ids=ids,
+                                            prompt_ids=gen.request.prompt_ids, logprobs=logprobs, chunk=True,
+                                            first=is_first, prompt_logprobs=choices.prompt_logprobs(gen) if is_first else None),
+                               gen.request.prompt_ids if is_first else None)
+
         try:
             if shape.chat:  # as vLLM and OpenAI: the role first
-                yield sse(shape.chunk("", [], first=True))
-                first = False
-            while event[0] == "token":
-                pending.append(event[1])
-                piece, sent = stream_piece(event[2], sent, holdback, final=False)
-                if piece:
-                    yield sse(shape.chunk(piece, pending, first=first))
-                    pending, first = [], False
-                event = await gen.events.get()
-            _, ids, error, text, text_stop = event
-            if error:
-                yield sse(error_body(adapter_gone(error) if isinstance(error, NotFoundError) else error))
-            else:
-                piece, sent = stream_piece(text, sent, holdback, final=True)
+                for gen in gens.values():
+                    yield sse(piece_chunk(gen, "", []))
+            while running:
+                event = event or await events.get()
+                gen = gens[event[1]]
+                if event[0] == "token":
+                    _, index, token, text, entry = event
+                    event = ()
+                    if choices.echo_only:
+                        continue
+                    pending[index].append((token, entry))
+                    piece, sent[index] = stream_piece(text, sent[index], gen.tracker.holdback, final=False)
+                    if piece:
+                        yield sse(piece_chunk(gen, piece, pending[index]))
+                        pending[index] = []
+                    continue
+                _, index, ids, error, text, text_stop = event
+                event = ()
+                if error:
+                    yield sse(error_body(adapter_gone(error) if isinstance(error, NotFoundError) else error))
+                    yield DONE
+                    return
+                running -= 1
+                completion_tokens += len(ids)
+                piece, sent[index] = stream_piece("" if choices.echo_only else text, sent[index], gen.tracker.holdback,
+                                                  final=True)
                 engine_reason = gen.request.finish_reason
-                yield sse(shape.chunk(piece, pending, finish_reason(engine_reason, text_stop),
-                                      stop_reason(text_stop, engine_reason, ids), first=first))
-                if include_usage:
-                    yield sse(shape.usage_chunk(len(ids)))
+                yield sse(piece_chunk(gen, piece, pending[index], finish_reason(engine_reason, text_stop),
+                                      stop_reason(text_stop, engine_reason, ids)))
+            if include_usage:
+                prompt_tokens = sum(len(g.request.prompt_ids) for g in gens.values() if g.index % choices.body.choices == 0)
+                yield sse(shape.usage_chunk(prompt_tokens, completion_tokens))
             yield DONE
         finally:
-            gen.abandon()
+            for gen in gens.values():
+                gen.abandon()
 
     # adapters ----------------------------------------------------------------
     def _loading_allowed(self) -> Path:
@@ -190,7 +346,7 @@ class OpenAIServer:
                                    "--adapter-root DIR")
         return self.root
 
-    async def load_adapter(self, body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+    async def load_adapter(self, body: LoadLoRAAdapterRequest, task_id: int | None = None) -> PlainTextResponse:
         root = self._loading_allowed()
         name = body.lora_name
         if not name or not body.lora_path:
@@ -211,7 +367,10 @@ class OpenAIServer:
                 adapter = await run_in_threadpool(load_peft_adapter, directory, self.engine.shape)
             except AdapterError as err:
                 raise AdapterError(str(err), param="lora_path") from None
-            task_id = int(name) if name.isdigit() else self.names.next_id(registered)
+            if task_id is None:
+                task_id = int(name) if name.isdigit() else self.names.next_id(registered)
+            elif task_id < 1 or task_id in registered:
+                raise RequestError(f"lora_int_id {task_id} is not a free positive task id", param="lora_request")
             await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
             self.names.add(name, task_id, str(directory.relative_to(root)))
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -291,7 +450,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await parse(request, CompletionRequest)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default (0 with echo)
         return await server.generate(request, body, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")

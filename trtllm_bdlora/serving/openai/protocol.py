@@ -12,27 +12,33 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from trtllm_bdlora.engine.guided import Guide, json_schema_text
 from trtllm_bdlora.engine.request import (
+    MAX_SEED,
     SamplingParams,
     chat_prompt_ids,
     check_number,
     check_token_ids,
     text_prompt_ids,
 )
-from trtllm_bdlora.errors import BdLoraError, RequestError, public_text
+from trtllm_bdlora.errors import BdLoraError, InputError, RequestError, public_text
 
 # Fields this server cannot honour, with the values that mean "off": anything else is a 400 naming the field.
 UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0),
-    "use_beam_search": (None, False),
-    "tools": (None, []), "functions": (None, []), "response_format": (None, {"type": "text"}),
-    "prompt_logprobs": (None,),
+    "best_of": (None, 1), "suffix": (None, ""), "logit_bias": (None, {}), "min_p": (None, 0),
+    "use_beam_search": (None, False), "tools": (None, []), "functions": (None, []),
+    # vLLM's extensions a client may send that this server does not implement
+    "truncate_prompt_tokens": (None,), "allowed_token_ids": (None, []), "bad_words": (None, []),
+    "logprob_token_ids": (None, []), "skip_special_tokens": (None, True),
+    "structured_outputs": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "priority": (None, 0),
 }
 MAX_STOPS = 4
+MAX_CHOICES = 64  # n times the number of prompts, per request
 
 
 def error_body(err: BdLoraError) -> dict:
@@ -46,6 +52,16 @@ def error_body(err: BdLoraError) -> dict:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool | None = False
+
+
+class LoRARequest(BaseModel):
+    """trtllm-serve's `lora_request` body field: the adapter a request runs with, by id or name, loaded from
+    `lora_path` (under --adapter-root, with --allow-adapter-loading) when not yet registered."""
+
+    model_config = ConfigDict(extra="allow")
+    lora_name: str = ""
+    lora_int_id: int | None = None
+    lora_path: str = ""
 
 
 class SamplingRequest(BaseModel):
@@ -70,6 +86,12 @@ class SamplingRequest(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    prompt_logprobs: int | None = None
+    response_format: dict | None = None
+    tool_choice: Any = None
+    lora_request: LoRARequest | None = None
+    unsupported: ClassVar[dict] = {}  # this endpoint's own fields it cannot honour (subclasses)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -78,16 +100,53 @@ class SamplingRequest(BaseModel):
         return stops
 
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise RequestError(f"n must be 1 (one choice per request), got {self.n}", param="n")
+        check_number("n", self.n if self.n is not None else 1, int, low=1, high=MAX_CHOICES)
         for key, value in (self.model_extra or {}).items():
             if key in UNSUPPORTED and value not in UNSUPPORTED[key]:
                 raise RequestError(f"{key}={value!r} is not supported by this server", param=key)
+        for key, off in self.unsupported.items():
+            if getattr(self, key, None) not in off:
+                raise RequestError(f"{key}={getattr(self, key)!r} is not supported by this server", param=key)
+        if self.tool_choice not in (None, "none"):  # as vLLM; and no tools can be given here
+            raise RequestError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
 
-    def sampling_params(self, max_tokens: int, vocab_size: int) -> SamplingParams:
+    @property
+    def choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def logprob_count(self) -> int | None:
+        """Top log-probs per generated token (None: no log-probs); the endpoints spell it differently."""
+        return None
+
+    def prompt_top_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
+    def guide(self) -> Guide | None:
+        """`response_format` as a guide for guided decoding (engine/guided.py); None for text."""
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return Guide("json_object")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise InputError("response_format", "json_schema needs {\"json_schema\": {\"name\", \"schema\"}}")
+            return Guide("json_schema", json_schema_text(spec["schema"], "response_format.json_schema.schema"))
+        raise InputError("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+
+    def _choice_seed(self, choice: int) -> int:
+        """Choice 0 samples with `seed`, choice i > 0 with a seed of its own derived from it."""
+        seed = check_number("seed", self.seed, int, low=0, high=MAX_SEED)
+        return (seed + choice * 0x9E3779B97F4A7C15) % (MAX_SEED + 1)
+
+    def sampling_params(self, max_tokens: int, vocab_size: int, choice: int = 0) -> SamplingParams:
         """These fields on the one request model (engine/request.py), with OpenAI's defaults and vLLM's extensions:
         -1 and 0 turn top_k off; temperature 0 stays greedy whatever top_k says; penalties in OpenAI's range
-        [-2, 2]; an unset seed is drawn at random."""
+        [-2, 2]; an unset seed is drawn at random; choice i of n > 1 samples with its own seed."""
         top_k = None
         if self.top_k is not None and self.temperature != 0:
             top_k = 0 if self.top_k == -1 else check_number("top_k", self.top_k, int, low=0)
@@ -100,32 +159,68 @@ class SamplingRequest(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k,
-            seed=random.getrandbits(63) if self.seed is None else self.seed,
+            seed=random.getrandbits(63) if self.seed is None else self._choice_seed(choice),
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            min_tokens=self.min_tokens or 0, end_ids=frozenset() if self.ignore_eos else None, stop_words=stop_words)
+            min_tokens=self.min_tokens or 0, end_ids=frozenset() if self.ignore_eos else None, stop_words=stop_words,
+            logprobs=self.logprob_count(), prompt_logprobs=self.prompt_top_logprobs(), guide=self.guide())
+
+
+# the request model's names (engine/request.py) for these clients' fields
+FIELD_NAMES = {"prompt_ids": "prompt"}
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
 
-    def prompt_ids(self, tokenizer, max_seq_len: int) -> list[int]:
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompt_top_logprobs(self) -> int | None:
+        """vLLM: echo with logprobs returns the prompt's log-probs too, with as many top entries."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
+
+    def prompts(self, tokenizer, max_seq_len: int) -> list[tuple[list[int], str | None]]:
+        """(token ids, text or None) of each prompt: a string, a list of token ids, or a list of either."""
         prompt = self.prompt
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return text_prompt_ids(tokenizer, prompt, max_seq_len)
-        if all(isinstance(t, int) for t in prompt):
-            return prompt
-        raise RequestError("send one prompt per request (a string or a list of token ids)", param="prompt")
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]
+        if not prompt:
+            raise InputError("prompt", "must not be empty")
+        if len(prompt) * self.choices > MAX_CHOICES:
+            raise InputError("prompt", f"{len(prompt)} prompts with n={self.choices} make more than {MAX_CHOICES} choices")
+        out = []
+        for i, one in enumerate(prompt):
+            name = "prompt" if len(prompt) == 1 else f"prompt[{i}]"
+            if isinstance(one, str):
+                out.append((text_prompt_ids(tokenizer, one, max_seq_len, name), one))
+            else:
+                out.append((list(one), None))
+        return out
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    echo: bool | None = False
+    unsupported: ClassVar[dict] = {"echo": (None, False)}
 
-    def prompt_ids(self, tokenizer, max_seq_len: int) -> list[int]:
-        return chat_prompt_ids(tokenizer, self.chat_messages(), max_seq_len=max_seq_len)
+    def logprob_count(self) -> int | None:
+        count = self.top_logprobs
+        if not self.logprobs:
+            if count not in (None, 0):
+                raise InputError("top_logprobs", "needs logprobs: true")
+            return None
+        return 0 if count is None else count
+
+    def prompts(self, tokenizer, max_seq_len: int) -> list[tuple[list[int], str | None]]:
+        return [(chat_prompt_ids(tokenizer, self.chat_messages(), max_seq_len=max_seq_len), None)]
 
     def chat_messages(self) -> list[dict]:
         """Messages for the tokenizer's chat template, text content parts joined into one string."""
@@ -154,27 +249,28 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
 
 class TextTracker:
-    """The text of a growing token list (decoded whole each time), cut before the first stop string."""
+    """The text of a growing token list (decoded whole each time), cut before the first stop string (after it with
+    vLLM's `include_stop_str_in_output`)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str]):
-        self.decode, self.stops = decode, stops
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str], include_stop: bool = False):
+        self.decode, self.stops, self.include_stop = decode, stops, include_stop
         self.ids: list[int] = []
         self.text = ""
         self.stop_reason: str | None = None
 
     @property
     def holdback(self) -> int:
-        """Characters a stream must hold back: they may begin a stop string."""
-        return max((len(s) for s in self.stops), default=1) - 1
+        """Characters a stream must hold back: they may begin a stop string that is cut off."""
+        return 0 if self.include_stop else max((len(s) for s in self.stops), default=1) - 1
 
     def add(self, token: int) -> bool:
-        """Append a token; True when a stop string completed (the text then ends before it)."""
+        """Append a token; True when a stop string completed (the text then ends before it, or with it)."""
         self.ids.append(token)
         text = self.decode(self.ids)
         hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             index, self.stop_reason = min(hits)
-            self.text = text[:index]
+            self.text = text[: index + len(self.stop_reason)] if self.include_stop else text[:index]
             return True
         self.text = text
         return False
@@ -200,26 +296,33 @@ def stop_reason(text_stop: str | None, engine_reason: str | None, ids: list[int]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """vLLM's count: every generated token, the end token included (vLLM's output token_ids keep it), per choice."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
 class ResponseShape:
-    """Responses and stream chunks of one request: `text_completion` or `chat.completion`."""
+    """Responses and stream chunks of one request: `text_completion` or `chat.completion`, one choice per prompt
+    and sample (choice index = prompt index * n + sample index, as vLLM numbers them)."""
 
-    def __init__(self, chat: bool, model: str, return_token_ids: bool, prompt_ids: list[int]):
+    def __init__(self, chat: bool, model: str, return_token_ids: bool):
         self.chat, self.model, self.token_ids = chat, model, return_token_ids
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.prompt_ids = prompt_ids
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
 
     def _envelope(self, obj: str, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 **extra}
 
-    def _choice(self, text: str, finish: str | None, stop_reason: str | int | None, ids: list[int] | None,
-                chunk: bool, first: bool = False) -> dict:
-        choice: dict = {"index": 0}
+    def choice(self, index: int, text: str, *, finish: str | None = None, stop_reason: str | int | None = None,
+               ids: list[int] | None = None, prompt_ids: list[int] | None = None, logprobs: dict | None = None,
+               prompt_logprobs: list | None = None, chunk: bool = False, first: bool = False) -> dict:
+        """One choice (`first`: a stream's first chunk of it, which carries the chat role and the prompt's ids)."""
+        choice: dict = {"index": index}
         if not self.chat:
             choice["text"] = text
         elif not chunk:
@@ -228,27 +331,26 @@ class ResponseShape:
             choice["delta"] = {"role": "assistant", "content": text}
         else:
             choice["delta"] = {"content": text} if text else {}
-        choice.update(logprobs=None, finish_reason=finish, stop_reason=stop_reason)
+        choice.update(logprobs=logprobs, finish_reason=finish, stop_reason=stop_reason)
+        if prompt_logprobs is not None and (first or not chunk):
+            choice["prompt_logprobs"] = prompt_logprobs
         if self.token_ids and ids is not None:
             choice["token_ids"] = ids
             if not self.chat and (first or not chunk):
-                choice["prompt_token_ids"] = self.prompt_ids
+                choice["prompt_token_ids"] = prompt_ids
         return choice
 
-    def _prompt_ids(self, first: bool) -> dict:
-        return {"prompt_token_ids": self.prompt_ids} if self.chat and self.token_ids and first else {}
+    def response(self, choices: list[dict], prompt_tokens: int, completion_tokens: int,
+                 prompt_ids: list[int] | None = None, prompt_logprobs: list | None = None) -> dict:
+        extra: dict = {"prompt_token_ids": prompt_ids} if self.chat and self.token_ids else {}
+        if prompt_logprobs is not None:
+            extra["prompt_logprobs"] = prompt_logprobs
+        return self._envelope(self.object, choices, usage=usage(prompt_tokens, completion_tokens), **extra)
 
-    def response(self, text: str, ids: list[int], finish: str, stop_reason: str | int | None) -> dict:
-        obj = "chat.completion" if self.chat else "text_completion"
-        return self._envelope(obj, [self._choice(text, finish, stop_reason, ids, chunk=False)],
-                              usage=usage(len(self.prompt_ids), len(ids)), **self._prompt_ids(True))
+    def chunk(self, choice: dict, prompt_ids: list[int] | None = None) -> dict:
+        extra = {"prompt_token_ids": prompt_ids} if self.chat and self.token_ids and prompt_ids is not None else {}
+        return self._envelope(f"{self.object}.chunk" if self.chat else self.object, [choice], **extra)
 
-    def chunk(self, text: str, ids: list[int], finish: str | None = None, stop_reason: str | int | None = None,
-              first: bool = False) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(obj, [self._choice(text, finish, stop_reason, ids, chunk=True, first=first)],
-                              **self._prompt_ids(first))
-
-    def usage_chunk(self, completion_tokens: int) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(obj, [], usage=usage(len(self.prompt_ids), completion_tokens))
+        return self._envelope(obj, [], usage=usage(prompt_tokens, completion_tokens))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trtllm_bdlora.engine.guided import Guide, attach_guide
 from trtllm_bdlora.engine.request import MAX_SEED, Request, SamplingParams, build_request, check_number
 from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import InputError, RequestError
@@ -67,13 +68,32 @@ def _flag(inputs, name, row, default=False) -> bool:
     return bool(scalar(inputs, name, row, default))
 
 
+# TensorRT-LLM's guided decoding guide types (executor GuidedDecodingParams), all served by xgrammar (engine/guided.py)
+GUIDE_TYPES = ("json", "json_schema", "regex", "ebnf_grammar")
+
+
+def _text(inputs, name: str, row: int) -> str:
+    value = scalar(inputs, name, row)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else ("" if value is None else str(value))
+
+
+def guide_input(inputs: dict[str, np.ndarray], row: int) -> Guide | None:
+    """`guided_decoding_guide_type` / `guided_decoding_guide` of batch row `row` as a guide (None: not guided)."""
+    kind = _text(inputs, "guided_decoding_guide_type", row)
+    if not kind:
+        return None
+    if kind not in GUIDE_TYPES:
+        raise InputError("guided_decoding_guide_type", f"must be one of {', '.join(GUIDE_TYPES)}, got {kind!r}")
+    text = _text(inputs, "guided_decoding_guide", row)
+    if kind != "json" and not text:
+        raise InputError("guided_decoding_guide", f"is needed with guided_decoding_guide_type {kind}")
+    return Guide(kind, text)
+
+
 def unsupported_input(inputs: dict[str, np.ndarray]) -> InputError | None:
     for name, why in NOT_SUPPORTED:
         if name in inputs and inputs[name].size:
             return InputError(name, f"cannot be honoured: {why}")
-    guide = inputs.get("guided_decoding_guide_type")
-    if guide is not None and any(g not in (b"", "", None) for g in guide.reshape(-1)):
-        return InputError("guided_decoding_guide_type", "cannot be honoured: guided decoding is not supported")
     decay = scalar(inputs, "runtime_top_p_decay")
     if decay is not None and decay != 1.0:
         return InputError("runtime_top_p_decay", f"cannot be honoured: top-p decay is not supported (send 1.0), got {decay}")
@@ -162,11 +182,12 @@ class CoreModel:
             embedding_bias=self._bias(inputs, row), normalize_log_probs=self.normalize_log_probs,
             return_log_probs=_flag(inputs, "return_log_probs", row),
             return_context_logits=_flag(inputs, "return_context_logits", row),
-            return_generation_logits=_flag(inputs, "return_generation_logits", row),
+            return_generation_logits=_flag(inputs, "return_generation_logits", row), guide=guide_input(inputs, row),
         )
         req = build_request(ids_row[:length].tolist(), params, vocab_size=engine.shape.vocab_size,
                             max_seq_len=engine.max_seq_len, adapter=int(scalar(inputs, "lora_task_id", row, 0)) or None,
                             names=FIELD_NAMES)
+        attach_guide(req, engine.tokenizer, engine.shape.vocab_size, engine.eos_ids, "guided_decoding_guide")
         exclude = scalar(inputs, "exclude_input_in_output", row)
         return Sequence(row, index, req, self.exclude_input_default if exclude is None else bool(exclude),
                         self._lora(inputs, row), int(scalar(inputs, "pad_id", row, end_id or 0)),
