@@ -195,6 +195,20 @@ class NetnsHosts:
     def pids(self, host: Host) -> list[int]:
         return namespace_pids(host.name)
 
+    def processes(self, host: Host) -> dict[int, list[str]]:
+        """pid -> argv of every process on `host`."""
+        found = {}
+        for pid in namespace_pids(host.name):
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            except OSError:  # it just exited
+                continue
+        return found
+
+    def sysctl(self, host: Host, key: str, value: str) -> None:
+        """A kernel network setting of `host` (network sysctls are per namespace)."""
+        subprocess.run(["ip", "netns", "exec", host.name, "sysctl", "-qw", f"{key}={value}"], check=True)
+
     def kill_host(self, host: Host) -> None:
         """Every process on `host` killed at once (SIGKILL), as when a machine dies: its sockets close."""
         _kill_namespace(host.name)
@@ -211,5 +225,6 @@ class NetnsHosts:
         for line in out.splitlines():
             fields = line.split()
             pid = re.search(r"pid=(\d+)", line)
-            sockets.append((fields[0], fields[4], int(pid.group(1)) if pid else None))
+            local = re.sub(r"^\[::ffff:([0-9.]+)\]", r"\1", fields[4])  # an IPv6 socket on an IPv4 address
+            sockets.append((fields[0], local, int(pid.group(1)) if pid else None))
         return sockets

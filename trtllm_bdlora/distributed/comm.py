@@ -27,6 +27,10 @@ def _collective(method):
             return method(self, *args, **kwargs)
         except RuntimeError as err:  # gloo / NCCL report a dead peer or a timeout as RuntimeError subclasses
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if self.multi_host:
+                from trtllm_bdlora.distributed.hosts import describe_loss
+
+                raise RankLostError(describe_loss(self, first.strip())) from err
             raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})") from err
 
     return wrapper
@@ -57,10 +61,38 @@ class CollectiveLog:
 class Comm:
     """Rank-local view of the TP group. With world == 1 every collective is the identity."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None):
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None, hosts: list[str] | None = None,
+                 addrs: list[str] | None = None, store=None):
         self.rank, self.world = rank, world
         self.device = device or torch.device("cpu")
         self.log = CollectiveLog()
+        self.hosts = hosts or ["localhost"] * world  # each rank's hostname and interface address
+        self.addrs = addrs or ["127.0.0.1"] * world
+        self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
+        self._started = world == 1  # the ranks ran their first plan together: collectives now wait RANK_TIMEOUT_S
+
+    @property
+    def multi_host(self) -> bool:
+        return len(set(self.hosts)) > 1
+
+    def _start_serving_timeout(self) -> None:
+        from datetime import timedelta
+
+        import torch.distributed.distributed_c10d as c10d
+
+        from trtllm_bdlora.distributed.launch import RANK_TIMEOUT_S
+
+        c10d._set_pg_timeout(timedelta(seconds=RANK_TIMEOUT_S))
+        self._started = True
+
+    @_collective
+    def heartbeat(self) -> None:
+        """Every rank, between plans of an idle server: a round trip through every rank, so that rank 0 too waits
+        (at most RANK_TIMEOUT_S) for a rank that stopped answering."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     @_collective
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:
@@ -98,6 +130,8 @@ class Comm:
         dist.broadcast(size, 0)
         buf = payload.to(self.device) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, 0)
+        if not self._started:
+            self._start_serving_timeout()
         return obj if self.rank == 0 else json.loads(bytes(buf.cpu().numpy()).decode())
 
     @_collective

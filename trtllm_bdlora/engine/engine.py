@@ -168,6 +168,7 @@ class Engine:
         factors and shard them the same way. The first empty plan (a heartbeat: the server is idle) after some
         work trims the heap."""
         if plan.empty:
+            self.comm.heartbeat()
             if self._worked:
                 release_freed_memory()
                 self._worked = False

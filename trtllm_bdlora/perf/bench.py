@@ -16,6 +16,7 @@ import time
 import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.distributed.hosts import check_hosts_agree
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.distributed.launcher import relaunch_ranks
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
@@ -108,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
         return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface)
     from trtllm_bdlora.llama.loader import load_base_model
 
-    comm = init_ranks(args.tp, args.device)
+    comm = init_ranks(args.tp, args.device, args.comm_interface)
+    check_hosts_agree(comm, "bench", args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base_model(args.model)
