@@ -23,8 +23,8 @@ import pytest
 
 from tests.helpers import REPO, make_peft_adapter, run_cli
 from tests.netns_hosts import IFACE, Host, NetnsHosts, missing_requirements
+from trtllm_bdlora.distributed.comm import RANK_TIMEOUT_S
 from trtllm_bdlora.distributed.hosts import LOSS_CHECK_IN_S
-from trtllm_bdlora.distributed.launch import RANK_TIMEOUT_S
 
 MAX_TOKENS = 8
 REQUESTS = [  # mixed adapters in one batch: BD-LoRA r16, plain LoRA, the base model, BD-LoRA r8
@@ -217,8 +217,8 @@ def test_hosts_that_disagree_are_refused_before_serving(tiny_llama, bd_adapters,
 @pytest.mark.parametrize("loss", ["cut off", "killed"])
 def test_host_lost_mid_generation(tiny_llama_with_tokenizer, tmp_path, loss):
     """A host's link taken down, or all its processes killed, while a streamed completion runs: the client gets
-    an error, every rank on both hosts exits within the bound, mpirun exits non-zero naming the host, and no
-    process is left on any host."""
+    an error, every rank on both hosts exits within the bound, mpirun exits naming the host (cut off: status 1
+    and serve's one-line cause), and no process is left on any host."""
     with NetnsHosts(3) as hosts:
         h1, h2, _ = hosts.hosts
         for host in (h1, h2):  # docs/multi-host.md: what each host needs for mpirun to give up on a lost host
@@ -247,7 +247,10 @@ def test_host_lost_mid_generation(tiny_llama_with_tokenizer, tmp_path, loss):
             print(f"HOST_LOST {loss}: ranks ended after {ranks_ended:.1f} s, mpirun exit {rc} after "
                   f"{time.monotonic() - t0:.1f} s; client: {result}")
             assert not any(ranks_left.values()), ranks_left
-            assert rc != 0
+            if loss == "cut off":  # rank 0 exits 1 first; mpirun reports that status
+                assert rc == 1
+            # killed: mpirun's own status (255, or 0 when its connection to the lost daemon breaks before the
+            # agent exits: Open MPI 5.0.11; docs/multi-host.md); it ends every rank itself, at once
             deadline = time.monotonic() + 10
             while (hosts.pids(h1) or hosts.pids(h2)) and time.monotonic() < deadline:
                 time.sleep(0.1)

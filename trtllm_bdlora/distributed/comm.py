@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Once the ranks have run their first plan together (the first Comm.broadcast_json), a collective waits at most
+# this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
+# every second), so a rank on a host cut off the network, or a hung one, fails every other rank's collective
+# within this bound (docs/multi-host.md). Before it, launch.COLLECTIVE_TIMEOUT_S covers loading the model.
+RANK_TIMEOUT_S = 15.0
+
 
 class RankLostError(RuntimeError):
     """A collective failed: another rank exited, crashed or stopped answering."""
@@ -79,8 +85,6 @@ class Comm:
         from datetime import timedelta
 
         import torch.distributed.distributed_c10d as c10d
-
-        from trtllm_bdlora.distributed.launch import RANK_TIMEOUT_S
 
         c10d._set_pg_timeout(timedelta(seconds=RANK_TIMEOUT_S))
         self._started = True

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import re
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -138,10 +140,10 @@ def check_hosts_agree(comm, command: str, args) -> None:
         return
     if comm.rank == 0:
         raise BdLoraError(message)
-    from trtllm_bdlora.distributed.launch import exit_now
-
     time.sleep(WORKER_EXIT_GRACE_S)
-    exit_now(2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # no teardown: rank 0's store may be gone already
 
 
 def _ranks_on(comm, hosts: set[str]) -> str:

@@ -33,12 +33,8 @@ _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
 # A collective waits at most this long for the other ranks (a hung, not dead, rank: a dead one is seen at once)
-# while they start (loading the model, the first plan) ...
+# while they start (loading the model, the first plan); after that, comm.RANK_TIMEOUT_S.
 COLLECTIVE_TIMEOUT_S = 600
-# ... and at most this long once they have run their first plan together (Comm.broadcast_json): then every wait is
-# short (rank 0's planning, or an idle server's heartbeat every second), so a rank cut off the network, or one on
-# a host that stopped answering, fails every other rank's collective within this bound (docs/multi-host.md).
-RANK_TIMEOUT_S = 15.0
 HOSTNAME_BYTES = 256
 PR_SET_PDEATHSIG = 1
 
