@@ -1,9 +1,10 @@
 """Tensor parallelism across hosts under the user's own `mpirun` (docs/multi-host.md), on test hosts made of network
-namespaces on this machine (tests/netns_hosts.py): `generate` at TP 2 (one rank per host) and TP 4 (two hosts x two
-ranks) equals the single-host `generate` for every scheme with mixed adapters; `serve` across hosts answers gRPC
-and OpenAI clients on another host from rank 0's host, its ranks listening only on the interface; `bench
---comm-interface` runs across hosts; hosts that disagree are refused with one line; a host cut off, or killed,
-mid-generation ends every rank within the documented bound, the client gets an error and nothing is left behind.
+namespaces on this machine (tests/netns_hosts.py): at TP 2 (one rank per host) and TP 4 (two hosts x two ranks),
+every scheme, mixed adapters, the output equals the single-host `generate` (`generate` across hosts; S-LoRA at
+TP 4 through `serve`, whose gRPC and OpenAI endpoints answer a client on a third host from rank 0's host, its
+ranks listening only on the interface); `bench --comm-interface` runs across hosts; hosts that disagree are
+refused with one line; a host cut off, or killed, mid-generation ends every rank within the documented bound,
+the client gets an error and nothing is left behind.
 
 Needs root, iproute2 and Open MPI's mpirun: skipped where it cannot run (not root, no `ip`), failed anywhere else,
 CI included (.ci/run installs iproute2)."""
@@ -96,8 +97,10 @@ def single_host_ids(tiny_llama, adapters, requests_file) -> list[list[int]]:
     return [o["output_ids"] for o in outputs]
 
 
-@pytest.mark.parametrize("tp,per_host", [(2, 1), (4, 2)], ids=["tp2-one-rank-per-host", "tp4-two-hosts-x-two"])
-@pytest.mark.parametrize("scheme", ["bdlora", "slora", "replicated"])
+# TP 4 with slora runs as `serve` (test_serve_across_hosts_answers_from_rank0_host), against the same reference
+@pytest.mark.parametrize("tp,per_host,scheme", [(2, 1, "bdlora"), (2, 1, "slora"), (2, 1, "replicated"),
+                                                (4, 2, "bdlora"), (4, 2, "replicated")],
+                         ids=["tp2-bdlora", "tp2-slora", "tp2-replicated", "tp4-bdlora", "tp4-replicated"])
 def test_generate_across_hosts_equals_single_host(hosts, tiny_llama, adapters, requests_file, single_host_ids,
                                                   tp, per_host, scheme):
     h1, h2, _ = hosts.hosts
