@@ -68,6 +68,30 @@ def _rank_pids(hosts: NetnsHosts, host: Host) -> list[int]:
             if argv and Path(argv[0]).name.startswith("python") and "trtllm_bdlora" in argv]
 
 
+def test_test_hosts_are_separate_machines_and_cleaned_up_on_failure():
+    """Each host has its own hostname, only lo and its link-local eth0, reaches the others and nothing else; a
+    failure inside the context still removes every namespace, link and process it made."""
+    import subprocess as sp
+
+    with pytest.raises(RuntimeError, match="inside"), NetnsHosts(2) as made:
+        h1, h2 = made.hosts
+        names = [made.run(h, ["hostname"]).stdout.strip() for h in made.hosts]
+        assert names == [h1.name, h2.name]
+        links = made.run(h1, ["ip", "-o", "-4", "addr", "show"]).stdout
+        assert {line.split()[1] for line in links.splitlines()} == {"lo", IFACE} and f"{h1.addr}/24" in links
+        assert made.run(h1, [sys.executable, "-c", f"import socket; socket.create_connection(('{h2.addr}', 9), 5)"]
+                        ).stderr.strip().endswith("Connection refused")  # reached: nothing listens there
+        root_ns = sp.run([sys.executable, "-c", f"import socket; socket.create_connection(('{h2.addr}', 9), 2)"],
+                         capture_output=True, text=True).stderr
+        assert "Connection refused" not in root_ns  # unreachable from outside the test hosts
+        sleeper = made.popen(h2, ["sleep", "600"])
+        made_names = [made.bridge_ns, h1.name, h2.name]
+        raise RuntimeError("inside")
+    listed = sp.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in made_names)
+    assert sleeper.wait(10) is not None and not Path(f"/etc/netns/{h2.name}").exists()
+
+
 @pytest.fixture(scope="module")
 def hosts():
     """h1 and h2 run ranks (mpirun starts on h1); h3 is a client machine."""
