@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# Once the ranks have run their first plan together (the first Comm.broadcast_json), a collective waits at most
-# this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
+# In a launch across hosts, once the ranks have run their first plan together (the first Comm.broadcast_json), a
+# collective waits at most this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
 # every second), so a rank on a host cut off the network, or a hung one, fails every other rank's collective
 # within this bound (docs/multi-host.md). Before it, launch.COLLECTIVE_TIMEOUT_S covers loading the model.
 RANK_TIMEOUT_S = 15.0
@@ -75,7 +75,9 @@ class Comm:
         self.hosts = hosts or ["localhost"] * world  # each rank's hostname and interface address
         self.addrs = addrs or ["127.0.0.1"] * world
         self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
-        self._started = world == 1  # the ranks ran their first plan together: collectives now wait RANK_TIMEOUT_S
+        # across hosts, once the ranks ran their first plan together, collectives wait at most RANK_TIMEOUT_S (on one
+        # machine a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
+        self._started = not self.multi_host
 
     @property
     def multi_host(self) -> bool:
