@@ -13,6 +13,7 @@ The delay: the kernel here has no netem qdisc, so benchmarks/netns_delay.py hold
 (NFQUEUE) for d. Needs root, iproute2, iptables.
 
   python benchmarks/latency_sweep.py --out docs/perf/latency_sweep.json --plot docs/perf/latency_sweep.png
+  python benchmarks/latency_sweep.py --table docs/perf/latency_sweep.json      (the markdown table)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,7 +147,24 @@ def plot(cells: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def table(path: Path) -> str:
+    """The sweep as markdown: one row per cell and scheme."""
+    data = json.loads(path.read_text())
+    lines = ["| hosts | delay us | one-way us (measured) | scheme | LoRA coll/step | measured ms (p25-p75) | projected ms "
+             "| error | BD-LoRA vs S-LoRA measured / projected |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in data["cells"]:
+        for scheme, r in c["schemes"].items():
+            speed = f"{c['speedup_measured']:.2f}x / {c['speedup_predicted']:.2f}x" if scheme == "bdlora" else ""
+            lines.append(f"| {c['hosts']} | {c['delay_us']:.0f} | {c['one_way_latency_us']:.0f} | {scheme} | "
+                         f"{r['lora_collectives']} | {r['measured_ms']:.1f} ({r['p25_ms']:.1f}-{r['p75_ms']:.1f}) | "
+                         f"{r['predicted_ms']:.1f} | {r['error_pct']:+.0f}% | {speed} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--table"]:
+        print(table(Path(sys.argv[2])))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="latency_sweep.json")
     p.add_argument("--plot", default=None)
@@ -162,6 +181,7 @@ def main() -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave through the context managers: hosts removed
     from trtllm_bdlora.llama.loader import load_base_model
 
     cells, loads = [], []
