@@ -12,7 +12,7 @@ Per host count N (TP N) and delay d:
 The delay: the kernel here has no netem qdisc, so benchmarks/netns_delay.py holds each host's outgoing packets
 (NFQUEUE) for d. Needs root, iproute2, iptables.
 
-  python benchmarks/latency_sweep.py --out docs/perf/latency_sweep.json --plot docs/perf/latency_sweep.png
+  python benchmarks/latency_sweep.py --model small --out docs/perf/latency_sweep.json --plot docs/perf/latency_sweep.png
   python benchmarks/latency_sweep.py --table docs/perf/latency_sweep.json      (the markdown table)
 """
 
@@ -50,6 +50,19 @@ for _ in range(220):
     t0 = time.perf_counter(); s.sendto(b"x" * 32, (addr, 19190)); s.recvfrom(64); ts.append(time.perf_counter() - t0)
 print(statistics.median(ts[20:]))
 """
+
+
+def small_model(directory: Path) -> Path:
+    """A random Llama whose decode step is small beside its collectives, as on a GPU (docs/performance.md)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
 
 
 def _env() -> dict[str, str]:
@@ -170,7 +183,8 @@ def main() -> int:
     p.add_argument("--plot", default=None)
     p.add_argument("--hosts", type=int, nargs="+", default=[2, 4])
     p.add_argument("--delays-us", type=float, nargs="+", default=[0, 100, 500, 2000])
-    p.add_argument("--model", default=None, help="HF Llama dir (default: cpu_validate's random 8-head Llama)")
+    p.add_argument("--model", default=None, help="HF Llama dir, or 'small' (small_model); default: cpu_validate's "
+                                                 "random 8-head Llama (hidden 512)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--num-adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
@@ -186,7 +200,8 @@ def main() -> int:
 
     cells, loads = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or str(cpu_validate._random_model(Path(tmp) / "model"))
+        model_dir = (str(small_model(Path(tmp) / "small")) if args.model == "small"
+                     else args.model or str(cpu_validate._random_model(Path(tmp) / "model")))
         base = load_base_model(model_dir)
         cores = os.cpu_count() or 1
         for n in args.hosts:
