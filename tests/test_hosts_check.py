@@ -16,8 +16,7 @@ def _print(host: str) -> dict:
                                        "python": "3.11.7"},
             "command": "serve", "layout": {"tp": 2, "scheme": "bdlora", "dtype": "float32", "max_loras": 8,
                                            "max_lora_rank": None, "rank": None, "num_adapters": None},
-            "model": {"path": "/m", "digest": "a" * 64},
-            "adapters": {"1": {"path": "/a1", "digest": "b" * 64}, "2": {"path": "/a2", "digest": "c" * 64}}}
+            "model": {"path": "/m", "digest": "a" * 64}}
 
 
 def test_hosts_that_agree_pass():
@@ -28,17 +27,17 @@ def test_one_line_names_what_differs_and_each_hosts_value():
     prints = [_print("h1"), _print("h1"), _print("h2"), _print("h2")]
     for p in prints[2:]:
         p["versions"]["torch"] = "2.12.0"
-        p["adapters"]["2"]["digest"] = "d" * 64
+        p["model"]["digest"] = "d" * 64
     message = disagreement(prints)
     assert "\n" not in message
     assert message.startswith("the hosts disagree on torch version: 2.13.0 on h1; 2.12.0 on h2")
-    assert "(and 1 more: --adapter 2 (/a2))" in message
+    assert "(and 1 more: model /m)" in message
 
 
-def test_an_adapter_missing_on_a_host_and_another_scheme_are_named():
+def test_another_model_and_another_scheme_are_named():
     prints = [_print("h1"), _print("h2")]
-    del prints[1]["adapters"]["1"]
-    assert disagreement(prints).startswith("the hosts disagree on --adapter 1 (/a1): bbbbbbbbbbbb on h1; missing on h2")
+    prints[1]["model"]["digest"] = "e" * 64
+    assert disagreement(prints).startswith("the hosts disagree on model /m: aaaaaaaaaaaa on h1; eeeeeeeeeeee on h2")
     prints = [_print("h1"), _print("h2")]
     prints[1]["layout"]["scheme"] = "slora"
     assert disagreement(copy.deepcopy(prints)).startswith("the hosts disagree on --scheme: bdlora on h1; slora on h2")

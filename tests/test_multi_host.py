@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, make_peft_adapter, run_cli
+from tests.helpers import REPO, make_peft_adapter, make_tiny_llama, run_cli
 from tests.netns_hosts import IFACE, Host, NetnsHosts, missing_requirements
 from trtllm_bdlora.distributed.comm import RANK_TIMEOUT_S
 from trtllm_bdlora.distributed.hosts import LOSS_CHECK_IN_S
@@ -224,18 +224,19 @@ def test_serve_across_hosts_answers_from_rank0_host(hosts, tiny_llama_with_token
     assert rc == 0, log.read_text()[-3000:]
 
 
-def test_hosts_that_disagree_are_refused_before_serving(tiny_llama, bd_adapters, tmp_path):
-    """Host 2 has another adapter at the same path: refused with one line naming both hosts, nothing served."""
+def test_hosts_that_disagree_are_refused_before_serving(tiny_llama, tmp_path):
+    """Host 2 has another model at the same path: refused with one line naming both hosts, nothing served."""
+    other = make_tiny_llama(tmp_path / "other", seed=5)
     with NetnsHosts(2) as hosts:
         h1, h2 = hosts.hosts
-        hosts.host_file(h2, bd_adapters[1], bd_adapters[0])
+        hosts.host_file(h2, other, tiny_llama)
         log = tmp_path / "serve.log"
-        proc = _start_serve(hosts, [(h1, 1), (h2, 1)], tiny_llama, ["--adapter", f"1={bd_adapters[0]}"], log)
+        proc = _start_serve(hosts, [(h1, 1), (h2, 1)], tiny_llama, [], log)
         assert proc.wait(240) != 0
         output = log.read_text()
         errors = [line for line in output.splitlines() if "trtllm-bdlora serve: error:" in line]
         assert len(errors) == 1, output[-3000:]
-        assert f"the hosts disagree on --adapter 1 ({bd_adapters[0]})" in errors[0]
+        assert f"the hosts disagree on model {tiny_llama}" in errors[0]
         assert h1.name in errors[0] and h2.name in errors[0]
         assert "serving" not in output
         deadline = time.monotonic() + 10  # mpirun has returned; the processes it ended may still be exiting

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-# In a launch across hosts, once the ranks have run their first plan together (the first Comm.broadcast_json), a
-# collective waits at most this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
+# In a launch across hosts, once the ranks run plans together (Comm.arm_rank_timeout), a collective waits at most
+# this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
 # every second), so a rank on a host cut off the network, or a hung one, fails every other rank's collective
 # within this bound (docs/multi-host.md). Before it, launch.COLLECTIVE_TIMEOUT_S covers loading the model.
 RANK_TIMEOUT_S = 15.0
@@ -75,21 +75,25 @@ class Comm:
         self.hosts = hosts or ["localhost"] * world  # each rank's hostname and interface address
         self.addrs = addrs or ["127.0.0.1"] * world
         self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
-        # across hosts, once the ranks ran their first plan together, collectives wait at most RANK_TIMEOUT_S (on one
-        # machine a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
-        self._started = not self.multi_host
+        # across hosts, once the ranks run plans together, collectives wait at most RANK_TIMEOUT_S (on one machine
+        # a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
+        self._armed = not self.multi_host
 
     @property
     def multi_host(self) -> bool:
         return len(set(self.hosts)) > 1
 
-    def _start_serving_timeout(self) -> None:
+    def arm_rank_timeout(self) -> None:
+        """From now on (the ranks run plans: serving, generating, benchmarking) a collective across hosts waits at
+        most RANK_TIMEOUT_S. Each rank arms itself; a worker when it receives its first plan."""
+        if self._armed:
+            return
         from datetime import timedelta
 
         import torch.distributed.distributed_c10d as c10d
 
         c10d._set_pg_timeout(timedelta(seconds=RANK_TIMEOUT_S))
-        self._started = True
+        self._armed = True
 
     @_collective
     def heartbeat(self) -> None:
@@ -136,8 +140,6 @@ class Comm:
         dist.broadcast(size, 0)
         buf = payload.to(self.device) if self.rank == 0 else torch.empty(int(size), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, 0)
-        if not self._started:
-            self._start_serving_timeout()
         return obj if self.rank == 0 else json.loads(bytes(buf.cpu().numpy()).decode())
 
     @_collective

@@ -1,8 +1,9 @@
 """Ranks on several hosts: that every host runs the same thing, and which host was lost when a collective fails.
 
 Before serving, every rank sends the others a fingerprint of what it is about to run (package and library
-versions, the model's and each adapter's digest, the TP layout flags); a launch whose hosts disagree stops with
-one line naming the hosts and what differs. When a collective fails in a launch across hosts, the error names the
+versions, the model's digest, the TP layout flags); a launch whose hosts disagree stops with one line naming the
+hosts and what differs. Adapters need no check: rank 0 alone reads `--adapter` directories and sends the adapters
+to the other ranks. When a collective fails in a launch across hosts, the error names the
 host: the peer address in gloo's error where it has one (a connection reset by a killed host), else the hosts
 whose ranks did not check in at rank 0's store within LOSS_CHECK_IN_S (a host cut off the network).
 """
@@ -75,8 +76,6 @@ def fingerprint(command: str, args, hostname: str) -> dict:
         "command": command,
         "layout": layout,
         "model": {"path": str(args.model), "digest": directory_digest(resolve_model_dir(args.model))},
-        "adapters": {str(task_id): {"path": str(d), "digest": directory_digest(Path(d))}
-                     for task_id, d in getattr(args, "adapter", [])},
     }
 
 
@@ -87,10 +86,6 @@ def _differences(prints: list[dict]) -> list[tuple[str, dict[str, str]]]:
     items.append(("command", [p["command"] for p in prints]))
     items += [(f"--{k.replace('_', '-')}", [str(p["layout"].get(k)) for p in prints]) for k in prints[0]["layout"]]
     items.append((f"model {prints[0]['model']['path']}", [p["model"]["digest"][:12] for p in prints]))
-    ids = sorted({t for p in prints for t in p["adapters"]}, key=int)
-    for t in ids:
-        path = next(p["adapters"][t]["path"] for p in prints if t in p["adapters"])
-        items.append((f"--adapter {t} ({path})", [p["adapters"].get(t, {}).get("digest", "missing")[:12] for p in prints]))
     found = []
     for what, values in items:
         if len(set(values)) > 1:
