@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+# In a launch across hosts, once the ranks run plans together (Comm.arm_rank_timeout), a collective waits at most
+# this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
+# every second), so a rank on a host cut off the network, or a hung one, fails every other rank's collective
+# within this bound (docs/multi-host.md). Before it, launch.COLLECTIVE_TIMEOUT_S covers loading the model.
+RANK_TIMEOUT_S = 15.0
+
 
 class RankLostError(RuntimeError):
     """A collective failed: another rank exited, crashed or stopped answering."""
@@ -27,6 +33,10 @@ def _collective(method):
             return method(self, *args, **kwargs)
         except RuntimeError as err:  # gloo / NCCL report a dead peer or a timeout as RuntimeError subclasses
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if self.multi_host:
+                from trtllm_bdlora.distributed.hosts import describe_loss
+
+                raise RankLostError(describe_loss(self, first.strip())) from err
             raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})") from err
 
     return wrapper
@@ -57,10 +67,42 @@ class CollectiveLog:
 class Comm:
     """Rank-local view of the TP group. With world == 1 every collective is the identity."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None):
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None, hosts: list[str] | None = None,
+                 addrs: list[str] | None = None, store=None):
         self.rank, self.world = rank, world
         self.device = device or torch.device("cpu")
         self.log = CollectiveLog()
+        self.hosts = hosts or ["localhost"] * world  # each rank's hostname and interface address
+        self.addrs = addrs or ["127.0.0.1"] * world
+        self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
+        # across hosts, once the ranks run plans together, collectives wait at most RANK_TIMEOUT_S (on one machine
+        # a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
+        self._armed = not self.multi_host
+
+    @property
+    def multi_host(self) -> bool:
+        return len(set(self.hosts)) > 1
+
+    def arm_rank_timeout(self) -> None:
+        """From now on (the ranks run plans: serving, generating, benchmarking) a collective across hosts waits at
+        most RANK_TIMEOUT_S. Each rank arms itself; a worker when it receives its first plan."""
+        if self._armed:
+            return
+        from datetime import timedelta
+
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d._set_pg_timeout(timedelta(seconds=RANK_TIMEOUT_S))
+        self._armed = True
+
+    @_collective
+    def heartbeat(self) -> None:
+        """Every rank, between plans of an idle server: a round trip through every rank, so that rank 0 too waits
+        (at most RANK_TIMEOUT_S) for a rank that stopped answering."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     @_collective
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:

@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import traceback
-import zlib
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -33,8 +32,10 @@ LAUNCHER_ENV = "TRTLLM_BDLORA_LAUNCHER_PID"
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
-# A collective waits at most this long for the other ranks (a hung, not dead, rank: a dead one is seen at once).
+# A collective waits at most this long for the other ranks (a hung, not dead, rank: a dead one is seen at once)
+# while they start (loading the model, the first plan); after that, comm.RANK_TIMEOUT_S.
 COLLECTIVE_TIMEOUT_S = 600
+HOSTNAME_BYTES = 256
 PR_SET_PDEATHSIG = 1
 
 
@@ -91,26 +92,36 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _mpi_rendezvous(interface: str | None) -> tuple[int, str, int, int | None]:
-    """Ranks of an MPI launch: rank 0 opens the store's listening socket on the interface and tells the others."""
+def _mpi_rendezvous(interface: str | None) -> tuple[int, str, int, int | None, list[str], list[str]]:
+    """Ranks of an MPI launch: rank 0 opens the store's listening socket on the interface and tells the others;
+    every rank learns each rank's hostname and interface address. MPI is then finalized: its TCP transport
+    listens on every interface for as long as MPI is up, and nothing else here needs it."""
+    if interface is not None:  # MPI's own traffic over the same interface, unless the user chose one
+        os.environ.setdefault("OMPI_MCA_btl_tcp_if_include", interface)
     import numpy as np
     from mpi4py import MPI
 
     mpi = MPI.COMM_WORLD
-    rank = mpi.Get_rank()
-    hosts = np.zeros(mpi.Get_size(), dtype=np.int64)
-    mpi.Allgather(np.array([zlib.crc32(socket.gethostname().encode())], dtype=np.int64), hosts)
-    if len(set(hosts.tolist())) > 1 and interface is None:
+    rank, world = mpi.Get_rank(), mpi.Get_size()
+    name = socket.gethostname().encode()[:HOSTNAME_BYTES - 1]
+    names = np.zeros((world, HOSTNAME_BYTES), dtype=np.uint8)
+    mpi.Allgather(np.frombuffer(name.ljust(HOSTNAME_BYTES, b"\0"), dtype=np.uint8), names)
+    hosts = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in names]
+    if len(set(hosts)) > 1 and interface is None:
         raise BdLoraError("the ranks run on several machines: pass --comm-interface IFACE, the network interface "
                           "they reach each other on (the default binds to loopback)")
+    addr = interface_address(interface)
+    addrs = np.zeros(world, dtype=np.int64)
+    mpi.Allgather(np.array([int.from_bytes(socket.inet_aton(addr), "big")], dtype=np.int64), addrs)
     listen_fd, info = None, np.zeros(2, dtype=np.int64)
     if rank == 0:
-        addr = interface_address(interface)
         server = socket.create_server((addr, 0))
         info[:] = (int.from_bytes(socket.inet_aton(addr), "big"), server.getsockname()[1])
         listen_fd = server.detach()  # the store owns it from here
     mpi.Bcast(info, root=0)
-    return rank, socket.inet_ntoa(int(info[0]).to_bytes(4, "big")), int(info[1]), listen_fd
+    MPI.Finalize()
+    return (rank, socket.inet_ntoa(int(info[0]).to_bytes(4, "big")), int(info[1]), listen_fd, hosts,
+            [socket.inet_ntoa(int(a).to_bytes(4, "big")) for a in addrs])
 
 
 def init_ranks(tp: int, device: str | None, interface: str | None = None):
@@ -133,8 +144,9 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
         rank = int(os.environ[RANK_ENV])
         host, port = os.environ[STORE_ENV].rsplit(":", 1)
         listen_fd = int(os.environ[STORE_FD_ENV]) if rank == 0 else None
+        hosts, addrs = [socket.gethostname()] * world, [interface_address(interface)] * world
     else:
-        rank, host, port, listen_fd = _mpi_rendezvous(interface)
+        rank, host, port, listen_fd, hosts, addrs = _mpi_rendezvous(interface)
     if dev.type == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
@@ -145,7 +157,7 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
     store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout, **extra)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             timeout=timeout)
-    return Comm(rank, world, dev)
+    return Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
 
 
 def exit_now(rc: int) -> NoReturn:

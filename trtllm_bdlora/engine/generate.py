@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import Any
 
+from trtllm_bdlora.distributed.hosts import check_hosts_agree
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.engine.request import (
     MAX_SEED,
@@ -132,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
     from trtllm_bdlora.engine.engine import engine_from_args
 
     comm = init_ranks(args.tp, args.device, args.comm_interface)
+    check_hosts_agree(comm, "generate", args)
     engine = engine_from_args(args, comm)
     try:
         if comm.rank != 0:

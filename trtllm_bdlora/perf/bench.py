@@ -16,6 +16,7 @@ import time
 import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.distributed.hosts import check_hosts_agree
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.distributed.launcher import relaunch_ranks
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
@@ -49,6 +50,7 @@ def _select(engine, pools: dict, scheme: str) -> None:
 
 def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None) -> None:
     """Rank 0: send a plan tagged with its scheme and run it; None stops the workers."""
+    engine.comm.arm_rank_timeout()
     engine.comm.broadcast_json(None if scheme is None else {"scheme": scheme, "plan": plan.to_json()})
     if scheme is not None:
         _select(engine, pools, scheme)
@@ -57,6 +59,7 @@ def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None)
 
 def _follow(engine, pools: dict) -> None:
     while (tagged := engine.comm.broadcast_json()) is not None:
+        engine.comm.arm_rank_timeout()
         _select(engine, pools, tagged["scheme"])
         engine.execute(StepPlan.from_json(tagged["plan"]))
 
@@ -108,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
         return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface)
     from trtllm_bdlora.llama.loader import load_base_model
 
-    comm = init_ranks(args.tp, args.device)
+    comm = init_ranks(args.tp, args.device, args.comm_interface)
+    check_hosts_agree(comm, "bench", args)
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_base_model(args.model)

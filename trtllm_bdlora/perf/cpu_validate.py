@@ -48,14 +48,15 @@ class StubComm(Comm):
         return obj
 
 
-def gloo_worker(out: str, reps: int) -> None:
-    """Under mpirun: median time of all_reduce / all_gather (output bytes) / broadcast per size; rank 0 writes."""
+def gloo_worker(out: str, reps: int, interface: str | None = None) -> None:
+    """Under mpirun: median time of all_reduce / all_gather (output bytes) / broadcast per size; rank 0 writes.
+    `interface`: the ranks' --comm-interface (a launch across hosts)."""
     import torch.distributed as dist
 
     from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 
     torch.set_num_threads(1)
-    comm = init_ranks(mpi_world_size(), "cpu")
+    comm = init_ranks(mpi_world_size(), "cpu", interface)
     res: dict = {}
     for kind in ("all_reduce", "all_gather", "broadcast"):
         for nbytes in SIZES:
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--reps", type=int, default=30, help="gloo micro-benchmark repetitions per size")
     p.add_argument("--gloo-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--comm-interface", default=None, help=argparse.SUPPRESS)
     p.add_argument("--load-worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--profile-only", action="store_true",
                    help="write only the per-category compute of rank 0 at each --tp (no gloo, no bench) to --out")
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_only:
         return write_profile(args)
     if args.gloo_worker:
-        gloo_worker(args.gloo_worker, args.reps)
+        gloo_worker(args.gloo_worker, args.reps, args.comm_interface)
         return 0
     from trtllm_bdlora.llama.loader import load_base_model
 

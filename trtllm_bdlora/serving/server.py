@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 
+from trtllm_bdlora.distributed.hosts import check_hosts_agree
 from trtllm_bdlora.distributed.launch import exit_now, init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.errors import BdLoraError
 
@@ -38,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
     from trtllm_bdlora.engine.engine import engine_from_args
 
     comm = init_ranks(args.tp, args.device, args.comm_interface)
+    check_hosts_agree(comm, "serve", args)
     engine = engine_from_args(args, comm)
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
         for sig in STOP_SIGNALS:
