@@ -34,7 +34,8 @@ TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-
               "shutdown_timeout": "--shutdown-timeout", "max_streams": "--max-streams",
               "allow_request_adapters": "--no-allow-request-adapters", "openai_port": "--openai-port",
               "served_model_name": "--served-model-name", "allow_adapter_loading": "--allow-adapter-loading",
-              "adapter_root": "--adapter-root", "max_num_tokens": "--max-num-tokens", "log_level": "--log-level"}
+              "adapter_root": "--adapter-root", "max_num_tokens": "--max-num-tokens", "log_level": "--log-level",
+              "threads_per_rank": "--threads-per-rank", "kv_cache_bytes": "--kv-cache-bytes"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:

@@ -88,8 +88,11 @@ class OpenAIServer:
             raise RequestError("this model has no tokenizer: the OpenAI API needs one")
         task_id = self.names.resolve(body.model, self.registered())
         ids = body.prompt_ids(eng.tokenizer, eng.max_seq_len)
-        if max_tokens is None:  # as vLLM: up to the end of the context
-            max_tokens = max(1, eng.max_seq_len - len(ids))
+        if max_tokens is None:  # as vLLM: up to the end of the context (or of what the KV cache holds)
+            max_tokens = max(1, min(eng.max_seq_len, eng.kv_budget.row_limit) - len(ids))
+        if not eng.kv_budget.fits([len(ids) + max_tokens]):
+            raise RequestError(f"prompt of {len(ids)} tokens with max_tokens {max_tokens} does not fit "
+                               f"{eng.kv_budget.describe()}", param="max_tokens")
         params = body.sampling_params(max_tokens, eng.shape.vocab_size)
         req = build_request(ids, params, vocab_size=eng.shape.vocab_size, max_seq_len=eng.max_seq_len,
                             adapter=task_id, names={"prompt_ids": "prompt"})
