@@ -133,6 +133,13 @@ class KVCache:
         self.lengths: dict[int, int] = {}  # seq_id -> tokens written
         self.dirty: set[int] = set()  # sequences whose cache may hold non-finite values: zeroed when freed
 
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self.rows
+
+    def __len__(self) -> int:
+        """Sequences holding a row."""
+        return len(self.rows)
+
     def view(self, layer: int, which: int, capacity: int | None = None) -> torch.Tensor:
         """K (which 0) or V (1) of a layer as [rows, kv_heads, capacity, head_dim]."""
         cap = capacity or self.capacity

@@ -138,7 +138,7 @@ def setup_schemes(comm, base, args) -> tuple:
     from trtllm_bdlora.engine.engine import DTYPES, Engine
 
     engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank,
-                    kv_cache_bytes=args.kv_cache_bytes)
+                    kv_cache_bytes=getattr(args, "kv_cache_bytes", None))
     pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, args.max_loras,
                             DTYPES[args.dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
     for scheme in SCHEMES[1:]:
