@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -92,6 +93,9 @@ class Engine:
         self.kv_budget = budget_from_bytes(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, per_token, self.max_seq_len)
         self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
                              self.kv_budget, presharded=base.build is not None)
+        if not isinstance(model, BaseModel):  # loaded here: the model holds its own (packed) copies now
+            self.base = base = dataclasses.replace(base, state_dict={})
+            release_freed_memory()
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS

@@ -15,6 +15,7 @@ from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import AdapterPool
 from trtllm_bdlora.engine.attention import step_attention, write_kv
 from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
+from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
@@ -45,17 +46,17 @@ class TPLlama:
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = w["lm_head.weight"]
+        self.lm_head = Linear(w["lm_head.weight"])
         self.layers = []
         for i in range(layout.shape.num_layers):
             p = f"model.layers.{i}."
             self.layers.append({
                 "in_norm": w[p + "input_layernorm.weight"],
                 "post_norm": w[p + "post_attention_layernorm.weight"],
-                "qkv": torch.cat([w[p + f"self_attn.{n}.weight"] for n in QKV]),
-                "o": w[p + "self_attn.o_proj.weight"],
-                "gate_up": torch.cat([w[p + f"mlp.{n}.weight"] for n in GATE_UP]),
-                "down": w[p + "mlp.down_proj.weight"],
+                "qkv": Linear(torch.cat([w[p + f"self_attn.{n}.weight"] for n in QKV])),
+                "o": Linear(w.pop(p + "self_attn.o_proj.weight")),
+                "gate_up": Linear(torch.cat([w[p + f"mlp.{n}.weight"] for n in GATE_UP])),
+                "down": Linear(w.pop(p + "mlp.down_proj.weight")),
             })
         hd = layout.shape.head_dim
         self.q_size = layout.local_heads * hd
@@ -100,18 +101,18 @@ class TPLlama:
         qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L["in_norm"], self.eps)
-            qkv = self._lora(h @ L["qkv"].T, h, slot_ids, i, QKV, qkv_offsets, "column")
+            qkv = self._lora(L["qkv"](h), h, slot_ids, i, QKV, qkv_offsets, "column")
             attn = self._attention(qkv, step, cos, sin, i)
-            o = self._lora(attn @ L["o"].T, attn, slot_ids, i, ("o_proj",), [0], "row")
+            o = self._lora(L["o"](attn), attn, slot_ids, i, ("o_proj",), [0], "row")
             x = x + self.comm.all_reduce(o, "base")
             h = rms_norm(x, L["post_norm"], self.eps)
-            gu = self._lora(h @ L["gate_up"].T, h, slot_ids, i, GATE_UP, [0, self.inter], "column")
+            gu = self._lora(L["gate_up"](h), h, slot_ids, i, GATE_UP, [0, self.inter], "column")
             act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
-            d = self._lora(act @ L["down"].T, act, slot_ids, i, ("down_proj",), [0], "row")
+            d = self._lora(L["down"](act), act, slot_ids, i, ("down_proj",), [0], "row")
             x = x + self.comm.all_reduce(d, "base")
         x = rms_norm(x, self.norm, self.eps)
         last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
-        logits = (x @ self.lm_head.T).float() if all_logits else (x[last] @ self.lm_head.T).float()
+        logits = self.lm_head(x if all_logits else x[last]).float()
         finite = torch.isfinite(logits[last] if all_logits else logits).all(-1).tolist()
         if not all(finite):  # a sequence whose cache may hold inf/NaN: its row is zeroed when it is freed
             self.kv_cache.mark_dirty(c.seq_id for c, ok in zip(chunks, finite) if not ok)
