@@ -53,9 +53,10 @@ def peft_reference(model_dir: str, adapters: dict[str, Path], prompt_ids: list[l
 
 
 def engine_outputs(model_dir: str, adapters: dict[str, Path], prompt_ids, new_tokens: int, dtype: str) -> dict:
-    from trtllm_bdlora.engine.comm import Comm
+    from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
     from trtllm_bdlora.engine.generate import run_requests
+    from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 
     task = {name: i + 1 for i, name in enumerate(adapters)}
     engine = Engine(Comm(0, 1, torch.device("cpu")), model_dir, "replicated", [(task[n], str(d)) for n, d in adapters.items()],
@@ -63,9 +64,9 @@ def engine_outputs(model_dir: str, adapters: dict[str, Path], prompt_ids, new_to
     out = {}
     for name in [None, *adapters]:
         loads, slots = engine.pool.assign([task.get(name)] * len(prompt_ids))
-        chunks = [[i, ids, 0, s] for i, (ids, s) in enumerate(zip(prompt_ids, slots))]
-        logits = engine.lead({"loads": loads, "chunks": chunks, "all_logits": True})
-        engine.lead({"free": list(range(len(prompt_ids)))})
+        chunks = [SeqChunk(i, ids, 0, s) for i, (ids, s) in enumerate(zip(prompt_ids, slots))]
+        logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True))
+        engine.lead(StepPlan(free=list(range(len(prompt_ids)))))
         lines = [json.dumps({"id": i, "adapter": task.get(name), "prompt_ids": ids, "max_tokens": new_tokens})
                  for i, ids in enumerate(prompt_ids)]
         results = run_requests(engine, lines, max_batch_size=16)
@@ -77,7 +78,7 @@ def engine_outputs(model_dir: str, adapters: dict[str, Path], prompt_ids, new_to
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=32)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 
 def main() -> int:
     import trtllm_bdlora.engine.llama as llama
-    from trtllm_bdlora.engine.comm import Comm
+    from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
@@ -56,7 +57,7 @@ def main() -> int:
         ids = [k * args.batch + i for i in range(args.batch)]
         prompts = [torch.randint(0, engine.shape.vocab_size, (context,), generator=gen).tolist() for _ in ids]
         for start in range(0, context, args.chunk):
-            engine.execute({"chunks": [[s, p[start : start + args.chunk], start, -1] for s, p in zip(ids, prompts)]})
+            engine.execute(StepPlan(chunks=[SeqChunk(s, p[start : start + args.chunk], start, -1) for s, p in zip(ids, prompts)]))
         seqs[context] = ids
     samples: dict[int, list[tuple[float, float]]] = {c: [] for c in args.contexts}
     for step in range(args.steps + 1):  # the first round warms up
@@ -64,7 +65,7 @@ def main() -> int:
         for context in order:
             attention["s"] = 0.0
             t0 = time.perf_counter()
-            engine.execute({"chunks": [[s, [1], context + step, -1] for s in seqs[context]]})
+            engine.execute(StepPlan(chunks=[SeqChunk(s, [1], context + step, -1) for s in seqs[context]]))
             if step:
                 samples[context].append((time.perf_counter() - t0, attention["s"]))
     rows = []

