@@ -25,8 +25,10 @@ sys.path.insert(0, str(REPO))
 def main() -> int:
     import trtllm_bdlora.engine.llama as llama
     from trtllm_bdlora.distributed.comm import Comm
-    from trtllm_bdlora.engine.engine import Engine
+    from trtllm_bdlora.engine.engine import DTYPES, Engine
+    from trtllm_bdlora.engine.kv_cache import kv_bytes_per_token, next_power_of_two
     from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
+    from trtllm_bdlora.llama.loader import load_model_config
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
@@ -40,7 +42,12 @@ def main() -> int:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = Engine(Comm(0, 1, torch.device("cpu")), args.model, "bdlora", [], dtype=args.dtype)
+    # every context's sequences at once: rows of the capacity the longest needs (memory is taken only as written)
+    shape = load_model_config(args.model)
+    per_token = kv_bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, DTYPES[args.dtype])
+    rows = args.batch * len(args.contexts)
+    budget = rows * next_power_of_two(max(args.contexts) + args.steps + 2) * per_token
+    engine = Engine(Comm(0, 1, torch.device("cpu")), args.model, "bdlora", [], dtype=args.dtype, kv_cache_bytes=budget)
     attention = {"s": 0.0}
     original = llama.TPLlama._attention
 
