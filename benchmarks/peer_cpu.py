@@ -236,7 +236,8 @@ def aiperf(args, server: Server, models: list[str], out: Path) -> dict:
 
 
 def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> dict:
-    result: dict = {"tp": tp, "threads_per_rank": threads_per_rank(args, tp), "loads": {}}
+    result: dict = {"tp": tp, "threads_per_rank": threads_per_rank(args, tp), "loads": {}, "requests": args.requests,
+                    "pairs": args.repeats}
     out.mkdir(parents=True, exist_ok=True)
     a = ours(args, tp, adapters, out)
     servers = [a]
@@ -298,16 +299,16 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
              f"`OMP_NUM_THREADS`; unpinned, as this project's ranks; tcmalloc and libiomp5 preloaded as its CPU guide "
              f"asks) and {args.kv_gib} GiB of KV cache per rank "
              f"(`VLLM_CPU_KVCACHE_SPACE`, `--kv-cache-bytes`). Load: AIPerf chat completions, streamed, greedy, "
-             f"`ignore_eos`, {args.requests} requests at concurrency {args.concurrency} after {args.concurrency} "
+             f"`ignore_eos`, the requests of each row at concurrency {args.concurrency} after {args.concurrency} "
              f"warm-up requests, {args.isl} prompt tokens (before the chat template), {args.osl} output tokens; "
              f"`base`: the base model; `lora`: round-robin over the four adapters (vLLM started with "
-             f"`--enable-lora`; without adapters it runs without). Each pair runs this project then vLLM, "
-             f"{args.repeats} pairs per row (A B A B); values are medians over the pairs, ratios the median of the "
-             f"pairwise ratios. RSS: the peak of the server's whole process tree (launcher, ranks, vLLM's API "
+             f"`--enable-lora`; without adapters it runs without). Each pair runs this project then vLLM "
+             f"(A B A B); values are medians over the pairs, ratios (ours / vLLM) the median of the pairwise ratios, "
+             f"each pair's ratio after it. RSS: the peak of the server's whole process tree (launcher, ranks, vLLM's API "
              f"server, engine core and workers) during its runs. Load average (1 min) at each run's start: "
              f"{', '.join(f'{x:.1f}' for x in sorted(loads(results)))}.", "", "```", command, "```", "",
-             "| TP | load | threads/rank | greedy tokens equal | output tok/s (ours / vLLM, ratio) | TTFT p50 ms | "
-             "TTFT p99 ms | ITL p50 ms | ITL p99 ms | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| TP | load | requests × pairs | threads/rank | greedy tokens equal | output tok/s (ours / vLLM, ratio) | "
+             "TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for load, entry in res["loads"].items():
             r = ratios(entry)
@@ -318,7 +319,8 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
                 o, v, q, pairs = r[key]
                 each = f"; pairs {', '.join(f'{x:.2f}' for x in pairs)}" if len(pairs) > 1 else ""
                 return f"{o:{fmt}} / {v:{fmt}} (**{q:.2f}x**{each})"
-            lines.append(f"| {res['tp']} | {load} | {res['threads_per_rank']} | {agree} | {cell('out_tok_s', '.1f')} | "
+            size = f"{res.get('requests', args.requests)} × {len(entry['runs'])}"
+            lines.append(f"| {res['tp']} | {load} | {size} | {res['threads_per_rank']} | {agree} | {cell('out_tok_s', '.1f')} | "
                          f"{cell('ttft_p50', '.0f')} | {cell('ttft_p99', '.0f')} | {cell('itl_p50', '.0f')} | "
                          f"{cell('itl_p99', '.0f')} | {cell('rss', '.2f')} |")
     lines += ["", END]
