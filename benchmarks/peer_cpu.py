@@ -252,15 +252,15 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
             if check:
                 print(f"[tp {tp} {load}] greedy agreement {check['equal']}/{check['total']}", flush=True)
             a.peak_rss = b.peak_rss = 0
-            runs = []
+            entry = result["loads"][load] = {"runs": [], "agreement": check, "ready": ready, "rss": {}}
             for rep in range(args.repeats):  # A B A B
                 pair = {}
                 for tag, server in (("ours", a), ("vllm", b)):
                     pair[tag] = aiperf(args, server, models, out / f"tp{tp}_{load}_{rep}_{tag}")
                     print(f"[tp {tp} {load} {rep} {tag}] {pair[tag]}", flush=True)
-                runs.append(pair)
-            result["loads"][load] = {"runs": runs, "agreement": check, "ready": ready,
-                                     "rss": {"ours": a.peak_rss, "vllm": b.peak_rss}}
+                entry["runs"].append(pair)
+                entry["rss"] = {"ours": a.peak_rss, "vllm": b.peak_rss}
+                (out / "peer.json").write_text(json.dumps(result, indent=1))  # what is done survives a stop
             b.stop()
             servers.remove(b)
             (out / "peer.json").write_text(json.dumps(result, indent=1))
