@@ -1,4 +1,5 @@
-"""The TP engine under mpirun equals PEFT per request: logits of a mixed batch, and 16 greedy tokens."""
+"""The TP engine under mpirun equals PEFT per request: logits of a mixed batch, and 16 greedy tokens (also with
+chunked prefill)."""
 
 import json
 import os
@@ -23,6 +24,8 @@ def _cases(bd_adapters, lora_adapter):
     lora_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([7, None, 7, 7], PROMPTS)]
     return [
         {"name": "bdlora", "scheme": "bdlora", "adapters": bd, "requests": bd_reqs},
+        # 3 tokens a step: prompts prefilled in chunks, beside other sequences' decodes
+        {"name": "bdlora_chunked", "scheme": "bdlora", "adapters": bd, "requests": bd_reqs, "max_num_tokens": 3},
         {"name": "bdlora_as_slora", "scheme": "slora", "adapters": bd, "requests": bd_reqs},
         {"name": "lora_replicated", "scheme": "replicated", "adapters": lora, "requests": lora_reqs},
         {"name": "lora_slora", "scheme": "slora", "adapters": lora, "requests": lora_reqs},

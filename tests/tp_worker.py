@@ -1,7 +1,8 @@
 """Run under `mpirun -n N`: mixed-adapter batches through the TP engine; rank 0 writes logits and tokens.
 
 Usage: tp_worker.py MODEL_DIR OUT_DIR CASES_JSON
-CASES_JSON: [{"name", "scheme", "adapters": [[id, dir], ...], "requests": [{"adapter", "prompt_ids"}]}]
+CASES_JSON: [{"name", "scheme", "adapters": [[id, dir], ...], "requests": [{"adapter", "prompt_ids"}],
+              "max_num_tokens" (optional: a small step budget prefills the prompts in chunks)}]
 """
 
 import json
@@ -37,7 +38,7 @@ def run_case(comm, base, case, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / f"{case['name']}.safetensors"))
     lines = [json.dumps({"id": i, "adapter": r["adapter"], "prompt_ids": r["prompt_ids"], "max_tokens": 16})
              for i, r in enumerate(reqs)]
-    results = run_requests(engine, lines, max_batch_size=8, stats=True)
+    results = run_requests(engine, lines, max_batch_size=8, stats=True, max_num_tokens=case.get("max_num_tokens"))
     engine.lead(None)
     (out_dir / f"{case['name']}.json").write_text(json.dumps(results))
 

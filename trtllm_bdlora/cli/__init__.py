@@ -68,6 +68,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=_positive_int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads-per-rank", type=_positive_int, default=None, metavar="N",
+                   help="torch threads of every rank (default: the cores this process may use, divided by --tp)")
+    p.add_argument("--kv-cache-bytes", type=_positive_int, default=None, metavar="BYTES",
+                   help="KV cache per rank, as vLLM's VLLM_CPU_KVCACHE_SPACE: requests are admitted while it can hold "
+                        "them at their longest (prompt + max_tokens), one too long for all of it is refused; memory "
+                        "is taken only as it is written (default 4 GiB)")
     _add_reliability_args(p)
 
 
@@ -230,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=_positive_int, default=32)
     p.add_argument("--num-adapters", type=_positive_int, default=4)
     p.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank of the random BD adapters")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads per rank (default: torch's)")
+    p.add_argument("--threads", type=_positive_int, dest="threads_per_rank", help="the same as --threads-per-rank")
     p.add_argument("--json", default=None, help="also write the results (median, quartiles, min/max) here")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.perf.bench", fromlist=["main"]).main(a))
 

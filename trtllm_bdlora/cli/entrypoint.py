@@ -41,7 +41,8 @@ TORCH_ONLY = {"scheme": "--scheme", "adapter": "--adapter", "max_loras": "--max-
               "max_keep_alive_requests": "--max-keep-alive-requests",
               "grpc_max_connection_idle": "--grpc-max-connection-idle",
               "grpc_max_connection_age": "--grpc-max-connection-age", "max_body_bytes": "--max-body-bytes",
-              "api_key": "--api-key", "allowed_origins": "--allowed-origins"}
+              "api_key": "--api-key", "allowed_origins": "--allowed-origins",
+              "threads_per_rank": "--threads-per-rank", "kv_cache_bytes": "--kv-cache-bytes"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:

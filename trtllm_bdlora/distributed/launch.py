@@ -124,8 +124,24 @@ def _mpi_rendezvous(interface: str | None) -> tuple[int, str, int, int | None, l
             [socket.inet_ntoa(int(a).to_bytes(4, "big")) for a in addrs])
 
 
-def init_ranks(tp: int, device: str | None, interface: str | None = None):
-    """Join the TP group and return this rank's Comm. Outside a launch with tp == 1: one rank, no group."""
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_threads_per_rank(tp: int) -> int:
+    """The cores shared out among the ranks of this machine: what `--threads-per-rank` defaults to."""
+    return max(1, available_cores() // tp)
+
+
+def init_ranks(tp: int, device: str | None, interface: str | None = None, threads_per_rank: int | None = None):
+    """Join the TP group and return this rank's Comm. Outside a launch with tp == 1: one rank, no group.
+    Every rank runs torch with `threads_per_rank` threads (default: the cores divided by the TP)."""
+    import logging
+
     import torch
 
     from trtllm_bdlora.distributed.comm import Comm
@@ -134,6 +150,10 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
     if world != tp:
         raise BdLoraError(f"--tp {tp} but this launch has {world} ranks")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    threads = threads_per_rank or default_threads_per_rank(world)
+    torch.set_num_threads(threads)
+    logging.getLogger("trtllm_bdlora.launch").info("rank %d of %d: %d torch threads (--threads-per-rank)",
+                                                   launch_rank() if world > 1 else 0, world, threads)
     if world == 1:
         return Comm(0, 1, dev)
     import torch.distributed as dist
@@ -150,7 +170,6 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None):
     if dev.type == "cuda":
         dev = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
     # the store's server listens on the socket bound above: a TCPStore left to bind itself listens on all interfaces
     extra = {"master_listen_fd": listen_fd} if rank == 0 else {}

@@ -31,6 +31,7 @@ from trtllm_bdlora.distributed.launch import (
     STORE_ENV,
     STORE_FD_ENV,
     WORLD_ENV,
+    default_threads_per_rank,
     interface_address,
 )
 
@@ -140,7 +141,7 @@ def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, gracef
     env = dict(os.environ)
     env.update({WORLD_ENV: str(n), STORE_ENV: f"{addr}:{listener.getsockname()[1]}", RUN_DIR_ENV: str(run_dir),
                 LAUNCHER_ENV: str(os.getpid())})
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("OMP_NUM_THREADS", str(default_threads_per_rank(n)))
     procs: list[subprocess.Popen] = []
     previous = {}
     try:

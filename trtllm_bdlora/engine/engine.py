@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -18,6 +19,7 @@ from trtllm_bdlora.engine.adapter_pool import (
     shards_nbytes,
 )
 from trtllm_bdlora.engine.adapter_registry import AdapterRegistry
+from trtllm_bdlora.engine.kv_cache import DEFAULT_KV_CACHE_BYTES, budget_from_bytes, kv_bytes_per_token
 from trtllm_bdlora.engine.llama import TPLlama
 from trtllm_bdlora.engine.plan import AdapterUpload, StepPlan
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
@@ -70,6 +72,7 @@ class Engine:
         lora_cache_host_bytes: int = DEFAULT_HOST_CACHE_BYTES,
         pin_adapters: bool = True,
         allow_request_adapters: bool = True,
+        kv_cache_bytes: int | None = None,
     ):
         self.comm = comm
         self.pin_adapters = pin_adapters
@@ -84,10 +87,15 @@ class Engine:
         self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device,
                                 max_lora_rank, lora_cache_host_bytes)
         self.registry = AdapterRegistry(comm.world, allow_request_adapters)  # rank 0's: what each id means
-        self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
-                             presharded=base.build is not None)
         limit = getattr(base.config, "max_position_embeddings", 4096)
         self.max_seq_len = min(limit, max_seq_len or limit)
+        per_token = kv_bytes_per_token(self.shape.num_layers, self.layout.local_kv_heads, self.shape.head_dim, torch_dtype)
+        self.kv_budget = budget_from_bytes(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, per_token, self.max_seq_len)
+        self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
+                             self.kv_budget, presharded=base.build is not None)
+        if not isinstance(model, BaseModel):  # loaded here: the model holds its own (packed) copies now
+            self.base = base = dataclasses.replace(base, state_dict={})
+            release_freed_memory()
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
@@ -221,4 +229,5 @@ def engine_from_args(args, comm: Comm) -> Engine:
     that meets it, and the launcher reports it once."""
     return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype,
                   max_lora_rank=args.max_lora_rank, lora_cache_host_bytes=args.lora_cache_host_bytes,
-                  pin_adapters=args.pin_adapters, allow_request_adapters=getattr(args, "allow_request_adapters", True))
+                  pin_adapters=args.pin_adapters, allow_request_adapters=getattr(args, "allow_request_adapters", True),
+                  kv_cache_bytes=getattr(args, "kv_cache_bytes", None))

@@ -132,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
             return _relaunch(args)
     from trtllm_bdlora.engine.engine import engine_from_args
 
-    comm = init_ranks(args.tp, args.device, args.comm_interface)
+    comm = init_ranks(args.tp, args.device, args.comm_interface, args.threads_per_rank)
     check_hosts_agree(comm, "generate", args)
     engine = engine_from_args(args, comm)
     try:

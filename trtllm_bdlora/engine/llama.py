@@ -1,8 +1,9 @@
 """A tensor-parallel Llama for one rank: column/row-parallel linears with multi-adapter LoRA sites.
 
-Tokens of all sequences in a step are flattened into one [T, hidden] batch (as nano-vllm does);
-attention runs per sequence against its KV cache. The only base collectives are the all-reduces
-after o_proj and down_proj; embedding, norms and lm_head are replicated.
+Tokens of all sequences in a step are flattened into one [T, hidden] batch (as nano-vllm does); attention
+reads and writes the preallocated KV cache (`kv_cache.py`) in at most two calls per layer (`attention.py`).
+The only base collectives are the all-reduces after o_proj and down_proj; embedding, norms and lm_head are
+replicated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import torch.nn.functional as F
 
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import AdapterPool
+from trtllm_bdlora.engine.attention import step_attention, write_kv
+from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
+from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
@@ -33,7 +37,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TPLlama:
     def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
-                 dtype: torch.dtype, device: torch.device, presharded: bool = False):
+                 dtype: torch.dtype, device: torch.device, kv_budget: KVBudget, presharded: bool = False):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
@@ -42,17 +46,17 @@ class TPLlama:
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = w["lm_head.weight"]
+        self.lm_head = Linear(w["lm_head.weight"])
         self.layers = []
         for i in range(layout.shape.num_layers):
             p = f"model.layers.{i}."
             self.layers.append({
                 "in_norm": w[p + "input_layernorm.weight"],
                 "post_norm": w[p + "post_attention_layernorm.weight"],
-                "qkv": torch.cat([w[p + f"self_attn.{n}.weight"] for n in QKV]),
-                "o": w[p + "self_attn.o_proj.weight"],
-                "gate_up": torch.cat([w[p + f"mlp.{n}.weight"] for n in GATE_UP]),
-                "down": w[p + "mlp.down_proj.weight"],
+                "qkv": Linear(torch.cat([w[p + f"self_attn.{n}.weight"] for n in QKV])),
+                "o": Linear(w.pop(p + "self_attn.o_proj.weight")),
+                "gate_up": Linear(torch.cat([w[p + f"mlp.{n}.weight"] for n in GATE_UP])),
+                "down": Linear(w.pop(p + "mlp.down_proj.weight")),
             })
         hd = layout.shape.head_dim
         self.q_size = layout.local_heads * hd
@@ -60,10 +64,10 @@ class TPLlama:
         self.inter = layout.shape.intermediate_size // layout.world
         self.rotary = LlamaRotaryEmbedding(config=config).to(device)
         self.eps = config.rms_norm_eps
-        self.kv_cache: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.kv_cache = KVCache(len(self.layers), layout.local_kv_heads, hd, dtype, device, kv_budget)
 
     def free(self, seq_id: int) -> None:
-        self.kv_cache.pop(seq_id, None)
+        self.kv_cache.free(seq_id)
 
     def _lora(self, y, x, slot_ids, layer, names, offsets, role):
         if slot_ids is None:  # no token of this step has an adapter (decided once per step in forward)
@@ -71,32 +75,15 @@ class TPLlama:
         slots = [self.pool.slots[(layer, n)] for n in names]
         return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
 
-    def _attention(self, qkv: torch.Tensor, chunks: list[SeqChunk], cos, sin, layer: int) -> torch.Tensor:
+    def _attention(self, qkv: torch.Tensor, step, cos, sin, layer: int) -> torch.Tensor:
         hd = self.layout.shape.head_dim
         nh, nkv = self.layout.local_heads, self.layout.local_kv_heads
-        outs, t0 = [], 0
-        for c in chunks:
-            n = len(c.tokens)
-            part = qkv[t0 : t0 + n]
-            q = part[:, : self.q_size].view(n, nh, hd).transpose(0, 1)
-            k = part[:, self.q_size : self.q_size + self.kv_size].view(n, nkv, hd).transpose(0, 1)
-            v = part[:, self.q_size + self.kv_size :].view(n, nkv, hd).transpose(0, 1)
-            cs, sn = cos[t0 : t0 + n].unsqueeze(0), sin[t0 : t0 + n].unsqueeze(0)
-            q = q * cs + rotate_half(q) * sn
-            k = k * cs + rotate_half(k) * sn
-            cache = self.kv_cache.setdefault(c.seq_id, [None] * len(self.layers))
-            if cache[layer] is not None:
-                k = torch.cat([cache[layer][0], k], dim=1)
-                v = torch.cat([cache[layer][1], v], dim=1)
-            cache[layer] = (k, v)
-            kk = k.repeat_interleave(nh // nkv, dim=0)
-            vv = v.repeat_interleave(nh // nkv, dim=0)
-            total = k.shape[1]
-            mask = torch.ones(n, total, dtype=torch.bool, device=qkv.device).tril(total - n)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            outs.append(o.transpose(0, 1).reshape(n, nh * hd))
-            t0 += n
-        return torch.cat(outs)
+        t = qkv.shape[0]
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd)
+        qk = qk * cos + rotate_half(qk) * sin
+        v = qkv[:, self.q_size + self.kv_size :].view(t, nkv, hd)
+        write_kv(self.kv_cache, layer, step, qk[:, nh:], v)
+        return step_attention(self.kv_cache, layer, step, qk[:, :nh])
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
@@ -109,21 +96,24 @@ class TPLlama:
             slot_ids = None
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
-        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        cos, sin = cos[0].to(self.dtype).unsqueeze(1), sin[0].to(self.dtype).unsqueeze(1)
+        step = self.kv_cache.begin_step(chunks, self.layout.local_heads // self.layout.local_kv_heads)
         qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
         for i, L in enumerate(self.layers):
             h = rms_norm(x, L["in_norm"], self.eps)
-            qkv = self._lora(h @ L["qkv"].T, h, slot_ids, i, QKV, qkv_offsets, "column")
-            attn = self._attention(qkv, chunks, cos, sin, i)
-            o = self._lora(attn @ L["o"].T, attn, slot_ids, i, ("o_proj",), [0], "row")
+            qkv = self._lora(L["qkv"](h), h, slot_ids, i, QKV, qkv_offsets, "column")
+            attn = self._attention(qkv, step, cos, sin, i)
+            o = self._lora(L["o"](attn), attn, slot_ids, i, ("o_proj",), [0], "row")
             x = x + self.comm.all_reduce(o, "base")
             h = rms_norm(x, L["post_norm"], self.eps)
-            gu = self._lora(h @ L["gate_up"].T, h, slot_ids, i, GATE_UP, [0, self.inter], "column")
+            gu = self._lora(L["gate_up"](h), h, slot_ids, i, GATE_UP, [0, self.inter], "column")
             act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
-            d = self._lora(act @ L["down"].T, act, slot_ids, i, ("down_proj",), [0], "row")
+            d = self._lora(L["down"](act), act, slot_ids, i, ("down_proj",), [0], "row")
             x = x + self.comm.all_reduce(d, "base")
         x = rms_norm(x, self.norm, self.eps)
-        if not all_logits:
-            last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
-            x = x[last]
-        return (x @ self.lm_head.T).float()
+        last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
+        logits = self.lm_head(x if all_logits else x[last]).float()
+        finite = torch.isfinite(logits[last] if all_logits else logits).all(-1).tolist()
+        if not all(finite):  # a sequence whose cache may hold inf/NaN: its row is zeroed when it is freed
+            self.kv_cache.mark_dirty(c.seq_id for c, ok in zip(chunks, finite) if not ok)
+        return logits

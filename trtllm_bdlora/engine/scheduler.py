@@ -6,6 +6,10 @@ left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM'
 `plan_chunks` for the order). A long prompt is thus prefilled over several steps while the others keep decoding; the attention
 of a chunk reads the KV cache of the earlier chunks, so the result is that of one whole prefill.
 
+A request is admitted only if the KV cache can hold it with the running ones at their longest (prompt plus
+max_tokens each, `KVBudget.fits`); otherwise it waits, in order. One that could never fit, even alone, fails at
+once with a one-line error.
+
 Requests whose client has gone (`Request.cancelled` / `Request.client_gone`) leave at the start of the next
 step, before any work is planned for them; their KV caches are freed in that step's plan. An exception
 while handling one request's result (sampling, stop checks, its callback) fails that request alone; one
@@ -28,7 +32,7 @@ from trtllm_bdlora.engine.logprobs import position_logprobs, prompt_chunk_logpro
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
-from trtllm_bdlora.errors import BdLoraError, InternalError, as_error, log_text
+from trtllm_bdlora.errors import BdLoraError, InternalError, RequestError, as_error, log_text
 
 # Fault injection for tests of fault isolation: sampling raises for requests on this adapter id.
 INJECT_FAULT_ENV = "TRTLLM_BDLORA_INJECT_FAULT_ADAPTER"
@@ -68,6 +72,15 @@ class Running:
     @property
     def prefilling(self) -> bool:
         return self.position < len(self.req.prompt_ids)
+
+    @property
+    def kv_tokens(self) -> int:
+        return kv_tokens(self.req)
+
+
+def kv_tokens(req: Request) -> int:
+    """The most KV cache a request can take: its prompt and every token it may generate."""
+    return len(req.prompt_ids) + req.params.max_tokens
 
 
 def wants_prompt_rows(req: Request) -> bool:
@@ -148,19 +161,36 @@ class Scheduler:
             log.debug("request %s cancelled after %d tokens", req.id, len(req.output_ids))
         return dropped
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[tuple[Request, list[dict]]]:
+        """Move waiting requests into the batch while slots, adapters and the KV cache allow; returns those that
+        can never fit the KV cache, failed."""
+        refused = []
         adapters = {r.req.adapter for r in self.running} - {None}
+        budget = self.engine.kv_budget
+        lengths = [r.kv_tokens for r in self.running]
         while self.waiting and len(self.running) < self.max_batch_size:
-            wanted = adapters | ({self.waiting[0].adapter} - {None})
-            if len(wanted) > self.engine.pool.max_loras:
+            head = self.waiting[0]
+            if not budget.fits([kv_tokens(head)]):
+                self.waiting.popleft()
+                head.error = RequestError(f"prompt of {len(head.prompt_ids)} tokens with max_tokens "
+                                          f"{head.params.max_tokens} ({kv_tokens(head)} tokens) does not fit "
+                                          f"{budget.describe()}", param="max_tokens")
+                head.finish_reason = "error"
+                log.error("request %s refused: %s", head.id, head.error)
+                refused.append((head, []))
+                continue
+            wanted = adapters | ({head.adapter} - {None})
+            if len(wanted) > self.engine.pool.max_loras or not budget.fits([*lengths, kv_tokens(head)]):
                 break
             req = self.waiting.popleft()
+            lengths.append(kv_tokens(req))
             adapters = wanted
             gen = None if req.params.greedy else torch.Generator().manual_seed(req.params.seed)
             end_ids = frozenset(self.engine.eos_ids) if req.params.end_ids is None else req.params.end_ids
             req.times_ns.setdefault("first_scheduled", time.time_ns())
             self.running.append(Running(req, self._next_seq, end_ids, generator=gen))
             self._next_seq += 1
+        return refused
 
     def _fail(self, r: Running, error: BdLoraError, finished: list) -> None:
         """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
@@ -175,7 +205,7 @@ class Scheduler:
     def step(self) -> list[tuple[Request, list[dict]]]:
         """One engine step; returns the requests that finished in it (with their per-step stats)."""
         finished = self._drop_abandoned()
-        self._admit()
+        finished += self._admit()
         if not self.running:
             self.flush()  # the last sequences left: free their KV caches now, not with some later step
             return finished

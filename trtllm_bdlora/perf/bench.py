@@ -111,10 +111,8 @@ def main(args: argparse.Namespace) -> int:
         return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface)
     from trtllm_bdlora.llama.loader import load_base_model
 
-    comm = init_ranks(args.tp, args.device, args.comm_interface)
+    comm = init_ranks(args.tp, args.device, args.comm_interface, args.threads_per_rank)
     check_hosts_agree(comm, "bench", args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     base = load_base_model(args.model)
     try:
         engine, pools = setup_schemes(comm, base, args)
@@ -143,7 +141,8 @@ def setup_schemes(comm, base, args) -> tuple:
     from trtllm_bdlora.engine.adapter_pool import AdapterPool
     from trtllm_bdlora.engine.engine import DTYPES, Engine
 
-    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank)
+    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank,
+                    kv_cache_bytes=getattr(args, "kv_cache_bytes", None))
     pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, args.max_loras,
                             DTYPES[args.dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
     for scheme in SCHEMES[1:]:

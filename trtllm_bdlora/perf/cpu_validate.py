@@ -192,9 +192,9 @@ def _base_gemm_time(engine, batch: int, reps: int = 20) -> float:
             for key in ("qkv", "o", "gate_up", "down"):
                 w = L[key]
                 x = xs.setdefault(w.shape[1], torch.randn(batch, w.shape[1], dtype=w.dtype))
-                x @ w.T
-        x = xs.setdefault(model.lm_head.shape[1], torch.randn(batch, model.lm_head.shape[1]))
-        x @ model.lm_head.T
+                w(x)
+        x = xs.setdefault(model.lm_head.shape[1], torch.randn(batch, model.lm_head.shape[1], dtype=model.lm_head.dtype))
+        model.lm_head(x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

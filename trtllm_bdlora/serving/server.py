@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
             return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface, graceful_signal=signal.SIGUSR1)
     from trtllm_bdlora.engine.engine import engine_from_args
 
-    comm = init_ranks(args.tp, args.device, args.comm_interface)
+    comm = init_ranks(args.tp, args.device, args.comm_interface, args.threads_per_rank)
     check_hosts_agree(comm, "serve", args)
     engine = engine_from_args(args, comm)
     if comm.rank != 0:  # workers stop when rank 0 says so, not on signals mpirun forwards
@@ -52,6 +52,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
+    import torch
+
     from trtllm_bdlora.engine.runtime import Runtime
     from trtllm_bdlora.serving.edge.asgi import edge_app
     from trtllm_bdlora.serving.edge.listener import HttpServer, Listener
@@ -107,7 +109,8 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"trtllm-bdlora: serving {', '.join(sorted(server.models))} on {args.host} (gRPC {args.grpc_port}, "
           f"HTTP {args.http_port}, metrics {args.metrics_port}; tp {args.tp}, scheme {args.scheme}, "
-          f"adapters {sorted(engine.pool.host)})", flush=True)
+          f"adapters {sorted(engine.pool.host)}; {torch.get_num_threads()} threads per rank, {args.dtype}, "
+          f"KV cache {engine.kv_budget.tokens} tokens per rank)", flush=True)
     print(f"trtllm-bdlora: OpenAI API on http://{args.host}:{args.openai_port}/v1", flush=True)
     if not settings.api_keys and not _loopback(args.host):
         print(f"trtllm-bdlora: warning: serving on {args.host} without --api-key (or API_KEY): anyone who reaches "

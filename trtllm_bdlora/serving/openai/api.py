@@ -193,7 +193,11 @@ class OpenAIServer:
         prompts = body.prompts(eng.tokenizer, eng.max_seq_len)
         built = []
         for p, (ids, text) in enumerate(prompts):
-            limit = max(1, eng.max_seq_len - len(ids)) if max_tokens is None else max_tokens  # None: as vLLM
+            # None: as vLLM, up to the end of the context (or of what the KV cache holds)
+            limit = max(1, min(eng.max_seq_len, eng.kv_budget.row_limit) - len(ids)) if max_tokens is None else max_tokens
+            if not eng.kv_budget.fits([len(ids) + limit]):
+                raise RequestError(f"prompt of {len(ids)} tokens with max_tokens {limit} does not fit "
+                                   f"{eng.kv_budget.describe()}", param="max_tokens")
             for i in range(body.choices):
                 params = body.sampling_params(1 if echo_only else limit, eng.shape.vocab_size, choice=i)
                 names = dict(FIELD_NAMES, logprobs="top_logprobs" if chat else "logprobs")

@@ -1,0 +1,38 @@
+"""--threads-per-rank: its default from the cores and the TP, applied by init_ranks, said in the log."""
+
+import logging
+import os
+
+import torch
+
+from trtllm_bdlora.cli import build_parser
+from trtllm_bdlora.distributed.launch import available_cores, default_threads_per_rank, init_ranks
+
+
+def test_default_shares_the_cores_among_the_ranks():
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores() == cores
+    assert default_threads_per_rank(1) == cores
+    assert default_threads_per_rank(cores + 1) == 1  # more ranks than cores: one thread each, never zero
+
+
+def test_init_ranks_applies_and_logs_the_threads(caplog):
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="trtllm_bdlora.launch"):
+            init_ranks(1, "cpu", threads_per_rank=1)
+        assert torch.get_num_threads() == 1
+        assert "rank 0 of 1: 1 torch threads" in caplog.text
+        init_ranks(1, "cpu")
+        assert torch.get_num_threads() == default_threads_per_rank(1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_flags_on_every_engine_command():
+    parser = build_parser()
+    for command in ("serve", "generate"):
+        args = parser.parse_args([command, "--threads-per-rank", "3", "--kv-cache-bytes", "1000000"]
+                                 + (["--requests", "-"] if command == "generate" else []))
+        assert (args.threads_per_rank, args.kv_cache_bytes) == (3, 1000000)
+    assert parser.parse_args(["bench", "--threads", "2"]).threads_per_rank == 2  # bench's older name

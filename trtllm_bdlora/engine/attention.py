@@ -1,0 +1,53 @@
+"""A step's attention in one layer: at most two SDPA calls, whatever the number of sequences.
+
+Every decoding sequence (one new token) is one batch row of a single call whose keys are a view of the KV cache's
+rows (no copy); the prefill chunks of the step (more than one token each) are a second call, padded to the longest
+chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the query axis, so K and V are
+never repeated. Query head h uses KV head h // group, as HF's repeat_kv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trtllm_bdlora.engine.kv_cache import KVCache, StepLayout
+
+
+def write_kv(cache: KVCache, layer: int, step: StepLayout, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Store the step's K and V ([T, kv_heads, head_dim], already rotated) at their positions."""
+    d = cache.head_dim
+    for which, x in ((0, k), (1, v)):
+        cache.view(layer, which).view(-1, d).index_copy_(0, step.write_index, x.reshape(-1, d))
+
+
+def step_attention(cache: KVCache, layer: int, step: StepLayout, q: torch.Tensor) -> torch.Tensor:
+    """q [T, heads, head_dim] (rotated) -> attention output [T, heads * head_dim], after `write_kv`."""
+    t, heads, d = q.shape
+    kv_heads = cache.kv_heads
+    group = heads // kv_heads
+    out = q.new_empty(t, heads * d)
+    k_all, v_all = cache.view(layer, 0), cache.view(layer, 1)
+    if step.decode_tokens is not None:
+        lo, hi = step.decode_rows
+        rows = hi - lo
+        q_dec = q.index_select(0, step.decode_tokens)
+        if not step.decode_dense:
+            q_dec = q.new_zeros(rows, heads, d).index_copy_(0, step.decode_slots, q_dec)
+        keys = step.decode_keys
+        o = F.scaled_dot_product_attention(q_dec.view(rows, kv_heads, group, d), k_all[lo:hi, :, :keys],
+                                           v_all[lo:hi, :, :keys], attn_mask=step.decode_mask)
+        o = o.reshape(rows, heads * d)
+        out.index_copy_(0, step.decode_tokens, o if step.decode_dense else o.index_select(0, step.decode_slots))
+    if step.prefill_tokens is not None:
+        chunks, longest, keys = len(step.prefill_rows), step.prefill_queries, step.prefill_keys
+        q_pre = q.new_zeros(chunks * longest, heads, d).index_copy_(
+            0, step.prefill_slots, q.index_select(0, step.prefill_tokens))
+        q_pre = q_pre.view(chunks, longest, kv_heads, group, d).permute(0, 2, 3, 1, 4).reshape(
+            chunks, kv_heads, group * longest, d)
+        k = k_all[:, :, :keys].index_select(0, step.prefill_rows)
+        v = v_all[:, :, :keys].index_select(0, step.prefill_rows)
+        o = F.scaled_dot_product_attention(q_pre, k, v, attn_mask=step.prefill_mask)
+        o = o.view(chunks, kv_heads, group, longest, d).permute(0, 3, 1, 2, 4).reshape(chunks * longest, heads * d)
+        out.index_copy_(0, step.prefill_tokens, o.index_select(0, step.prefill_slots))
+    return out
