@@ -21,7 +21,12 @@ RANK_TIMEOUT_S = 15.0
 
 
 class RankLostError(RuntimeError):
-    """A collective failed: another rank exited, crashed or stopped answering."""
+    """A collective failed: another rank exited, crashed or stopped answering. `lost` names what was lost (a
+    host and its ranks) where that is known, in words a client may see; the message adds the transport's error."""
+
+    def __init__(self, message: str, lost: str | None = None):
+        super().__init__(message)
+        self.lost = lost
 
 
 def _collective(method):
@@ -36,7 +41,9 @@ def _collective(method):
             if self.multi_host:
                 from trtllm_bdlora.distributed.hosts import describe_loss
 
-                raise RankLostError(describe_loss(self, first.strip())) from err
+                message = describe_loss(self, first.strip())
+                lost = message.partition(":")[0] if " lost host " in message.partition(":")[0] else None
+                raise RankLostError(message, lost) from err
             raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})") from err
 
     return wrapper

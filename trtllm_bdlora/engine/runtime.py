@@ -274,7 +274,8 @@ class Runtime:
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = one_line(err)
             log.critical("server failed: %s", self.failure)
-            self._fail_all(ServerFailedError(SERVER_FAILED, detail=self.failure))
+            lost = getattr(err, "lost", None)  # a host lost (distributed/comm.py RankLostError): clients may know which
+            self._fail_all(ServerFailedError(f"server failed: {lost}" if lost else SERVER_FAILED, detail=self.failure))
         finally:
             self.stopped.set()
 
