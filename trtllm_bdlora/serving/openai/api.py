@@ -195,9 +195,6 @@ class OpenAIServer:
         for p, (ids, text) in enumerate(prompts):
             # None: as vLLM, up to the end of the context (or of what the KV cache holds)
             limit = max(1, min(eng.max_seq_len, eng.kv_budget.row_limit) - len(ids)) if max_tokens is None else max_tokens
-            if not eng.kv_budget.fits([len(ids) + limit]):
-                raise RequestError(f"prompt of {len(ids)} tokens with max_tokens {limit} does not fit "
-                                   f"{eng.kv_budget.describe()}", param="max_tokens")
             for i in range(body.choices):
                 params = body.sampling_params(1 if echo_only else limit, eng.shape.vocab_size, choice=i)
                 names = dict(FIELD_NAMES, logprobs="top_logprobs" if chat else "logprobs")
@@ -205,6 +202,9 @@ class OpenAIServer:
                     names["prompt_ids"] = f"prompt[{p}]"
                 req = build_request(ids, params, vocab_size=eng.shape.vocab_size, max_seq_len=eng.max_seq_len,
                                     adapter=task_id, names=names)
+                if not eng.kv_budget.fits([len(ids) + limit]):  # after the context check, which names the cause
+                    raise RequestError(f"prompt of {len(ids)} tokens with max_tokens {limit} does not fit "
+                                       f"{eng.kv_budget.describe()}", param="max_tokens")
                 if params.min_tokens > params.max_tokens:  # as vLLM
                     raise RequestError(f"min_tokens {params.min_tokens} must be <= max_tokens {params.max_tokens}",
                                        param="min_tokens")
