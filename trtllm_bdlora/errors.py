@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class ErrorKind(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"  # the request (or a command's argument) is wrong: do not retry as is
     NOT_FOUND = "not_found"  # no such model or adapter (or an adapter no longer cached)
+    ALREADY_EXISTS = "already_exists"  # a name taken (a shared-memory region registered twice)
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     TOO_LARGE = "too_large"  # a request body over the limit, refused before it is read
@@ -31,6 +32,7 @@ class Status:
 STATUS: dict[ErrorKind, Status] = {
     ErrorKind.INVALID_ARGUMENT: Status("INVALID_ARGUMENT", 400, "BadRequestError"),
     ErrorKind.NOT_FOUND: Status("NOT_FOUND", 404, "NotFoundError"),
+    ErrorKind.ALREADY_EXISTS: Status("ALREADY_EXISTS", 400, "BadRequestError"),  # HTTP 400 as Triton answers it
     ErrorKind.UNAUTHENTICATED: Status("UNAUTHENTICATED", 401, "AuthenticationError"),
     ErrorKind.PERMISSION_DENIED: Status("PERMISSION_DENIED", 403, "PermissionDeniedError"),
     ErrorKind.TOO_LARGE: Status("RESOURCE_EXHAUSTED", 413, "BadRequestError"),
@@ -93,6 +95,10 @@ class AdapterNotCachedError(NotFoundError):
     def __init__(self, task_id: int):
         super().__init__(f"LoRA task {task_id} not found in cache. Please send LoRA weights with request")
         self.task_id = task_id
+
+
+class AlreadyExistsError(RequestError):
+    kind = ErrorKind.ALREADY_EXISTS
 
 
 class PermissionDeniedError(RequestError):

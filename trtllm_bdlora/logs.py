@@ -44,6 +44,25 @@ class _UtcFormatter(logging.Formatter):
         return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
 
 
+class _Switches(logging.Filter):
+    """Triton's log_info / log_warning / log_error switches, on the package's handler: each turns one level off or on
+    (ERROR covers CRITICAL); DEBUG records are made only at verbose level 1 and above (the logger's level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.on = {logging.INFO: True, logging.WARNING: True, logging.ERROR: True}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for level in (logging.ERROR, logging.WARNING, logging.INFO):
+            if record.levelno >= level:
+                return self.on[level]
+        return True
+
+
+_SWITCHES = _Switches()
+_VERBOSE = [0]
+
+
 def configure_logging(level: str = "info") -> None:
     """Send the package's log records at `level` and above to stderr, one line each."""
     logger = logging.getLogger(LOGGER)
@@ -51,9 +70,32 @@ def configure_logging(level: str = "info") -> None:
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_UtcFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(_SWITCHES)
     logger.addHandler(handler)
-    logger.setLevel(level.upper())
     logger.propagate = False
+    threshold = logging.getLevelName(level.upper())
+    set_log_switches(info=threshold <= logging.INFO, warning=threshold <= logging.WARNING,
+                     error=threshold <= logging.ERROR, verbose=1 if threshold <= logging.DEBUG else 0)
+
+
+def log_switches() -> dict:
+    """The run-time switches, as Triton's logging extension names them, plus `log_access` (the access lines)."""
+    return {"log_info": _SWITCHES.on[logging.INFO], "log_warning": _SWITCHES.on[logging.WARNING],
+            "log_error": _SWITCHES.on[logging.ERROR], "log_verbose_level": _VERBOSE[0], "log_access": not access.disabled}
+
+
+def set_log_switches(info: bool | None = None, warning: bool | None = None, error: bool | None = None,
+                     verbose: int | None = None, access_lines: bool | None = None) -> None:
+    """Change what the package logs from now on (None: unchanged)."""
+    for level, on in ((logging.INFO, info), (logging.WARNING, warning), (logging.ERROR, error)):
+        if on is not None:
+            _SWITCHES.on[level] = on
+    if verbose is not None:
+        _VERBOSE[0] = verbose
+    lowest_on = min((level for level, on in _SWITCHES.on.items() if on), default=logging.CRITICAL + 1)
+    logging.getLogger(LOGGER).setLevel(logging.DEBUG if _VERBOSE[0] > 0 else lowest_on)  # no record made to be dropped
+    if access_lines is not None:
+        access.disabled = not access_lines
 
 
 def log_request(request, model: str, outcome: str, error: str | None = None) -> None:

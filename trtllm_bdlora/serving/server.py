@@ -61,6 +61,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.kserve import http as kserve_http
     from trtllm_bdlora.serving.kserve.capacity import Capacity
     from trtllm_bdlora.serving.kserve.grpc import start_server
+    from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
     from trtllm_bdlora.serving.metrics import Metrics
     from trtllm_bdlora.serving.openai import api as openai_api
     from trtllm_bdlora.serving.openai.names import public_model_name
@@ -75,6 +76,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     metrics = Metrics()
     metrics.watch(runtime)
     server = ModelServer(runtime, serve_values(public_model_name(args.model), args.tp, args.max_batch_size), metrics)
+    regions = SharedMemoryRegions()  # system shared memory, one set for both KServe front ends (as Triton's)
     grpc_server, http_servers = None, []
 
     def listen(app, port: int, name: str, is_health, render, auth: bool = True, max_connections: int | None = None):
@@ -91,13 +93,13 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
             stopped.wait()
 
     try:
-        grpc_server = start_server(server, args.host, args.grpc_port, capacity, settings, cap)
-        http_servers.append(listen(kserve_http.build_app(server, capacity.unary, settings.max_body_bytes),
+        grpc_server = start_server(server, args.host, args.grpc_port, capacity, settings, cap, regions)
+        http_servers.append(listen(kserve_http.build_app(server, capacity.unary, settings.max_body_bytes, regions),
                                    args.http_port, "KServe HTTP", kserve_http.is_health, kserve_http.error_document))
         http_servers.append(listen(kserve_http.build_metrics_app(metrics), args.metrics_port, "metrics",
                                    lambda path: path == "/metrics", kserve_http.error_document, auth=False,
                                    max_connections=min(cap, METRICS_MAX_CONNECTIONS)))
-        http_servers.append(listen(openai_api.openai_app(runtime, args), args.openai_port, "OpenAI",
+        http_servers.append(listen(openai_api.openai_app(runtime, args, metrics), args.openai_port, "OpenAI",
                                    openai_api.is_health, error_body))
     except BdLoraError:
         stop_endpoints()

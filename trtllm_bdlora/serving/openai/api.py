@@ -1,20 +1,23 @@
 """OpenAI-compatible HTTP API (FastAPI + uvicorn) on the same runtime as the gRPC endpoint: `/v1/models`,
 `/v1/completions`, `/v1/chat/completions` (streamed as server-sent events ending with `data: [DONE]`), and vLLM's
 `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`. The request's `model` picks the adapter
-(openai_models.py). Shapes follow vLLM's OpenAI server (openai_protocol.py).
+(openai_models.py). Shapes follow vLLM's OpenAI server (openai_protocol.py). `/metrics` (and `/v1/metrics`) answer
+the server's Prometheus metrics, where AIPerf and vLLM users scrape them; every request is counted there
+(protocol `openai`; a `tensorrt_llm` request in Triton's series).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -25,6 +28,7 @@ from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, ClientCall, Metrics
 from trtllm_bdlora.serving.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
 from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root, check_name, public_model_name
 from trtllm_bdlora.serving.openai.protocol import (
@@ -45,10 +49,14 @@ from trtllm_bdlora.serving.openai.protocol import (
 DONE = format_sse_event(data_str="[DONE]")
 TEXT_THREADS = 4  # threads that parse bodies, apply chat templates and tokenize (never the event loop)
 HEALTH_PATHS = frozenset({"/health"})
+METRICS_PATHS = frozenset({"/metrics", "/v1/metrics"})
+PROTOCOL = "openai"
+CORE_MODEL = "tensorrt_llm"  # the Triton model an OpenAI request is counted as
 
 
 def is_health(path: str) -> bool:
-    return path in HEALTH_PATHS
+    """Health, and metrics: answered without an API key (as vLLM answers /metrics) and under load."""
+    return path in HEALTH_PATHS or path in METRICS_PATHS
 
 
 def adapter_gone(err: NotFoundError) -> NotFoundError:
@@ -69,15 +77,57 @@ async def parse(request: Request, model: type[pydantic.BaseModel]):
     return await off_loop(validate_body, model, await request.body())
 
 
+class Counted:
+    """How one OpenAI request is counted: one client call on protocol `openai`, and one `tensorrt_llm` request of
+    batch n (its sequences) in Triton's series, a success when every sequence ends without error; each sequence's
+    tokens in the token histograms. Sequences report from the engine thread; the first outcome counts."""
+
+    def __init__(self, metrics: Metrics | None, call: ClientCall | None, sequences: int):
+        self.metrics, self.call, self.left = metrics, call, sequences
+        self.record = metrics.start(CORE_MODEL, sequences) if metrics is not None else None
+        self.queued_ns = 0
+        self._lock = threading.Lock()
+
+    def token(self) -> None:
+        if self.record is not None:
+            self.record.responded()
+        if self.call is not None:
+            self.call.responded()
+
+    def sequence_done(self, request, error) -> None:
+        if error is not None:
+            self.failed("REJECTED" if isinstance(error, RequestError) else "BACKEND")
+            return
+        if self.metrics is not None:
+            self.metrics.tokens(CORE_MODEL, len(request.prompt_ids), len(request.output_ids), PROTOCOL)
+        times = request.times_ns
+        with self._lock:
+            self.left -= 1
+            self.queued_ns = max(self.queued_ns, times.get("first_scheduled", 0) - times.get("arrival", 0))
+            last = self.left == 0
+        if last:
+            if self.record is not None:
+                self.record.finish(None, self.queued_ns)
+            if self.call is not None:
+                self.call.finish(ok=True)
+
+    def failed(self, reason: str) -> None:
+        """Refused, failed, or the client left (CANCELED): no-op once counted."""
+        if self.record is not None:
+            self.record.finish(reason)
+        if self.call is not None:
+            self.call.finish(ok=False)
+
+
 class Generation:
     """One sequence in flight (a prompt, one of its n samples): the engine thread reports tokens and completion
     into the request's shared `events` queue, tagged with the choice index. A stop string, or the client going
     away, cancels the sequence (it ends at once, at its next token if queued)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, tracker: TextTracker,
-                 request, prompt_text: str | None):
+                 request, prompt_text: str | None, counted: Counted | None = None):
         self.loop, self.events, self.index, self.tracker, self.request = loop, events, index, tracker, request
-        self.prompt_text = prompt_text
+        self.prompt_text, self.counted = prompt_text, counted
 
     def abandon(self) -> None:
         Runtime.cancel(self.request)
@@ -89,12 +139,16 @@ class Generation:
             self.abandon()
 
     def on_token(self, token: int) -> None:  # engine thread: the token's log-probs are already recorded
+        if self.counted is not None:
+            self.counted.token()
         if self.tracker.add(token):
             self.abandon()
         logprobs = self.request.output_token_logprobs
         self._put(("token", self.index, token, self.tracker.text, logprobs[-1] if logprobs else None))
 
     def on_done(self, ids: list[int] | None, error) -> None:  # engine thread
+        if self.counted is not None:
+            self.counted.sequence_done(self.request, error)
         self._put(("done", self.index, ids, error, self.tracker.text, self.tracker.stop_reason))
 
 
@@ -151,8 +205,9 @@ class Choices:
 
 
 class OpenAIServer:
-    def __init__(self, runtime: Runtime, names: AdapterNames, root: Path | None):
+    def __init__(self, runtime: Runtime, names: AdapterNames, root: Path | None, metrics: Metrics | None = None):
         self.runtime, self.engine, self.names, self.root = runtime, runtime.engine, names, root
+        self.metrics = metrics
         self.adapter_lock = asyncio.Lock()
         self.off_loop = off_loop
 
@@ -228,10 +283,11 @@ class OpenAIServer:
         prompts, built = await self.off_loop(self._build, body, max_tokens, task_id, chat, echo_only)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         gens: list[Generation] = []
+        counted = Counted(self.metrics, getattr(request.state, "call", None), len(built))
         for p, i, req, text in built:
             tracker = TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops,
                                   bool(body.include_stop_str_in_output))
-            gen = Generation(loop, events, p * body.choices + i, tracker, req, text)
+            gen = Generation(loop, events, p * body.choices + i, tracker, req, text, counted)
             req.on_token = gen.on_token
             gens.append(gen)
         shape = ResponseShape(chat, body.model or model or self.names.base, bool(body.return_token_ids))
@@ -240,15 +296,18 @@ class OpenAIServer:
         choices = Choices(body, shape, gens, eng.tokenizer, echo_only)
 
         def abandon_all() -> None:
+            counted.failed("CANCELED")  # no-op when every sequence has ended
             for gen in gens:
                 gen.abandon()
         try:
             for gen in gens:
                 self.runtime.submit(Submission(gen.request, on_done=gen.on_done, model=body.model or self.names.base))
         except NotFoundError as err:
+            counted.failed("REJECTED")
             abandon_all()
             raise adapter_gone(err) from None
-        except BaseException:
+        except BaseException as err:
+            counted.failed("REJECTED" if isinstance(err, RequestError) else "OTHER")
             abandon_all()
             raise
         done: dict[int, tuple] = {}
@@ -340,6 +399,7 @@ class OpenAIServer:
                 yield sse(shape.usage_chunk(prompt_tokens, completion_tokens))
             yield DONE
         finally:
+            choices.gens[0].counted.failed("CANCELED")  # the client left mid-stream (no-op after the end)
             for gen in gens.values():
                 gen.abandon()
 
@@ -417,8 +477,10 @@ def validate_body(model: type[pydantic.BaseModel], raw: bytes):
         raise RequestError(_validation_message(err.errors(include_url=False, include_input=False), skip=0)) from None
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
+def create_app(server: OpenAIServer, metrics: Metrics | None = None) -> FastAPI:
+    """`metrics`: the server's, counted here and answered on /metrics (a fresh one when None)."""
     app = FastAPI(title="trtllm-bdlora OpenAI-compatible API")
+    metrics = metrics if metrics is not None else Metrics()
 
     @app.exception_handler(BdLoraError)
     async def openai_error(request: Request, err: BdLoraError):
@@ -433,6 +495,11 @@ def create_app(server: OpenAIServer) -> FastAPI:
         body = error_body(NotFoundError(str(err.detail)) if err.status_code == 404 else RequestError(str(err.detail)))
         body["error"]["code"] = err.status_code
         return JSONResponse(body, status_code=err.status_code)
+
+    @app.get("/metrics")
+    @app.get("/v1/metrics")
+    async def metrics_text():  # on the event loop, as on --metrics-port
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health():
@@ -451,17 +518,20 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return cards[0] if task_id is None else next(c for c in cards[1:] if c["lora_task_id"] == task_id)
 
     # bodies are parsed on a text thread (server.parse), never on the event loop
+    # every generation request is counted: a failure that leaves the handler here, the rest as it ends (Counted)
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parse(request, CompletionRequest)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default (0 with echo)
-        return await server.generate(request, body, max_tokens, chat=False)
+        with metrics.call(PROTOCOL) as request.state.call:
+            body = await parse(request, CompletionRequest)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default (0 with echo)
+            return await server.generate(request, body, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse(request, ChatCompletionRequest)
-        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        return await server.generate(request, body, max_tokens, chat=True)
+        with metrics.call(PROTOCOL) as request.state.call:
+            body = await parse(request, ChatCompletionRequest)
+            max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            return await server.generate(request, body, max_tokens, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
@@ -483,7 +553,7 @@ def check_args(args) -> tuple[AdapterNames, Path | None]:
             adapter_root(args.adapter_root, args.allow_adapter_loading))
 
 
-def openai_app(runtime: Runtime, args) -> FastAPI:
+def openai_app(runtime: Runtime, args, metrics: Metrics | None = None) -> FastAPI:
     """The OpenAI API app for `serve` (served by http_server.HttpServer on --openai-port)."""
     names, root = check_args(args)
-    return create_app(OpenAIServer(runtime, names, root))
+    return create_app(OpenAIServer(runtime, names, root, metrics), metrics)
