@@ -77,10 +77,11 @@ class SharedMemoryRegions:
                 raise RequestError(f"Shared memory register request's '{field_name}' must be a non-negative integer, "
                                    f"got {value!r}")
         mapping = _open(key)
-        if offset + byte_size > len(mapping):
+        size = len(mapping)
+        if offset + byte_size > size:
             mapping.close()
             raise RequestError(f"failed to register shared memory region '{name}': offset {offset} + byte_size "
-                               f"{byte_size} is past the end of '{key}' ({len(mapping)} bytes)")
+                               f"{byte_size} is past the end of '{key}' ({size} bytes)")
         with self._lock:
             if name in self._regions:
                 mapping.close()
