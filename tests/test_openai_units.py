@@ -23,8 +23,8 @@ from trtllm_bdlora.serving.openai.protocol import TextTracker, stream_piece
 
 def test_adapter_arg_forms():
     plain, named = parse_adapter_arg("3=/a/b=c"), parse_adapter_arg("org:tuned:4=/d")
-    assert tuple(plain) == (3, "/a/b=c") and plain.name == "3"
-    assert tuple(named) == (4, "/d") and named.name == "org:tuned"
+    assert (plain.task_id, plain.directory, plain.openai_name) == (3, "/a/b=c", "3")
+    assert (named.task_id, named.directory, named.openai_name) == (4, "/d", "org:tuned")
     for bad in ("x=/d", "0=/d", ":1=/d", "2:1=/d", "1=", "1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_adapter_arg(bad)
@@ -106,7 +106,8 @@ def _run(runtime, adapter, max_tokens=12, on_token=None):
 
 
 def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
-    engine = Engine(Comm(), str(tiny_llama), "bdlora", [parse_adapter_arg(f"first:1={bd_adapters[0]}")], max_loras=2)
+    spec = parse_adapter_arg(f"first:1={bd_adapters[0]}")
+    engine = Engine(Comm(), str(tiny_llama), "bdlora", [(spec.task_id, spec.directory)], max_loras=2)
     runtime = Runtime(engine).start()
     try:
         done, reference = _run(runtime, 1)

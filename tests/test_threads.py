@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from trtllm_bdlora.cli import build_parser
+from trtllm_bdlora.cli import parse_config
 from trtllm_bdlora.distributed.launch import available_cores, default_threads_per_rank, init_ranks
 
 
@@ -30,9 +30,9 @@ def test_init_ranks_applies_and_logs_the_threads(caplog):
 
 
 def test_flags_on_every_engine_command():
-    parser = build_parser()
     for command in ("serve", "generate"):
-        args = parser.parse_args([command, "--threads-per-rank", "3", "--kv-cache-bytes", "1000000"]
+        _, config = parse_config([command, "--threads-per-rank", "3", "--kv-cache-bytes", "1000000"]
                                  + (["--requests", "-"] if command == "generate" else []))
-        assert (args.threads_per_rank, args.kv_cache_bytes) == (3, 1000000)
-    assert parser.parse_args(["bench", "--threads", "2"]).threads_per_rank == 2  # bench's older name
+        assert (config.engine.threads_per_rank, config.engine.kv_cache_bytes) == (3, 1000000)
+    _, bench = parse_config(["bench", "--threads", "2", "--kv-cache-bytes", "1000000"])
+    assert (bench.threads_per_rank, bench.kv_cache_bytes) == (2, 1000000)  # --threads: bench's older name

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
@@ -29,6 +30,8 @@ STORE_ENV = "TRTLLM_BDLORA_STORE"  # host:port of rank 0's rendezvous store
 STORE_FD_ENV = "TRTLLM_BDLORA_STORE_FD"  # rank 0: the store's listening socket, bound by the launcher
 RUN_DIR_ENV = "TRTLLM_BDLORA_RUN_DIR"  # where ranks leave their fatal error for the launcher
 LAUNCHER_ENV = "TRTLLM_BDLORA_LAUNCHER_PID"
+STARTED_ENV = "TRTLLM_BDLORA_STARTED"  # when the command that started the ranks started (seconds since the epoch)
+SPAWNED_ENV = "TRTLLM_BDLORA_SPAWNED"  # when the launcher started the rank processes (seconds since the epoch)
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
@@ -53,6 +56,25 @@ def launch_rank() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 0
+
+
+def command_started() -> float:
+    """When the command started (seconds since the epoch): the launcher's start in one of its ranks, else this
+    process's; start-up durations count from it."""
+    if STARTED_ENV in os.environ:
+        return float(os.environ[STARTED_ENV])
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def ranks_spawned() -> float:
+    """When this launch's rank processes were started (this package's launcher), else when this process was."""
+    if SPAWNED_ENV in os.environ:
+        return float(os.environ[SPAWNED_ENV])
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def mpirun_command(n: int, argv: list[str]) -> list[str]:
@@ -215,28 +237,28 @@ def report_rank_error(command: str, message: str, secondary: bool) -> None:
     print(f"trtllm-bdlora {command}: error: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
-def run_rank(args) -> NoReturn:
-    """Run a command as one rank of a launch. A rank that fails reports its error once and exits at once with a
-    non-zero status, skipping MPI's finalize (which would wait for ranks still blocked in a collective), so the
-    launcher, or mpirun, sees the failure and ends every other rank."""
+def run_rank(command: str, run: Callable[[], int | None]) -> NoReturn:
+    """Run `command` (its `run`) as one rank of a launch. A rank that fails reports its error once and exits at
+    once with a non-zero status, skipping MPI's finalize (which would wait for ranks still blocked in a
+    collective), so the launcher, or mpirun, sees the failure and ends every other rank."""
     from trtllm_bdlora.distributed.comm import RankLostError
 
     die_with_parent()
     try:
-        rc = int(args.func(args) or 0)
+        rc = int(run() or 0)
     except BdLoraError as err:
         rc = 2
-        report_rank_error(args.command, str(err), secondary=False)
+        report_rank_error(command, str(err), secondary=False)
     except RankLostError as err:
         rc = 1
-        report_rank_error(args.command, str(err), secondary=True)
+        report_rank_error(command, str(err), secondary=True)
     except KeyboardInterrupt:
         rc = 130
     except Exception as err:  # noqa: BLE001 - any crash ends this rank; the traceback is for the log
         rc = 1
         traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        report_rank_error(args.command, f"{type(err).__name__}: {first}", secondary=False)
+        report_rank_error(command, f"{type(err).__name__}: {first}", secondary=False)
     # Every rank of a launch ends here, without interpreter finalization: the process group is torn down (the
     # command's `shutdown`), and what finalization would add is destroying torch.distributed's C++ objects (gloo
     # device threads, rank 0's store daemon) in an order the other ranks' exits race with, which aborted a rank

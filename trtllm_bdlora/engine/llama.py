@@ -37,10 +37,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TPLlama:
     def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
-                 dtype: torch.dtype, device: torch.device, kv_budget: KVBudget, presharded: bool = False):
+                 dtype: torch.dtype, device: torch.device, kv_budget: KVBudget, presharded: bool = False,
+                 lora_kernel: str = "auto"):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
+        self.lora_kernel = lora_kernel  # config.LORA_KERNELS
         self.dtype, self.device = dtype, device
         shard = state_dict if presharded else shard_llama_state_dict(state_dict, layout, comm.rank)
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
@@ -73,7 +75,7 @@ class TPLlama:
         if slot_ids is None:  # no token of this step has an adapter (decided once per step in forward)
             return y
         slots = [self.pool.slots[(layer, n)] for n in names]
-        return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
+        return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm, self.lora_kernel)
 
     def _attention(self, qkv: torch.Tensor, step, cos, sin, layer: int) -> torch.Tensor:
         hd = self.layout.shape.head_dim

@@ -38,11 +38,12 @@ from trtllm_bdlora.errors import (
     as_error,
     log_text,
 )
-from trtllm_bdlora.logs import log_request
+from trtllm_bdlora.logs import log_event, log_request
 
 HEARTBEAT_S = 1.0
 SERVER_FAILED = "server failed: a rank stopped or a collective failed (the server log says why)"
 log = logging.getLogger("trtllm_bdlora.runtime")
+adapter_log = logging.getLogger("trtllm_bdlora.adapters")
 
 
 @dataclass
@@ -163,6 +164,8 @@ class Runtime:
                 raise PermissionDeniedError(f"lora_task_id {task_id} was registered at start-up (--adapter) and cannot "
                                             "be unloaded (--allow-startup-adapter-unload)")
             self.retiring.add(task_id)
+            log_event(adapter_log, "adapter unloading", task_id=task_id,
+                      pending_requests=sum(s.request.adapter == task_id for s in self.pending.values()))
             self._release_retired()
 
         self._control(retire)
@@ -236,6 +239,7 @@ class Runtime:
             self.retiring -= set(free)
             for task_id in free:
                 self.engine.registry.unbind(task_id)
+                log_event(adapter_log, "adapter unloaded", task_id=task_id)
 
     def _drain_inbox(self, block: bool) -> None:
         try:

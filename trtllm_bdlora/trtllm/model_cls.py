@@ -11,7 +11,8 @@ import os
 
 from tensorrt_llm.models import LLaMAForCausalLM
 
-from trtllm_bdlora.trtllm.build import CONTAINER_PLUGIN_LIB, load_plugin_library
+from trtllm_bdlora.config import CONTAINER_PLUGIN_LIB
+from trtllm_bdlora.trtllm.build import load_plugin_library
 from trtllm_bdlora.trtllm.network import bdlora_model_class
 
 load_plugin_library(os.environ.get("TRTLLM_BDLORA_PLUGIN_LIB", CONTAINER_PLUGIN_LIB))

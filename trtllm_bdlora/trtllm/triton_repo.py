@@ -4,7 +4,6 @@ five models from the interface description, with our Python models beside them),
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from trtllm_bdlora.config import FillRepoConfig, LaunchTritonConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.llama.shape import LlamaShape
 from trtllm_bdlora.serving.repository.config import model_config
@@ -112,20 +112,18 @@ def launch_command(world_size: int, model_repo: str, plugin_lib: str, grpc_port:
     return cmd[:-1]
 
 
-def fill_main(args: argparse.Namespace) -> int:
+def fill_main(args: FillRepoConfig) -> int:
     params = {"engine_dir": args.engine_dir, "tokenizer_dir": args.tokenizer_dir, "tp_size": args.tp,
               "triton_max_batch_size": args.max_batch_size, "lora_cache_max_adapter_size": args.max_lora_rank}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+    for item in args.settings:
+        key, _, value = item.partition("=")
         params[key] = value
     out = fill_model_repo(Path(args.output), params)
     print(f"wrote Triton model repository to {out}")
     return 0
 
 
-def launch_main(args: argparse.Namespace) -> int:
+def launch_main(args: LaunchTritonConfig) -> int:
     for tool in ("mpirun", "tritonserver"):
         if shutil.which(tool) is None:
             raise BdLoraError(f"{tool} not found: run inside the Triton TRT-LLM container (see docker/)")

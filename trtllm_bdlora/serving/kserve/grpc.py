@@ -306,6 +306,6 @@ def start_server(server: ModelServer, host: str, port: int, capacity: Capacity |
         bound = 0
     if bound == 0 or (port != 0 and bound != port):
         grpc_server.stop(None)
-        raise BdLoraError(f"cannot listen on {host}:{port} (gRPC): address already in use or not available")
+        raise BdLoraError(f"cannot listen on {host}:{port} (--grpc-port): address already in use or not available")
     grpc_server.start()
     return grpc_server

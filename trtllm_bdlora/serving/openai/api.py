@@ -30,7 +30,7 @@ from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, ClientCall, Metrics
 from trtllm_bdlora.serving.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
-from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root, check_name, public_model_name
+from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, check_name
 from trtllm_bdlora.serving.openai.protocol import (
     FIELD_NAMES,
     ChatCompletionRequest,
@@ -542,18 +542,3 @@ def create_app(server: OpenAIServer, metrics: Metrics | None = None) -> FastAPI:
         return await server.unload_adapter(await parse(request, UnloadLoRAAdapterRequest))
 
     return app
-
-
-def check_args(args) -> tuple[AdapterNames, Path | None]:
-    """The OpenAI names and loading root from `serve`'s flags; BdLoraError for bad ones (before ranks start)."""
-    base = args.served_model_name or public_model_name(args.model)  # a --model path is listed by its directory's name
-    check_name("--served-model-name" if args.served_model_name else "--model", base)
-    aliases = () if args.served_model_name else (args.model,)  # clients that send the path still reach the base
-    return (AdapterNames(base, public_model_name(args.model) if args.served_model_name else base, args.adapter, aliases),
-            adapter_root(args.adapter_root, args.allow_adapter_loading))
-
-
-def openai_app(runtime: Runtime, args, metrics: Metrics | None = None) -> FastAPI:
-    """The OpenAI API app for `serve` (served by http_server.HttpServer on --openai-port)."""
-    names, root = check_args(args)
-    return create_app(OpenAIServer(runtime, names, root, metrics), metrics)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+from trtllm_bdlora.config import AdapterSpec
 from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError, PermissionDeniedError
 
 MAX_NAME_CHARS = 256
@@ -39,21 +40,20 @@ def _canonical_id(name: str) -> int | None:
 
 
 class AdapterNames:
-    def __init__(self, base: str, base_root: str, adapters: Iterable[tuple[int, str]] = (), aliases: Iterable[str] = ()):
+    def __init__(self, base: str, base_root: str, adapters: Iterable[AdapterSpec] = (), aliases: Iterable[str] = ()):
         """`aliases`: other names the base model answers to (the --model path, listed by its directory's name)."""
         self.base, self.base_root = base, base_root
         self.aliases = frozenset(aliases) - {base}
         self.ids: dict[str, int] = {}  # names given at registration
         self.roots: dict[int, str] = {}  # adapter directories, where known
         self.created = int(time.time())
-        for arg in adapters:
-            task_id, directory = arg
-            name = getattr(arg, "name", str(task_id))
+        for spec in adapters:
+            name = spec.openai_name
             if name == base:
-                raise BdLoraError(f"adapter name {name!r} is the base model's name")
-            if self.ids.get(name, task_id) != task_id:
-                raise BdLoraError(f"adapter name {name!r} is given to two task ids")
-            self.add(name, task_id, Path(directory).name)  # shown as `root`: the directory's name, not its path
+                raise BdLoraError(f"--adapter {spec}: adapter name {name!r} is the base model's name")
+            if self.ids.get(name, spec.task_id) != spec.task_id:
+                raise BdLoraError(f"--adapter {spec}: adapter name {name!r} is given to two task ids")
+            self.add(name, spec.task_id, Path(spec.directory).name)  # shown as `root`: the directory's name, not its path
 
     def add(self, name: str, task_id: int, root: str | None) -> None:
         if _canonical_id(name) is None:
