@@ -133,6 +133,7 @@ def test_bench_offers_only_the_engine_flags_it_honours():
     assert {"--model", "--tp", "--dtype", "--device", "--max-loras", "--max-lora-rank", "--comm-interface"} <= flags
     assert not flags & {"--scheme", "--backend", "--adapter", "--max-batch-size", "--lora-cache-host-bytes",
                         "--pin-adapters", "--max-num-tokens"}
+    assert {"--threads-per-rank", "--threads", "--kv-cache-bytes"} <= flags
 
 
 def test_bench_honours_comm_interface(monkeypatch):
@@ -141,15 +142,15 @@ def test_bench_honours_comm_interface(monkeypatch):
 
     seen = {}
 
-    def init_ranks(tp, device, interface=None):
-        seen.update(tp=tp, device=device, interface=interface)
+    def init_ranks(tp, device, interface=None, threads_per_rank=None):
+        seen.update(tp=tp, device=device, interface=interface, threads_per_rank=threads_per_rank)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(bench, "init_ranks", init_ranks)
-    _, config = cli.parse_config(["bench", "--comm-interface", "lo", "--device", "cpu"])
+    _, config = cli.parse_config(["bench", "--comm-interface", "lo", "--device", "cpu", "--threads", "2"])
     with pytest.raises(RuntimeError, match="stop here"):
         bench.bench(config)
-    assert seen == {"tp": 1, "device": "cpu", "interface": "lo"}
+    assert seen == {"tp": 1, "device": "cpu", "interface": "lo", "threads_per_rank": 2}
 
 
 def test_version(capsys):
@@ -196,7 +197,7 @@ def test_bad_command_lines_are_one_line_naming_the_flag(capsys, tmp_path, tiny_l
         ("serve", "--max-queue", "x"): "argument --max-queue: invalid int value: 'x'",
         ("serve", "--device", "gpu"): "--device gpu: expected cpu, cuda or cuda:N",
         ("serve", "--shutdown-timeout", "nan"): "--shutdown-timeout nan",
-        ("bench", "--threads", "0"): "--threads 0: must be >= 1",
+        ("bench", "--threads", "0"): "--threads-per-rank 0: must be >= 1",
         ("serve", "--tp", "2", "--model", str(tiny_llama), "--adapter", f"1={tmp_path / 'none'}"):
             f"--adapter 1={tmp_path / 'none'}: adapter directory not found",
         ("serve", "--tp", "2", "--model", str(tmp_path)): f"--model: {tmp_path}: not a Hugging Face model directory",

@@ -266,8 +266,7 @@ def test_startup_phases_are_logged_with_durations(served):
              r"trtllm_bdlora\.startup starting ranks tp=2 interface=lo",
              r"trtllm_bdlora\.startup ranks started tp=2 seconds=\d+\.\d",
              r"trtllm_bdlora\.startup loading weights done seconds=\d+\.\d",
-             r"trtllm_bdlora\.startup building the model done seconds=\d+\.\d",
-             r"trtllm_bdlora\.startup registering adapters done seconds=\d+\.\d",
+             r"trtllm_bdlora\.startup building the engine done seconds=\d+\.\d",
              r"trtllm_bdlora\.startup opening the endpoints done seconds=\d+\.\d",
              r"trtllm_bdlora\.server serving models=ensemble,postprocessing,preprocessing,tensorrt_llm,tensorrt_llm_bls "
              rf"host=127\.0\.0\.1 grpc_port={server.port} .* tp=2 .* ready_seconds=\d+\.\d"]
