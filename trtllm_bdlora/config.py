@@ -32,6 +32,8 @@ API_KEY_ENV = "API_KEY"  # serve's API keys when no --api-key is given (comma-se
 DEFAULT_PLUGIN_LIB = "plugins/build/libtrtllm_bdlora_plugin.so"  # where plugins/CMakeLists.txt builds it
 CONTAINER_PLUGIN_LIB = "/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so"  # where docker/Dockerfile installs it
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# --rank-timeout: a rank whose heartbeat stops for this long is lost (distributed/liveness.py, docs/reliability.md)
+DEFAULT_RANK_TIMEOUT_S = 10.0
 
 
 def _at_least(flag: str, value: float | None, low: float) -> None:
@@ -42,6 +44,11 @@ def _at_least(flag: str, value: float | None, low: float) -> None:
 def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise BdLoraError(f"{flag} {value}: choose from {', '.join(choices)}")
+
+
+def _seconds_or_off(flag: str, value: float) -> None:
+    if not 0 <= value < math.inf:
+        raise BdLoraError(f"{flag} {value}: must be a finite number of seconds >= 0 (0: off)")
 
 
 def _port(flag: str, value: int) -> None:
@@ -125,9 +132,11 @@ class EngineConfig:
     threads_per_rank: int | None = None  # None: the cores this process may use, divided by tp
     kv_cache_bytes: int | None = None  # None: kv_cache.DEFAULT_KV_CACHE_BYTES
     lora_kernel: str = "auto"  # environment: TRTLLM_BDLORA_KERNEL
+    rank_timeout: float = DEFAULT_RANK_TIMEOUT_S  # 0: no heartbeats (only the collective timeout remains)
 
     def __post_init__(self) -> None:
         _at_least("--tp", self.tp, 1)
+        _seconds_or_off("--rank-timeout", self.rank_timeout)
         _one_of("--scheme", self.scheme, SCHEMES)
         _one_of("--backend", self.backend, BACKENDS)
         _one_of("--dtype", self.dtype, DTYPES)
@@ -279,6 +288,7 @@ class BenchConfig:
     threads_per_rank: int | None = EngineConfig.threads_per_rank
     kv_cache_bytes: int | None = EngineConfig.kv_cache_bytes
     lora_kernel: str = EngineConfig.lora_kernel
+    rank_timeout: float = EngineConfig.rank_timeout
     batch: int = 8
     steps: int = 16
     prompt_len: int = 32
@@ -290,7 +300,7 @@ class BenchConfig:
         EngineConfig(model=self.model, tp=self.tp, dtype=self.dtype, device=self.device, max_loras=self.max_loras,
                      max_lora_rank=self.max_lora_rank, comm_interface=self.comm_interface,
                      threads_per_rank=self.threads_per_rank, kv_cache_bytes=self.kv_cache_bytes,
-                     lora_kernel=self.lora_kernel)
+                     lora_kernel=self.lora_kernel, rank_timeout=self.rank_timeout)
         for flag, value in (("--batch", self.batch), ("--steps", self.steps), ("--prompt-len", self.prompt_len),
                             ("--num-adapters", self.num_adapters), ("--rank", self.rank)):
             _at_least(flag, value, 1)

@@ -137,6 +137,16 @@ class ServerUnavailableError(RequestError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class LostRankError(ServerUnavailableError):
+    """A rank of the TP group died or stopped responding (no heartbeat for --rank-timeout): this server can serve
+    nothing more and is going away. Pending and new requests get this, retryable elsewhere (UNAVAILABLE / 503).
+    `detail` (the lost rank's PID and host, the collective's error) is for the server's log only."""
+
+    def __init__(self, message: str, param: str | None = None, detail: str | None = None):
+        super().__init__(message, param)
+        self.detail = detail
+
+
 class InternalError(BdLoraError):
     """Something failed that no request asked for: the request that met it fails alone, as INTERNAL. `detail` (the
     exception's type and first line) is for the server's log only: clients never see exception names or paths."""

@@ -18,6 +18,12 @@ carry, per executor request (one per batch row and returned sequence, as TensorR
                                                                                cancelled | error | rejected
     error       the one-line error (error and rejected only)
 
+and one line per adapter load or unload through the OpenAI API, refused ones included:
+
+    op          load_lora_adapter | unload_lora_adapter           name        the lora_name the client sent
+    adapter     the lora_task_id it names, or "-"                  path        the lora_path sent (loads)
+    outcome     loaded | unloaded | rejected                       error       the one-line error (rejected only)
+
 Start-up lines (logger `trtllm_bdlora.startup`) name the phase and its `seconds`.
 """
 
@@ -177,6 +183,15 @@ def phase(name: str, quiet: bool = False, announce: bool = True, **fields) -> It
     done: dict = {}
     yield done
     log_event(startup, f"{name} done", level, seconds=round(time.monotonic() - t0, 2), **done)
+
+
+def log_adapter_call(op: str, name: str | None, task_id: int | None, outcome: str, path: str | None = None,
+                     error: str | None = None) -> None:
+    """The access line of one adapter load or unload (OpenAI API), whatever its outcome."""
+    fields = dict(op=op, name=name, adapter=task_id, path=path, outcome=outcome)
+    if error:
+        fields["error"] = error
+    log_event(access, "", **fields)
 
 
 def log_request(request, model: str, outcome: str, error: str | None = None) -> None:

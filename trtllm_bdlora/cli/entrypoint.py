@@ -49,7 +49,7 @@ TORCH_ONLY = {"engine.scheme": "--scheme", "engine.adapters": "--adapter", "engi
               "edge.grpc_max_connection_age": "--grpc-max-connection-age", "edge.max_body_bytes": "--max-body-bytes",
               "edge.api_keys": "--api-key / API_KEY",  # never dropped silently: Triton itself has no API keys
               "edge.allowed_origins": "--allowed-origins", "engine.threads_per_rank": "--threads-per-rank",
-              "engine.kv_cache_bytes": "--kv-cache-bytes"}
+              "engine.kv_cache_bytes": "--kv-cache-bytes", "engine.rank_timeout": "--rank-timeout"}
 
 
 def serve_flags(env: dict[str, str], flags: list[str]) -> list[str]:

@@ -196,6 +196,12 @@ ENGINE_FLAGS: tuple[tuple[str, str, dict], ...] = (
                                           "while it can hold them at their longest (prompt + max_tokens), one too long "
                                           "for all of it is refused; memory is taken only as it is written (default "
                                           "4 GiB)")),
+    ("--rank-timeout", "rank_timeout",
+     dict(type=float, metavar="SECONDS", help="a rank whose heartbeat stops for this long (stopped, hung, its host cut "
+                                              "off) is lost: serve turns readiness off, fails pending and new requests "
+                                              "with UNAVAILABLE and exits naming the rank and its PID; generate and "
+                                              "bench exit naming it (0: off, only the 600 s collective timeout remains; "
+                                              "docs/reliability.md)")),
     ("--allow-request-adapters", "allow_request_adapters",
      dict(action=argparse.BooleanOptionalAction, help="register adapters sent with requests (lora_task_id + "
                                                       "lora_weights + lora_config), as Triton does; "

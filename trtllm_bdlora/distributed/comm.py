@@ -83,8 +83,9 @@ class Comm:
         self.addrs = addrs or ["127.0.0.1"] * world
         self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
         # across hosts, once the ranks run plans together, collectives wait at most RANK_TIMEOUT_S (on one machine
-        # a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
+        # a dead rank is seen at once; a hung one is found by the rank watch, liveness.py)
         self._armed = not self.multi_host
+        self.watch = None  # this rank's liveness.RankWatch, in a multi-rank launch
 
     @property
     def multi_host(self) -> bool:
@@ -110,6 +111,11 @@ class Comm:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def stop_watch(self) -> None:
+        """The run ends cleanly: stop this rank's heartbeat and its watch over the others."""
+        if self.watch is not None:
+            self.watch.stop()
 
     @_collective
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:

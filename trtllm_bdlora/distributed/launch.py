@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
+from trtllm_bdlora.distributed.liveness import RankLost, RankWatch
 from trtllm_bdlora.errors import BdLoraError
 
 RANK_ENV = "TRTLLM_BDLORA_RANK"
@@ -35,9 +36,11 @@ SPAWNED_ENV = "TRTLLM_BDLORA_SPAWNED"  # when the launcher started the rank proc
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
-# A collective waits at most this long for the other ranks (a hung, not dead, rank: a dead one is seen at once)
-# while they start (loading the model, the first plan); after that, comm.RANK_TIMEOUT_S.
+# A collective waits at most this long for the other ranks while they start (loading the model, the first plan);
+# after that, across hosts, comm.RANK_TIMEOUT_S. The last resort behind the heartbeats (liveness.py), which find a
+# hung rank in --rank-timeout seconds (a dead one is seen at once).
 COLLECTIVE_TIMEOUT_S = 600
+DEFAULT_RANK_TIMEOUT_S = 10.0
 HOSTNAME_BYTES = 256
 PR_SET_PDEATHSIG = 1
 
@@ -159,9 +162,13 @@ def default_threads_per_rank(tp: int) -> int:
     return max(1, available_cores() // tp)
 
 
-def init_ranks(tp: int, device: str | None, interface: str | None = None, threads_per_rank: int | None = None):
+def init_ranks(tp: int, device: str | None, interface: str | None = None, threads_per_rank: int | None = None,
+               rank_timeout: float = DEFAULT_RANK_TIMEOUT_S, command: str = "trtllm-bdlora"):
     """Join the TP group and return this rank's Comm. Outside a launch with tp == 1: one rank, no group.
-    Every rank runs torch with `threads_per_rank` threads (default: the cores divided by the TP)."""
+    Every rank runs torch with `threads_per_rank` threads (default: the cores divided by the TP). With several
+    ranks and `rank_timeout` > 0, this rank's heartbeat and watch start (`comm.watch`, liveness.py): a watched rank
+    silent for `rank_timeout` seconds ends this rank with an error naming it (`command`'s report), unless the
+    caller replaces `comm.watch.on_lost`."""
     import logging
 
     import torch
@@ -196,9 +203,26 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None, thread
     # the store's server listens on the socket bound above: a TCPStore left to bind itself listens on all interfaces
     extra = {"master_listen_fd": listen_fd} if rank == 0 else {}
     store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout, **extra)
+    watch = None
+    if rank_timeout > 0:
+        watch = RankWatch(store.clone(), rank, world, rank_timeout, on_lost=exit_on_lost(command))
+        watch.publish()
+        watch.start()  # a rank stopped while the others wait for it to form the group is found too
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             timeout=timeout)
-    return Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
+    comm = Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
+    comm.watch = watch
+    return comm
+
+
+def exit_on_lost(command: str):
+    """The default answer to a lost rank: report it (to the launcher, which prints it once, or to stderr) and leave
+    at once, so the launcher or mpirun ends the other ranks."""
+    def on_lost(lost: RankLost) -> None:
+        report_rank_error(command, str(lost), secondary=lost.unreachable)
+        exit_now(1)
+
+    return on_lost
 
 
 def exit_now(rc: int) -> NoReturn:
@@ -213,6 +237,7 @@ def exit_now(rc: int) -> NoReturn:
 
 
 def shutdown(comm) -> None:
+    comm.stop_watch()
     if comm.world > 1:
         import torch.distributed as dist
 

@@ -51,6 +51,15 @@ def _signal_name(signum: int) -> str:
         return str(signum)
 
 
+def _is_stopped(pid: int) -> bool:
+    """The process is stopped by a signal (SIGSTOP, SIGTSTP) or traced (state T or t in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 class _Ranks:
     def __init__(self, procs: list[subprocess.Popen], run_dir: Path, graceful_signal: int | None):
         self.procs, self.run_dir, self.graceful_signal = procs, run_dir, graceful_signal
@@ -78,6 +87,8 @@ class _Ranks:
 
     def _teardown(self, grace: float) -> None:
         if self.deadline is None:
+            stopped = [r for r, p in enumerate(self.procs) if _is_stopped(p.pid)]
+            self._send(stopped, signal.SIGKILL)  # a stopped (SIGSTOP) rank cannot act on SIGTERM
             self._send(range(len(self.procs)), signal.SIGTERM)
             self.deadline = time.monotonic() + grace
 

@@ -17,6 +17,7 @@ from trtllm_bdlora.engine.adapter_pool import (
     DEFAULT_MAX_LORA_RANK,
     AdapterPool,
     bound_heap_retention,
+    host_cache_limits,
     release_freed_memory,
     shards_nbytes,
 )
@@ -98,7 +99,7 @@ class Engine:
                 self.execute(self.receive())
                 continue
             started = time.monotonic()
-            adapter = load_peft_adapter(directory, model_shape=self.shape)
+            adapter = load_peft_adapter(directory, **self.adapter_limits())
             shards = self.pool.prepare(adapter)
             total = self.pool.host_bytes_used + shards_nbytes(shards)
             if total > self.pool.host_cache_bytes:
@@ -107,6 +108,13 @@ class Engine:
             self.registry.bind_directory(task_id, adapter, "--adapter")
             self.add_adapter(task_id, adapter, self.pin_adapters, set(self.pool.host), shards, source="--adapter",
                              started=started)
+
+    def adapter_limits(self) -> dict:
+        """`load_peft_adapter`'s bounds for this engine: a header declaring a module beyond the base model's shape
+        or --max-lora-rank, or more values than the host cache of every rank holds, is refused before reading."""
+        max_elements, budget = host_cache_limits(self.pool.host_cache_bytes, self.comm.world, self.pool.dtype)
+        return {"model_shape": self.shape, "max_lora_rank": self.pool.max_lora_rank, "max_elements": max_elements,
+                "budget": budget}
 
     # rank 0: adding adapters ------------------------------------------------------
     def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None,
@@ -143,14 +151,18 @@ class Engine:
                 raise AdapterNotCachedError(task_id)
             self.pool.touch(task_id)
             return
+        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm, check_request_adapter
+
+        limits = self.adapter_limits()
+        limits.pop("budget")
+        where = f"lora_task_id {task_id}"
+        check_request_adapter(weights, config, self.shape, limits["max_lora_rank"], limits["max_elements"], where)
         digest = self.registry.check_request(task_id, weights, config)
         if task_id in self.pool:
             self.pool.touch(task_id)
             return
-        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
-
-        adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, f"lora_task_id {task_id}",
-                                      max_rank=self.pool.max_lora_rank)
+        adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, where,
+                                      max_rank=limits["max_lora_rank"], max_elements=limits["max_elements"])
         self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
         self.registry.bind_request(task_id, digest, self.pool.host)
 
@@ -200,10 +212,13 @@ class Engine:
             self.comm.arm_rank_timeout()
             self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
+        self.comm.stop_watch()  # rank 0 said stop: its heartbeat ends with it
 
     def lead(self, plan: StepPlan | None, uploads: list | None = None) -> torch.Tensor | None:
         """Rank 0: send a plan to the workers and execute it (`uploads`: see `execute`); None stops them.
         `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
+        if plan is None:
+            self.comm.stop_watch()  # the workers leave after this plan: their heartbeats end
         if self.started:
             self.comm.arm_rank_timeout()
         self.in_collective = True

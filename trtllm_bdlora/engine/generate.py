@@ -145,7 +145,8 @@ def generate(config: GenerateConfig) -> int:
         raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and "
                           "docs/tensorrt-llm.md")
     engine_config = config.engine
-    comm = init_ranks(engine_config.tp, engine_config.device, engine_config.comm_interface, engine_config.threads_per_rank)
+    comm = init_ranks(engine_config.tp, engine_config.device, engine_config.comm_interface, engine_config.threads_per_rank,
+                      engine_config.rank_timeout, "generate")
     check_hosts_agree(comm, "generate", engine_config)
     engine = engine_from_config(engine_config, comm)
     try:

@@ -1,7 +1,8 @@
 """What can be refused before any rank starts, as one line naming the flag, cheapest checks first: adapter
 directories that are not there, an unknown network interface, a model that is not there, a TP its heads do not
 divide, a torch build made for another TP (`check_engine_setup`, well under a second for a local model); then every
-adapter read and checked against the model and --max-lora-rank (`check_adapters`)."""
+adapter read and checked against the model, --max-lora-rank and the host LoRA cache (`check_adapters`; its
+safetensors header first, so that nothing larger than a valid adapter is ever read)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ def check_adapters(config: EngineConfig) -> None:
     if not config.adapters:
         return
     with phase("reading the adapters", announce=False, adapters=len(config.adapters)):  # torch's import included
+        import torch
+
         from trtllm_bdlora.adapters import load_peft_adapter
-        from trtllm_bdlora.engine.adapter_pool import DEFAULT_MAX_LORA_RANK, check_adapter_limits
+        from trtllm_bdlora.engine.adapter_pool import DEFAULT_MAX_LORA_RANK, check_adapter_limits, host_cache_limits
         from trtllm_bdlora.llama.loader import read_build_info, resolve_model_dir
         from trtllm_bdlora.llama.shape import read_config_shape
 
@@ -65,8 +68,11 @@ def check_adapters(config: EngineConfig) -> None:
         shape = read_config_shape(directory)  # as transformers reads it, without importing transformers
         build = read_build_info(directory, config.tp)
         max_lora_rank = config.max_lora_rank or (build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
-        for spec in config.adapters:
+        max_elements, budget = host_cache_limits(config.lora_cache_host_bytes, config.tp, getattr(torch, config.dtype))
+        for spec in config.adapters:  # a header larger than these allow is refused before any tensor is read
             try:
-                check_adapter_limits(load_peft_adapter(spec.directory, model_shape=shape), max_lora_rank)
+                adapter = load_peft_adapter(spec.directory, model_shape=shape, max_lora_rank=max_lora_rank,
+                                            max_elements=max_elements, budget=budget)
+                check_adapter_limits(adapter, max_lora_rank)
             except BdLoraError as err:
                 raise _flagged(f"--adapter {spec}", err) from None

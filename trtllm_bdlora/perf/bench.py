@@ -111,7 +111,8 @@ def bench(config: BenchConfig) -> int:
     """Run `bench` on this rank (all of it at TP 1, or one rank of a launch); rank 0 prints the table."""
     from trtllm_bdlora.llama.loader import load_base_model
 
-    comm = init_ranks(config.tp, config.device, config.comm_interface, config.threads_per_rank)
+    comm = init_ranks(config.tp, config.device, config.comm_interface, config.threads_per_rank, config.rank_timeout,
+                      "bench")
     check_hosts_agree(comm, "bench", config)
     base = load_base_model(config.model)
     try:

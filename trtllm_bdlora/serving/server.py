@@ -15,19 +15,23 @@ from typing import TYPE_CHECKING
 
 from trtllm_bdlora.config import ServeConfig
 from trtllm_bdlora.distributed.hosts import check_hosts_agree
-from trtllm_bdlora.distributed.launch import command_started, exit_now, init_ranks, ranks_spawned, shutdown
+from trtllm_bdlora.distributed.launch import command_started, exit_now, init_ranks, ranks_spawned, report_rank_error, shutdown
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.logs import log_event, phase, startup
 
 if TYPE_CHECKING:
+    from trtllm_bdlora.adapters.files import AdapterRoot
     from trtllm_bdlora.serving.openai.names import AdapterNames
 
 # SIGUSR1 is what `serve --tp N`'s launcher sends rank 0 on SIGINT/SIGTERM; send it to a user-run mpirun for a graceful stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 log = logging.getLogger("trtllm_bdlora.server")
+# After a rank is lost: how long the endpoints keep answering "not ready" and UNAVAILABLE (every pending request
+# already has its error) before serve exits and the launcher ends the other ranks.
+LOST_RANK_LINGER_S = 2.0
 
 
-def openai_names(config: ServeConfig) -> tuple[AdapterNames, Path | None]:
+def openai_names(config: ServeConfig) -> tuple[AdapterNames, AdapterRoot | None]:
     """The OpenAI API's model names and its run-time loading root; BdLoraError for bad ones. A --model path is
     listed by its directory's name; clients that send the path still reach the base model."""
     from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_root, check_name, public_model_name
@@ -51,7 +55,9 @@ def preflight(config: ServeConfig) -> None:
     check_ports_free(config.server.host, config.server.ports)
     connection_cap(config.edge.max_connections)  # a cap `ulimit -n` cannot hold
     check_engine_setup(config.engine)
-    openai_names(config)
+    _, root = openai_names(config)
+    if root is not None:  # opened to check it; serve opens it again on rank 0
+        root.close()
     check_adapters(config.engine)
 
 
@@ -67,7 +73,8 @@ def serve(config: ServeConfig) -> int:
     if rank0:  # checked again here: a user's mpirun starts the ranks without the launcher's checks
         check_ports_free(config.server.host, config.server.ports)
     engine_config = config.engine
-    comm = init_ranks(engine_config.tp, engine_config.device, engine_config.comm_interface, engine_config.threads_per_rank)
+    comm = init_ranks(engine_config.tp, engine_config.device, engine_config.comm_interface, engine_config.threads_per_rank,
+                      engine_config.rank_timeout, "serve")
     check_hosts_agree(comm, "serve", engine_config)
     if comm.world > 1:  # the ranks' start: their processes (Python, torch) and the process group
         log_event(startup, "ranks started", logging.INFO if rank0 else logging.DEBUG, tp=engine_config.tp,
@@ -91,7 +98,7 @@ class _Endpoints:
     def __init__(self):
         self.runtime, self.models, self.grpc_server, self.http_servers = None, (), None, []
 
-    def open(self, config: ServeConfig, engine, names: AdapterNames, root: Path | None) -> None:
+    def open(self, config: ServeConfig, engine, names: AdapterNames, root: AdapterRoot | None) -> None:
         from trtllm_bdlora.engine.runtime import Runtime
         from trtllm_bdlora.serving.edge.asgi import edge_app
         from trtllm_bdlora.serving.edge.listener import HttpServer, Listener
@@ -149,7 +156,7 @@ class _Endpoints:
             stopped.wait()
 
 
-def _serve_rank0(config: ServeConfig, engine, comm, names: AdapterNames, root: Path | None) -> int:
+def _serve_rank0(config: ServeConfig, engine, comm, names: AdapterNames, root: AdapterRoot | None) -> int:
     import torch
 
     engine_config, server_config = config.engine, config.server
@@ -164,6 +171,8 @@ def _serve_rank0(config: ServeConfig, engine, comm, names: AdapterNames, root: P
         shutdown(comm)
         raise
     runtime = endpoints.runtime
+    if comm.watch is not None:  # a hung rank: fail requests and readiness here, then leave (below)
+        comm.watch.on_lost = lambda lost: runtime.rank_lost(lost.summary, str(lost))
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
@@ -177,14 +186,23 @@ def _serve_rank0(config: ServeConfig, engine, comm, names: AdapterNames, root: P
         log_event(log, f"serving on {server_config.host} without --api-key (or API_KEY): anyone who reaches these ports "
                        "can run inference" + (" and load adapters" if server_config.allow_adapter_loading else ""),
                   logging.WARNING)
-    while not stop.wait(0.2) and not runtime.stopped.is_set():
+    while not stop.wait(0.2) and not runtime.stopped.is_set() and runtime.lost is None:
         pass
+    if runtime.lost is not None:  # the engine thread is blocked in a collective with the lost rank
+        time.sleep(LOST_RANK_LINGER_S)
+        endpoints.stop()
+        report_rank_error("serve", runtime.failure, secondary=bool(comm.watch and comm.watch.lost and
+                                                                    comm.watch.lost.unreachable))
+        exit_now(1)
     log_event(log, "stopping", in_flight=runtime.active, queued=runtime.inbox.qsize())
     forced = _drain_or_cut(runtime, server_config.shutdown_timeout)
     endpoints.stop()
     if forced:
         print(f"trtllm-bdlora serve: error: {forced}", file=sys.stderr, flush=True)
         exit_now(1)  # the engine thread is stuck in a step: the launcher stops the workers
+    if runtime.failure and comm.world > 1:  # another rank died (the launcher names it) or a step failed
+        report_rank_error("serve", runtime.failure, secondary=runtime.failure_lost_contact)
+        exit_now(1)
     if runtime.failure:
         print(f"trtllm-bdlora serve: error: {runtime.failure}", file=sys.stderr, flush=True)
         return 1

@@ -12,7 +12,6 @@ import asyncio
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -22,15 +21,17 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from trtllm_bdlora.adapters.files import AdapterRoot
 from trtllm_bdlora.engine.guided import attach_guide
 from trtllm_bdlora.engine.request import build_request
 from trtllm_bdlora.engine.runtime import Runtime, Submission
-from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError
+from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError, log_text
+from trtllm_bdlora.logs import log_adapter_call
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, ClientCall, Metrics
 from trtllm_bdlora.serving.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
-from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, check_name
+from trtllm_bdlora.serving.openai.names import AdapterNames, check_name
 from trtllm_bdlora.serving.openai.protocol import (
     FIELD_NAMES,
     ChatCompletionRequest,
@@ -205,17 +206,18 @@ class Choices:
 
 
 class OpenAIServer:
-    def __init__(self, runtime: Runtime, names: AdapterNames, root: Path | None, metrics: Metrics | None = None):
+    def __init__(self, runtime: Runtime, names: AdapterNames, root: AdapterRoot | None, metrics: Metrics | None = None):
         self.runtime, self.engine, self.names, self.root = runtime, runtime.engine, names, root
         self.metrics = metrics
         self.adapter_lock = asyncio.Lock()
         self.off_loop = off_loop
 
     def registered(self) -> set[int]:
-        """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries)."""
-        registered = set(tuple(self.engine.pool.host)) - set(self.runtime.retiring)
-        self.names.retain(registered)
-        return registered
+        """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries).
+        Names of adapters being unloaded are kept until they leave (they cannot be loaded again before)."""
+        held = set(tuple(self.engine.pool.host))
+        self.names.retain(held)
+        return held - set(self.runtime.retiring)
 
     async def _lora_request_model(self, body: SamplingRequest) -> str | None:
         """The model a request runs with: `model`, or trtllm-serve's `lora_request` (an adapter by lora_int_id or
@@ -404,13 +406,25 @@ class OpenAIServer:
                 gen.abandon()
 
     # adapters ----------------------------------------------------------------
-    def _loading_allowed(self) -> Path:
+    def _loading_allowed(self) -> AdapterRoot:
         if self.root is None:
             raise NotFoundError("run-time adapter loading is off: start serve with --allow-adapter-loading "
                                    "--adapter-root DIR")
         return self.root
 
     async def load_adapter(self, body: LoadLoRAAdapterRequest, task_id: int | None = None) -> PlainTextResponse:
+        """vLLM's load (`task_id`: trtllm-serve's lora_int_id); every outcome, refusals included, gets an access
+        line."""
+        try:
+            task_id = await self._load_adapter(body, task_id)
+        except BdLoraError as err:
+            log_adapter_call("load_lora_adapter", body.lora_name, self.names.id_of(body.lora_name), "rejected",
+                             body.lora_path, log_text(err))
+            raise
+        log_adapter_call("load_lora_adapter", body.lora_name, task_id, "loaded", body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def _load_adapter(self, body: LoadLoRAAdapterRequest, task_id: int | None) -> int:
         root = self._loading_allowed()
         name = body.lora_name
         if not name or not body.lora_path:
@@ -422,24 +436,41 @@ class OpenAIServer:
             raise RequestError(f"numeric lora_name must be a positive task id, got {name!r}", param="lora_name")
         async with self.adapter_lock:
             registered = self.registered()
+            retiring = set(self.runtime.retiring)
+            if self.names.id_of(name) in retiring:
+                raise RequestError(f"lora_name {name!r} (lora_task_id {self.names.id_of(name)}) is being unloaded: "
+                                   "requests that named it are still pending; load it again when they finish",
+                                   param="lora_name")
             if self.names.taken(name, registered):
                 raise RequestError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            directory = adapter_dir_under(root, body.lora_path)
             from trtllm_bdlora.adapters import load_peft_adapter
 
-            try:
-                adapter = await run_in_threadpool(load_peft_adapter, directory, self.engine.shape)
-            except AdapterError as err:
-                raise AdapterError(str(err), param="lora_path") from None
-            if task_id is None:
-                task_id = int(name) if name.isdigit() else self.names.next_id(registered)
-            elif task_id < 1 or task_id in registered:
+            with root.open_adapter(body.lora_path) as directory:  # read once, from descriptors beneath the root
+                try:
+                    adapter = await run_in_threadpool(load_peft_adapter, directory, **self.engine.adapter_limits())
+                except AdapterError as err:
+                    raise AdapterError(str(err), param="lora_path") from None
+            if task_id is None:  # a new id: never one still held, being unloaded, or bound to other weights
+                task_id = int(name) if name.isdigit() else self.names.next_id(
+                    {*registered, *retiring, *tuple(self.engine.registry.bindings)})
+            elif task_id < 1 or task_id in registered or task_id in retiring:
                 raise RequestError(f"lora_int_id {task_id} is not a free positive task id", param="lora_request")
             await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
-            self.names.add(name, task_id, str(directory.relative_to(root)))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+            self.names.add(name, task_id, directory.relative)
+        return task_id
 
     async def unload_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        """vLLM's unload; every outcome, refusals included, gets an access line."""
+        try:
+            task_id = await self._unload_adapter(body)
+        except BdLoraError as err:
+            log_adapter_call("unload_lora_adapter", body.lora_name, self.names.id_of(body.lora_name), "rejected",
+                             error=log_text(err))
+            raise
+        log_adapter_call("unload_lora_adapter", body.lora_name, task_id, "unloaded")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _unload_adapter(self, body: UnloadLoRAAdapterRequest) -> int:
         self._loading_allowed()
         name = body.lora_name
         if name == self.names.base or name in self.names.aliases:
@@ -453,8 +484,7 @@ class OpenAIServer:
                 await run_in_threadpool(self.runtime.unregister_adapter, task_id)
             except NotFoundError as err:
                 raise adapter_gone(err) from None
-            self.names.forget(task_id)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        return task_id  # its names go when it leaves the ranks (`registered`)
 
 
 def _validation_message(errors, skip: int = 1) -> str:

@@ -11,8 +11,9 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+from trtllm_bdlora.adapters.files import AdapterRoot
 from trtllm_bdlora.config import AdapterSpec
-from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError, PermissionDeniedError
+from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError
 
 MAX_NAME_CHARS = 256
 
@@ -70,6 +71,10 @@ class AdapterNames:
         self.ids = {n: t for n, t in self.ids.items() if t != task_id}
         self.roots.pop(task_id, None)
 
+    def id_of(self, name: str | None) -> int | None:
+        """The task id `name` was given at registration, or the one a numeric name stands for; None otherwise."""
+        return None if not name else self.ids.get(name, _canonical_id(name))
+
     def name_of(self, task_id: int) -> str:
         return next((n for n, t in self.ids.items() if t == task_id), str(task_id))
 
@@ -99,30 +104,13 @@ class AdapterNames:
         ]
 
 
-def adapter_root(root: str | None, allow_loading: bool) -> Path | None:
-    """`--adapter-root` resolved (symlinks too); loading at run time needs one."""
+def adapter_root(root: str | None, allow_loading: bool) -> AdapterRoot | None:
+    """`--adapter-root`, opened once (adapters/files.py: adapters are opened beneath it, never re-opened by
+    path); loading at run time needs one."""
     if not allow_loading:
         return None
     if root is None:
         raise BdLoraError("--allow-adapter-loading needs --adapter-root DIR (the only tree adapters load from)")
-    path = Path(root).resolve()
-    if not path.is_dir():
+    if not Path(root).is_dir():
         raise BdLoraError(f"--adapter-root {root}: not a directory")
-    return path
-
-
-def adapter_dir_under(root: Path, lora_path: str) -> Path:
-    """`lora_path` (absolute, or relative to `root`) with symlinks resolved; refused unless it and every file in it
-    lie under `root`."""
-    try:
-        resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
-    except (ValueError, OSError):  # NUL, a symlink loop, a name too long
-        raise InputError("lora_path", "cannot be resolved to a directory") from None
-    outside = PermissionDeniedError("lora_path is outside --adapter-root", param="lora_path")  # neither path shown
-    if not resolved.is_relative_to(root):
-        raise outside
-    if not resolved.is_dir():
-        raise NotFoundError("lora_path: no such adapter directory under --adapter-root", param="lora_path")
-    if any(not entry.resolve().is_relative_to(root) for entry in resolved.iterdir()):
-        raise outside
-    return resolved
+    return AdapterRoot(root)
