@@ -131,6 +131,7 @@ class FakeStore:
 def test_judge_forgives_its_own_stall_and_names_the_first_silent_rank():
     now = [100.0]
     watch = RankWatch(FakeStore(), 0, 3, 10.0, clock=lambda: now[0])
+    watch.identity["host"] = "a"  # the watched ranks run on this host
     with watch._lock:
         watch._seen = {1: 100.0, 2: 100.0}
     watch.observe({1: json.dumps({"seq": 1, "pid": 11, "host": "a"}).encode()})
@@ -147,3 +148,15 @@ def test_judge_forgives_its_own_stall_and_names_the_first_silent_rank():
     assert watch.judge(130.0) is None
     lost = watch.judge(130.6)
     assert (lost.rank, lost.pid, lost.host) == (1, 11, "a") and str(lost).startswith("rank 1 (pid 11 on a) stopped")
+
+
+def test_a_rank_on_another_host_is_reported_as_that_host_lost():
+    """Across hosts the lost host comes first, in hosts.describe_loss's words; clients get no PID."""
+    from trtllm_bdlora.distributed.liveness import RankLost
+
+    lost = RankLost(1, 4242, "h2", 10.24, 10.0, watcher_host="h1")
+    assert str(lost) == "lost host h2 (rank 1): rank 1 (pid 4242) stopped responding: no heartbeat for 10.2 s " \
+                        "(--rank-timeout 10)"
+    assert lost.summary == "lost host h2 (rank 1): rank 1 stopped responding: no heartbeat for 10.2 s (--rank-timeout 10)"
+    here = RankLost(1, 4242, "h1", 10.24, 10.0, watcher_host="h1")
+    assert str(here).startswith("rank 1 (pid 4242 on h1) stopped") and here.summary.startswith("rank 1 stopped")

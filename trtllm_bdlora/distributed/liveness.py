@@ -49,7 +49,8 @@ def heartbeat_interval(timeout: float) -> float:
 @dataclass(frozen=True)
 class RankLost:
     """A watched rank whose heartbeat stopped. `unreachable`: the store itself failed (its host, rank 0, exited:
-    a consequence the launcher reports better), rather than answering with an unchanged heartbeat."""
+    a consequence the launcher reports better), rather than answering with an unchanged heartbeat. `watcher_host`:
+    the host of the rank that found it; on another host, the lost host is named first (as hosts.describe_loss)."""
 
     rank: int
     pid: int | None
@@ -57,15 +58,22 @@ class RankLost:
     silent_s: float
     timeout: float
     unreachable: bool = False
+    watcher_host: str | None = None
+
+    @property
+    def other_host(self) -> bool:
+        return None not in (self.host, self.watcher_host) and self.host != self.watcher_host
 
     def __str__(self) -> str:
         """For the log and the exit line: names the rank's PID and host."""
+        if self.other_host:
+            return f"lost host {self.host} (rank {self.rank}): " + self._line(f"rank {self.rank} (pid {self.pid})")
         return self._line(f"rank {self.rank}" + (f" (pid {self.pid} on {self.host})" if self.pid is not None else ""))
 
     @property
     def summary(self) -> str:
-        """For clients: the rank, not its PID or host."""
-        return self._line(f"rank {self.rank}")
+        """For clients: the rank (and, across hosts, the host lost), not its PID."""
+        return (f"lost host {self.host} (rank {self.rank}): " if self.other_host else "") + self._line(f"rank {self.rank}")
 
     def _line(self, who: str) -> str:
         what = "is unreachable" if self.unreachable else "stopped responding"
@@ -178,7 +186,8 @@ class RankWatch:
                 silent = now - self._seen[r]
                 if silent > self.timeout:
                     who = self._who.get(r, {})
-                    return RankLost(r, who.get("pid"), who.get("host"), silent, self.timeout, self._unreachable)
+                    return RankLost(r, who.get("pid"), who.get("host"), silent, self.timeout, self._unreachable,
+                                    self.identity["host"])
         return None
 
     def _declare(self, lost: RankLost) -> None:
