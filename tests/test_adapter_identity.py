@@ -235,17 +235,18 @@ def test_a_symlink_swapped_during_60_loads_never_serves_a_file_outside_the_root(
     assert reads == [] and outcomes[403] > 0 and outcomes[200] + outcomes[403] == 60
 
 
-def test_startup_unload_flag_frees_the_id(tiny_llama, bd_adapters):
+def test_startup_unload_flag_frees_the_id(tiny_llama, bd_adapters, tmp_path):
     """--allow-startup-adapter-unload (in process, TP 1): an --adapter id can then be unloaded, and only then
     registered again, with other weights; without it the unload is refused naming the flag."""
-    from trtllm_bdlora.cli import build_parser
+    from trtllm_bdlora.cli import parse_config
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
     from trtllm_bdlora.engine.runtime import Runtime
     from trtllm_bdlora.errors import PermissionDeniedError, RequestError
 
-    assert build_parser().parse_args(["serve", "--allow-startup-adapter-unload"]).allow_startup_adapter_unload
-    assert not build_parser().parse_args(["serve"]).allow_startup_adapter_unload
+    loading = ["serve", "--allow-adapter-loading", "--adapter-root", str(tmp_path)]
+    assert parse_config([*loading, "--allow-startup-adapter-unload"])[1].server.allow_startup_adapter_unload
+    assert not parse_config(loading)[1].server.allow_startup_adapter_unload
     other = load_peft_adapter(bd_adapters[1])
     for allowed in (False, True):
         engine = Engine(Comm(0, 1), str(tiny_llama), adapters=[(1, str(bd_adapters[0]))], max_loras=2)

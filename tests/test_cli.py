@@ -137,20 +137,24 @@ def test_bench_offers_only_the_engine_flags_it_honours():
 
 
 def test_bench_honours_comm_interface(monkeypatch):
-    """The ranks' process group binds to --comm-interface (it was accepted and dropped before)."""
+    """The ranks' process group binds to --comm-interface (it was accepted and dropped before), and the ranks
+    watch each other with bench's --rank-timeout."""
     from trtllm_bdlora.perf import bench
 
     seen = {}
 
-    def init_ranks(tp, device, interface=None, threads_per_rank=None):
-        seen.update(tp=tp, device=device, interface=interface, threads_per_rank=threads_per_rank)
+    def init_ranks(tp, device, interface=None, threads_per_rank=None, rank_timeout=None, command=None):
+        seen.update(tp=tp, device=device, interface=interface, threads_per_rank=threads_per_rank,
+                    rank_timeout=rank_timeout, command=command)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(bench, "init_ranks", init_ranks)
-    _, config = cli.parse_config(["bench", "--comm-interface", "lo", "--device", "cpu", "--threads", "2"])
+    _, config = cli.parse_config(["bench", "--comm-interface", "lo", "--device", "cpu", "--threads", "2",
+                                  "--rank-timeout", "3.5"])
     with pytest.raises(RuntimeError, match="stop here"):
         bench.bench(config)
-    assert seen == {"tp": 1, "device": "cpu", "interface": "lo", "threads_per_rank": 2}
+    assert seen == {"tp": 1, "device": "cpu", "interface": "lo", "threads_per_rank": 2, "rank_timeout": 3.5,
+                    "command": "bench"}
 
 
 def test_version(capsys):
@@ -198,6 +202,8 @@ def test_bad_command_lines_are_one_line_naming_the_flag(capsys, tmp_path, tiny_l
         ("serve", "--device", "gpu"): "--device gpu: expected cpu, cuda or cuda:N",
         ("serve", "--shutdown-timeout", "nan"): "--shutdown-timeout nan",
         ("bench", "--threads", "0"): "--threads-per-rank 0: must be >= 1",
+        ("serve", "--rank-timeout", "-1"): "--rank-timeout -1.0: must be a finite number of seconds >= 0 (0: off)",
+        ("generate", "--requests", "-", "--rank-timeout", "inf"): "--rank-timeout inf: must be a finite number",
         ("serve", "--tp", "2", "--model", str(tiny_llama), "--adapter", f"1={tmp_path / 'none'}"):
             f"--adapter 1={tmp_path / 'none'}: adapter directory not found",
         ("serve", "--tp", "2", "--model", str(tmp_path)): f"--model: {tmp_path}: not a Hugging Face model directory",
