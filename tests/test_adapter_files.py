@@ -208,3 +208,8 @@ def test_request_adapters_are_bounded_before_their_values_are_read():
         check_request_adapter(weights, rows, SHAPE, 64, RANK * (64 + 64) + RANK * (128 + 64) - 1)
     with pytest.raises(AdapterError, match="exceeds --max-lora-rank 2"):
         check_request_adapter(weights, rows, SHAPE, 2, 10**6)
+    # at TP 2 a dense block-diagonal factor keeps half its values: what could fit an empty cache is not refused here
+    values = RANK * (64 + 64) + RANK * (128 + 64)
+    check_request_adapter(weights, rows, SHAPE, 64, values // 2, tp=2)
+    with pytest.raises(AdapterError, match=r"at least 1/2 of them kept.*host LoRA cache"):
+        check_request_adapter(weights, rows, SHAPE, 64, values // 2 - 1, tp=2)

@@ -156,7 +156,8 @@ class Engine:
         limits = self.adapter_limits()
         limits.pop("budget")
         where = f"lora_task_id {task_id}"
-        check_request_adapter(weights, config, self.shape, limits["max_lora_rank"], limits["max_elements"], where)
+        check_request_adapter(weights, config, self.shape, limits["max_lora_rank"], limits["max_elements"], where,
+                              self.layout.world)
         digest = self.registry.check_request(task_id, weights, config)
         if task_id in self.pool:
             self.pool.touch(task_id)
