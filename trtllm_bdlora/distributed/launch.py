@@ -22,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
+from trtllm_bdlora.config import DEFAULT_RANK_TIMEOUT_S
 from trtllm_bdlora.distributed.liveness import RankLost, RankWatch
 from trtllm_bdlora.errors import BdLoraError
 
@@ -36,11 +37,10 @@ SPAWNED_ENV = "TRTLLM_BDLORA_SPAWNED"  # when the launcher started the rank proc
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
-# A collective waits at most this long for the other ranks while they start (loading the model, the first plan);
-# after that, across hosts, comm.RANK_TIMEOUT_S. The last resort behind the heartbeats (liveness.py), which find a
-# hung rank in --rank-timeout seconds (a dead one is seen at once).
+# A collective waits at most this long for the other ranks: the last resort behind the rank watch (liveness.py),
+# which finds a stopped, hung or cut-off rank in --rank-timeout seconds (a dead one is seen at once), and the only
+# bound with --rank-timeout 0. Long enough for one rank to load a model while the others wait.
 COLLECTIVE_TIMEOUT_S = 600
-DEFAULT_RANK_TIMEOUT_S = 10.0
 HOSTNAME_BYTES = 256
 PR_SET_PDEATHSIG = 1
 

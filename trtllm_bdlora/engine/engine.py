@@ -86,9 +86,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
         self.in_collective = False  # rank 0: a plan is out to the workers and not yet executed here
-        self.started = False  # built: plans from here on are the run's own (serving, generating)
         self._add_startup_adapters(list(adapters))
-        self.started = True
 
     def _add_startup_adapters(self, adapters: list[tuple[int, str]]) -> None:
         """`--adapter ID=DIR`: rank 0 reads each directory once and uploads the adapter to every rank, as every
@@ -180,7 +178,6 @@ class Engine:
         factors and shard them the same way. The first empty plan (a heartbeat: the server is idle) after some
         work trims the heap."""
         if plan.empty:
-            self.comm.heartbeat()
             if self._worked:
                 release_freed_memory()
                 self._worked = False
@@ -210,7 +207,6 @@ class Engine:
     def follow(self) -> None:
         """Worker ranks: execute rank 0's plans until it broadcasts None."""
         while (plan := self.receive()) is not None:
-            self.comm.arm_rank_timeout()
             self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
         self.comm.stop_watch()  # rank 0 said stop: its heartbeat ends with it
@@ -220,8 +216,6 @@ class Engine:
         `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
         if plan is None:
             self.comm.stop_watch()  # the workers leave after this plan: their heartbeats end
-        if self.started:
-            self.comm.arm_rank_timeout()
         self.in_collective = True
         self.comm.broadcast_json(None if plan is None else plan.to_json())
         out = None if plan is None else self.execute(plan, uploads)

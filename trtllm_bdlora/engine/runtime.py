@@ -4,10 +4,11 @@ Requests arrive from server threads through `submit`; one engine thread owns the
 collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
 every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
 error)` once, the error a typed `BdLoraError` (errors.py) or None. Callbacks run on the engine thread and must
-not block. When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds. A rank that
-hangs leaves the engine thread blocked in a collective: the rank watch (distributed/liveness.py) calls
-`rank_lost` from its own thread, which fails every pending and queued request with a retryable `LostRankError`
-and turns readiness off, whatever the engine thread is doing.
+not block. When idle it sends an empty plan every HEARTBEAT_S (the ranks trim their heaps on the first), so a rank
+that died is noticed within a second, by the connection it closed. A rank that stops, hangs or is cut off leaves
+the engine thread blocked in a collective: the rank watch (distributed/liveness.py) calls `rank_lost` from its own
+thread, which fails every pending and queued request with a retryable `LostRankError` and turns readiness off,
+whatever the engine thread is doing.
 
 Fault isolation: an exception raised on rank 0 while no plan is out to the other ranks (admitting a request,
 handling one request's result, a callback) fails that request alone, with a one-line error; only one raised

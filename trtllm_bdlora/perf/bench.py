@@ -49,7 +49,6 @@ def _select(engine, pools: dict, scheme: str) -> None:
 
 def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None) -> None:
     """Rank 0: send a plan tagged with its scheme and run it; None stops the workers."""
-    engine.comm.arm_rank_timeout()
     engine.comm.broadcast_json(None if scheme is None else {"scheme": scheme, "plan": plan.to_json()})
     if scheme is not None:
         _select(engine, pools, scheme)
@@ -58,7 +57,6 @@ def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None)
 
 def _follow(engine, pools: dict) -> None:
     while (tagged := engine.comm.broadcast_json()) is not None:
-        engine.comm.arm_rank_timeout()
         _select(engine, pools, tagged["scheme"])
         engine.execute(StepPlan.from_json(tagged["plan"]))
 
