@@ -294,8 +294,8 @@ def test_log_formats(fmt, capsys, monkeypatch):
 def test_checks_read_the_models_shape_as_transformers_does(tiny_llama, tmp_path):
     """The checks before any rank starts read config.json without transformers; the shape must be transformers'."""
     from tests.helpers import make_tiny_llama
+    from trtllm_bdlora.llama.config_json import read_config_shape
     from trtllm_bdlora.llama.loader import load_model_config
-    from trtllm_bdlora.llama.shape import read_config_shape
 
     nine = make_tiny_llama(tmp_path / "nine", heads=9, kv_heads=3, hidden=144)
     bare = tmp_path / "bare"  # the fields LlamaConfig defaults left out

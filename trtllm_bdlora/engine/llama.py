@@ -18,6 +18,7 @@ from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
 from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
+from trtllm_bdlora.llama.config_json import LlamaConfigJson
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
 
@@ -40,7 +41,7 @@ class Rotary:
         if rope_type in ("dynamic", "longrope"):
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-            self.module = LlamaRotaryEmbedding(config=config).to(device)
+            self.module = LlamaRotaryEmbedding(config=_transformers_config(config)).to(device)
             return
         self.module = None
         if rope_type == "default":
@@ -50,7 +51,7 @@ class Rotary:
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](_transformers_config(config))
         self.inv_freq = inv_freq.to(device=device, dtype=torch.float)
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +62,11 @@ class Rotary:
         freqs = positions[:, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def _transformers_config(config):
+    """transformers' own config for its functions: llama/config_json.py's gives it by hf()."""
+    return config.hf() if isinstance(config, LlamaConfigJson) else config
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ def _flagged(flag: str, err: BdLoraError) -> BdLoraError:
 
 def check_engine_setup(config: EngineConfig) -> None:
     from trtllm_bdlora.distributed.launch import interface_address
-    from trtllm_bdlora.llama.shape import read_config_shape
+    from trtllm_bdlora.llama.config_json import read_config_shape
 
     if config.backend == "trtllm":
         raise BdLoraError("--backend trtllm engines are built by `trtllm-bdlora build` and served by Triton: see "
@@ -61,8 +61,8 @@ def check_adapters(config: EngineConfig) -> None:
 
         from trtllm_bdlora.adapters import load_peft_adapter
         from trtllm_bdlora.engine.adapter_pool import DEFAULT_MAX_LORA_RANK, check_adapter_limits, host_cache_limits
+        from trtllm_bdlora.llama.config_json import read_config_shape
         from trtllm_bdlora.llama.loader import read_build_info, resolve_model_dir
-        from trtllm_bdlora.llama.shape import read_config_shape
 
         directory = resolve_model_dir(config.model)
         shape = read_config_shape(directory)  # as transformers reads it, without importing transformers

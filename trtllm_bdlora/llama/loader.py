@@ -20,7 +20,8 @@ import torch
 
 from trtllm_bdlora.errors import ModelError
 from trtllm_bdlora.llama.cache import EMBEDDED, embedded_dir, embedded_ready
-from trtllm_bdlora.llama.shape import LlamaShape, check_llama_config
+from trtllm_bdlora.llama.config_json import LlamaConfigJson, read_llama_config
+from trtllm_bdlora.llama.shape import LlamaShape
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,13 +88,8 @@ def resolve_model_dir(model: str) -> Path:
     return directory
 
 
-def _load_config(directory: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
-    check_llama_config(directory, getattr(config, "model_type", None), getattr(config, "attention_bias", False),
-                       getattr(config, "mlp_bias", False))
-    return config
+def _load_config(directory: Path) -> LlamaConfigJson:
+    return read_llama_config(directory)
 
 
 def load_model_config(model: str) -> LlamaShape:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from trtllm_bdlora.errors import ModelError
@@ -70,34 +68,6 @@ class LlamaShape:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }[name]
-
-
-def check_llama_config(where: object, model_type: object, attention_bias: object, mlp_bias: object) -> None:
-    """Refuse what is not a Llama this package serves (transformers' config or the config.json alike)."""
-    if model_type != "llama":
-        raise ModelError(f"{where}: model_type {model_type!r} is not llama")
-    if attention_bias or mlp_bias:
-        raise ModelError(f"{where}: Llama models with biases are not supported")
-
-
-def read_config_shape(directory: Path) -> LlamaShape:
-    """The shape from a model directory's config.json, with LlamaConfig's defaults, without loading transformers
-    (the checks before any rank starts)."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise ModelError(f"{directory}: not a Hugging Face model directory (no config.json) and not 'smollm2-135m'")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{path}: unreadable ({err})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    check_llama_config(directory, config.get("model_type"), config.get("attention_bias"), config.get("mlp_bias"))
-    hidden, heads = config.get("hidden_size", 4096), config.get("num_attention_heads", 32)
-    return LlamaShape(hidden_size=hidden, intermediate_size=config.get("intermediate_size", 11008),
-                      num_layers=config.get("num_hidden_layers", 32), num_heads=heads,
-                      num_kv_heads=config.get("num_key_value_heads") or heads,
-                      head_dim=config.get("head_dim") or hidden // heads, vocab_size=config.get("vocab_size", 32000))
 
 
 def check_tp(shape: LlamaShape, world: int, name: str = "tp") -> None:
