@@ -6,12 +6,12 @@ from tests.helpers import make_peft_adapter, make_tiny_llama
 # serve: runs the package's commands (serve, generate, bench, ...) as processes; container: builds and runs images;
 # route: the production route (real tritonserver, the TensorRT plugin and TensorRT-LLM stand-ins, compilers).
 TIERS = {
-    "unit": """adapter_cache adapters config_json edge_units fuzz_decoders hosts_check kernel kserve_extensions_units
+    "unit": """adapter_cache adapter_files adapters config_json edge_units fuzz_decoders hosts_check kernel kserve_extensions_units
         kv_cache layout logprobs_units lora_cpu rotary sampling serving_edge_owners serving_scheduler sharding
         threads tiers triton_interface trtllm_network trtllm_request_adapters""",
-    "serve": """bench bench_exit build_cli cli edge_hostile engine_tp error_model example_adapters generate_cli inspect
-        kserve_extensions multi_host openai_api openai_examples openai_logprobs openai_units parity projection
-        rank_failure reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
+    "serve": """adapter_identity bench bench_exit build_cli cli edge_hostile engine_tp error_model example_adapters generate_cli inspect
+        kserve_extensions liveness multi_host openai_api openai_examples openai_logprobs openai_units parity projection
+        rank_failure rank_liveness reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
         smollm2 triton_serve""",
     "container": "docker_cpu trtllm_docker",
     "route": "aot gpu_suite model_repo_python plugin_build plugin_cmake triton_repo trtllm_build trtllm_runtime_model",
