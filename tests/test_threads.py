@@ -18,6 +18,8 @@ def test_default_shares_the_cores_among_the_ranks():
 
 def test_init_ranks_applies_and_logs_the_threads(caplog):
     before = torch.get_num_threads()
+    package = logging.getLogger("trtllm_bdlora")  # once a command configured logging, it does not propagate
+    package.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="trtllm_bdlora.launch"):
             init_ranks(1, "cpu", threads_per_rank=1)
@@ -26,6 +28,7 @@ def test_init_ranks_applies_and_logs_the_threads(caplog):
         init_ranks(1, "cpu")
         assert torch.get_num_threads() == default_threads_per_rank(1)
     finally:
+        package.removeHandler(caplog.handler)
         torch.set_num_threads(before)
 
 
