@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from tests.helpers import REPO
@@ -88,3 +91,19 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+def post_json(server, path: str, body: bytes | dict) -> tuple[int, dict | str]:
+    """POST `body` (a dict as JSON, or raw bytes) to the server's OpenAI port: (status, JSON answer or its text)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server.openai_url.removesuffix("/v1") + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, payload = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, payload = err.code, err.read().decode()
+    try:
+        return status, json.loads(payload)
+    except json.JSONDecodeError:
+        return status, payload

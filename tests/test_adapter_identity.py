@@ -9,8 +9,6 @@ rank's peak RSS up under 100 MB."""
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ from tests.adapter_file_helpers import (
     write_sparse_safetensors,
 )
 from tests.helpers import make_peft_adapter
-from tests.serving_helpers import Server
+from tests.serving_helpers import Server, post_json
 from tests.test_triton_serve import core_inputs, tensors
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter
@@ -73,20 +71,6 @@ def _refused(call) -> tuple[str, str]:
     return info.value.status(), info.value.message()
 
 
-def _post(server, path, body: dict) -> tuple[int, dict | str]:
-    request = urllib.request.Request(server.openai_url.removesuffix("/v1") + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, payload = response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        status, payload = err.code, err.read().decode()
-    try:
-        return status, json.loads(payload)
-    except json.JSONDecodeError:
-        return status, payload
-
-
 def _access(server, *fragments: str) -> list[str]:
     """Access-log lines of the server that contain every fragment."""
     return [line for line in server.output().splitlines()
@@ -102,7 +86,7 @@ def _wait_access(server, *fragments: str, timeout: float = 10) -> list[str]:
 
 def test_a_an_id_loaded_through_openai_refuses_other_weights_on_kserve(served):
     server, _, _, weights = served
-    status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "10", "lora_path": "a"})
+    status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": "10", "lora_path": "a"})
     assert status == 200, body
     before = _ids(server, 10)
     assert _ids(server, 10, weights["a"]) == before  # its own weights (as convert-adapter writes them) are fine
@@ -136,16 +120,16 @@ def test_b_an_id_registered_over_grpc_cannot_return_with_other_weights_while_nam
     pending = threading.Thread(target=_stream_tokens, args=(server, "20", 60, started, got))
     pending.start()
     assert started.wait(60)
-    status, body = _post(server, "/v1/unload_lora_adapter", {"lora_name": "20"})
+    status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "20"})
     assert status == 200, body
-    status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "20", "lora_path": "b"})
+    status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": "20", "lora_path": "b"})
     assert status == 400 and "lora_task_id 20) is being unloaded" in body["error"]["message"], body
     status, message = _refused(lambda: _ids(server, 20, weights["b"]))
     assert status == "StatusCode.NOT_FOUND" and "lora_task_id 20" in message and "being unloaded" in message
     pending.join(120)
     assert got == want  # the pending request kept the weights it named
     deadline = time.monotonic() + 30  # the unload completes at the step that ends the last request naming it
-    while (status := _post(server, "/v1/load_lora_adapter", {"lora_name": "20", "lora_path": "b"})[0]) != 200:
+    while (status := post_json(server, "/v1/load_lora_adapter", {"lora_name": "20", "lora_path": "b"})[0]) != 200:
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
     status, message = _refused(lambda: _ids(server, 20, weights["a"]))  # 20 means b now: a's weights are refused
@@ -159,10 +143,10 @@ def test_b_an_id_registered_over_grpc_cannot_return_with_other_weights_while_nam
 def test_c_a_startup_id_cannot_be_unloaded_or_replaced(served):
     server, _, _, weights = served
     before = _ids(server, 1)
-    status, body = _post(server, "/v1/unload_lora_adapter", {"lora_name": "1"})
+    status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "1"})
     assert status == 403 and body["error"]["type"] == "PermissionDeniedError", body
     assert "lora_task_id 1" in body["error"]["message"] and "--allow-startup-adapter-unload" in body["error"]["message"]
-    status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "1", "lora_path": "b"})
+    status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": "1", "lora_path": "b"})
     assert status == 400 and "already been loaded" in body["error"]["message"], body
     status, message = _refused(lambda: _ids(server, 1, weights["b"]))
     assert status == "StatusCode.INVALID_ARGUMENT" and "lora_task_id 1 is registered at start-up" in message
@@ -194,7 +178,7 @@ def test_a_10_gb_sparse_adapter_is_refused_with_memory_flat(served):
     write_sparse_safetensors(huge / "adapter_model.safetensors", sized_header(huge_tensor_header(size, 8), size), size)
     answer = {}
     growth = _rank_peak_rss(server.rank_pids(), lambda: answer.update(
-        zip(("status", "body"), _post(server, "/v1/load_lora_adapter", {"lora_name": "huge", "lora_path": "huge"}))))
+        zip(("status", "body"), post_json(server, "/v1/load_lora_adapter", {"lora_name": "huge", "lora_path": "huge"}))))
     print(f"SPARSE serve: peak RSS growth per rank {[round(g / 2**20, 1) for g in growth.values()]} MiB, "
           f"{answer['status']}: {answer['body']['error']['message']}")
     assert answer["status"] == 400 and "refused before reading" in answer["body"]["error"]["message"]
@@ -217,7 +201,7 @@ def test_a_symlink_swapped_during_60_loads_never_serves_a_file_outside_the_root(
     try:
         watch.events()
         for i in range(60):
-            status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": f"race{i}", "lora_path": "filed"})
+            status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": f"race{i}", "lora_path": "filed"})
             assert status in outcomes, body
             outcomes[status] += 1
             if status == 200:
@@ -225,7 +209,7 @@ def test_a_symlink_swapped_during_60_loads_never_serves_a_file_outside_the_root(
                     "data"] if c["id"] == f"race{i}")
                 status, message = _refused(lambda t=task_id: _ids(server, t, weights["outside"], max_tokens=1))
                 assert status == "StatusCode.INVALID_ARGUMENT", message
-                assert _post(server, "/v1/unload_lora_adapter", {"lora_name": f"race{i}"})[0] == 200
+                assert post_json(server, "/v1/unload_lora_adapter", {"lora_name": f"race{i}"})[0] == 200
     finally:
         swapper.close()
     reads = [e for e in watch.events() if e[1] == "read"]

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.helpers import make_peft_adapter, make_tiny_llama, run_cli
-from tests.serving_helpers import Server
+from tests.serving_helpers import Server, post_json
 from trtllm_bdlora.cli.client import converted_adapter, infer
 
 MAX_TOKENS = 10
@@ -66,21 +66,6 @@ def client(served):
     return openai.OpenAI(base_url=served[0].openai_url, api_key="unused", max_retries=0)
 
 
-def _post(server, path, body: bytes | dict) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(server.openai_url.removesuffix("/v1") + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, payload = response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        status, payload = err.code, err.read().decode()
-    try:
-        return status, json.loads(payload)
-    except json.JSONDecodeError:
-        return status, payload
-
-
 def _ask(client, case, stream: bool, **overrides) -> tuple[str, list[int], str, dict]:
     """(text, token ids, finish_reason, usage) of one case through the openai client."""
     _, model, _, kind, text, extra = case
@@ -114,7 +99,7 @@ def _ask(client, case, stream: bool, **overrides) -> tuple[str, list[int], str, 
 @pytest.fixture(scope="module")
 def loaded(served, client):
     """Adapter a3 loaded at run time as `gamma`."""
-    status, body = _post(served[0], "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "a3"})
+    status, body = post_json(served[0], "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "a3"})
     assert status == 200, body
     return next(c for c in client.models.list().data if c.id == "gamma").model_extra["lora_task_id"]
 
@@ -196,7 +181,7 @@ BAD_BODIES = {
 @pytest.mark.parametrize("case", list(BAD_BODIES))
 def test_malformed_body_is_a_400_and_server_keeps_serving(served, client, case):
     body, fragment = BAD_BODIES[case]
-    status, payload = _post(served[0], "/v1/completions", body)
+    status, payload = post_json(served[0], "/v1/completions", body)
     assert status == 400, payload
     error = payload["error"]
     assert error["type"] == "BadRequestError" and error["code"] == 400
@@ -207,11 +192,11 @@ def test_malformed_body_is_a_400_and_server_keeps_serving(served, client, case):
 def test_loading_is_confined_to_adapter_root(served, client):
     server, _, _, outside, _ = served
     for path in (str(outside), "escape", "../outside", "a1/../../outside"):
-        status, payload = _post(server, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": path})
+        status, payload = post_json(server, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": path})
         assert status == 403 and "outside --adapter-root" in payload["error"]["message"], (path, payload)
-    status, payload = _post(server, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "missing"})
+    status, payload = post_json(server, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "missing"})
     assert status == 404, payload
-    status, payload = _post(server, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": "a3"})
+    status, payload = post_json(server, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": "a3"})
     assert status == 400 and "already been loaded" in payload["error"]["message"]
     assert "evil" not in {c.id for c in client.models.list().data}
 
@@ -224,7 +209,7 @@ def test_adapter_loaded_through_openai_serves_grpc_and_unloads(served, client, l
         assert infer(grpc, "Hello there", MAX_TOKENS, loaded) == want["text"]
     finally:
         grpc.close()
-    status, body = _post(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
+    status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
     assert status == 200 and "removed" in body
     log = server.output()  # the operator sees both
     assert re.search(rf"INFO trtllm_bdlora\.adapters adapter registered task_id={loaded} source=load dir=\S+a3 ", log), log[-3000:]
@@ -232,9 +217,9 @@ def test_adapter_loaded_through_openai_serves_grpc_and_unloads(served, client, l
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gamma", prompt="Hello there", max_tokens=2)
     assert "gamma" not in {c.id for c in client.models.list().data}
-    status, body = _post(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
+    status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
     assert status == 404, body
-    status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "a3"})
+    status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": "a3"})
     assert status == 200, body  # the name is free again
     assert client.completions.create(model="gamma", prompt="Hello there", max_tokens=MAX_TOKENS,
                                      temperature=0).choices[0].text == want["text"]
@@ -254,7 +239,7 @@ def test_adapter_registered_through_grpc_serves_openai(served, client):
 
 def test_unload_while_in_use_lets_running_requests_finish(served, client):
     server = served[0]
-    status, body = _post(server, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "a1"})
+    status, body = post_json(server, "/v1/load_lora_adapter", {"lora_name": "busy", "lora_path": "a1"})
     assert status == 200, body
     want = client.completions.create(model="1", prompt="Once upon a time", max_tokens=40, temperature=0,
                                      extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"]
@@ -264,7 +249,7 @@ def test_unload_while_in_use_lets_running_requests_finish(served, client):
     for chunk in stream:
         ids += chunk.choices[0].model_extra["token_ids"]
         if not unloaded.is_set():
-            status, body = _post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})
+            status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})
             assert status == 200, body
             unloaded.set()
             with pytest.raises(openai.NotFoundError):
@@ -304,7 +289,7 @@ def test_vllm_sampling_extensions_equal_the_ensembles_tensorrt_llm_inputs(served
     assert plain.choices[0].text != want  # the extensions changed the sampling
     for bad, fragment in (({"top_k": -2}, "top_k"), ({"presence_penalty": 2.5}, "presence_penalty"),
                           ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": MAX_TOKENS + 1}, "min_tokens")):
-        status, payload = _post(served[0], "/v1/completions", {"model": "1", "prompt": "Hi", "max_tokens": MAX_TOKENS,
+        status, payload = post_json(served[0], "/v1/completions", {"model": "1", "prompt": "Hi", "max_tokens": MAX_TOKENS,
                                                                 "temperature": 0.5, **bad})
         assert status == 400 and fragment in payload["error"]["message"], (bad, payload)
 
