@@ -71,21 +71,8 @@ def peft_outputs(requests: list[dict], batch: int = 16, adapters: dict[int, Path
     ({task id: dir}; default the shipped ones); requests with the same adapter and prompt length are generated
     together (no padding)."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trtllm_bdlora.llama.loader import embedded_model_dir
-
-    base_dir = embedded_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    adapters = adapters if adapters is not None else {task_id: d for task_id, (_, d) in ADAPTERS.items()}
-    first = next(iter(adapters))
-    model = PeftModel.from_pretrained(model, adapters[first], adapter_name=str(first))
-    for task_id, directory in adapters.items():
-        if task_id != first:
-            model.load_adapter(directory, adapter_name=str(task_id))
-    model.eval()
+    model, tokenizer = _peft_model(adapters)
     eos = model.config.eos_token_id
     encoded = [input_ids(tokenizer, r) for r in requests]
     groups: dict[tuple, list[int]] = {}
@@ -108,6 +95,63 @@ def peft_outputs(requests: list[dict], batch: int = 16, adapters: dict[int, Path
             for i, row in zip(part, gen[:, ids.shape[1] :].tolist()):
                 outs[i] = row[: row.index(eos) + 1] if eos in row else row
     return outs
+
+
+def peft_disagreements(requests: list[dict], outputs: list[list[int]], batch: int = 16,
+                       adapters: dict[int, Path] | None = None) -> list[int | None]:
+    """For each request, the first position of `outputs[i]` (generated token ids, through the first EOS) that is not
+    PEFT's greedy choice after the prompt and the tokens before it, or None: None for every token is the same as PEFT's
+    greedy `generate` returning exactly `outputs[i]` (by induction over the positions), at the cost of one forward pass
+    per request instead of one per token."""
+    import torch
+
+    model, tokenizer = _peft_model(adapters)
+    encoded = [input_ids(tokenizer, r) for r in requests]
+    groups: dict[int | None, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r["adapter"], []).append(i)
+    found: list[int | None] = [None] * len(requests)
+    for adapter, indices in groups.items():
+        for j in range(0, len(indices), batch):
+            part = indices[j : j + batch]
+            rows = [encoded[i] + outputs[i] for i in part]
+            width = max(len(row) for row in rows)
+            ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+            mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+            with torch.no_grad():
+                if adapter is None:
+                    with model.disable_adapter():
+                        logits = model(input_ids=ids, attention_mask=mask).logits
+                else:
+                    model.set_adapter(str(adapter))
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+            for row, i in enumerate(part):
+                start = len(encoded[i])
+                choices = logits[row, start - 1 : start - 1 + len(outputs[i])].argmax(-1).tolist()
+                found[i] = next((k for k, (a, b) in enumerate(zip(choices, outputs[i])) if a != b), None)
+    return found
+
+
+def _peft_model(adapters: dict[int, Path] | None):
+    """PEFT's PeftModel on the float32 base with `adapters` ({task id: dir}; default the shipped ones), each under
+    its task id's name, and the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trtllm_bdlora.llama.loader import embedded_model_dir
+
+    base_dir = embedded_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    adapters = adapters if adapters is not None else {task_id: d for task_id, (_, d) in ADAPTERS.items()}
+    first = next(iter(adapters))
+    model = PeftModel.from_pretrained(model, adapters[first], adapter_name=str(first))
+    for task_id, directory in adapters.items():
+        if task_id != first:
+            model.load_adapter(directory, adapter_name=str(task_id))
+    model.eval()
+    return model, tokenizer
 
 
 def _free_port() -> int:

