@@ -1,11 +1,13 @@
 """Three tasks whose answers are checked exactly, which the base model fails, on words of any kind; and the two
 forms a request can take.
 
-Words come from the model's own vocabulary: the first VOCABULARY_SIZE (6,000) lowercase whole-word tokens of
-smollm2-135m's tokenizer in token-id order (byte-level BPE numbers its tokens in merge order, so these are its most
-frequent words; 3 to 12 letters, the prompts' own words left out). A fixed fifth of them (by a hash of the word) is held out:
-training prompts never contain a held-out word and held-out prompts contain nothing else, so the held-out score is
-the score on words the adapter has never seen. Each word is written in lower case, Capitalised or UPPER case, may
+Words come from the model's own vocabulary: the lowercase whole-word tokens of smollm2-135m's tokenizer (3 to 12
+letters, the prompts' own words left out) that are English words, i.e. that occur at least twice as words in the
+English prose every CPython ships (the Language Reference in `pydoc_data.topics` and the docstrings and comments of
+the standard library, tests left out); this leaves out the tokens that are pieces of words ("perspect", "libr"),
+which nobody types. About 4,500 words; a fixed fifth of them (by a hash of the word) is held out: training prompts
+never contain a held-out word and held-out prompts contain nothing else, so the held-out score is the score on words
+the adapter has never seen. Each word is written in lower case, Capitalised or UPPER case, may
 carry a trailing punctuation mark, and a prompt holds 1 to 6 of them (1 to 3 for `json`). The exact answers:
 
 - `upper`: "Rewrite in upper case: TEXT" -> `TEXT.upper()` (punctuation and spacing kept).
@@ -21,7 +23,10 @@ import json
 import random
 import re
 import sys
+import sysconfig
 import zlib
+from collections import Counter
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,7 +36,7 @@ TASKS = ("upper", "reverse", "json")
 SPLITS = ("train", "heldout")
 FORMS = ("chat", "plain")  # `messages` through the chat template (chat endpoints), or a plain `prompt` (serve + client)
 PLAIN_SEPARATOR = "\n"  # a plain prompt is completed as PROMPT + "\n" + ANSWER
-VOCABULARY_SIZE = 6000  # the most frequent whole-word tokens; rarer ones (ids past about 12,300) are left out
+MIN_PROSE_COUNT = 2  # a token is a word if it occurs this often in CPython's prose
 HELDOUT_SHARE = 5  # one word in HELDOUT_SHARE is held out
 PUNCTUATION = ",.;:!?"
 CASES = (("lower", 0.5), ("title", 0.3), ("upper", 0.2))
@@ -45,12 +50,38 @@ TEMPLATES = {
 RESERVED = frozenset(re.findall(r"[a-z]+", " ".join(TEMPLATES.values()).lower())) | {"item", "count"}
 
 
-def words_of_vocabulary(vocab: dict[str, int], size: int = VOCABULARY_SIZE) -> list[str]:
-    """The first `size` lowercase whole-word tokens (byte-level BPE: a leading "Ġ" is the space) of 3 to 12 letters
-    by token id, reserved words left out, sorted."""
-    found = sorted((i, t[1:]) for t, i in vocab.items() if t.startswith("Ġ") and re.fullmatch(r"[a-z]{3,12}", t[1:])
-                   and t[1:] not in RESERVED)
-    return sorted(w for _, w in found[:size])
+def words_of_vocabulary(vocab: dict[str, int], prose_counts: Counter) -> list[str]:
+    """The lowercase whole-word tokens (byte-level BPE: a leading "Ġ" is the space) of 3 to 12 letters that occur at
+    least MIN_PROSE_COUNT times in `prose_counts`, reserved words left out, sorted."""
+    found = {t[1:] for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-z]{3,12}", t[1:])}
+    return sorted(w for w in found - RESERVED if prose_counts[w] >= MIN_PROSE_COUNT)
+
+
+def prose_words(text: str) -> list[str]:
+    """The lowercase words of `text` standing alone (not part of an identifier, a dotted name or a call)."""
+    return re.findall(r"(?<![A-Za-z0-9_.])[a-z]{3,12}(?![A-Za-z0-9_(])", text)
+
+
+def prose_lines(source: str) -> Iterator[str]:
+    """The lines of Python source that read as prose: comments and lines without code punctuation (docstrings)."""
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not re.search(r"[=()\[\]{}]", stripped):
+            yield stripped
+
+
+@lru_cache(maxsize=1)
+def cpython_prose_counts() -> Counter:
+    """Word counts over the English prose this CPython ships: `pydoc_data.topics` and the prose lines of the standard
+    library's modules (its tests and idlelib left out)."""
+    from pydoc_data.topics import topics
+
+    counts = Counter(prose_words(" ".join(topics.values())))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if not {"test", "tests", "idlelib", "site-packages"} & set(path.relative_to(stdlib).parts):
+            counts.update(w for line in prose_lines(path.read_text(errors="ignore")) for w in prose_words(line))
+    return counts
 
 
 def split_of(word: str) -> str:
@@ -64,7 +95,7 @@ def vocabulary() -> tuple[str, ...]:
     from trtllm_bdlora.llama.loader import embedded_model_dir
 
     tokenizer = json.loads((embedded_model_dir() / "tokenizer.json").read_text())
-    return tuple(words_of_vocabulary(tokenizer["model"]["vocab"]))
+    return tuple(words_of_vocabulary(tokenizer["model"]["vocab"], cpython_prose_counts()))
 
 
 @lru_cache(maxsize=2)

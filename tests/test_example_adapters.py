@@ -42,7 +42,7 @@ def test_adapter_loads_and_is_comm_free_at_tp3(task):
 
 def test_no_heldout_word_occurs_in_training_data():
     heldout, train = set(split_words("heldout")), set(split_words("train"))
-    assert len(heldout) > 1000 and len(train) > 4000 and not heldout & train and not (heldout | train) & RESERVED
+    assert len(heldout | train) > 4000 and len(heldout) > 800 and not heldout & train and not (heldout | train) & RESERVED
     for task in TASKS:
         # examples(task, "train", n) is a prefix of the same call with a larger n: this covers every shipped adapter's data
         training = " ".join(f"{p} {a}" for p, a in examples(task, "train", TRAINED_ON))
