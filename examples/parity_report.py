@@ -146,6 +146,12 @@ def merge_results(parts: list[tuple[str, dict]]) -> dict:
 
 if __name__ == "__main__":
     import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from example_deps import require
+
+    require("matplotlib")
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("results", nargs="+", help="results.json of finished runs; later ones' tasks replace earlier ones'")

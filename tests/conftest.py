@@ -17,7 +17,7 @@ TIERS = {
     "unit": """adapter_cache adapter_files adapters config_json edge_units fuzz_decoders hosts_check kernel kserve_extensions_units
         kv_cache layout logprobs_units lora_cpu rotary sampling serving_edge_owners serving_scheduler sharding
         threads tiers triton_interface trtllm_network trtllm_request_adapters""",
-    "serve": """adapter_identity bench bench_exit build_cli cli edge_hostile engine_tp error_model example_adapters
+    "serve": """adapter_identity bench bench_exit build_cli cli edge_hostile engine_tp error_model example_adapters example_deps
         generate_cli inspect
         kserve_extensions liveness multi_host openai_api openai_examples openai_logprobs openai_units parity projection
         rank_failure rank_liveness reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
