@@ -38,6 +38,8 @@ def engine_values(engine_dir: str) -> dict[str, str]:
     `lora_weights` must have."""
     record = _build_record(engine_dir)
     values = {"tp_size": str(record["tp"])} if "tp" in record else {}
+    if record.get("backend") == "torch":  # no TensorRT engines: our Python-backend tensorrt_llm runs the torch engine
+        values["tensorrt_llm_backend"] = "python"
     if "max_lora_rank" in record:
         values["lora_cache_max_adapter_size"] = str(record["max_lora_rank"])
     if record.get("dtype") in ENGINE_DTYPES:
@@ -83,7 +85,10 @@ def fill_model_repo(output: Path, params: dict[str, str], template: Path = TEMPL
         version = output / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         source = template / name / "1"
-        for src in sorted(source.rglob("*")) if source.is_dir() else []:
+        python = config.backend == "python"  # not the C++ backend (tensorrt_llm of TensorRT engines), not the ensemble
+        if not python and (version / "model.py").is_file():  # left by an earlier fill for a torch build
+            (version / "model.py").unlink()
+        for src in sorted(source.rglob("*")) if python and source.is_dir() else []:
             if src.is_file() and "__pycache__" not in src.parts:
                 dst = version / src.relative_to(source)
                 dst.parent.mkdir(parents=True, exist_ok=True)

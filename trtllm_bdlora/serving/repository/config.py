@@ -42,7 +42,7 @@ def _int(text: str, values: dict[str, str], where: str) -> int:
 
 def model_config(model: Model, values: dict[str, str]) -> mc.ModelConfig:
     where = f"{model.name}: "
-    config = mc.ModelConfig(name=model.name, backend=model.backend, platform=model.platform,
+    config = mc.ModelConfig(name=model.name, backend=fill(model.backend, values, where + "backend"), platform=model.platform,
                             max_batch_size=_int("${triton_max_batch_size}", values, where + "max_batch_size"))
     for t in model.inputs:
         i = config.input.add(name=t.name, data_type=mc.DataType.Value(data_type(t, values, where)), dims=t.dims,
@@ -76,5 +76,5 @@ def model_metadata(model: Model, values: dict[str, str]) -> dict:
     def tensors(ts):
         return [{"name": t.name, "datatype": wire_type(t, values), "shape": [-1, *t.dims]} for t in ts]
 
-    return {"name": model.name, "versions": ["1"], "platform": model.platform or model.backend,
+    return {"name": model.name, "versions": ["1"], "platform": model.platform or fill(model.backend, values, model.name),
             "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}

@@ -1,0 +1,232 @@
+"""The `tensorrt_llm` model of a `build --backend torch` repository, inside Triton's Python backend: the C++
+backend's interface (serving/repository/spec.py) and semantics (serving/repository/core.py) over the torch engine's
+runtime, so a real `tritonserver` serves the repository without TensorRT.
+
+- Decoupled (the repository's default): each request runs on its own thread and answers through its response
+  sender, the last response flagged final; non-decoupled: `execute` answers its requests together.
+- Cancellation: one thread polls `request.is_cancelled()` of the requests in flight (never after a request's
+  final response: that crashes Triton 2.51) and the request leaves the batch at the next engine step.
+- TP > 1: this process is rank 0 and starts ranks 1..N-1 as `trtllm-bdlora serve` workers (distributed/embedded.py).
+  A rank that dies fails every pending request, as in `serve`, and then stops the server (SIGTERM to the
+  `tritonserver` that runs this stub), as `serve` exits and as an MPI launch of the C++ backend aborts.
+- One instance: it batches every request in flight; `instance_group` count > 1 would load the engine (and its
+  ranks) once per instance and is refused when the model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.serving.repository.calls import CallContext
+from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.trtllm.triton_python import error_response, inputs_of, parameters, tensors
+
+log = logging.getLogger("trtllm_bdlora.triton")
+CANCEL_POLL_S = 0.2
+DRAIN_S = 30.0  # at unload: how long in-flight requests may take to finish before they are cut
+DEFAULT_MAX_LORAS = 8  # device adapter slots per rank, as `serve --max-loras`
+DEFAULT_DTYPE = "float32"  # as `serve --dtype`: what `generate` computes with
+
+
+def torch_build(engine_dir: str) -> dict | None:
+    """The build record of a `build --backend torch` output directory, or None for any other directory (a
+    TensorRT-LLM engine directory, served by the C++ backend)."""
+    from trtllm_bdlora.llama.loader import BUILD_FILE, read_build_info
+
+    directory = Path(engine_dir)
+    if not (directory / BUILD_FILE).is_file():
+        return None
+    try:
+        return read_build_info(directory)
+    except BdLoraError:
+        return None
+
+
+def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    value = params.get(key, "")
+    if not value or value.startswith("${"):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BdLoraError(f"tensorrt_llm parameter {key} must be an integer, got {value!r}") from None
+
+
+def worker_argv(engine_dir: str, tp: int, params: dict[str, str]) -> list[str]:
+    """The command line of ranks 1..tp-1: `serve` workers build the same engine and follow rank 0's plans."""
+    argv = ["serve", "--model", engine_dir, "--tp", str(tp), "--dtype", DEFAULT_DTYPE, "--max-loras",
+            str(DEFAULT_MAX_LORAS), "--log-level", "warning"]
+    rank = _int(params, "lora_cache_max_adapter_size", None)
+    host = _int(params, "lora_cache_host_memory_bytes", None)
+    return argv + (["--max-lora-rank", str(rank)] if rank else []) + (["--lora-cache-host-bytes", str(host)] if host else [])
+
+
+class _Call:
+    """One Triton request in flight: its context and a response sender that is never used after the final."""
+
+    def __init__(self, pb_utils, request, decoupled: bool):
+        self.pb_utils, self.request = pb_utils, request
+        self.inputs = {k: np.array(v) for k, v in inputs_of(request).items()}  # copies: used after execute returns
+        self.ctx = CallContext(request.request_id(), decoupled=decoupled)
+        self.sender = request.get_response_sender() if decoupled else None
+        self.lock = threading.Lock()
+        self.finished = False
+        self.responses: list = []  # non-decoupled: the one response
+
+    def poll_cancelled(self) -> None:
+        with self.lock:
+            if not self.finished and not self.ctx.cancelled.is_set() and self.request.is_cancelled():
+                self.ctx.cancelled.set()
+
+    def send(self, response, final: bool) -> None:
+        with self.lock:
+            if self.finished:
+                return
+            if self.sender is None:
+                self.responses.append(response)
+            else:
+                self.sender.send(response, flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+            self.finished = final
+
+    def finish(self) -> None:
+        """Send the final flag alone if no response carried it (e.g. a cancelled request)."""
+        with self.lock:
+            if self.finished:
+                return
+            if self.sender is None:
+                if not self.responses:
+                    self.responses.append(self.pb_utils.InferenceResponse(output_tensors=[]))
+            else:
+                self.sender.send(flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.finished = True
+
+
+class TritonCoreModel:
+    """What model_repo/tensorrt_llm/1/model.py delegates to."""
+
+    def __init__(self, pb_utils, args: dict):
+        from trtllm_bdlora.engine.engine import Engine
+        from trtllm_bdlora.engine.runtime import Runtime
+        from trtllm_bdlora.serving.repository.core import CoreModel
+
+        self.pb_utils = pb_utils
+        config, params = parameters(args)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+        if count != 1:
+            raise BdLoraError(f"tensorrt_llm: instance_group count must be 1, got {count}: one instance batches every "
+                              "request in flight, and each further one would load the engine and its ranks again")
+        engine_dir = params.get("gpt_model_path", "")
+        build = torch_build(engine_dir)
+        if build is None:
+            raise BdLoraError(f"tensorrt_llm: gpt_model_path {engine_dir!r} is not a `trtllm-bdlora build --backend "
+                              "torch` output (TensorRT-LLM engines need the tensorrtllm backend)")
+        tp = int(build["tp"])
+        self.ranks = None
+        self.failed = threading.Event()
+        if tp > 1:
+            from trtllm_bdlora.distributed.embedded import EmbeddedRanks
+
+            self.ranks = EmbeddedRanks(tp, worker_argv(engine_dir, tp, params), on_lost=self._rank_lost)
+            comm = self.ranks.comm
+        else:
+            from trtllm_bdlora.distributed.launch import init_ranks
+
+            comm = init_ranks(1, None)
+        try:
+            kwargs = {}
+            host = _int(params, "lora_cache_host_memory_bytes", None)
+            if host:
+                kwargs["lora_cache_host_bytes"] = host
+            engine = Engine(comm, engine_dir, "bdlora", [], DEFAULT_MAX_LORAS, DEFAULT_DTYPE,
+                            max_lora_rank=_int(params, "lora_cache_max_adapter_size", None), **kwargs)
+            self.runtime = Runtime(engine, max_batch_size=int(build.get("max_batch_size") or 16)).start()
+        except BaseException:
+            if self.ranks is not None:
+                self.ranks.stop(0)
+            raise
+        self.core = CoreModel(self.runtime, flag(params.get("exclude_input_in_output"), False),
+                              flag(params.get("normalize_log_probs"), True))
+        self.calls: set[_Call] = set()
+        self.calls_lock = threading.Lock()
+        self.stopping = threading.Event()
+        threading.Thread(target=self._poll_cancelled, name="bdlora-cancel", daemon=True).start()
+        threading.Thread(target=self._watch_runtime, name="bdlora-health", daemon=True).start()
+
+    # ------------------------------------------------------------------ requests
+    def execute(self, requests: list) -> list | None:
+        calls = [_Call(self.pb_utils, request, self.decoupled) for request in requests]
+        threads = []
+        for call in calls:
+            with self.calls_lock:
+                self.calls.add(call)
+            thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        if self.decoupled:
+            return None
+        for thread in threads:
+            thread.join()
+        return [call.responses[0] for call in calls]
+
+    def _run(self, call: _Call) -> None:
+        try:
+            for response in self.core.infer(call.inputs, call.ctx):
+                if response.outputs or response.final:
+                    call.send(self.pb_utils.InferenceResponse(output_tensors=tensors(self.pb_utils, response.outputs)),
+                              response.final)
+        except Exception as err:  # noqa: BLE001 - this request gets its error; the model keeps serving
+            call.send(error_response(self.pb_utils, err), True)
+        finally:
+            call.finish()
+            with self.calls_lock:
+                self.calls.discard(call)
+
+    def _poll_cancelled(self) -> None:
+        while not self.stopping.wait(CANCEL_POLL_S):
+            with self.calls_lock:
+                calls = list(self.calls)
+            for call in calls:
+                try:
+                    call.poll_cancelled()
+                except Exception:  # noqa: BLE001 - a request the server already released
+                    log.debug("is_cancelled failed", exc_info=True)
+
+    # ------------------------------------------------------------------ failure and shutdown
+    def _rank_lost(self, cause: str) -> None:
+        log.error("tensorrt_llm: %s", cause)
+
+    def _watch_runtime(self) -> None:
+        self.runtime.stopped.wait()
+        if self.stopping.is_set() or self.runtime.failure is None:
+            return
+        cause = (self.ranks.lost if self.ranks is not None else None) or self.runtime.failure
+        print(f"trtllm-bdlora tensorrt_llm: error: {cause}; stopping the server", flush=True)
+        stop_server()
+
+    def finalize(self) -> None:
+        self.stopping.set()
+        if not self.runtime.stop(timeout=DRAIN_S):
+            self.runtime.cut(f"server is shutting down: request cut after {DRAIN_S:g} s")
+            self.runtime.stopped.wait(10)
+        if self.ranks is not None:
+            self.ranks.stop()
+
+
+def stop_server() -> None:
+    """SIGTERM to the `tritonserver` this stub belongs to (its parent): in-flight requests of other models finish,
+    health turns not-ready, the process exits."""
+    parent = os.getppid()
+    try:
+        name = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return
+    if os.path.basename(name) == b"tritonserver":
+        os.kill(parent, signal.SIGTERM)
