@@ -220,13 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any other ${placeholder} of the configs, e.g. lora_weights_data_type=TYPE_BF16")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.triton_repo", fromlist=["x"]).fill_main(a))
 
-    p = sub.add_parser("launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded")
-    p.add_argument("--world-size", type=_positive_int, required=True)
+    p = sub.add_parser("launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded (TensorRT "
+                                             "engines); one tritonserver for a torch build")
+    p.add_argument("--world-size", type=_positive_int, default=None, help="ranks of the TensorRT engines")
     p.add_argument("--model-repo", required=True)
     p.add_argument("--plugin-lib", default="/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default=None, help="torch build: the address every endpoint binds to (default: Triton's)")
+    p.add_argument("--tritonserver-arg", action="append", metavar="ARG", help="torch build: pass ARG to tritonserver")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.trtllm.triton_repo", fromlist=["x"]).launch_main(a))
 
     p = sub.add_parser("bench", help="decode step time: no LoRA vs bdlora vs slora vs replicated")

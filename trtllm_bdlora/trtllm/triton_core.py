@@ -114,8 +114,10 @@ class TritonCoreModel:
     def __init__(self, pb_utils, args: dict):
         from trtllm_bdlora.engine.engine import Engine
         from trtllm_bdlora.engine.runtime import Runtime
+        from trtllm_bdlora.logs import configure_logging
         from trtllm_bdlora.serving.repository.core import CoreModel
 
+        configure_logging("info")  # one access line per request in the server's log, as `serve` writes them
         self.pb_utils = pb_utils
         config, params = parameters(args)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)

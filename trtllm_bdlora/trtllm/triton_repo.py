@@ -130,14 +130,34 @@ def fill_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def repository_backend(model_repo: str) -> str:
+    """The backend of a filled repository's `tensorrt_llm`: "tensorrtllm" (TensorRT engines) or "python" (torch build)."""
+    path = Path(model_repo) / "tensorrt_llm" / "config.pbtxt"
+    if not path.is_file():
+        raise BdLoraError(f"{model_repo}: not a filled model repository (run `trtllm-bdlora fill-model-repo`)")
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig()).backend
+    except text_format.ParseError as err:
+        raise BdLoraError(f"{path}: {err}") from None
+
+
 def launch_main(args: argparse.Namespace) -> int:
+    if repository_backend(args.model_repo) == "python":  # a torch build: one server; the model starts its own ranks
+        from trtllm_bdlora.trtllm.local_triton import local_command
+
+        cmd, env = local_command(args.model_repo, args.grpc_port, args.http_port, args.metrics_port, args.host,
+                                 args.tritonserver_arg or [])
+        print(" ".join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, env)
+    if args.world_size is None:
+        raise BdLoraError("--world-size is required for TensorRT-LLM engines (one tritonserver per rank)")
     for tool in ("mpirun", "tritonserver"):
         if shutil.which(tool) is None:
             raise BdLoraError(f"{tool} not found: run inside the Triton TRT-LLM container (see docker/)")
     if not Path(args.plugin_lib).is_file():
         raise BdLoraError(f"{args.plugin_lib}: plugin library not found")
-    if not (Path(args.model_repo) / "tensorrt_llm" / "config.pbtxt").is_file():
-        raise BdLoraError(f"{args.model_repo}: not a filled model repository (run `trtllm-bdlora fill-model-repo`)")
     cmd = launch_command(args.world_size, args.model_repo, str(Path(args.plugin_lib).resolve()), args.grpc_port,
                          args.http_port, args.metrics_port, as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
     print(" ".join(cmd), flush=True)
