@@ -53,6 +53,7 @@ def load_model(name: str, parameters: dict, outputs=()):
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, str
     sys.modules["triton_python_backend_utils"] = fake
+    sys.modules.pop(f"trtllm_bdlora.trtllm.python_models.{name}", None)  # model.py imports it: bind it to this stand-in
     spec = importlib.util.spec_from_file_location(f"repo_{name}", REPO / "model_repo" / name / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

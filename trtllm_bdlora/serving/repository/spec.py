@@ -162,7 +162,8 @@ TENSORRT_LLM = Model(
         "lora_cache_optimal_adapter_size": "${lora_cache_optimal_adapter_size}",
         "lora_cache_max_adapter_size": "${lora_cache_max_adapter_size}",
         "lora_cache_gpu_memory_fraction": "${lora_cache_gpu_memory_fraction}",
-        "lora_cache_host_memory_bytes": "${lora_cache_host_memory_bytes}", "tokenizer_dir": "${tokenizer_dir}",
+        "lora_cache_host_memory_bytes": "${lora_cache_host_memory_bytes}", "lora_prefetch_dir": "${lora_prefetch_dir}",
+        "tokenizer_dir": "${tokenizer_dir}",
     },
 )
 
@@ -259,6 +260,7 @@ DEFAULTS = {
     "kv_cache_free_gpu_mem_fraction": "0.9", "exclude_input_in_output": "false", "normalize_log_probs": "true",
     "lora_cache_optimal_adapter_size": "8", "lora_cache_max_adapter_size": "64",
     "lora_cache_gpu_memory_fraction": "0.05", "lora_cache_host_memory_bytes": str(1 << 30),
+    "lora_prefetch_dir": "",  # none: the backend skips a directory that does not exist
     "add_special_tokens": "true", "skip_special_tokens": "true", "accumulate_tokens": "false",
     "preprocessing_instance_count": "1", "postprocessing_instance_count": "1", "bls_instance_count": "1",
 }
