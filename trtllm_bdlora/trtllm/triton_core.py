@@ -21,15 +21,11 @@ import signal
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from trtllm_bdlora.errors import BdLoraError
-from trtllm_bdlora.serving.repository.calls import CallContext
 from trtllm_bdlora.serving.repository.tokens import flag
-from trtllm_bdlora.trtllm.triton_python import error_response, inputs_of, parameters, tensors
+from trtllm_bdlora.trtllm.triton_python import TritonCall, TritonCalls, parameters
 
 log = logging.getLogger("trtllm_bdlora.triton")
-CANCEL_POLL_S = 0.2
 DRAIN_S = 30.0  # at unload: how long in-flight requests may take to finish before they are cut
 DEFAULT_MAX_LORAS = 8  # device adapter slots per rank, as `serve --max-loras`
 DEFAULT_DTYPE = "float32"  # as `serve --dtype`: what `generate` computes with
@@ -68,46 +64,6 @@ def worker_argv(engine_dir: str, tp: int, params: dict[str, str]) -> list[str]:
     return argv + (["--max-lora-rank", str(rank)] if rank else []) + (["--lora-cache-host-bytes", str(host)] if host else [])
 
 
-class _Call:
-    """One Triton request in flight: its context and a response sender that is never used after the final."""
-
-    def __init__(self, pb_utils, request, decoupled: bool):
-        self.pb_utils, self.request = pb_utils, request
-        self.inputs = {k: np.array(v) for k, v in inputs_of(request).items()}  # copies: used after execute returns
-        self.ctx = CallContext(request.request_id(), decoupled=decoupled)
-        self.sender = request.get_response_sender() if decoupled else None
-        self.lock = threading.Lock()
-        self.finished = False
-        self.responses: list = []  # non-decoupled: the one response
-
-    def poll_cancelled(self) -> None:
-        with self.lock:
-            if not self.finished and not self.ctx.cancelled.is_set() and self.request.is_cancelled():
-                self.ctx.cancelled.set()
-
-    def send(self, response, final: bool) -> None:
-        with self.lock:
-            if self.finished:
-                return
-            if self.sender is None:
-                self.responses.append(response)
-            else:
-                self.sender.send(response, flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
-            self.finished = final
-
-    def finish(self) -> None:
-        """Send the final flag alone if no response carried it (e.g. a cancelled request)."""
-        with self.lock:
-            if self.finished:
-                return
-            if self.sender is None:
-                if not self.responses:
-                    self.responses.append(self.pb_utils.InferenceResponse(output_tensors=[]))
-            else:
-                self.sender.send(flags=self.pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            self.finished = True
-
-
 class TritonCoreModel:
     """What model_repo/tensorrt_llm/1/model.py delegates to."""
 
@@ -132,7 +88,6 @@ class TritonCoreModel:
                               "torch` output (TensorRT-LLM engines need the tensorrtllm backend)")
         tp = int(build["tp"])
         self.ranks = None
-        self.failed = threading.Event()
         if tp > 1:
             from trtllm_bdlora.distributed.embedded import EmbeddedRanks
 
@@ -156,50 +111,17 @@ class TritonCoreModel:
             raise
         self.core = CoreModel(self.runtime, flag(params.get("exclude_input_in_output"), False),
                               flag(params.get("normalize_log_probs"), True))
-        self.calls: set[_Call] = set()
-        self.calls_lock = threading.Lock()
+        self.calls = TritonCalls(pb_utils, self.decoupled, self._run)
         self.stopping = threading.Event()
-        threading.Thread(target=self._poll_cancelled, name="bdlora-cancel", daemon=True).start()
         threading.Thread(target=self._watch_runtime, name="bdlora-health", daemon=True).start()
 
-    # ------------------------------------------------------------------ requests
     def execute(self, requests: list) -> list | None:
-        calls = [_Call(self.pb_utils, request, self.decoupled) for request in requests]
-        threads = []
-        for call in calls:
-            with self.calls_lock:
-                self.calls.add(call)
-            thread = threading.Thread(target=self._run, args=(call,), daemon=True)
-            thread.start()
-            threads.append(thread)
-        if self.decoupled:
-            return None
-        for thread in threads:
-            thread.join()
-        return [call.responses[0] for call in calls]
+        return self.calls.execute(requests)
 
-    def _run(self, call: _Call) -> None:
-        try:
-            for response in self.core.infer(call.inputs, call.ctx):
-                if response.outputs or response.final:
-                    call.send(self.pb_utils.InferenceResponse(output_tensors=tensors(self.pb_utils, response.outputs)),
-                              response.final)
-        except Exception as err:  # noqa: BLE001 - this request gets its error; the model keeps serving
-            call.send(error_response(self.pb_utils, err), True)
-        finally:
-            call.finish()
-            with self.calls_lock:
-                self.calls.discard(call)
-
-    def _poll_cancelled(self) -> None:
-        while not self.stopping.wait(CANCEL_POLL_S):
-            with self.calls_lock:
-                calls = list(self.calls)
-            for call in calls:
-                try:
-                    call.poll_cancelled()
-                except Exception:  # noqa: BLE001 - a request the server already released
-                    log.debug("is_cancelled failed", exc_info=True)
+    def _run(self, call: TritonCall) -> None:
+        for response in self.core.infer(call.inputs, call.ctx):
+            if response.outputs or response.final:
+                call.send(response.outputs, response.final)
 
     # ------------------------------------------------------------------ failure and shutdown
     def _rank_lost(self, cause: str) -> None:
@@ -215,6 +137,7 @@ class TritonCoreModel:
 
     def finalize(self) -> None:
         self.stopping.set()
+        self.calls.stop()
         if not self.runtime.stop(timeout=DRAIN_S):
             self.runtime.cut(f"server is shutting down: request cut after {DRAIN_S:g} s")
             self.runtime.stopped.wait(10)

@@ -1,18 +1,4 @@
-"""Triton Python backend, `tensorrt_llm` for a `trtllm-bdlora build --backend torch` engine directory: the C++
-backend's inputs, outputs and semantics over the torch engine (TP ranks started by this model). The logic lives in
-trtllm_bdlora.trtllm.triton_core.TritonCoreModel; `fill-model-repo` writes this model only for torch builds."""
+"""Triton Python backend model `tensorrt_llm`, written by `trtllm-bdlora fill-model-repo`: the code is
+trtllm_bdlora.trtllm.python_models.tensorrt_llm in the installed package."""
 
-import triton_python_backend_utils as pb_utils
-
-from trtllm_bdlora.trtllm.triton_core import TritonCoreModel
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        self.model = TritonCoreModel(pb_utils, args)
-
-    def execute(self, requests):
-        return self.model.execute(requests)
-
-    def finalize(self):
-        self.model.finalize()
+from trtllm_bdlora.trtllm.python_models.tensorrt_llm import TritonPythonModel  # noqa: F401

@@ -82,20 +82,24 @@ class Bls:
             raise InputError("num_draft_tokens", "cannot be honoured: cannot perform speculative decoding without "
                              "draft model")
         chain_inputs = {k: v for k, v in inputs.items() if ENSEMBLE.input(k) is not None}
-        batch = inputs["text_input"].shape[0]
         streaming = bool(scalar(inputs, "stream", 0, False)) and ctx.decoupled
+        chain = ctx.child()
+        yield from self._texts(inputs, chain_inputs, chain, streaming)
+        yield ModelResponse({}, final=True)  # as upstream's BLS: every data response unflagged, then an empty final
+
+    def _texts(self, inputs, chain_inputs, chain, streaming: bool) -> Iterator[ModelResponse]:
+        batch = inputs["text_input"].shape[0]
         stop_words = [[w.decode() if isinstance(w, bytes) else str(w) for w in row if w]
                       for row in inputs["stop_words"]] if "stop_words" in inputs else [[] for _ in range(batch)]
         state: dict[tuple[int, int], _StopState] = {}
         accumulated: dict[tuple[int, int], str] = {}
         stopped: set[tuple[int, int]] = set()
-        chain = ctx.child()
         for response in self.ensemble.infer(chain_inputs, chain):
             out = dict(response.outputs)
+            if not out:
+                continue
             key = (_index(out, "batch_index"), _index(out, "sequence_index"))
             if key in stopped:
-                if response.final:
-                    yield ModelResponse({}, final=True)
                 continue
             if "text_output" in out:
                 texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)
@@ -120,9 +124,9 @@ class Bls:
                     stopped.add(key)
                     if len(stopped) == batch * _sequences(inputs):
                         chain.cancelled.set()  # every sequence stopped: stop generating
-                        yield ModelResponse(out, final=True)
+                        yield ModelResponse(out, final=False)
                         return
-            yield ModelResponse(out, final=response.final)
+            yield ModelResponse(out, final=False)
 
 
 class _StopState:
