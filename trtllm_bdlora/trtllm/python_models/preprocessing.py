@@ -10,7 +10,7 @@ from trtllm_bdlora.adapters.trtllm_format import normalize_request_adapter
 from trtllm_bdlora.serving.repository.calls import CallContext
 from trtllm_bdlora.serving.repository.text_models import Preprocessing
 from trtllm_bdlora.serving.repository.tokens import flag
-from trtllm_bdlora.trtllm.engine_dir import engine_lora_info
+from trtllm_bdlora.trtllm.engine_dir import engine_lora_info, engine_max_seq_len
 from trtllm_bdlora.trtllm.triton_python import bf16_outputs, error_response, inputs_of, parameters, tensors
 from trtllm_bdlora.trtllm.triton_repo import engine_shape
 
@@ -30,7 +30,8 @@ class TritonPythonModel:
             return normalize_request_adapter(weights, lora_config, shape, tp_size, info.max_lora_rank, info.dtype,
                                              "lora_weights")
 
-        self.model = Preprocessing(tokenizer, flag(params.get("add_special_tokens"), True), lora_check)
+        self.model = Preprocessing(tokenizer, flag(params.get("add_special_tokens"), True), lora_check,
+                                   max_seq_len=engine_max_seq_len(engine_dir))  # texts too long refused untokenized
         self.bf16 = bf16_outputs(config)
 
     def execute(self, requests):
