@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from trtllm_bdlora.errors import BdLoraError
@@ -131,6 +132,10 @@ class TritonCoreModel:
         self.runtime.stopped.wait()
         if self.stopping.is_set() or self.runtime.failure is None:
             return
+        if self.ranks is not None:  # the rank that died, rather than rank 0's lost contact with it
+            deadline = time.monotonic() + 2.0
+            while self.ranks.lost is None and time.monotonic() < deadline:
+                time.sleep(0.1)
         cause = (self.ranks.lost if self.ranks is not None else None) or self.runtime.failure
         print(f"trtllm-bdlora tensorrt_llm: error: {cause}; stopping the server", flush=True)
         stop_server()

@@ -19,7 +19,7 @@ from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse, e
 from trtllm_bdlora.serving.repository.spec import MODELS
 
 log = logging.getLogger("trtllm_bdlora.triton")
-CANCEL_POLL_S = 0.2
+CANCEL_POLL_S = 0.05  # a round trip to the server per request in flight: cheap next to a step
 # the gRPC status of an error (serving/repository/calls.error_status) as the Triton error code that Triton reports
 # with that status (INVALID_ARG: INVALID_ARGUMENT / 400, UNAVAILABLE: UNAVAILABLE / 503, ...); a TritonError without
 # a code reaches clients as INTERNAL / 500. Triton has no code for RESOURCE_EXHAUSTED: a full queue there is UNAVAILABLE.

@@ -250,7 +250,9 @@ class CoreModel:
         try:
             for key, seq in enumerate(seqs):
                 seq.request.id = ctx.request_id or None
-                seq.request.on_token = lambda token, k=key: events.put((k, False, None))
+                # the token and whether it ended the sequence, as the engine saw them then (a slow reader must
+                # still send one token per response, and the same last one)
+                seq.request.on_token = lambda token, k=key, r=seq.request: events.put((k, False, (token, r.finish_reason)))
                 seq.request.client_gone = ctx.is_cancelled  # disconnect, deadline: leave at the next step
                 weights, config = seq.lora if seq.lora is not None else (None, None)
                 self.runtime.submit(Submission(seq.request, weights, config,
@@ -274,30 +276,31 @@ class CoreModel:
         n_seq = max(s.index for s in seqs) + 1
         while waiting:
             try:
-                key, done, error = events.get(timeout=POLL_S)
+                key, done, payload = events.get(timeout=POLL_S)
             except queue.Empty:
                 if ctx.is_cancelled():
                     return
                 continue
             seq = seqs[key]
-            if done:  # on_done: the sequence finished, or failed with `error`
-                if error is not None:
-                    raise error
-                waiting -= 1
-                self._observe(seq, ctx)
-                if ctx.decoupled and not seq.done:  # not streamed, or cancelled before its first token
-                    seq.done, unsent = True, unsent - 1
-                    outputs = self._outputs(seq, 0, [], batch, n_seq) if streaming else self._full(seq, batch, n_seq)
-                    yield ModelResponse(outputs, final=unsent == 0)
+            if not done:  # on_token
+                if streaming and not seq.done:
+                    token, reason = payload
+                    tokens = [] if reason == "end_id" else [token]  # the end token is never returned
+                    start, seq.sent = seq.sent, seq.sent + len(tokens)
+                    if reason is not None:
+                        seq.done, unsent = True, unsent - 1
+                        self._observe(seq, ctx)
+                    if tokens or seq.done:
+                        yield ModelResponse(self._outputs(seq, start, tokens, batch, n_seq), final=unsent == 0)
                 continue
-            if streaming:
-                start, tokens = seq.sent, seq.tokens[seq.sent:]
-                seq.sent += len(tokens)
-                if seq.request.finish_reason is not None:
-                    seq.done, unsent = True, unsent - 1
-                    self._observe(seq, ctx)
-                if tokens or seq.done:
-                    yield ModelResponse(self._outputs(seq, start, tokens, batch, n_seq), final=unsent == 0)
+            if payload is not None:  # on_done: the sequence failed with this error (else it finished)
+                raise payload
+            waiting -= 1
+            self._observe(seq, ctx)
+            if ctx.decoupled and not seq.done:  # not streamed, or cancelled before its first token
+                seq.done, unsent = True, unsent - 1
+                outputs = self._outputs(seq, 0, [], batch, n_seq) if streaming else self._full(seq, batch, n_seq)
+                yield ModelResponse(outputs, final=unsent == 0)
         if not ctx.decoupled:
             yield ModelResponse(merge([self._full(s, batch, n_seq) for s in seqs], [s.pad_id for s in seqs]))
 
