@@ -8,24 +8,42 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from trtllm_bdlora.errors import RequestError, ServerUnavailableError
-from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse, error_status
+from trtllm_bdlora.errors import (
+    BdLoraError,
+    ErrorKind,
+    InternalError,
+    NotFoundError,
+    RequestError,
+    ServerUnavailableError,
+    UnimplementedError,
+    as_error,
+)
+from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse
 from trtllm_bdlora.serving.repository.spec import MODELS
 
 log = logging.getLogger("trtllm_bdlora.triton")
 CANCEL_POLL_S = 0.05  # a round trip to the server per request in flight: cheap next to a step
-# the gRPC status of an error (serving/repository/calls.error_status) as the Triton error code that Triton reports
-# with that status (INVALID_ARG: INVALID_ARGUMENT / 400, UNAVAILABLE: UNAVAILABLE / 503, ...); a TritonError without
-# a code reaches clients as INTERNAL / 500. Triton has no code for RESOURCE_EXHAUSTED: a full queue there is UNAVAILABLE.
-TRITON_ERROR_CODES = {"INVALID_ARGUMENT": "INVALID_ARG", "NOT_FOUND": "NOT_FOUND", "UNAVAILABLE": "UNAVAILABLE",
-                      "RESOURCE_EXHAUSTED": "UNAVAILABLE", "UNIMPLEMENTED": "UNSUPPORTED", "CANCELLED": "CANCELLED",
-                      "ALREADY_EXISTS": "ALREADY_EXISTS", "INTERNAL": "INTERNAL", "UNKNOWN": "UNKNOWN"}
+# each error kind (errors.STATUS) as the Triton error code that Triton reports with that kind's status: INVALID_ARG
+# gives INVALID_ARGUMENT / 400, UNAVAILABLE gives UNAVAILABLE / 503, UNSUPPORTED gives UNIMPLEMENTED / 501 (a TritonError
+# without a code reaches clients as INTERNAL / 500). Triton 2.51 has no code for RESOURCE_EXHAUSTED / 429 or 413: a
+# full queue is UNAVAILABLE there (retry elsewhere), a request too large INVALID_ARGUMENT.
+TRITON_ERROR_CODES = {
+    ErrorKind.INVALID_ARGUMENT: "INVALID_ARG", ErrorKind.NOT_FOUND: "NOT_FOUND", ErrorKind.UNAUTHENTICATED: "INVALID_ARG",
+    ErrorKind.PERMISSION_DENIED: "INVALID_ARG", ErrorKind.TOO_LARGE: "INVALID_ARG",
+    ErrorKind.RESOURCE_EXHAUSTED: "UNAVAILABLE", ErrorKind.UNIMPLEMENTED: "UNSUPPORTED",
+    ErrorKind.UNAVAILABLE: "UNAVAILABLE", ErrorKind.INTERNAL: "INTERNAL",
+}
+# a composing model's Triton error code, back to the error the BLS model raises with it
+CHILD_ERRORS = {"INVALID_ARG": RequestError, "NOT_FOUND": NotFoundError, "UNAVAILABLE": ServerUnavailableError,
+                "UNSUPPORTED": UnimplementedError}
 
 
 def parameters(args: dict) -> tuple[dict, dict[str, str]]:
@@ -70,24 +88,27 @@ def bf16_outputs(config: dict) -> frozenset[str]:
 
 
 def triton_error(pb_utils, err: BaseException):
-    """The TritonError of an error raised while answering a request, with the code of its status."""
-    code, _, message = error_status(err)
+    """The TritonError of an error raised while answering a request, with the code of its kind."""
+    if not isinstance(err, BdLoraError):
+        traceback.print_exception(err, file=sys.stderr)  # for the server's log; the client gets one line
+    err = as_error(err)
     error_type = pb_utils.TritonError
-    return error_type(message, getattr(error_type, TRITON_ERROR_CODES.get(code, "INTERNAL"), error_type.INTERNAL))
+    return error_type(str(err), getattr(error_type, TRITON_ERROR_CODES[err.kind]))
 
 
 def error_response(pb_utils, err: BaseException):
     return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(pb_utils, err))
 
 
-def child_error(error) -> RequestError:
-    """A composing model's error, raised again in the BLS model with the same status."""
-    message = error.message()
+def child_error(error) -> BdLoraError:
+    """A composing model's error, raised again in the BLS model with the same code."""
+    error_type = type(error)
     try:
         code = error.code()
     except AttributeError:  # a stub without codes
-        return RequestError(message)
-    return ServerUnavailableError(message) if code == type(error).UNAVAILABLE else RequestError(message)
+        return RequestError(error.message())
+    name = next((n for n in (*CHILD_ERRORS, "INTERNAL", "UNKNOWN") if getattr(error_type, n, None) == code), "INTERNAL")
+    return CHILD_ERRORS.get(name, InternalError)(error.message())
 
 
 class TritonCall:
