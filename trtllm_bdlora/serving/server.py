@@ -74,7 +74,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     capacity = Capacity(streams=args.max_streams, unary=args.max_queue + args.max_batch_size)
     metrics = Metrics()
     metrics.watch(runtime)
-    server = ModelServer(runtime, serve_values(public_model_name(args.model), args.tp, args.max_batch_size), metrics)
+    server = ModelServer(runtime, serve_values(args.model, public_model_name(args.model), args.tp), metrics)
     grpc_server, http_servers = None, []
 
     def listen(app, port: int, name: str, is_health, render, auth: bool = True, max_connections: int | None = None):

@@ -18,37 +18,13 @@ from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.llama.shape import LlamaShape
 from trtllm_bdlora.serving.repository.config import model_config
 from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
+from trtllm_bdlora.serving.repository.values import BUILD_RECORD, ENGINE_DTYPES, engine_values
+from trtllm_bdlora.serving.repository.values import build_record as _build_record
 from trtllm_bdlora.trtllm.engine_dir import EngineLoraInfo, engine_lora_info
 from trtllm_bdlora.trtllm.prefetch import check_prefetch_dir
 
 PYTHON_MODELS = "trtllm_bdlora.trtllm.python_models"  # one module per Python-backend model
 REQUIRED = ("engine_dir", "tokenizer_dir", "tp_size")
-ENGINE_DTYPES = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}
-BUILD_RECORD = "bdlora_build.json"  # written by `trtllm-bdlora build` beside the engines
-
-
-def _build_record(engine_dir: str) -> dict:
-    path = Path(engine_dir) / BUILD_RECORD
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BdLoraError(f"{path}: cannot read ({err})") from None
-
-
-def engine_values(engine_dir: str) -> dict[str, str]:
-    """What the engine directory says about the repository: its TP, its LoRA rank limit and the dtype
-    `lora_weights` must have."""
-    record = _build_record(engine_dir)
-    values = {"tp_size": str(record["tp"])} if "tp" in record else {}
-    if record.get("backend") == "torch":  # no TensorRT engines: our Python-backend tensorrt_llm runs the torch engine
-        values["tensorrt_llm_backend"] = "python"
-    if "max_lora_rank" in record:
-        values["lora_cache_max_adapter_size"] = str(record["max_lora_rank"])
-    if record.get("dtype") in ENGINE_DTYPES:
-        values["lora_weights_data_type"] = ENGINE_DTYPES[record["dtype"]]
-    return values
 
 
 def engine_shape(engine_dir: str) -> LlamaShape:

@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, ModelNotFound
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound, UnimplementedError
 from trtllm_bdlora.serving.edge.auth import ApiKeyInterceptor, ApiKeys
 from trtllm_bdlora.serving.edge.settings import DEFAULT_MAX_CONNECTIONS, EdgeSettings
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, STREAMS_REFUSAL, CallSlots, Capacity
@@ -24,6 +24,7 @@ from trtllm_bdlora.serving.repository.calls import CallContext, error_status
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 EMPTY_FINAL = "triton_enable_empty_final_response"
+DECOUPLED_REFUSAL = "ModelInfer RPC doesn't support models with decoupled transaction policy"  # Triton's words
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -106,6 +107,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         ctx = CallContext(request.id, decoupled=False)
         context.add_callback(ctx.cancelled.set)
         try:
+            if self.server.decoupled(request.model_name, request.model_version):
+                raise UnimplementedError(DECOUPLED_REFUSAL)
             infer = from_grpc(request)
             responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
         except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end

@@ -13,20 +13,23 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError
+from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError, UnimplementedError
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, WireTensor, error_status
+from trtllm_bdlora.serving.repository.config import triton_json
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+DECOUPLED_REFUSAL = "HTTP end point doesn't support models with decoupled transaction policy"  # Triton's words
+ONE_RESPONSE = ("generate expects model to produce exactly 1 response, use generate stream for model that generates "
+                "various number of responses")  # Triton's words
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
@@ -183,8 +186,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_config(model: str, version: str = ""):
-        return unknown(model, version) or json_format.MessageToDict(server.configs[model],
-                                                                    preserving_proto_field_name=True)
+        return unknown(model, version) or triton_json(server.configs[model])
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
@@ -194,6 +196,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
         gone = threading.Event()
 
         def run():
+            if server.decoupled(model, version):
+                raise UnimplementedError(DECOUPLED_REFUSAL)
             infer_request = from_http(model, body, _header_length(header))
             ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters, cancelled=gone)
             responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
@@ -221,11 +225,18 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
 
         def run():
             infer_request = generate_inputs(server, model, parse_json(body))
-            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters, cancelled=gone)
-            responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs]
-            if len(responses) != 1:
-                raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream")
-            return {"model_name": model, "model_version": "1", **_json_outputs(responses[0].outputs)}
+            ctx = CallContext(infer_request.id, parameters=infer_request.parameters, cancelled=gone)
+            answered = None
+            for r in server.infer(infer_request, ctx, version):
+                if not r.outputs:
+                    continue
+                if answered is not None:  # as Triton: the first response's 200 is out; the error follows in the body
+                    ctx.cancelled.set()
+                    return JSONResponse({"error": ONE_RESPONSE})
+                answered = {"model_name": model, "model_version": "1", **_json_outputs(r.outputs)}
+            if answered is None:
+                raise RequestError(ONE_RESPONSE)
+            return answered
 
         try:
             async with cancel_on_disconnect(request, gone.set):
@@ -241,7 +252,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
             infer_request = await pool.run(lambda: generate_inputs(server, model, parse_json(body)))
         except Exception as err:  # noqa: BLE001
             return _error(err)
-        ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters)
+        ctx = CallContext(infer_request.id, parameters=infer_request.parameters)
 
         def events():
             try:

@@ -13,19 +13,21 @@ from trtllm_bdlora.engine.runtime import Runtime
 from trtllm_bdlora.errors import ModelNotFound, RequestError
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, ServedModel, check_inputs
-from trtllm_bdlora.serving.repository.config import model_config, model_metadata
+from trtllm_bdlora.serving.repository.config import model_config, model_metadata, triton_normalized
 from trtllm_bdlora.serving.repository.core import CoreModel
 from trtllm_bdlora.serving.repository.ensemble import Bls, Ensemble
 from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
 from trtllm_bdlora.serving.repository.text_models import Postprocessing, Preprocessing
 from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.serving.repository.values import engine_values
 
 
-def serve_values(model_name: str, tp: int, max_batch_size: int, overrides: dict[str, str] | None = None) -> dict:
-    """Placeholder values for the models `serve` answers for (a config as fill-model-repo would write it); the
-    model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
-    return {**DEFAULTS, "engine_dir": model_name, "tokenizer_dir": model_name, "tp_size": str(tp),
-            "triton_max_batch_size": str(max_batch_size), "lora_weights_data_type": "TYPE_FP16", **(overrides or {})}
+def serve_values(model_dir: str, model_name: str, tp: int, overrides: dict[str, str] | None = None) -> dict:
+    """Placeholder values for the models `serve` answers for: the repository fill-model-repo writes for the same
+    directory (a torch build's tensorrt_llm is our Python-backend model), whatever the runtime's in-flight batch size.
+    The model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
+    return {**DEFAULTS, **engine_values(model_dir), "engine_dir": model_name, "tokenizer_dir": model_name,
+            "tp_size": str(tp), "tensorrt_llm_backend": "python", **(overrides or {})}
 
 
 class ModelServer:
@@ -43,7 +45,7 @@ class ModelServer:
             self.models["postprocessing"] = Postprocessing(tokenizer, flag(values.get("skip_special_tokens"), True))
             self.models["ensemble"] = Ensemble(self.dispatch)
             self.models["tensorrt_llm_bls"] = Bls(Ensemble(self.dispatch), flag(values.get("accumulate_tokens"), False))
-        self.configs = {name: model_config(MODELS[name], values) for name in self.models}
+        self.configs = triton_normalized({name: model_config(MODELS[name], values) for name in self.models})
         self.metadata = {name: model_metadata(MODELS[name], values) for name in self.models}
 
     # ------------------------------------------------------------------ repository
@@ -56,6 +58,12 @@ class ModelServer:
             raise ModelNotFound(f"Request for unknown model: '{name}'{f' version {version}' if version else ''} is "
                                 f"not found (this server serves {known})")
         return self.models[name]
+
+    def decoupled(self, name: str, version: str = "") -> bool:
+        """Whether the model answers a request with any number of responses (its model_transaction_policy): Triton
+        refuses unary calls to such a model."""
+        self.model(name, version)
+        return self.configs[name].model_transaction_policy.decoupled
 
     def index(self) -> list[dict]:
         return [{"name": name, "version": "1", "state": "READY" if name in self.models else "UNAVAILABLE",
@@ -73,6 +81,7 @@ class ModelServer:
         """A client's request: checked as Triton checks it, then run; responses carry the requested outputs."""
         model = self.model(request.model, version)
         ctx.model = ctx.model or request.model
+        ctx.decoupled = ctx.decoupled and self.decoupled(request.model)  # a stream to a non-decoupled model: one response
         started = time.perf_counter_ns()
         try:
             inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size)
