@@ -51,19 +51,20 @@ class Triton:
     """`trtllm-bdlora launch-triton` (auto-completion off, as upstream launches it) or, with `auto_complete`, the
     same server with Triton's auto-completion on, bound to loopback on free ports."""
 
-    def __init__(self, model_repo: Path, log_dir: Path, auto_complete: bool = False):
+    def __init__(self, model_repo: Path, log_dir: Path, auto_complete: bool = False, more_repos: tuple[Path, ...] = ()):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url, self.http_url = f"127.0.0.1:{self.grpc_port}", f"127.0.0.1:{self.http_port}"
         python = triton_python()
         if auto_complete:
             code = ("import os, sys; from trtllm_bdlora.trtllm.local_triton import local_command; "
-                    "cmd, env = local_command(*sys.argv[1:5], host='127.0.0.1', auto_complete=True); "
+                    "cmd, env = local_command(*sys.argv[1:5], host='127.0.0.1', extra=sys.argv[5:], auto_complete=True); "
                     "os.execvpe(cmd[0], cmd, env)")
-            cmd = [str(python), "-c", code, str(model_repo), str(self.grpc_port), str(self.http_port), str(self.metrics_port)]
+            cmd = [str(python), "-c", code, str(model_repo), str(self.grpc_port), str(self.http_port), str(self.metrics_port),
+                   *(f"--model-repository={r}" for r in more_repos)]
         else:
             cmd = [str(python), "-m", "trtllm_bdlora", "launch-triton", "--model-repo", str(model_repo), "--host",
                    "127.0.0.1", "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port),
-                   "--metrics-port", str(self.metrics_port)]
+                   "--metrics-port", str(self.metrics_port), *(f"--tritonserver-arg=--model-repository={r}" for r in more_repos)]
         self.log_path = log_dir / f"tritonserver-{self.grpc_port}.log"
         self.log = open(self.log_path, "w+")
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -162,3 +163,40 @@ def generate(http_url: str, model: str, doc: dict, streaming: bool = False) -> t
 
     return r.status_code, [json.loads(line[len("data: "):]) for line in r.text.splitlines() if line.startswith("data: ")]
 
+
+
+ERROR_PROBE_CONFIG = """name: "error_probe"
+backend: "python"
+max_batch_size: 0
+input [{ name: "KIND" data_type: TYPE_INT32 dims: [ 1 ] }]
+output [{ name: "Y" data_type: TYPE_INT32 dims: [ 1 ] }]
+instance_group [{ count: 1 kind: KIND_CPU }]
+"""
+ERROR_PROBE_MODEL = """import triton_python_backend_utils as pb_utils
+
+from trtllm_bdlora.errors import BdLoraError, ErrorKind
+from trtllm_bdlora.trtllm.triton_python import error_response
+
+KINDS = list(ErrorKind)
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            kind = KINDS[int(pb_utils.get_input_tensor_by_name(request, "KIND").as_numpy().reshape(-1)[0])]
+            error = BdLoraError(f"an error of kind {kind.value}")
+            error.kind = kind
+            responses.append(error_response(pb_utils, error))
+        return responses
+"""
+
+
+def error_probe_repository(root: Path) -> Path:
+    """A repository with one Python model that answers every request with the error of the kind it names (an index
+    into errors.ErrorKind), as the production models answer errors (trtllm/triton_python.error_response)."""
+    model = root / "error_probe"
+    (model / "1").mkdir(parents=True, exist_ok=True)
+    (model / "config.pbtxt").write_text(ERROR_PROBE_CONFIG)
+    (model / "1" / "model.py").write_text(ERROR_PROBE_MODEL)
+    return root

@@ -43,12 +43,17 @@ class FailingRepository:
         self.error: BaseException = RuntimeError("unset")
         self.metrics = Metrics()
         self.models = {"tensorrt_llm": None}
+        # a non-decoupled tensorrt_llm (`decoupled_mode=false`): unary calls reach it, as in Triton
         self.configs = {"tensorrt_llm": model_config(MODELS["tensorrt_llm"], {**DEFAULTS, "engine_dir": "e",
-                                                                                "tokenizer_dir": "t", "tp_size": "1"})}
+                                                                                "tokenizer_dir": "t", "tp_size": "1",
+                                                                                "decoupled_mode": "false"})}
         self.metadata = {"tensorrt_llm": model_metadata(MODELS["tensorrt_llm"], DEFAULTS)}
 
     def model(self, name, version=""):
         return None
+
+    def decoupled(self, name, version=""):
+        return self.configs[name].model_transaction_policy.decoupled
 
     def infer(self, request, ctx, version=""):
         raise self.error

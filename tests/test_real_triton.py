@@ -22,7 +22,9 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import make_peft_adapter, run_cli
-from tests.real_triton import Triton, fill_repository, generate, stream, tensor
+from tests.real_triton import Triton, error_probe_repository, fill_repository, generate, stream, tensor
+from trtllm_bdlora.errors import STATUS, ErrorKind
+from trtllm_bdlora.trtllm.triton_python import TRITON_ERROR_CODES
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time"]
 MAX_TOKENS = 10
@@ -64,7 +66,7 @@ def triton(request, build):
     root, _, _, engines, _ = build
     tp = request.param
     repo = fill_repository(engines[tp], root / f"repo{tp}")
-    server = Triton(repo, root, auto_complete=tp == 2)
+    server = Triton(repo, root, auto_complete=tp == 2, more_repos=(error_probe_repository(root / f"probe{tp}"),))
     try:
         server.wait_ready()
         yield tp, server
@@ -122,8 +124,8 @@ TRUE = np.array([[True]])
 def test_every_model_loads(triton):
     tp, server = triton
     index = {m["name"]: m["state"] for m in httpclient.InferenceServerClient(server.http_url).get_model_repository_index()}
-    assert index == dict.fromkeys(("ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls"),
-                                  "READY")
+    assert index == dict.fromkeys(("ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls",
+                                   "error_probe"), "READY")  # the five, and the error probe of another repository
     client = grpcclient.InferenceServerClient(server.url)
     core = client.get_model_config("tensorrt_llm").config
     assert core.backend == "python" and core.model_transaction_policy.decoupled
@@ -242,6 +244,30 @@ def test_bad_requests_get_client_errors(triton, tokenizer):
     status, docs = generate(server.http_url, "ensemble", {"text_input": "Hi", "max_tokens": 0})
     # Triton's ensemble names the step's input and the ensemble (serve names the client's input: docs/triton.md)
     assert status == 400 and docs[0]["error"] == "in ensemble 'ensemble', request_output_len must be >= 1, got 0"
+
+
+# the status Triton gives each TritonError code (its grpc_utils / http_server mapping; checked here on 2.51)
+TRITON_STATUS = {"INVALID_ARG": ("INVALID_ARGUMENT", 400), "NOT_FOUND": ("NOT_FOUND", 404),
+                 "UNAVAILABLE": ("UNAVAILABLE", 503), "UNSUPPORTED": ("UNIMPLEMENTED", 501), "INTERNAL": ("INTERNAL", 500)}
+
+
+def test_every_error_kind_reaches_clients_with_its_status(triton):
+    """The production Python models answer an error of each kind (errors.ErrorKind) with the TritonError code of one
+    table (triton_python.TRITON_ERROR_CODES): a real Triton reports it with the kind's gRPC code and HTTP status
+    (errors.STATUS) wherever Triton has one (issue 22 defect 2: every error was INTERNAL / 500)."""
+    server = triton[1]
+    grpc_client, http_client = grpcclient.InferenceServerClient(server.url), httpclient.InferenceServerClient(server.http_url)
+    for index, kind in enumerate(ErrorKind):
+        values = {"KIND": np.array([index], np.int32)}
+        with pytest.raises(InferenceServerException) as grpc_error:
+            grpc_client.infer("error_probe", [tensor(k, v) for k, v in values.items()])
+        with pytest.raises(InferenceServerException) as http_error:
+            http_client.infer("error_probe", [tensor(k, v, httpclient) for k, v in values.items()])
+        seen = (grpc_error.value.status().removeprefix("StatusCode."), int(http_error.value.status()))
+        assert seen == TRITON_STATUS[TRITON_ERROR_CODES[kind]], (kind, seen)
+        ours = (STATUS[kind].grpc, STATUS[kind].http)
+        assert seen == ours or ours not in TRITON_STATUS.values(), (kind, seen)  # the kind's own status where Triton has it
+        assert grpc_error.value.message() == f"an error of kind {kind.value}"
 
 
 def _access_line(server: Triton, request_id: str, timeout: float = 60) -> dict:

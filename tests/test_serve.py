@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import run_cli
+from tests.serving_helpers import infer as stream_infer
 from trtllm_bdlora.cli.client import converted_adapter, infer, stream
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time", "List three colors:"]
@@ -121,7 +122,8 @@ def test_concurrent_clients_with_eviction(served, tmp_path_factory):
 
 
 def _raw_infer(client, inputs):
-    return client.infer("ensemble", inputs)
+    """The ensemble is decoupled: it answers streams, as in Triton."""
+    return stream_infer(client, "ensemble", inputs)
 
 
 def _input(name, array, dtype):

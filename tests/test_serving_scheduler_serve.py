@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.helpers import make_tiny_llama
-from tests.serving_helpers import Server
+from tests.serving_helpers import DecoupledAware, Server
 from tests.test_adapter_cache import random_request_adapter
 from trtllm_bdlora.engine.scheduler import INJECT_FAULT_ENV
 from trtllm_bdlora.llama.loader import load_model_config
@@ -63,8 +63,9 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def client(served):
+    """`infer` reaches the decoupled models over a stream (as Triton allows), deadline and request id included."""
     c = grpcclient.InferenceServerClient(served[0].url)
-    yield c
+    yield DecoupledAware(c)
     c.close()
 
 

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (directories under --adapter-root)")
     p.add_argument("--adapter-root", default=None, help="the only directory tree adapters may be loaded from at run time")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="answer as the repository `fill-model-repo --set KEY=VALUE` writes, e.g. decoupled_mode=false")
     _add_edge_args(p)
     _add_scheduling_args(p, "info")
     p.set_defaults(func=lambda a: __import__("trtllm_bdlora.serving.server", fromlist=["main"]).main(a))

@@ -94,8 +94,8 @@ def stream(client, text: str, max_tokens: int, task_id: int | None = None, lora:
         parts = []
         while True:
             result, error = chunks.get(timeout=timeout)
-            if error is not None:
-                raise BdLoraError(str(error))
+            if error is not None:  # InferenceServerException, as a unary call raises it
+                raise error
             response = result.get_response()
             delta = result.as_numpy("text_output")
             if delta is not None:

@@ -23,9 +23,11 @@ def main(args: argparse.Namespace) -> int:
         raise BdLoraError("--backend trtllm is served by Triton itself: see `trtllm-bdlora launch-triton` and model_repo/")
     from trtllm_bdlora.serving.edge.settings import connection_cap, edge_settings
     from trtllm_bdlora.serving.openai.api import check_args
+    from trtllm_bdlora.serving.repository.repository import repository_settings
 
     check_args(args)  # bad OpenAI flags fail before any rank starts
     connection_cap(edge_settings(args).max_connections)  # and bad edge flags, or a cap `ulimit -n` cannot hold
+    repository_settings(getattr(args, "set", None))  # and bad --set values
     if mpi_world_size() is None:
         from trtllm_bdlora.engine.engine import check_launch
 
@@ -65,7 +67,7 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     from trtllm_bdlora.serving.openai import api as openai_api
     from trtllm_bdlora.serving.openai.names import public_model_name
     from trtllm_bdlora.serving.openai.protocol import error_body
-    from trtllm_bdlora.serving.repository.repository import ModelServer, serve_values
+    from trtllm_bdlora.serving.repository.repository import ModelServer, repository_settings, serve_values
 
     settings = edge_settings(args)
     cap = connection_cap(settings.max_connections, raise_limit=True)
@@ -74,7 +76,8 @@ def _serve_rank0(args: argparse.Namespace, engine, comm) -> int:
     capacity = Capacity(streams=args.max_streams, unary=args.max_queue + args.max_batch_size)
     metrics = Metrics()
     metrics.watch(runtime)
-    server = ModelServer(runtime, serve_values(args.model, public_model_name(args.model), args.tp), metrics)
+    server = ModelServer(runtime, serve_values(args.model, public_model_name(args.model), args.tp,
+                                               repository_settings(getattr(args, "set", None))), metrics)
     grpc_server, http_servers = None, []
 
     def listen(app, port: int, name: str, is_health, render, auth: bool = True, max_connections: int | None = None):

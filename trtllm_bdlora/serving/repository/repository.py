@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from trtllm_bdlora.engine.runtime import Runtime
-from trtllm_bdlora.errors import ModelNotFound, RequestError
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound, RequestError
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, ServedModel, check_inputs
 from trtllm_bdlora.serving.repository.config import model_config, model_metadata, triton_normalized
@@ -28,6 +28,23 @@ def serve_values(model_dir: str, model_name: str, tp: int, overrides: dict[str, 
     The model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
     return {**DEFAULTS, **engine_values(model_dir), "engine_dir": model_name, "tokenizer_dir": model_name,
             "tp_size": str(tp), "tensorrt_llm_backend": "python", **(overrides or {})}
+
+
+def repository_settings(items: list[str] | None) -> dict[str, str]:
+    """`--set KEY=VALUE` flags as placeholder values of the repository `serve` answers as (the keys fill-model-repo
+    takes that describe the repository rather than the engine directory)."""
+    settings = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+        if key not in DEFAULTS:
+            raise BdLoraError(f"--set {key}: not a repository setting (one of {', '.join(sorted(DEFAULTS))})")
+        settings[key] = value
+    values = {**DEFAULTS, "engine_dir": "-", "tokenizer_dir": "-", "tp_size": "1", **settings}
+    for model in MODELS.values():
+        model_config(model, values)  # a value the configs cannot take fails here, once
+    return settings
 
 
 class ModelServer:
