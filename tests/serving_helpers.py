@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -198,17 +199,20 @@ class DecoupledAware:
         responses = []
         for row in range(rows):
             doc = {name: _json_value(a[row if a.shape[0] > 1 else 0]) for name, a in arrays.items()}
-            r = requests.post(f"http://{self.http_url}/v2/models/{model}/generate", json=doc, timeout=600)
+            r = requests.post(f"http://{self.http_url}/v2/models/{model}/generate", data=json.dumps(doc),  # NaN too
+                              headers={"Content-Type": "application/json"}, timeout=600)
             answer = r.json()
             if r.status_code != 200 or "error" in answer:
                 raise InferenceServerException(msg=answer.get("error", r.text), status=str(r.status_code))
             out = {}
             for name, value in answer.items():
-                if name in meta:  # JSON holds the values; the shape (batch 1, the last axis ragged) and type are the model's
-                    shape, datatype = meta[name]
+                if name in meta:  # JSON holds the values: the type is the model's, the shape as the models send it
+                    shape, datatype = meta[name]  # (texts flat, one per sequence; numbers [1, ..., 1, n])
                     values = value if isinstance(value, list) else [value]
-                    array = np.array([v.encode() for v in values], dtype=object) if datatype == "BYTES" else \
-                        np.array(values, dtype=triton_to_np_dtype(datatype))
-                    out[name] = array.reshape((1,) * (len(shape) - 1) + (-1,))
+                    if datatype == "BYTES":
+                        out[name] = np.array([v.encode() for v in values], dtype=object)
+                    else:
+                        out[name] = np.array(values, dtype=triton_to_np_dtype(datatype)).reshape(
+                            (1,) * (len(shape) - 1) + (-1,))
             responses.append(out)
         return StreamedResult(responses)
