@@ -101,10 +101,10 @@ def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served,
     client = grpc_client if protocol == "grpc" else http_client
     invalid = STREAMED if protocol == "grpc" else "400"
     shape = load_model_config(str(served[1]))
-    weights, config = random_request_adapter(shape, 8, 41, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, 41)  # float16: the type the repository declares
     ids, expected = greedy_reference
     task = 710 if protocol == "grpc" else 711
-    for poison in (np.nan, np.inf, 1e38):
+    for poison in (np.nan, np.inf, -np.inf):
         bad = weights.copy()
         bad[0, 3, 5] = poison
         lora = {"lora_task_id": np.array([[task]], np.uint64), "lora_weights": bad, "lora_config": config}
@@ -116,13 +116,24 @@ def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served,
     assert _core_greedy(client, ids, tokenizer.eos_token_id) == expected
 
 
+def test_adapter_weights_beyond_float16_are_refused():
+    """A float32 or bfloat16 engine's lora_weights can hold values no float16 (or bf16-trained adapter) has: refused."""
+    from trtllm_bdlora.errors import InputError
+    from trtllm_bdlora.serving.repository.core import CoreModel
+
+    weights = np.full((1, 2, 8), 0.5, np.float32)
+    weights[0, 1, 3] = 1e38
+    with pytest.raises(InputError, match="lora_weights holds 1e\\+38, beyond 65504 \\(the largest float16\\)"):
+        CoreModel._lora({"lora_weights": weights, "lora_config": np.ones((1, 2, 3), np.int32)}, 0)
+
+
 # ---------------------------------------------------------------------------- adapter ownership (17.3)
 def test_adapter_id_keeps_its_first_weights(served, grpc_client, tokenizer, greedy_reference):
     shape = load_model_config(str(served[1]))
     ids, _ = greedy_reference
     end = tokenizer.eos_token_id
-    first, config = random_request_adapter(shape, 8, 51, dtype=np.float32)
-    other, _ = random_request_adapter(shape, 8, 52, dtype=np.float32)
+    first, config = random_request_adapter(shape, 8, 51)  # float16: the type the repository declares
+    other, _ = random_request_adapter(shape, 8, 52)
 
     def run(task, weights=None, cfg=None, client=grpc_client):
         lora = {"lora_task_id": np.array([[task]], np.uint64)}
@@ -130,14 +141,17 @@ def test_adapter_id_keeps_its_first_weights(served, grpc_client, tokenizer, gree
             lora.update(lora_weights=weights, lora_config=cfg)
         return _core_greedy(client, ids, end, **lora)
 
-    first16 = first.astype(np.float16)
-    owned = run(720, first16, config)  # registered in float16
+    owned = run(720, first, config)
     assert run(730, other, config) != owned  # the two adapters answer differently: a mix-up would show
     message = _refused(lambda: run(720, other, config), STREAMED, "lora_task_id 720", "different lora_weights")
     print("OWNERSHIP_REFUSAL", message)
     assert run(720) == owned  # the original keeps serving
-    assert run(720, first16.astype(np.float32), config) == owned  # the same values in another float type: accepted
-    _refused(lambda: run(720, first, config), STREAMED, "different lora_weights")  # not rounded: others
+    assert run(720, first.copy(), config) == owned  # the same values again: accepted
+    # another type is refused before anything else, as Triton refuses it (the repository declares FP16)
+    _refused(lambda: run(720, first.astype(np.float32), config), STREAMED, "'lora_weights' data-type is 'FP32'")
+    nudged = first.copy()
+    nudged.reshape(-1)[5] = np.nextafter(nudged.reshape(-1)[5], np.float16(1))  # one float16 step away: others
+    _refused(lambda: run(720, nudged, config), STREAMED, "different lora_weights")
 
 
 def test_startup_ids_are_immutable(served, grpc_client, tokenizer, greedy_reference):
@@ -148,7 +162,7 @@ def test_startup_ids_are_immutable(served, grpc_client, tokenizer, greedy_refere
     end = tokenizer.eos_token_id
     task = {"lora_task_id": np.array([[1]], np.uint64)}
     registered = _core_greedy(grpc_client, ids, end, **task)
-    weights, config = random_request_adapter(shape, 8, 61, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, 61)
     _refused(lambda: _core_greedy(grpc_client, ids, end, **task, lora_weights=weights, lora_config=config),
              STREAMED, "lora_task_id 1", "start-up")
     own_w, own_c = convert_adapter(load_peft_adapter(served[2][1]), tp=2, dtype="float16")

@@ -215,7 +215,7 @@ def test_fault_in_one_request_fails_only_that_request(served, client):
     are refused at the edge: tests/test_serving_edge.py.)"""
     server, model = served
     shape = load_model_config(str(model))
-    weights, config = random_request_adapter(shape, 8, SEED, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, SEED)  # float16: the declared type
     ids = random_ids(12, SEED + 7)
     expected = generated(client.infer("tensorrt_llm", core(ids, 16)), 12)
     bad = core(random_ids(10, SEED), 16, lora_task_id=np.array([[FAULT_ADAPTER]], np.uint64), lora_weights=weights,

@@ -119,7 +119,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"model '{request.model_name}' sent {len(responses)} responses to "
                           "a unary request: use ModelStreamInfer")
         started = time.perf_counter_ns()
-        out = to_grpc(request.model_name, request.id, responses[0].outputs)
+        out = to_grpc(request.model_name, request.id, responses[0].outputs, parameters=responses[0].parameters)
         self.server.metrics.output_time(request.model_name, time.perf_counter_ns() - started)
         return out
 
@@ -149,7 +149,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if not r.outputs and not (r.final and empty_final):
                         continue
                     final_sent = r.final
-                    response = to_grpc(request.model_name, request.id, r.outputs, r.final if empty_final else None)
+                    response = to_grpc(request.model_name, request.id, r.outputs, r.final if empty_final else None,
+                                       r.parameters)
                     responses.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final and not final_sent:
                     responses.put(pb.ModelStreamInferResponse(

@@ -145,7 +145,9 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     async def index(request: Request):
         doc = await run_in_threadpool(parse_json, await body_of(request) or b"{}")
         only_ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
-        return [m for m in server.index() if not only_ready or m["state"] == "READY"]
+        # as Triton writes the index: a model's `reason` only where there is one
+        return [{k: v for k, v in m.items() if k != "reason" or v} for m in server.index()
+                if not only_ready or m["state"] == "READY"]
 
     @app.get("/v2/models/stats")
     @app.get("/v2/models/{model}/stats")
@@ -204,7 +206,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
             if len(responses) != 1:
                 raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
             started = time.perf_counter_ns()
-            out = to_http(model, infer_request.id, responses[0].outputs, infer_request.binary_outputs)
+            out = to_http(model, infer_request.id, responses[0].outputs, infer_request.binary_outputs,
+                          responses[0].parameters)
             server.metrics.output_time(model, time.perf_counter_ns() - started)
             return out
 
@@ -233,7 +236,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
                 if answered is not None:  # as Triton: the first response's 200 is out; the error follows in the body
                     ctx.cancelled.set()
                     return JSONResponse({"error": ONE_RESPONSE})
-                answered = {"model_name": model, "model_version": "1", **_json_outputs(r.outputs)}
+                answered = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
             if answered is None:
                 raise RequestError(ONE_RESPONSE)
             return answered
@@ -258,7 +261,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
             try:
                 for r in server.infer(infer_request, ctx, version):
                     if r.outputs:
-                        doc = {"model_name": model, "model_version": "1", **_json_outputs(r.outputs)}
+                        doc = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
                         yield f"data: {json.dumps(doc)}\n\n"
             except Exception as err:  # noqa: BLE001
                 yield f"data: {json.dumps({'error': error_status(err)[2]})}\n\n"

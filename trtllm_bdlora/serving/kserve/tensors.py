@@ -173,9 +173,12 @@ def array_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
-def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None
-            ) -> pb.ModelInferResponse:
+def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None,
+            parameters: dict | None = None) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for key, value in (parameters or {}).items():
+        field_name = "bool_param" if isinstance(value, bool) else "int64_param" if isinstance(value, int) else "string_param"
+        setattr(response.parameters[key], field_name, value)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
         response.raw_output_contents.append(array_bytes(array))
@@ -184,8 +187,8 @@ def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: 
     return response
 
 
-def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool
-            ) -> tuple[bytes, int | None]:
+def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool,
+            parameters: dict | None = None) -> tuple[bytes, int | None]:
     """(body, JSON header length or None when the body is plain JSON)."""
     doc_outputs, chunks = [], []
     for name, array in outputs.items():
@@ -200,9 +203,12 @@ def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary:
         else:
             entry["data"] = array.reshape(-1).tolist()
         doc_outputs.append(entry)
-    doc = {"model_name": model, "model_version": "1", "outputs": doc_outputs}
+    doc = {"model_name": model, "model_version": "1"}
     if request_id:
         doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    doc["outputs"] = doc_outputs
     head = json.dumps(doc).encode()
     if not chunks:
         return head, None

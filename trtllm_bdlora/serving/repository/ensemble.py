@@ -22,6 +22,8 @@ from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse, s
 from trtllm_bdlora.serving.repository.spec import ENSEMBLE, MODELS, TENSORRT_LLM_BLS, Model
 
 Dispatch = Callable[[str, dict[str, np.ndarray], CallContext], Iterator[ModelResponse]]
+# what Triton's ensemble scheduler puts in the parameters of every response (the request's sequence fields)
+SEQUENCE_PARAMETERS = {"sequence_id": 0, "sequence_start": False, "sequence_end": False}
 
 
 class Ensemble:
@@ -33,7 +35,8 @@ class Ensemble:
 
     def _run(self, k: int, tensors: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
         if k == len(self.spec.steps):
-            yield ModelResponse({t.name: tensors[t.name] for t in self.spec.outputs if t.name in tensors})
+            yield ModelResponse({t.name: tensors[t.name] for t in self.spec.outputs if t.name in tensors},
+                                parameters=dict(SEQUENCE_PARAMETERS))
             return
         step = self.spec.steps[k]
         step_inputs = {name: tensors[t] for name, t in step.inputs.items() if t in tensors}
@@ -45,7 +48,7 @@ class Ensemble:
                 produced = dict(tensors)
                 produced.update({t: response.outputs[name] for name, t in step.outputs.items() if name in response.outputs})
                 for rest in self._run(k + 1, produced, ctx):
-                    yield ModelResponse(rest.outputs, final=response.final and rest.final)
+                    yield ModelResponse(rest.outputs, final=response.final and rest.final, parameters=rest.parameters)
         except InputError as err:
             source = self.source(k, err.input)
             if source is None or source == err.input:

@@ -71,9 +71,8 @@ class ModelServer:
 
     def model(self, name: str, version: str = "") -> ServedModel:
         if name not in self.models or version not in ("", "1"):
-            known = ", ".join(sorted(self.models))
             raise ModelNotFound(f"Request for unknown model: '{name}'{f' version {version}' if version else ''} is "
-                                f"not found (this server serves {known})")
+                                "not found")  # Triton's words
         return self.models[name]
 
     def decoupled(self, name: str, version: str = "") -> bool:
@@ -101,7 +100,7 @@ class ModelServer:
         ctx.decoupled = ctx.decoupled and self.decoupled(request.model)  # a stream to a non-decoupled model: one response
         started = time.perf_counter_ns()
         try:
-            inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size)
+            inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size, request.id)
             if request.outputs is not None:
                 for name in request.outputs:
                     if model.spec.output(name) is None:
@@ -113,7 +112,8 @@ class ModelServer:
         wanted = set(request.outputs) if request.outputs is not None else None
         for response in self.dispatch(request.model, inputs, ctx):
             if wanted is not None:
-                response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final)
+                response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final,
+                                         response.parameters)
             yield response
 
     def dispatch(self, name: str, inputs: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
