@@ -113,6 +113,8 @@ class Outcome:
 
     def __init__(self):
         self.responses: list[tuple[dict[str, np.ndarray], bool]] = []
+        self.parameters: list[dict] = []  # each response's parameters but triton_final_response
+        self.ids: list[str] = []  # each response's id
         self.error: str | None = None
 
     @property
@@ -143,6 +145,9 @@ def stream(url: str, model: str, values: dict[str, np.ndarray], request_id: str 
             response = result.get_response()
             final = response.parameters["triton_final_response"].bool_param
             outcome.responses.append(({o.name: result.as_numpy(o.name) for o in response.outputs}, final))
+            outcome.parameters.append({k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
+                                       if k != "triton_final_response"})
+            outcome.ids.append(response.id)
             if final:
                 return outcome
             if cancel_after is not None and len(outcome.responses) >= cancel_after:

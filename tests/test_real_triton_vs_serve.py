@@ -61,6 +61,7 @@ class Call:
     model: str
     inputs: dict = field(default_factory=dict)  # name -> array; generate: the JSON document
     cancel_after: int | None = None
+    request_id: str = ""
 
 
 def text(prompt="Hello there", max_tokens=6, **extra) -> dict:
@@ -88,7 +89,7 @@ def table(lora) -> list[Call]:
     task = {"lora_task_id": np.array([[41]], np.uint64)}
     return [
         # answered
-        Call("ensemble", "stream", "ensemble", text()),
+        Call("ensemble", "stream", "ensemble", text(), request_id="e-1"),
         Call("ensemble streaming", "stream", "ensemble", text(stream=TRUE)),
         Call("ensemble excluding the input", "stream", "ensemble", text(exclude_input_in_output=TRUE)),
         Call("ensemble batch of 2", "stream", "ensemble", {
@@ -106,10 +107,10 @@ def table(lora) -> list[Call]:
         Call("LoRA on first use (ensemble)", "stream", "ensemble", text(lora_weights=weights, lora_config=config, **task)),
         Call("LoRA cached (ensemble)", "stream", "ensemble", text(**task)),
         Call("LoRA cached (tensorrt_llm)", "stream", "tensorrt_llm", core(**task)),
-        Call("preprocessing", "unary", "preprocessing", pre()),
+        Call("preprocessing", "unary", "preprocessing", pre(), request_id="p-1"),
         Call("postprocessing", "unary", "postprocessing", post()),
         Call("preprocessing over HTTP", "http", "preprocessing",
-             pre(STOP_WORDS_DICT=np.array([[b"there"]], dtype=object))),
+             pre(STOP_WORDS_DICT=np.array([[b"there"]], dtype=object)), request_id="h-1"),
         Call("generate, ensemble", "generate", "ensemble", {"text_input": "Hello there", "max_tokens": 6}),
         Call("generate, tensorrt_llm", "generate", "tensorrt_llm",
              {"input_ids": IDS, "input_lengths": len(IDS), "request_output_len": 4}),
@@ -124,7 +125,10 @@ def table(lora) -> list[Call]:
         Call("missing input (stream)", "stream", "ensemble", {"text_input": np.array([[b"Hi"]], dtype=object)}),
         Call("unexpected input", "stream", "ensemble", text(random_seed=np.array([[1]], np.uint64))),
         Call("wrong dtype (unary)", "unary", "preprocessing", pre(REQUEST_OUTPUT_LEN=np.array([[6]], np.int64))),
-        Call("wrong dtype (stream)", "stream", "ensemble", text(max_tokens=np.array([[6.0]], np.float32))),
+        Call("wrong dtype (stream)", "stream", "ensemble", {"text_input": np.array([[b"Hi"]], dtype=object),
+                                                            "max_tokens": np.array([[6.0]], np.float32)}),
+        Call("batch over max_batch_size", "unary", "preprocessing", {
+            "QUERY": np.array([[b"Hi"]] * 65, dtype=object), "REQUEST_OUTPUT_LEN": np.array([[2]] * 65, np.int32)}),
         Call("wrong shape (unary)", "unary", "preprocessing", {"QUERY": np.array([b"Hi"], dtype=object),
                                                                 "REQUEST_OUTPUT_LEN": np.array([[6]], np.int32)}),
         Call("wrong shape (stream)", "stream", "ensemble",
@@ -163,9 +167,10 @@ def run(call: Call, urls: tuple[str, str]) -> dict:
     """status (gRPC code name, HTTP status, or None for a stream), responses (outputs and final flags), error."""
     grpc_url, http_url = urls
     if call.transport == "stream":
-        outcome = stream(grpc_url, call.model, call.inputs, cancel_after=call.cancel_after)
-        return {"status": None, "responses": [(_arrays(o), final) for o, final in outcome.responses],
-                "error": outcome.error}
+        outcome = stream(grpc_url, call.model, call.inputs, request_id=call.request_id, cancel_after=call.cancel_after)
+        return {"status": None, "error": outcome.error,
+                "responses": [(_arrays(o), final, p, i) for (o, final), p, i in
+                              zip(outcome.responses, outcome.parameters, outcome.ids)]}
     if call.transport in ("generate", "generate_stream"):
         r = requests.post(f"http://{http_url}/v2/models/{call.model}/{call.transport}", json=call.inputs, timeout=300)
         docs = [r.json()] if call.transport == "generate" else \
@@ -175,11 +180,16 @@ def run(call: Call, urls: tuple[str, str]) -> dict:
     module = grpcclient if call.transport == "unary" else httpclient
     client = module.InferenceServerClient(grpc_url if call.transport == "unary" else http_url)
     try:
-        result = client.infer(call.model, [tensor(k, v, module) for k, v in call.inputs.items()])
-        names = [o.name for o in result.get_response().outputs] if module is grpcclient else \
-            [o["name"] for o in result.get_response()["outputs"]]
+        result = client.infer(call.model, [tensor(k, v, module) for k, v in call.inputs.items()],
+                              request_id=call.request_id)
+        response = result.get_response()
+        if module is grpcclient:
+            names, head = [o.name for o in response.outputs], json_format.MessageToDict(response)
+        else:
+            names, head = [o["name"] for o in response["outputs"]], dict(response)
+        head = {k: v for k, v in head.items() if k not in ("outputs", "rawOutputContents")}  # id, model, parameters
         return {"status": "OK" if module is grpcclient else 200, "error": None,
-                "responses": [(_arrays({n: result.as_numpy(n) for n in names}), True)]}
+                "responses": [(_arrays({n: result.as_numpy(n) for n in names}), head)]}
     except InferenceServerException as err:
         return {"status": str(err.status()).removeprefix("StatusCode."), "responses": [], "error": err.message()}
     finally:
