@@ -26,6 +26,7 @@ from tests.real_triton import Triton, error_probe_repository, fill_repository, g
 from trtllm_bdlora.errors import STATUS, ErrorKind
 from trtllm_bdlora.trtllm.triton_python import TRITON_ERROR_CODES
 
+pytestmark = [pytest.mark.route, pytest.mark.serve]  # a real tritonserver (and `serve`)
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time"]
 MAX_TOKENS = 10
 TASK = 5  # the LoRA task id requests register

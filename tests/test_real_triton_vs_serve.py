@@ -23,6 +23,7 @@ from tests.helpers import make_peft_adapter, run_cli
 from tests.real_triton import Triton, fill_repository, stream, tensor
 from tests.serving_helpers import Server
 
+pytestmark = [pytest.mark.route, pytest.mark.serve]  # a real tritonserver (and `serve`)
 MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing", "tensorrt_llm_bls")
 TRUE = np.array([[True]])
 IDS = [6004, 905, 314, 7830]  # "Hello there, how" in smollm2's vocabulary (any ids below 49152 would do)
