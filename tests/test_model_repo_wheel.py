@@ -93,9 +93,11 @@ def test_model_repo_holds_what_fill_model_repo_writes(tmp_path):
     filled = fill_model_repo(tmp_path / "repo", PARAMS)
     checked_in = sorted(p.relative_to(REPO / "model_repo").as_posix() for p in (REPO / "model_repo").rglob("*")
                         if p.is_file() and "__pycache__" not in p.parts and p.name != "README.md")
-    assert checked_in == [f"{name}/1/model.py" for name in PYTHON_MODELS]
+    # and tensorrt_llm's, which fill-model-repo writes for a `build --backend torch` directory (issue 22)
+    assert checked_in == sorted(f"{name}/1/model.py" for name in (*PYTHON_MODELS, "tensorrt_llm"))
     for name in PYTHON_MODELS:
         assert (REPO / "model_repo" / name / "1" / "model.py").read_text() == (filled / name / "1" / "model.py").read_text()
+    assert (REPO / "model_repo" / "tensorrt_llm" / "1" / "model.py").read_text() == python_model_source("tensorrt_llm")
 
 
 def test_missing_python_model_is_refused(tmp_path, monkeypatch):
@@ -111,3 +113,27 @@ def test_incomplete_repository_is_named(tmp_path):
     (repo / "tensorrt_llm_bls" / "1" / "model.py").unlink()
     (repo / "ensemble" / "config.pbtxt").unlink()
     assert missing_files(repo) == [str(repo / "ensemble" / "config.pbtxt"), str(repo / "tensorrt_llm_bls" / "1" / "model.py")]
+
+
+def test_torch_build_filled_from_a_wheel_install(wheel_venv):
+    """For a `build --backend torch` directory the wheel's fill-model-repo writes the Python-backend tensorrt_llm too,
+    and its model.py resolves to the installed package (issue 22: real Triton runs it without TensorRT)."""
+    root, venv = wheel_venv
+    engines = root / "torch-engines"
+    engines.mkdir()
+    (engines / "bdlora_build.json").write_text(json.dumps({"format": "trtllm-bdlora/1", "backend": "torch", "tp": 2,
+                                                           "dtype": "float16", "max_lora_rank": 32,
+                                                           "ranks": ["rank0.safetensors", "rank1.safetensors"]}))
+    repo = root / "torch-repo"
+    done = subprocess.run([str(venv / "bin" / "trtllm-bdlora"), "fill-model-repo", "--engine-dir", str(engines),
+                           "--tokenizer-dir", "/models/y", "--output", str(repo)],
+                          capture_output=True, text=True, cwd=root, env=clean_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert missing_files(repo) == []
+    assert (repo / "tensorrt_llm" / "1" / "model.py").read_text() == python_model_source("tensorrt_llm")
+    assert 'backend: "python"' in (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    loaded = subprocess.run([str(venv / "bin" / "python"), "-c", LOAD_MODELS, str(repo), "tensorrt_llm"],
+                            capture_output=True, text=True, cwd=root, env=clean_env(), timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    path = json.loads(loaded.stdout)["tensorrt_llm"]
+    assert path.startswith(str(venv / "lib")) and path.endswith("trtllm_bdlora/trtllm/python_models/tensorrt_llm.py")
