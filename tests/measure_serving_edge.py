@@ -47,7 +47,7 @@ def liveness(url: str, streams: int) -> dict:
     channels = [grpc.insecure_channel(url) for _ in range(4)]
     open_streams = [IdleStream(pb_grpc.GRPCInferenceServiceStub(channels[i % 4])) for i in range(streams)]
     time.sleep(2)
-    client = DecoupledAware(grpcclient.InferenceServerClient(url))
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     times = []
     for _ in range(5):
         t0 = time.monotonic()
@@ -67,7 +67,7 @@ def liveness(url: str, streams: int) -> dict:
 
 def flood(url: str, n: int, max_tokens: int, pids: list[int]) -> dict:
     def one(_):
-        client = DecoupledAware(grpcclient.InferenceServerClient(url))
+        client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
         try:
             return _outcome(lambda: client.infer("ensemble", tensors(ensemble_inputs("Hello there", max_tokens)),
                                                  client_timeout=600))
@@ -88,7 +88,7 @@ def flood(url: str, n: int, max_tokens: int, pids: list[int]) -> dict:
 
 def bad_inputs(url: str, http_url: str) -> dict:
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
-    client = DecoupledAware(grpcclient.InferenceServerClient(url))
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     two = np.int32(2).tobytes()
     cases = {  # to preprocessing: Triton answers unary calls to non-decoupled models only
         "raw INT32 of 2 bytes": [("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
@@ -113,7 +113,7 @@ def bad_inputs(url: str, http_url: str) -> dict:
 
 def ownership(url: str, model: str) -> dict:
     shape = load_model_config(model)
-    client = DecoupledAware(grpcclient.InferenceServerClient(url))
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     first, config = random_request_adapter(shape, 8, 1)
     other, _ = random_request_adapter(shape, 8, 2)
 

@@ -116,6 +116,16 @@ class StreamedResult:
 
 def infer(client, model: str, inputs: list, request_id: str = "", outputs=None, client_timeout: float | None = None,
           pad_id: int = 0, timeout: float = 600) -> StreamedResult:
+    """`client`: a tritonclient.grpc client, or the URL to open one for this call alone (a client holds one stream at
+    a time, so concurrent calls need their own)."""
+    if isinstance(client, str):
+        import tritonclient.grpc as grpcclient
+
+        own = grpcclient.InferenceServerClient(client)
+        try:
+            return infer(own, model, inputs, request_id, outputs, client_timeout, pad_id, timeout)
+        finally:
+            own.close()
     """What `client.infer(model, inputs)` was for a decoupled model: its request over ModelStreamInfer (Triton answers
     a unary call to a decoupled model UNIMPLEMENTED), every response collected; an error raises the stream's
     InferenceServerException, whose message is the server's (a stream carries no status code). `client_timeout`: the
@@ -164,10 +174,11 @@ def _json_value(array: np.ndarray):
 
 class DecoupledAware:
     """A tritonclient gRPC or HTTP client whose `infer` reaches decoupled models the way Triton allows: over
-    ModelStreamInfer (gRPC) or the generate extension (HTTP, one request per batch row); other calls unchanged."""
+    ModelStreamInfer (gRPC; on a client of its own per call when `url` is given, so that threads may share this one)
+    or the generate extension (HTTP, one request per batch row); other calls unchanged."""
 
-    def __init__(self, client, http_url: str | None = None):
-        self.client, self.http_url = client, http_url
+    def __init__(self, client, http_url: str | None = None, url: str | None = None):
+        self.client, self.http_url, self.url = client, http_url, url
         self._decoupled: dict[str, bool] = {}
 
     def __getattr__(self, name):
@@ -185,7 +196,7 @@ class DecoupledAware:
         if not self.decoupled(model):
             return self.client.infer(model, inputs, *args, **kwargs)
         if self.http_url is None:
-            return infer(self.client, model, inputs, request_id=kwargs.get("request_id", ""),
+            return infer(self.url or self.client, model, inputs, request_id=kwargs.get("request_id", ""),
                          outputs=kwargs.get("outputs"), client_timeout=kwargs.get("client_timeout"))
         return self._generate(model, inputs)
 

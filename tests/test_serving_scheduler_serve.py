@@ -65,7 +65,7 @@ def served(tmp_path_factory):
 def client(served):
     """`infer` reaches the decoupled models over a stream (as Triton allows), deadline and request id included."""
     c = grpcclient.InferenceServerClient(served[0].url)
-    yield DecoupledAware(c)
+    yield DecoupledAware(c, url=served[0].url)
     c.close()
 
 

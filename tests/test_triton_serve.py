@@ -84,7 +84,7 @@ def served(triton_served):
 def grpc_client(served):
     """Decoupled models (tensorrt_llm, ensemble, BLS) answer streams only, as in Triton: `infer` streams to them."""
     c = grpcclient.InferenceServerClient(served[0].url)
-    yield DecoupledAware(c)
+    yield DecoupledAware(c, url=served[0].url)
     c.close()
 
 
