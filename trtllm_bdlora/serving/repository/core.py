@@ -327,7 +327,7 @@ class CoreModel:
         if req.params.return_log_probs:
             out["cum_log_probs"] = np.array([[sum(req.output_log_probs[:end])]], dtype=np.float32)
             out["output_log_probs"] = np.array(req.output_log_probs[start:end], dtype=np.float32).reshape(1, 1, -1)
-        if req.params.return_context_logits and req.context_logits is not None:  # every response, as TensorRT-LLM
+        if req.params.return_context_logits and req.context_logits is not None:  # every response (TensorRT-LLM's results)
             out["context_logits"] = req.context_logits.float().numpy()[None]
         if req.params.return_generation_logits:
             rows = req.generation_logits[start:end]
