@@ -110,6 +110,10 @@ def write_fake_stack(root, trtllm_version=TENSORRT_LLM_VERSION, trt_version=TENS
                     return kwargs
             """,
     }
+    # as pip installs them: tensorrt_llm's own distribution; `tensorrt` provided by a distribution of another name
+    for dist, version, package in (("tensorrt_llm", trtllm_version, "tensorrt_llm"), ("tensorrt_cu13", trt_version, "tensorrt")):
+        files[f"{dist}-{version}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
+        files[f"{dist}-{version}.dist-info/top_level.txt"] = f"{package}\n"
     for name, text in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +157,22 @@ def test_build_passes_the_check_with_the_pinned_versions(fake_stack, tiny_llama,
     code, _, err = run(capsys, "build", "--model", tiny_llama, "--tp", 2, "--output", tmp_path / "e",
                        "--plugin-lib", tmp_path / "missing.so")
     assert code == 2 and "plugin library not found" in err and "need" not in err
+
+
+def test_versions_are_read_without_importing(tmp_path, monkeypatch):
+    """Issue 22 defect 11: the Docker build has no GPU, and importing TensorRT-LLM there fails; the version check
+    reads the installed distributions' metadata instead (here packages whose import would raise)."""
+    from trtllm_bdlora.versions import distribution_version, installed_versions
+
+    root = write_fake_stack(tmp_path / "site", trtllm_version="1.2.1", trt_version="10.14.1.48")
+    for package in ("tensorrt", "tensorrt_llm"):
+        (root / package / "__init__.py").write_text("raise RuntimeError('libcuda.so.1: cannot open shared object file')\n")
+    for name in FAKE_MODULES:
+        sys.modules.pop(name, None)
+    monkeypatch.syspath_prepend(str(root))
+    assert installed_versions() == ("1.2.1", "10.14.1.48")
+    assert "tensorrt_llm" not in sys.modules and "tensorrt" not in sys.modules
+    assert distribution_version("tensorrt_llm_not_installed") is None
 
 
 def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
