@@ -4,18 +4,15 @@ swaps Lora modules for BD-LoRA ones (as trtllm-build --model_cls_file loads it, 
 
 import subprocess
 import sys
-import textwrap
 from importlib.machinery import SourceFileLoader
 
 import pytest
 
 from tests.helpers import REPO, make_tiny_llama
+from tests.trtllm_fakes import FAKE_MODULES, write_fake_stack
 from trtllm_bdlora.cli import main as cli_main
 from trtllm_bdlora.trtllm.build import build_device
 from trtllm_bdlora.versions import TENSORRT_LLM_VERSION, TENSORRT_VERSION
-
-FAKE_MODULES = ("tensorrt", "tensorrt_llm", "tensorrt_llm.layers", "tensorrt_llm.layers.lora", "tensorrt_llm._common",
-                "tensorrt_llm._utils", "tensorrt_llm.functional", "tensorrt_llm.models")
 
 
 @pytest.fixture(scope="module")
@@ -61,64 +58,6 @@ def test_build_device_follows_the_mpi_local_rank():
     assert build_device({"OMPI_COMM_WORLD_LOCAL_RANK": "9"}, 8) == 1  # more ranks than GPUs on the node
     assert build_device({"SLURM_LOCALID": "3", "OMPI_COMM_WORLD_LOCAL_RANK": ""}, 4) == 3
     assert build_device({"MPI_LOCALRANKID": "2"}, 0) == 0
-
-
-def write_fake_stack(root, trtllm_version=TENSORRT_LLM_VERSION, trt_version=TENSORRT_VERSION):
-    """Stand-ins for the container's packages: just what the version check and the Lora swap touch."""
-    files = {
-        "tensorrt/__init__.py": f"__version__ = {trt_version!r}\n",
-        "tensorrt_llm/__init__.py": f"__version__ = {trtllm_version!r}\n",
-        "tensorrt_llm/layers/__init__.py": "",
-        "tensorrt_llm/layers/lora.py": """
-            class Lora:
-                def __init__(self, in_hidden_size=0, out_hidden_sizes=(0,), max_low_rank=0):
-                    self.in_hidden_size, self.out_hidden_sizes = in_hidden_size, list(out_hidden_sizes)
-                    self.max_low_rank = max_low_rank
-            """,
-        "tensorrt_llm/_common.py": "def default_net(): ...\ndef default_trtnet(): ...\n",
-        "tensorrt_llm/_utils.py": "def str_dtype_to_trt(dtype): ...\n",
-        "tensorrt_llm/functional.py": "def _create_tensor(*a): ...\ndef cast(*a): ...\ndef where(*a): ...\n",
-        "tensorrt_llm/models/__init__.py": """
-            from types import SimpleNamespace
-            from tensorrt_llm.layers.lora import Lora
-
-            class Attention:
-                def __init__(self):
-                    self.qkv_lora = Lora(64, [32, 16, 16], 64)
-            class Linear:
-                pass
-            class RowLinear(Linear):
-                def __init__(self):
-                    self.lora = Lora(32, [64], 64)
-            class GatedMLP:
-                def __init__(self):
-                    self.lora = Lora(64, [128, 128], 64)
-
-            class LLaMAForCausalLM:
-                def __init__(self, config):
-                    self.config = config
-                    self.parts = {"layers.0.attention": Attention(), "layers.0.attention.dense": RowLinear(),
-                                  "layers.0.mlp": GatedMLP(), "layers.0.mlp.proj": RowLinear()}
-                @classmethod
-                def from_checkpoint(cls, ckpt_dir, config):
-                    return cls(config)
-                def named_modules(self):
-                    return [("", self), *self.parts.items()]
-                def prepare_inputs(self, **kwargs):
-                    self.seen_at_prepare = {(p, a): type(getattr(m, a)).__name__ for p, m in self.parts.items()
-                                            for a in ("qkv_lora", "lora") if hasattr(m, a)}
-                    return kwargs
-            """,
-    }
-    # as pip installs them: tensorrt_llm's own distribution; `tensorrt` provided by a distribution of another name
-    for dist, version, package in (("tensorrt_llm", trtllm_version, "tensorrt_llm"), ("tensorrt_cu13", trt_version, "tensorrt")):
-        files[f"{dist}-{version}.dist-info/METADATA"] = f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
-        files[f"{dist}-{version}.dist-info/top_level.txt"] = f"{package}\n"
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
 
 
 @pytest.fixture
@@ -183,7 +122,7 @@ def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTLLM_BDLORA_PLUGIN_LIB", str(lib))
     from types import SimpleNamespace
 
-    from trtllm_bdlora.trtllm.network import BD_A, BD_B, as_bdlora_model
+    from trtllm_bdlora.trtllm.network import BD_A, BD_B, LORA_TARGET_MODULES, as_bdlora_model
 
     config = SimpleNamespace(mapping=SimpleNamespace(tp_size=4, tp_rank=3))
     # as trtllm-build --model_cls_file/--model_cls_name loads it (commands/build.py: SourceFileLoader, from_checkpoint)
@@ -197,7 +136,9 @@ def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
     for model in (via_trtllm_build, via_build):
         assert all(name == "Lora" for name in (type(getattr(m, a)).__name__ for m in model.parts.values()
                                                for a in ("qkv_lora", "lora") if hasattr(m, a)))
-        assert model.prepare_inputs(max_batch_size=4) == {"max_batch_size": 4}
+        modules = list(LORA_TARGET_MODULES)
+        assert model.prepare_inputs(max_batch_size=4, lora_target_modules=modules) == \
+            {"max_batch_size": 4, "lora_target_modules": modules}
         assert set(model.seen_at_prepare.values()) == {"BdLoraModule"}  # swapped before the inputs are prepared
         attention, dense = model.parts["layers.0.attention"], model.parts["layers.0.attention.dense"]
         assert attention.qkv_lora.bd_factors == (BD_B,) * 3 and dense.lora.bd_factors == (BD_A,)
