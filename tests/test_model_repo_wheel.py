@@ -36,6 +36,8 @@ LOAD_MODELS = textwrap.dedent("""
     print(json.dumps(found))
 """)
 
+pytestmark = pytest.mark.route
+
 
 def clean_env() -> dict[str, str]:
     """No PYTHONPATH: the virtualenv must find the package it installed, not this checkout."""

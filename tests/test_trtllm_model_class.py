@@ -42,6 +42,8 @@ LORA_MODULE_IDS = ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_
                    "moe_4h_to_h", "moe_gate", "moe_router", "mlp_router", "mlp_gate_up")
 PLUGIN_DTYPES = ("auto", "float16", "float32", "bfloat16", "int32", "disable")
 
+pytestmark = pytest.mark.route
+
 
 def trtllm_build_parser() -> argparse.ArgumentParser:
     """trtllm-build's arguments that the recipes use, with upstream's names, types, nargs, defaults and choices

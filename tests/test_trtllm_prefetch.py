@@ -22,6 +22,8 @@ UPSTREAM_LORA_PARAMETERS = ("lora_cache_optimal_adapter_size", "lora_cache_max_a
                             "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes", "lora_prefetch_dir")
 TP = 2
 
+pytestmark = [pytest.mark.unit, pytest.mark.route]
+
 
 def parameters(repo) -> dict[str, str]:
     config = text_format.Parse((repo / "tensorrt_llm" / "config.pbtxt").read_text(), mc.ModelConfig())
