@@ -15,6 +15,7 @@ runtime, so a real `tritonserver` serves the repository without TensorRT.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -56,13 +57,20 @@ def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
         raise BdLoraError(f"tensorrt_llm parameter {key} must be an integer, got {value!r}") from None
 
 
-def worker_argv(engine_dir: str, tp: int, params: dict[str, str]) -> list[str]:
-    """The command line of ranks 1..tp-1: `serve` workers build the same engine and follow rank 0's plans."""
-    argv = ["serve", "--model", engine_dir, "--tp", str(tp), "--dtype", DEFAULT_DTYPE, "--max-loras",
-            str(DEFAULT_MAX_LORAS), "--log-level", "warning"]
-    rank = _int(params, "lora_cache_max_adapter_size", None)
-    host = _int(params, "lora_cache_host_memory_bytes", None)
-    return argv + (["--max-lora-rank", str(rank)] if rank else []) + (["--lora-cache-host-bytes", str(host)] if host else [])
+def worker_settings(engine_dir: str, tp: int, params: dict[str, str]) -> dict:
+    """The `serve` flags of ranks 1..tp-1 (they build the same engine and follow rank 0's plans), by their argparse
+    names: the workers' command line, and what rank 0 checks the workers agree on (distributed/hosts.py)."""
+    return {"model": engine_dir, "tp": tp, "scheme": "bdlora", "dtype": DEFAULT_DTYPE, "max_loras": DEFAULT_MAX_LORAS,
+            "max_lora_rank": _int(params, "lora_cache_max_adapter_size", None),
+            "lora_cache_host_bytes": _int(params, "lora_cache_host_memory_bytes", None)}
+
+
+def worker_argv(settings: dict) -> list[str]:
+    argv = ["serve", "--log-level", "warning"]
+    for name, value in settings.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
 
 
 class TritonCoreModel:
@@ -91,9 +99,16 @@ class TritonCoreModel:
         self.ranks = None
         if tp > 1:
             from trtllm_bdlora.distributed.embedded import EmbeddedRanks
+            from trtllm_bdlora.distributed.hosts import check_hosts_agree
 
-            self.ranks = EmbeddedRanks(tp, worker_argv(engine_dir, tp, params), on_lost=self._rank_lost)
+            settings = worker_settings(engine_dir, tp, params)
+            self.ranks = EmbeddedRanks(tp, worker_argv(settings), on_lost=self._rank_lost)
             comm = self.ranks.comm
+            try:
+                check_hosts_agree(comm, "serve", argparse.Namespace(**settings))  # as every `serve` worker does first
+            except BaseException:
+                self.ranks.stop(0)
+                raise
         else:
             from trtllm_bdlora.distributed.launch import init_ranks
 
