@@ -211,3 +211,23 @@ def test_embedded_workers_agree_with_rank_0_on_what_they_run():
             assert parsed[key] == settings[key], key
         assert settings["lora_cache_host_bytes"] in (None, parsed["lora_cache_host_bytes"])
         assert settings["max_lora_rank"] == (16 if params.get("lora_cache_max_adapter_size") == "16" else None)
+
+
+def test_a_tensorrt_llm_that_is_not_decoupled_refuses_batches_and_streaming():
+    """As the TensorRT-LLM backend (utils.cc createRequestsFromInputTensors) with decoupled_mode=false: a batch of
+    requests and `streaming` need the decoupled policy; one request without streaming passes. (NVIDIA's
+    inflight_batcher_llm_client.py --streaming against such a repository got the whole sequence, prompt included.)"""
+    from trtllm_bdlora.errors import InputError
+    from trtllm_bdlora.serving.repository.core import check_not_decoupled
+
+    one = {"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([[3]], np.int32),
+           "request_output_len": np.array([[4]], np.int32)}
+    check_not_decoupled(one)
+    check_not_decoupled({**one, "streaming": np.array([[False]])})
+    with pytest.raises(InputError, match=r"^streaming is only supported .* decoupled mode") as info:
+        check_not_decoupled({**one, "streaming": np.array([[True]])})
+    assert info.value.status.grpc == "INVALID_ARGUMENT"
+    two = {"input_ids": np.array([[5, 6, 7], [8, 9, 10]], np.int32), "input_lengths": np.array([[3], [3]], np.int32),
+           "request_output_len": np.array([[4], [4]], np.int32)}
+    with pytest.raises(InputError, match=r"^input_ids has a batch of 2 requests: batch size > 1 requires"):
+        check_not_decoupled(two)

@@ -126,7 +126,7 @@ class TritonCoreModel:
                 self.ranks.stop(0)
             raise
         self.core = CoreModel(self.runtime, flag(params.get("exclude_input_in_output"), False),
-                              flag(params.get("normalize_log_probs"), True))
+                              flag(params.get("normalize_log_probs"), True), decoupled=self.decoupled)
         self.calls = TritonCalls(pb_utils, self.decoupled, self._run)
         self.stopping = threading.Event()
         threading.Thread(target=self._watch_runtime, name="bdlora-health", daemon=True).start()

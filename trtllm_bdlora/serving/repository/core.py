@@ -127,12 +127,24 @@ class Sequence:
         return ids[:-1] if self.request.finish_reason == "end_id" else ids
 
 
+def check_not_decoupled(inputs: dict[str, np.ndarray]) -> None:
+    """What the TensorRT-LLM backend refuses of a model that is not decoupled (utils.cc createRequestsFromInputTensors):
+    a batch of requests, and streaming."""
+    if "input_lengths" in inputs and inputs["input_lengths"].shape[0] > 1:
+        raise InputError("input_ids", f"has a batch of {inputs['input_lengths'].shape[0]} requests: batch size > 1 "
+                         "requires the tensorrt_llm model to use the decoupled transaction policy (decoupled_mode=true)")
+    if _flag(inputs, "streaming", 0):
+        raise InputError("streaming", "is only supported if the tensorrt_llm model is deployed in decoupled mode "
+                         "(decoupled_mode=true)")
+
+
 class CoreModel:
     spec = TENSORRT_LLM
 
     def __init__(self, runtime: Runtime, exclude_input_in_output: bool = False, normalize_log_probs: bool = True,
-                 on_finished=None):
+                 on_finished=None, decoupled: bool = True):
         self.runtime = runtime
+        self.decoupled = decoupled  # the model's transaction policy (decoupled_mode), whatever the call's transport
         self.on_finished = on_finished  # (request, ctx) for each finished sequence
         self.engine = runtime.engine
         self.exclude_input_default = exclude_input_in_output
@@ -243,6 +255,8 @@ class CoreModel:
                 self.runtime.cancel(req)
             yield ModelResponse({}, final=True)
             return
+        if not self.decoupled:
+            check_not_decoupled(inputs)
         seqs = self.sequences(inputs, ctx)
         streaming = _flag(inputs, "streaming", 0) and ctx.decoupled
         events: queue.Queue = queue.Queue()

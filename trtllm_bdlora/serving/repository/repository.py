@@ -54,7 +54,8 @@ class ModelServer:
         self.max_batch_size = int(values["triton_max_batch_size"])
         tokenizer = runtime.engine.tokenizer
         core = CoreModel(runtime, flag(values.get("exclude_input_in_output"), False),
-                         flag(values.get("normalize_log_probs"), True), on_finished=self._finished)
+                         flag(values.get("normalize_log_probs"), True), on_finished=self._finished,
+                         decoupled=flag(values.get("decoupled_mode"), True))
         self.models: dict[str, ServedModel] = {"tensorrt_llm": core}
         if tokenizer is not None:
             self.models["preprocessing"] = Preprocessing(tokenizer, flag(values.get("add_special_tokens"), True),
