@@ -187,6 +187,23 @@ def test_lora_on_first_use_then_cached(triton, reference, build, tokenizer):
     assert status == 200 and docs[0]["text_output"] == tokenizer.decode(reference[f"{TASK}-2"])
 
 
+def test_the_client_command_against_real_triton(triton, reference, build, tokenizer):
+    """`trtllm-bdlora client` (issue 22 defect 1) against the decoupled ensemble: with and without --stream, an adapter
+    sent on first use from --adapter-dir (the server does not know task TASK + 2), then cached."""
+    tp, server = triton
+    peft = build[2]
+    base = ["client", "--url", server.url, "--text", PROMPTS[0], "--max-tokens", str(MAX_TOKENS)]
+    for extra in ((), ("--stream",)):
+        res = run_cli(*base, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.removesuffix("\n") == tokenizer.decode(reference["None-0"]), extra
+    lora = ("--adapter", str(TASK + 2), "--adapter-dir", str(peft), "--tp", str(tp))
+    for extra in ((), ("--stream",)):  # first use: refused without weights, then sent converted; then cached
+        res = run_cli(*base, *lora, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.removesuffix("\n") == tokenizer.decode(reference[f"{TASK}-0"]), extra
+
+
 def test_stop_words_and_excluded_input(triton, reference, tokenizer):
     url = triton[1].url
     want = reference["None-1"]
