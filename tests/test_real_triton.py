@@ -136,7 +136,7 @@ def test_every_model_loads(triton):
 
 # ---------------------------------------------------------------------------- outputs equal generate
 def test_core_model_equals_generate_streaming_and_not(triton, reference, tokenizer):
-    url = triton[1].url
+    url, http_url = triton[1].url, triton[1].http_url
     for i, prompt in enumerate(PROMPTS):
         ids, want = tokenizer.encode(prompt), reference[f"None-{i}"]
         whole = stream(url, "tensorrt_llm", core_inputs(ids))
@@ -148,6 +148,11 @@ def test_core_model_equals_generate_streaming_and_not(triton, reference, tokeniz
         assert streamed.joined("output_ids") == want and streamed.responses[-1][1]
         excluded = stream(url, "tensorrt_llm", core_inputs(ids, exclude_input_in_output=TRUE))
         assert excluded.joined("output_ids") == want
+        doc = {"input_ids": ids, "input_lengths": len(ids), "request_output_len": MAX_TOKENS, "end_id": END}
+        status, docs = generate(http_url, "tensorrt_llm", doc)  # over HTTP: the generate extension
+        assert status == 200 and np.array(docs[0]["output_ids"]).reshape(-1).tolist() == ids + want, docs
+        status, events = generate(http_url, "tensorrt_llm", {**doc, "streaming": True}, streaming=True)
+        assert status == 200 and [t for e in events for t in np.array(e.get("output_ids", [])).reshape(-1).tolist()] == want
 
 
 def test_ensemble_and_bls_equal_generate_over_grpc_and_http(triton, reference, tokenizer):
