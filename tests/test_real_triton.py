@@ -3,8 +3,8 @@ the PyPI wheel nvidia-pytriton, `.ci/install-triton`) at TP 1 (started by `launc
 upstream launches it) and TP 2 (auto-completion on): every model loads; the tensorrt_llm model (Python backend over
 the torch engine, its second rank started by the model), the ensemble and the BLS answer over gRPC and HTTP with
 the tokens `generate` computes for the same prompt ids, LoRA adapters on first use and cached, stop words, excluded
-input; Triton's own rules hold (unary calls to decoupled models refused); bad requests get client error codes;
-cancelled streams stop generating; a dying rank fails its requests and stops the server.
+input, `trtllm-bdlora client`; Triton's own rules hold (unary calls to decoupled models refused); bad requests get
+client error codes; cancelled streams stop generating; a dying rank fails its requests and stops the server.
 
 These tests fail, never skip, when the server cannot be had (CI installs it)."""
 
