@@ -115,8 +115,8 @@ def _mpirun(hosts: NetnsHosts, argv: list[str]) -> None:
 def gloo_fit(hosts: NetnsHosts, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gloo.json"
-        _mpirun(hosts, [sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--gloo-worker", str(out),
-                        "--reps", str(reps), "--comm-interface", IFACE])
+        _mpirun(hosts, [sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "gloo-worker", str(out), str(reps),
+                        IFACE])
         raw = json.loads(out.read_text())
     return {kind: {"latency_s": a, "s_per_byte": b, "samples": s} for kind, s in raw["samples"].items()
             for a, b in [cpu_validate.fit(s)]}

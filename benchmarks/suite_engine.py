@@ -8,7 +8,6 @@ so only TP 1's are decode-step figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import threading
@@ -208,6 +207,7 @@ def _random_base(shape_cfg: dict, device: str, dtype: torch.dtype):
 
 def step_times(device: str, smoke: bool) -> list[dict]:
     """Decode step time per scheme (bench's interleaved measurement) at TP 1, 2, 4 on the one device."""
+    from trtllm_bdlora.config import BenchConfig
     from trtllm_bdlora.perf.bench import _follow, _lead, make_report, setup_schemes
 
     if smoke:
@@ -219,16 +219,18 @@ def step_times(device: str, smoke: bool) -> list[dict]:
     base = _random_base(cfg, device, getattr(torch, dtype))
     reports = []
     for tp in (1, 2) if smoke else (1, 2, 4):
-        args = argparse.Namespace(model=f"random llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']})",
-                                  tp=tp, batch=batch, prompt_len=32, steps=steps, num_adapters=4, rank=16, max_loras=8,
-                                  dtype=dtype, max_lora_rank=None)
+        config = BenchConfig(model=f"random llama ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']})",
+                             tp=tp, batch=batch, prompt_len=32, steps=steps, num_adapters=4, rank=16, max_loras=8,
+                             dtype=dtype)
 
-        def body(comm, args=args):
-            engine, pools = setup_schemes(comm, base, args)
+        def body(comm, config=config):
+            engine, pools = setup_schemes(comm, base, max_loras=config.max_loras, dtype=config.dtype,
+                                          max_lora_rank=config.max_lora_rank, num_adapters=config.num_adapters,
+                                          rank=config.rank)
             if comm.rank != 0:
                 _follow(engine, pools)
                 return None
-            return make_report(args, comm, _lead(engine, pools, args, [1 + i % 4 for i in range(args.batch)]))
+            return make_report(config, comm, _lead(engine, pools, config, [1 + i % 4 for i in range(config.batch)]))
 
         report = run_ranks(tp, device, body)[0]
         report["note"] = "decode step" if tp == 1 else "ranks serialized on one device: not a TP step time"

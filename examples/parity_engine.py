@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     comm = init_ranks(args.tp, "cpu")
     try:
         base = load_base_model("smollm2-135m")
-        engines = {scheme: Engine(comm, base, scheme, getattr(args, scheme), max_loras=1) for scheme in SCHEMES}
+        engines = {scheme: Engine(comm, base, scheme, [(a.task_id, a.directory) for a in getattr(args, scheme)], max_loras=1)
+                   for scheme in SCHEMES}
         if comm.rank != 0:
             for engine in engines.values():
                 engine.follow()
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         windows = json.loads(Path(args.windows).read_text())
         results = {"base": engine_nll(engines[SCHEMES[0]], None, windows, args.batch)}
         for scheme, engine in engines.items():
-            for task_id, _ in getattr(args, scheme):
+            for task_id in (a.task_id for a in getattr(args, scheme)):
                 results[f"{scheme}:{task_id}"] = engine_nll(engine, task_id, windows, args.batch)
             engine.lead(None)
         Path(args.output).write_text(json.dumps(results))

@@ -1,6 +1,45 @@
-import pytest
+import os
 
-from tests.helpers import make_peft_adapter, make_tiny_llama
+import pytest
+import torch
+
+# The Triton kernel runs in Triton's interpreter on CPU. Set before any test module is imported: @triton.jit reads
+# it when the kernel module is first imported, whichever test (or pytest-xdist worker) does that first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.helpers import make_peft_adapter, make_tiny_llama  # noqa: E402
+
+# Every test module's tier (pytest -m TIER); a test's own tier marker wins. unit: in this process only;
+# serve: runs the package's commands (serve, generate, bench, ...) as processes; container: builds and runs images;
+# route: the production route (real tritonserver, the TensorRT plugin and TensorRT-LLM stand-ins, compilers).
+TIERS = {
+    "unit": """adapter_cache adapter_files adapters config_json edge_units fuzz_decoders hosts_check kernel kserve_extensions_units
+        kv_cache layout logprobs_units lora_cpu rotary sampling serving_edge_owners serving_scheduler sharding
+        threads tiers triton_interface trtllm_network trtllm_request_adapters""",
+    "serve": """adapter_identity bench bench_exit build_cli cli edge_hostile engine_tp error_model example_adapters
+        generate_cli inspect
+        kserve_extensions liveness multi_host openai_api openai_examples openai_logprobs openai_units parity projection
+        rank_failure rank_liveness reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
+        smollm2 triton_serve""",
+    "container": "docker_cpu trtllm_docker",
+    "route": """aot gpu_suite model_repo_python model_repo_wheel plugin_build plugin_cmake real_triton real_triton_vs_serve
+        triton_repo trtllm_build trtllm_model_class trtllm_prefetch trtllm_runtime_model""",
+}
+TIER_OF = {f"test_{name}": tier for tier, names in TIERS.items() for name in names.split()}
+
+
+# The longest modules first, so that under pytest-xdist (.ci/run: -n 3 --dist loadfile) they do not start last
+SLOWEST_FIRST = """example_adapters parity multi_host real_triton docker_cpu bench_exit rank_liveness triton_serve smollm2
+    openai_logprobs engine_tp gpu_suite real_triton_vs_serve openai_api edge_hostile""".split()
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {f"test_{name}": i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(getattr(pytest.mark, TIER_OF[item.path.stem]))
 
 
 @pytest.fixture(scope="session")

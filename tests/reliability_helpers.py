@@ -120,3 +120,34 @@ def rank_processes(match: Callable[[list[bytes], list[bytes]], bool]) -> dict[in
 def marked_processes(marker: str) -> dict[int, int]:
     """rank -> pid of the rank processes whose environment holds `marker` (set by the test that started them)."""
     return rank_processes(lambda cmd, env: marker.encode() in env)
+
+
+def connections_to(pid: int, port: int) -> int:
+    """Established TCP connections of `pid` whose remote end is `port` (e.g. a rank's clients of rank 0's store)."""
+    inodes = _socket_inodes(pid)
+    count = 0
+    for proto in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "01" and _address(fields[2])[1] == port and int(fields[9]) in inodes:
+                count += 1
+    return count
+
+
+def store_port(pid: int) -> int:
+    """The rendezvous store port a rank of this package's launcher was given (TRTLLM_BDLORA_STORE)."""
+    for var in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if var.startswith(b"TRTLLM_BDLORA_STORE="):
+            return int(var.split(b":")[-1])
+    raise RuntimeError(f"pid {pid} is no rank of this package's launcher")
+
+
+def wait_heartbeat(pid: int, timeout: float = 120) -> None:
+    """Until the rank `pid` has opened its heartbeat's own connection to the store (its second one)."""
+    port = store_port(pid)
+    deadline = time.monotonic() + timeout
+    while connections_to(pid, port) < 2:
+        if time.monotonic() > deadline or not alive(pid):
+            raise TimeoutError(f"rank pid {pid} did not connect its heartbeat to the store on port {port}")
+        time.sleep(0.1)
+    time.sleep(0.5)

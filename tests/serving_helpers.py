@@ -26,9 +26,11 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, model: Path, adapters: dict[int | str, Path], tp: int = 2, max_loras: int = 8, extra=(),
-                 mpirun: bool = False, env: dict[str, str] | None = None):
+                 mpirun: bool = False, module: str = "trtllm_bdlora", env: dict[str, str] | None = None):
         """`mpirun`: start the ranks with the user's `mpirun -n tp` (stopped with SIGUSR1) instead of serve's own
-        launcher. `env`: more environment variables for the server."""
+        launcher. `module`: what runs the command line (`python -m MODULE serve ...`), e.g. a test entry point
+        wrapping the CLI; `env`: variables added to the server's environment."""
+        self.module = module
         self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
@@ -42,7 +44,7 @@ class Server:
             args += ["--adapter", f"{task_id}={directory}"]
         env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-{self.port}.log", "w+")
-        cmd = [sys.executable, "-m", "trtllm_bdlora", *args]
+        cmd = [sys.executable, "-m", module, *args]
         self.stop_signal = signal.SIGTERM
         if mpirun:
             from trtllm_bdlora.distributed.launch import mpirun_command
@@ -77,7 +79,8 @@ class Server:
     def rank_pids(self) -> dict[int, int]:
         """pid of each rank: processes whose command line names this server's port."""
         port = str(self.port).encode()
-        return rank_processes(lambda cmd, env: b"serve" in cmd and port in cmd and b"trtllm_bdlora" in cmd)
+        module = self.module.encode()
+        return rank_processes(lambda cmd, env: b"serve" in cmd and port in cmd and module in cmd)
 
     def stop(self) -> int:
         """SIGTERM (SIGUSR1 to mpirun), wait, and keep the log readable through `output()`."""

@@ -23,7 +23,7 @@ def test_cpu_validate_profile(tiny_llama, tmp_path):
     from tests.helpers import REPO
 
     out = tmp_path / "profile.json"
-    res = subprocess.run([sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--profile-only", "--model",
+    res = subprocess.run([sys.executable, "-m", "trtllm_bdlora", "cpu-validate", "--profile-only", "--model",
                           str(tiny_llama), "--tp", "1", "2", "--steps", "2", "--batch", "4", "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]

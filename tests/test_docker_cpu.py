@@ -320,5 +320,5 @@ def test_sigterm_stops_cleanly_within_30s(engine, container):
     took = time.monotonic() - start
     logs = container.logs()
     assert code == "0" and took < 30, logs
-    assert "trtllm-bdlora: stopped" in logs and "Traceback" not in logs, logs
+    assert " INFO trtllm_bdlora.server stopped" in logs and "Traceback" not in logs, logs
     print(f"stopped in {took:.1f} s after SIGTERM")

@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import make_peft_adapter, make_tiny_llama
+from tests.serve_with_faults import FAULT_ADAPTER_ENV
 from tests.serving_helpers import Server
 
 pytestmark = pytest.mark.serve
@@ -35,7 +36,7 @@ AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 GRPC_AUTH = {"authorization": f"Bearer {KEYS[0]}"}
 CAP, HEADER_S, BODY_S, MAX_QUEUE, MAX_BATCH = 24, 2, 2, 4, 2
 ORIGIN = "https://app.example"
-FAULT_ADAPTER = 7  # sampling raises for requests on this adapter (the server's fault-injection variable)
+FAULT_ADAPTER = 7  # sampling raises for requests on this adapter (tests/serve_with_faults.py)
 SERVED_NAME = "model"  # the --model directory's name: how /v1/models lists the base model
 HEALTH_RESERVE = 8
 QUEUE_FULL = "Exceeds maximum queue size"
@@ -68,7 +69,7 @@ def edge(tmp_path_factory):
         "--request-body-timeout", str(BODY_S), "--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH),
         "--api-key", KEYS[0], "--api-key", f"{KEYS[1]},spare-key", "--allowed-origins", ORIGIN,
         "--allow-adapter-loading", "--adapter-root", str(adapter_root), "--set", "decoupled_mode=false"],
-        env={"TRTLLM_BDLORA_INJECT_FAULT_ADAPTER": str(FAULT_ADAPTER)})
+        module="tests.serve_with_faults", env={FAULT_ADAPTER_ENV: str(FAULT_ADAPTER)})
     try:
         server.wait_ready()
         yield Edge(server, root, model, adapter_root)
@@ -353,7 +354,7 @@ def test_no_answer_shows_a_host_path_or_an_exception_name(edge):
     for model in ("tensorrt_llm", "preprocessing", "ensemble"):
         for what in ("config", ""):
             bodies.append(requests.get(f"{edge.kserve}/v2/models/{model}/{what}".rstrip("/"), headers=AUTH, timeout=10).text)
-    # internal errors: sampling raises for FAULT_ADAPTER (the server's fault injection)
+    # internal errors: sampling raises for FAULT_ADAPTER (the test entry point's fault)
     post(edge.openai, "/v1/completions", {"model": str(FAULT_ADAPTER), "prompt": "Hello", "max_tokens": 4})
     post(edge.kserve, "/v2/models/ensemble/generate", {"text_input": "Hello", "max_tokens": 4, "lora_task_id": FAULT_ADAPTER})
     client = grpcclient.InferenceServerClient(edge.server.url)

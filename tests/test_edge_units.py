@@ -21,7 +21,6 @@ from trtllm_bdlora.serving.edge.settings import (
     EdgeSettings,
     connection_cap,
     descriptors_needed,
-    edge_settings,
     split_keys,
     split_origins,
 )
@@ -125,12 +124,10 @@ def test_settings_are_checked_and_the_cap_fits_the_descriptor_limit():
         with pytest.raises(BdLoraError):
             EdgeSettings(**bad)
 
-    class Args:
-        api_key = None
-        max_connections = 50
-        request_header_timeout = 3.0
+    from trtllm_bdlora.cli import parse_config
 
-    assert edge_settings(Args()).max_connections == 50 and edge_settings(Args()).header_timeout == 3.0
+    edge = parse_config(["serve", "--max-connections", "50", "--request-header-timeout", "3"])[1].edge
+    assert edge.max_connections == 50 and edge.header_timeout == 3.0
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert connection_cap(10) == 10
     if hard != resource.RLIM_INFINITY:

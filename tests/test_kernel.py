@@ -142,7 +142,7 @@ def test_slot_tables_shapes():
     assert int(ptrs[0, 1, 0] - ptrs[0, 0, 0]) == 4 * 8 * 4 and meta[0, :, 2].tolist() == [4, 4, 4]
 
 
-def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_adapter, monkeypatch):
+def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_adapter):
     """The whole TP-1 engine gives the same logits with the Triton kernel, the batched CPU op and the torch reference."""
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
@@ -156,7 +156,7 @@ def test_engine_with_kernel_equals_reference_path(tiny_llama, bd_adapters, lora_
     chunks = [SeqChunk(i, tokens, 0, slot) for i, (tokens, slot) in enumerate(zip([[1, 2, 3, 4], [9, 8], [7, 7, 7], [5, 6]], slots))]
     outs = {}
     for path in ("reference", "torch", "triton"):
-        monkeypatch.setenv("TRTLLM_BDLORA_KERNEL", path)
+        engine.model.lora_kernel = path  # EngineConfig.lora_kernel (TRTLLM_BDLORA_KERNEL)
         outs[path] = engine.execute(StepPlan(chunks=chunks, all_logits=True))
         engine.execute(StepPlan(free=[0, 1, 2, 3]))
     assert float((outs["triton"] - outs["reference"]).abs().max()) < 1e-4

@@ -90,3 +90,16 @@ def test_no_circles():
     for node in sorted(edges):
         if node not in state:
             visit(node)
+
+
+def test_no_argparse_below_cli():
+    """Commands parse their flags in cli/ only; everything below takes configuration values (config.py)."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path).split(".")[0] == "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{module_name(path)} imports {n}" for n in names if n.split(".")[0] == "argparse"]
+    assert not found, "\n".join(found)

@@ -198,19 +198,19 @@ def test_preprocessing_refuses_text_too_long_for_the_engine_before_tokenizing(se
 
 def test_embedded_workers_agree_with_rank_0_on_what_they_run():
     """The Python tensorrt_llm's TP ranks 1..N-1 are `serve` workers, which first check that every rank runs the same
-    layout (distributed/hosts.py): the flags rank 0 checks them against are what the workers' command line parses to."""
+    layout (distributed/hosts.py): the workers' command line parses to rank 0's engine configuration, rank watch
+    (--rank-timeout) included."""
     from trtllm_bdlora.cli import build_parser
-    from trtllm_bdlora.trtllm.triton_core import worker_argv, worker_settings
+    from trtllm_bdlora.trtllm.triton_core import engine_config, worker_argv
 
     for params in ({}, {"lora_cache_max_adapter_size": "16", "lora_cache_host_memory_bytes": "70000"},
                    {"lora_cache_max_adapter_size": "${lora_cache_max_adapter_size}"}):
-        settings = worker_settings("/engines/e2", 3, params)
-        parsed = vars(build_parser().parse_args(worker_argv(settings)))
-        assert parsed["command"] == "serve" and parsed["tp"] == 3
-        for key in ("model", "tp", "scheme", "dtype", "max_loras", "max_lora_rank"):  # what hosts.fingerprint compares
-            assert parsed[key] == settings[key], key
-        assert settings["lora_cache_host_bytes"] in (None, parsed["lora_cache_host_bytes"])
-        assert settings["max_lora_rank"] == (16 if params.get("lora_cache_max_adapter_size") == "16" else None)
+        config = engine_config("/engines/e2", 3, params)
+        ns = build_parser().parse_args(worker_argv(config))
+        assert ns.command == "serve" and config.tp == 3
+        assert ns.configure(ns).engine == config
+        assert config.max_lora_rank == (16 if params.get("lora_cache_max_adapter_size") == "16" else None)
+        assert config.lora_cache_host_bytes == (70000 if "lora_cache_host_memory_bytes" in params else 1 << 30)
 
 
 def test_a_tensorrt_llm_that_is_not_decoupled_refuses_batches_and_streaming():

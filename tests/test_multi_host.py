@@ -24,8 +24,9 @@ import pytest
 
 from tests.helpers import REPO, make_peft_adapter, make_tiny_llama, run_cli
 from tests.netns_hosts import IFACE, Host, NetnsHosts, missing_requirements
-from trtllm_bdlora.distributed.comm import RANK_TIMEOUT_S
-from trtllm_bdlora.distributed.hosts import LOSS_CHECK_IN_S
+from trtllm_bdlora.config import DEFAULT_RANK_TIMEOUT_S
+from trtllm_bdlora.distributed.liveness import heartbeat_interval
+from trtllm_bdlora.serving.server import LOST_RANK_LINGER_S
 
 MAX_TOKENS = 8
 REQUESTS = [  # mixed adapters in one batch: BD-LoRA r16, plain LoRA, the base model, BD-LoRA r8
@@ -36,9 +37,11 @@ REQUESTS = [  # mixed adapters in one batch: BD-LoRA r16, plain LoRA, the base m
 ]
 PROMPTS = [("Hello there", 1), ("The capital of France is", 2), ("Once upon a time", None)]
 PORTS = {"--grpc-port": 19111, "--http-port": 19112, "--metrics-port": 19113, "--openai-port": 19114}
-# a host cut off: every rank ends within the process group's timeout, the check-in at rank 0's store and one
-# heartbeat; mpirun's daemons follow once TCP gives up on the lost host (tcp_retries2 = 5, docs/multi-host.md)
-CUT_OFF_BOUND_S = RANK_TIMEOUT_S + LOSS_CHECK_IN_S + 1 + 4
+# a host cut off: rank 0's rank watch finds its rank silent within --rank-timeout + 2 heartbeat intervals
+# (docs/reliability.md), serve answers "unavailable" for LOST_RANK_LINGER_S and exits; the cut-off rank finds rank 0
+# silent as fast; one second to exit; mpirun's daemons follow once TCP gives up on the lost host (tcp_retries2 = 5,
+# docs/multi-host.md)
+CUT_OFF_BOUND_S = DEFAULT_RANK_TIMEOUT_S + 2 * heartbeat_interval(DEFAULT_RANK_TIMEOUT_S) + LOST_RANK_LINGER_S + 1 + 4
 MPIRUN_BOUND_S = 45
 KILLED_BOUND_S = 5
 
@@ -164,7 +167,7 @@ def _start_serve(hosts: NetnsHosts, slots: list[tuple[Host, int]], model: Path, 
 
 def _wait_serving(proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while "OpenAI API on" not in log.read_text():
+    while " trtllm_bdlora.server serving models=" not in log.read_text():  # the line once every endpoint listens
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"serve did not start (exit {proc.poll()}): {log.read_text()[-3000:]}")
         time.sleep(0.3)
@@ -267,6 +270,7 @@ def test_host_lost_mid_generation(tiny_llama_with_tokenizer, tmp_path, loss):
             t0 = time.monotonic()
             hosts.link_down(h2) if loss == "cut off" else hosts.kill_host(h2)
             result = json.loads(client.stdout.readline())
+            client_s = time.monotonic() - t0
             client.wait(30)
             assert not result["finished"] and result["tokens"] < 200, result
             bound = CUT_OFF_BOUND_S if loss == "cut off" else KILLED_BOUND_S
@@ -275,8 +279,8 @@ def test_host_lost_mid_generation(tiny_llama_with_tokenizer, tmp_path, loss):
             ranks_left = {h.name: _rank_pids(hosts, h) for h in (h1, h2)}
             ranks_ended = time.monotonic() - t0
             rc = proc.wait(MPIRUN_BOUND_S)
-            print(f"HOST_LOST {loss}: ranks ended after {ranks_ended:.1f} s, mpirun exit {rc} after "
-                  f"{time.monotonic() - t0:.1f} s; client: {result}")
+            print(f"HOST_LOST {loss}: client answered after {client_s:.1f} s, ranks ended after {ranks_ended:.1f} s, "
+                  f"mpirun exit {rc} after {time.monotonic() - t0:.1f} s; client: {result}")
             assert not any(ranks_left.values()), ranks_left
             if loss == "cut off":  # rank 0 exits 1 first; mpirun reports that status
                 assert rc == 1

@@ -17,14 +17,14 @@ from trtllm_bdlora.engine.adapter_pool import shards_nbytes
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.runtime import Runtime, Submission
 from trtllm_bdlora.errors import BdLoraError, RequestError
-from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root
+from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_root
 from trtllm_bdlora.serving.openai.protocol import TextTracker, stream_piece
 
 
 def test_adapter_arg_forms():
     plain, named = parse_adapter_arg("3=/a/b=c"), parse_adapter_arg("org:tuned:4=/d")
-    assert tuple(plain) == (3, "/a/b=c") and plain.name == "3"
-    assert tuple(named) == (4, "/d") and named.name == "org:tuned"
+    assert (plain.task_id, plain.directory, plain.openai_name) == (3, "/a/b=c", "3")
+    assert (named.task_id, named.directory, named.openai_name) == (4, "/d", "org:tuned")
     for bad in ("x=/d", "0=/d", ":1=/d", "2:1=/d", "1=", "1"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_adapter_arg(bad)
@@ -51,22 +51,30 @@ def test_names_resolve_list_and_refuse():
 
 
 def test_adapter_root_confinement(tmp_path):
+    """Directories and files are opened beneath the root and checked by descriptor: a symlink leaving the root is
+    refused (403) where it is met, the directory or the file; a missing directory is a 404."""
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "ok").mkdir(parents=True)
     (root / "ok" / "adapter_config.json").write_text("{}")
     outside.mkdir()
     (outside / "adapter_model.safetensors").write_bytes(b"")
     (root / "link").symlink_to(outside)
+    (root / "inside_link").symlink_to(root / "ok")  # a symlink within the root is followed
     (root / "mixed").mkdir()
     (root / "mixed" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
-    resolved = adapter_root(str(root), True)
-    assert adapter_dir_under(resolved, "ok") == adapter_dir_under(resolved, str(root / "ok")) == resolved / "ok"
-    for path in (str(outside), "link", "../outside", "ok/../../outside", "mixed"):
+    opened = adapter_root(str(root), True)
+    for path in ("ok", str(root / "ok"), "inside_link"):
+        with opened.open_adapter(path) as directory:
+            assert directory.read_small("adapter_config.json", 100) == b"{}"
+    for path in (str(outside), "link", "../outside", "ok/../../outside"):
         with pytest.raises(BdLoraError) as info:
-            adapter_dir_under(resolved, path)
+            opened.open_adapter(path)
         assert info.value.status.http == 403, path
+    with opened.open_adapter("mixed") as directory, pytest.raises(BdLoraError) as info:
+        directory.open_file("adapter_model.safetensors")
+    assert info.value.status.http == 403 and "outside --adapter-root" in str(info.value)
     with pytest.raises(BdLoraError) as info:
-        adapter_dir_under(resolved, "missing")
+        opened.open_adapter("missing")
     assert info.value.status.http == 404
     assert adapter_root(None, False) is None
     with pytest.raises(BdLoraError):
@@ -106,7 +114,8 @@ def _run(runtime, adapter, max_tokens=12, on_token=None):
 
 
 def test_runtime_registers_and_retires_adapters_safely(tiny_llama, bd_adapters):
-    engine = Engine(Comm(), str(tiny_llama), "bdlora", [parse_adapter_arg(f"first:1={bd_adapters[0]}")], max_loras=2)
+    spec = parse_adapter_arg(f"first:1={bd_adapters[0]}")
+    engine = Engine(Comm(), str(tiny_llama), "bdlora", [(spec.task_id, spec.directory)], max_loras=2)
     runtime = Runtime(engine).start()
     try:
         done, reference = _run(runtime, 1)

@@ -117,11 +117,11 @@ def test_streams_beyond_the_bound_are_refused_and_health_still_answers(served):
         channel.close()
 
 
-@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port"])
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port", "--metrics-port", "--openai-port"])
 def test_a_taken_port_fails_serve_at_once(flag, served):
     taken = {"--grpc-port": served.port, "--http-port": served.http_port,
-             "--metrics-port": int(served.metrics_url.split(":")[2].split("/")[0])}[flag]
-    ports = {"--grpc-port": 0, "--http-port": 0, "--metrics-port": 0}
+             "--metrics-port": int(served.metrics_url.split(":")[2].split("/")[0]), "--openai-port": served.openai_port}[flag]
+    ports = {"--grpc-port": 0, "--http-port": 0, "--metrics-port": 0, "--openai-port": 0}
     ports = {f: (taken if f == flag else p) for f, p in ports.items()}
     from tests.serving_helpers import free_port
 

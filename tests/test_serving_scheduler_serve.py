@@ -16,14 +16,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.helpers import make_tiny_llama
+from tests.serve_with_faults import FAULT_ADAPTER_ENV
 from tests.serving_helpers import DecoupledAware, Server
 from tests.test_adapter_cache import random_request_adapter
-from trtllm_bdlora.engine.scheduler import INJECT_FAULT_ENV
 from trtllm_bdlora.llama.loader import load_model_config
 
 CONTEXT = 4096
 BUDGET = 256  # --max-num-tokens
-FAULT_ADAPTER = 11  # sampling raises for this adapter's requests (INJECT_FAULT_ENV)
+FAULT_ADAPTER = 11  # sampling raises for this adapter's requests (tests/serve_with_faults.py)
 SEED = int.from_bytes(os.urandom(4), "little")  # fresh prompts every run; printed in failures
 VOCAB = 49152
 
@@ -47,13 +47,9 @@ def served(tmp_path_factory):
     config["max_position_embeddings"] = CONTEXT
     (model / "config.json").write_text(json.dumps(config))
     cache = int(1.6 * request_adapter_bytes_per_rank(model, 16))  # one rank-16 request adapter and a rank-8 one
-    os.environ[INJECT_FAULT_ENV] = str(FAULT_ADAPTER)  # read by the server's scheduler at start-up
-    try:
-        server = Server(model, {}, tp=2, max_loras=2,
-                        extra=["--max-num-tokens", str(BUDGET), "--max-batch-size", "16", "--log-level", "info",
-                               "--lora-cache-host-bytes", str(cache)])
-    finally:
-        del os.environ[INJECT_FAULT_ENV]
+    server = Server(model, {}, tp=2, max_loras=2, module="tests.serve_with_faults", env={FAULT_ADAPTER_ENV: str(FAULT_ADAPTER)},
+                    extra=["--max-num-tokens", str(BUDGET), "--max-batch-size", "16", "--log-level", "info",
+                           "--lora-cache-host-bytes", str(cache)])
     try:
         server.wait_ready()
         yield server, model
@@ -258,3 +254,26 @@ def test_access_log_and_adapter_events(served, client):
     log = server.output()
     assert re.search(r"INFO trtllm_bdlora.adapters adapter registered task_id=23 source=request bytes=\d+", log)
     assert re.search(r"INFO trtllm_bdlora.adapters adapter evicted task_id=(11|21|22) reason=lru for=2[23]", log)
+
+
+def test_startup_phases_are_logged_with_durations(served):
+    """Every start-up phase of `serve --tp 2` has a line with its duration, in order, then one `serving` line; no
+    progress-bar carriage returns in the log file."""
+    server, _ = served
+    log = server.output()
+    assert "\r" not in log
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO "
+    order = [r"trtllm_bdlora\.startup checks done seconds=\d+\.\d",
+             r"trtllm_bdlora\.startup starting ranks tp=2 interface=lo",
+             r"trtllm_bdlora\.startup ranks started tp=2 seconds=\d+\.\d",
+             r"trtllm_bdlora\.startup loading weights done seconds=\d+\.\d",
+             r"trtllm_bdlora\.startup building the engine done seconds=\d+\.\d",
+             r"trtllm_bdlora\.startup opening the endpoints done seconds=\d+\.\d",
+             r"trtllm_bdlora\.server serving models=ensemble,postprocessing,preprocessing,tensorrt_llm,tensorrt_llm_bls "
+             rf"host=127\.0\.0\.1 grpc_port={server.port} .* tp=2 .* ready_seconds=\d+\.\d"]
+    at = 0
+    for pattern in order:
+        found = re.compile(stamp + pattern).search(log, at)
+        assert found, (pattern, log[-3000:])
+        at = found.end()
+    assert len(re.findall(stamp + r"trtllm_bdlora\.startup loading weights done", log)) == 1  # rank 0's only

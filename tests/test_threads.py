@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from trtllm_bdlora.cli import build_parser
+from trtllm_bdlora.cli import parse_config
 from trtllm_bdlora.distributed.launch import available_cores, default_threads_per_rank, init_ranks
 
 
@@ -18,6 +18,8 @@ def test_default_shares_the_cores_among_the_ranks():
 
 def test_init_ranks_applies_and_logs_the_threads(caplog):
     before = torch.get_num_threads()
+    package = logging.getLogger("trtllm_bdlora")  # once a command configured logging, it does not propagate
+    package.addHandler(caplog.handler)
     try:
         with caplog.at_level(logging.INFO, logger="trtllm_bdlora.launch"):
             init_ranks(1, "cpu", threads_per_rank=1)
@@ -26,13 +28,14 @@ def test_init_ranks_applies_and_logs_the_threads(caplog):
         init_ranks(1, "cpu")
         assert torch.get_num_threads() == default_threads_per_rank(1)
     finally:
+        package.removeHandler(caplog.handler)
         torch.set_num_threads(before)
 
 
 def test_flags_on_every_engine_command():
-    parser = build_parser()
     for command in ("serve", "generate"):
-        args = parser.parse_args([command, "--threads-per-rank", "3", "--kv-cache-bytes", "1000000"]
+        _, config = parse_config([command, "--threads-per-rank", "3", "--kv-cache-bytes", "1000000"]
                                  + (["--requests", "-"] if command == "generate" else []))
-        assert (args.threads_per_rank, args.kv_cache_bytes) == (3, 1000000)
-    assert parser.parse_args(["bench", "--threads", "2"]).threads_per_rank == 2  # bench's older name
+        assert (config.engine.threads_per_rank, config.engine.kv_cache_bytes) == (3, 1000000)
+    _, bench = parse_config(["bench", "--threads", "2", "--kv-cache-bytes", "1000000"])
+    assert (bench.threads_per_rank, bench.kv_cache_bytes) == (2, 1000000)  # --threads: bench's older name

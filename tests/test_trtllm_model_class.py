@@ -24,6 +24,7 @@ import pytest
 from tests.helpers import REPO
 from tests.trtllm_fakes import FAKE_MODULES, build_in_worker, write_fake_stack
 from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
+from trtllm_bdlora.config import BuildConfig
 from trtllm_bdlora.errors import BdLoraError
 
 # TensorRT-LLM 1.2-era sources, read through the project's index of public repositories (NVIDIA/TensorRT-LLM):
@@ -152,8 +153,8 @@ def test_trtllm_bdlora_build_passes_the_modules(fake_stack, tiny_llama, tmp_path
     from trtllm_bdlora.trtllm.build import build_trtllm_rank
 
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    args = argparse.Namespace(model=str(tiny_llama), tp=2, dtype="float16", max_batch_size=4, max_input_len=16,
-                              max_seq_len=None, max_lora_rank=16, output=str(tmp_path))
+    args = BuildConfig(model=str(tiny_llama), tp=2, output=str(tmp_path), dtype="float16", max_batch_size=4,
+                       max_input_len=16, max_lora_rank=16)
     build_trtllm_rank(args, 1)
     saved = json.loads((tmp_path / "rank1.engine").read_text())
     assert saved["prepared_with"]["lora_target_modules"] == list(TRTLLM_NAMES.values())

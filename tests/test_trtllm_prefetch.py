@@ -2,7 +2,6 @@
 fill-model-repo (empty unless set), and a local prefetch directory is checked: prefetched adapters skip
 `preprocessing`, so each must already be in the BD-LoRA engine's form, dtype and rank limit."""
 
-import argparse
 import json
 
 import pytest
@@ -11,6 +10,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter, write_converted
+from trtllm_bdlora.config import FillRepoConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.llama.loader import load_model_config
 from trtllm_bdlora.trtllm.triton_repo import fill_main, fill_model_repo
@@ -96,8 +96,8 @@ def test_without_the_engine_only_the_layout_is_checked(lora_adapter, tmp_path):
 
 
 def test_cli_notes_a_directory_it_cannot_see(engine, tmp_path, capsys):
-    args = argparse.Namespace(engine_dir=str(engine), tokenizer_dir="/t", tp=None, max_batch_size=64, max_lora_rank=None,
-                              output=str(tmp_path / "repo"), set=["lora_prefetch_dir=/adapters/prefetch"])
+    args = FillRepoConfig(engine_dir=str(engine), tokenizer_dir="/t", output=str(tmp_path / "repo"),
+                          settings=("lora_prefetch_dir=/adapters/prefetch",))
     assert fill_main(args) == 0
     out = capsys.readouterr().out
     assert "note: lora_prefetch_dir /adapters/prefetch is not a directory here, so its adapters were not checked" in out

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 class ErrorKind(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"  # the request (or a command's argument) is wrong: do not retry as is
     NOT_FOUND = "not_found"  # no such model or adapter (or an adapter no longer cached)
+    ALREADY_EXISTS = "already_exists"  # a name taken (a shared-memory region registered twice)
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     TOO_LARGE = "too_large"  # a request body over the limit, refused before it is read
@@ -31,6 +32,7 @@ class Status:
 STATUS: dict[ErrorKind, Status] = {
     ErrorKind.INVALID_ARGUMENT: Status("INVALID_ARGUMENT", 400, "BadRequestError"),
     ErrorKind.NOT_FOUND: Status("NOT_FOUND", 404, "NotFoundError"),
+    ErrorKind.ALREADY_EXISTS: Status("ALREADY_EXISTS", 400, "BadRequestError"),  # HTTP 400 as Triton answers it
     ErrorKind.UNAUTHENTICATED: Status("UNAUTHENTICATED", 401, "AuthenticationError"),
     ErrorKind.PERMISSION_DENIED: Status("PERMISSION_DENIED", 403, "PermissionDeniedError"),
     ErrorKind.TOO_LARGE: Status("RESOURCE_EXHAUSTED", 413, "BadRequestError"),
@@ -95,6 +97,10 @@ class AdapterNotCachedError(NotFoundError):
         self.task_id = task_id
 
 
+class AlreadyExistsError(RequestError):
+    kind = ErrorKind.ALREADY_EXISTS
+
+
 class PermissionDeniedError(RequestError):
     kind = ErrorKind.PERMISSION_DENIED
 
@@ -129,6 +135,16 @@ class ServerUnavailableError(RequestError):
     """The server is shutting down (or cannot serve now): go elsewhere."""
 
     kind = ErrorKind.UNAVAILABLE
+
+
+class LostRankError(ServerUnavailableError):
+    """A rank of the TP group died or stopped responding (no heartbeat for --rank-timeout): this server can serve
+    nothing more and is going away. Pending and new requests get this, retryable elsewhere (UNAVAILABLE / 503).
+    `detail` (the lost rank's PID and host, the collective's error) is for the server's log only."""
+
+    def __init__(self, message: str, param: str | None = None, detail: str | None = None):
+        super().__init__(message, param)
+        self.detail = detail
 
 
 class InternalError(BdLoraError):

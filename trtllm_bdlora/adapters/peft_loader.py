@@ -1,24 +1,32 @@
 """Read a PEFT LoRA / BD-LoRA adapter directory into the canonical form, validating every tensor.
 
-Only `.safetensors` is read: pickled checkpoints (`.bin`, `.pt`, `.pth`) are refused, never loaded.
+Only `.safetensors` is read: pickled checkpoints (`.bin`, `.pt`, `.pth`) are refused, never loaded. The directory
+and each file are opened once (adapters/files.py; under --adapter-root, checked to lie beneath it) and read from
+those descriptors. Before any tensor is read, the safetensors header is checked (safetensors_file.py) against the
+config's rank, the base model's module shapes, `max_lora_rank` and `max_elements` (what the host cache of every
+rank can hold): nothing larger than a valid adapter can be is ever read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
 
+from trtllm_bdlora.adapters.files import AdapterDir
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.adapters.safetensors_file import FLOAT_DTYPES, TensorEntry, read_header, read_tensor
 from trtllm_bdlora.errors import AdapterError
 from trtllm_bdlora.llama.shape import LLAMA_MODULES, MODULE_PARENT, LlamaShape, module_role
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_CONFIG_BYTES = 1 << 20
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$"
 )
@@ -32,12 +40,13 @@ def _pattern_value(patterns: dict, module_name: str, default):
     return default
 
 
-def _read_config(directory: Path) -> dict:
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
+def _read_config(adir: AdapterDir) -> dict:
+    config_path = Path(adir.display) / CONFIG_FILE
+    text = adir.read_small(CONFIG_FILE, MAX_CONFIG_BYTES)
+    if text is None:
         raise AdapterError(f"{config_path}: missing (not a PEFT adapter directory)")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{config_path}: invalid JSON ({err})") from None
     if not isinstance(config, dict):
@@ -62,23 +71,90 @@ def _read_config(directory: Path) -> dict:
     return config
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    weights_path = directory / WEIGHTS_FILE
-    if not weights_path.is_file():
-        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+def _open_weights(adir: AdapterDir) -> int:
+    fd = adir.open_file(WEIGHTS_FILE)
+    if fd is None:
+        pickled = sorted(n for n in adir.names() if Path(n).suffix in PICKLE_SUFFIXES)
         if pickled:
             raise AdapterError(
-                f"{directory / pickled[0]}: pickled checkpoints are refused (never unpickled); "
+                f"{Path(adir.display) / pickled[0]}: pickled checkpoints are refused (never unpickled); "
                 f"re-save the adapter with save_pretrained(..., safe_serialization=True)"
             )
-        raise AdapterError(f"{weights_path}: missing")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+        raise AdapterError(f"{Path(adir.display) / WEIGHTS_FILE}: missing")
+    return fd
 
+
+def _configured_ranks(config: dict) -> int:
+    """The largest rank the config allows any module (r, or a rank_pattern value)."""
+    ranks = [config["r"], *(v for v in (config.get("rank_pattern") or {}).values())]
+    return max(r for r in ranks if isinstance(r, int) and not isinstance(r, bool))
+
+
+def check_declared(what: str, entries: list[TensorEntry], configured_rank: int, max_lora_rank: int | None,
+                   shape: LlamaShape | None, max_elements: int | None,
+                   budget: str = "the host LoRA cache") -> dict[tuple[int, str, str], TensorEntry]:
+    """The LoRA tensors a safetensors header declares, keyed by (layer, module, factor), each checked before it is
+    read: a Llama LoRA name, once only, a float dtype, 2-D; then every lora_A's rank within `max_lora_rank`; then
+    every rank dimension within `configured_rank` and the other within the base model's module (when `shape` is
+    known); and all of them together within `max_elements` (what `budget` holds, for the message)."""
+    declared: dict[tuple[int, str, str], TensorEntry] = {}
+    for e in entries:
+        match = _KEY.match(e.name)
+        if not match:
+            raise AdapterError(f"{what}: unsupported tensor {e.name!r} (only Llama q/k/v/o/gate/up/down LoRA)")
+        layer, name, factor = int(match[1]), match[3], match[4]
+        if name not in LLAMA_MODULES:
+            raise AdapterError(f"{what}: unknown target module {name!r} in {e.name!r}")
+        if (layer, name, factor) in declared:
+            raise AdapterError(f"{what}: layer {layer} {name} lora_{factor} is declared twice "
+                               f"({declared[layer, name, factor].name!r} and {e.name!r})")
+        if e.dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{what}: {e.name} has non-float dtype {e.dtype}")
+        if len(e.shape) != 2:
+            raise AdapterError(f"{what}: {e.name}: lora_{factor} must be 2-D, got {list(e.shape)}")
+        if shape is not None and layer >= shape.num_layers:
+            raise AdapterError(f"{what}: {e.name}: layer {layer} but the base model has {shape.num_layers} layers "
+                               "(base-model mismatch)")
+        declared[layer, name, factor] = e
+    if not declared:
+        raise AdapterError(f"{what}: no LoRA tensors found")
+    for (layer, name, factor), e in sorted(declared.items()):  # lora_A's first dimension is the module's rank
+        if factor == "A" and max_lora_rank is not None and e.shape[0] > max_lora_rank:
+            raise AdapterError(f"{what}: layer {layer} {name} has rank {e.shape[0]}, over --max-lora-rank "
+                               f"{max_lora_rank}: refused before reading")
+    rank_cap = configured_rank if max_lora_rank is None else min(configured_rank, max_lora_rank)
+    total = 0
+    for (layer, name, factor), e in sorted(declared.items()):
+        rank_dim, other = (e.shape[0], e.shape[1]) if factor == "A" else (e.shape[1], e.shape[0])
+        limit = None if shape is None else shape.module_dims(name)[0 if factor == "A" else 1]
+        if rank_dim > rank_cap or (limit is not None and other > limit):
+            dims = f"rank <= {rank_cap}" + (f", {'in' if factor == 'A' else 'out'} <= {limit}" if limit else "")
+            raise AdapterError(f"{what}: {e.name} declares {e.dtype} {list(e.shape)} ({e.end - e.begin} bytes), "
+                               f"larger than layer {layer} {name} lora_{factor} can be ({dims}): refused before reading")
+        total += e.numel
+        if max_elements is not None and total > max_elements:
+            raise AdapterError(f"{what}: the tensors declare more than {max_elements} values, more than {budget} can "
+                               "hold: refused before reading")
+    return declared
+
+
+def _read_weights(adir: AdapterDir, config: dict, shape: LlamaShape | None, max_lora_rank: int | None,
+                  max_elements: int | None, budget: str) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """(layer, module) -> {"A": tensor, "B": tensor}, every tensor checked from the header before it is read."""
+    what = str(Path(adir.display) / WEIGHTS_FILE)
+    fd = _open_weights(adir)
     try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise AdapterError(f"{weights_path}: unreadable safetensors ({str(err).splitlines()[0]})") from None
+        declared = check_declared(what, read_header(fd, what), _configured_ranks(config), max_lora_rank, shape,
+                                  max_elements, budget)
+        pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        for (layer, name, factor), entry in sorted(declared.items()):
+            tensor = read_tensor(fd, entry, what)
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{what}: {entry.name} contains NaN or Inf")
+            pairs.setdefault((layer, name), {})[factor] = tensor
+        return pairs
+    finally:
+        os.close(fd)
 
 
 def _bd_factor(bd_config: dict | None, module_path: str) -> str | None:
@@ -137,16 +213,25 @@ def _scaling(config_path: Path, module_path: str, alpha, r: int, rslora: bool) -
     return scaling
 
 
-def load_peft_adapter(
-    path: str | Path, model_shape: LlamaShape | None = None, dtype: torch.dtype = torch.float32
-) -> Adapter:
-    """Load and validate a PEFT LoRA or BD-LoRA adapter directory; raises AdapterError on bad input."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise AdapterError(f"{directory}: adapter directory not found")
-    config = _read_config(directory)
-    tensors = _read_weights(directory)
+def load_peft_adapter(path: str | Path | AdapterDir, model_shape: LlamaShape | None = None,
+                      dtype: torch.dtype = torch.float32, max_lora_rank: int | None = None,
+                      max_elements: int | None = None, budget: str = "the host LoRA cache") -> Adapter:
+    """Load and validate a PEFT LoRA or BD-LoRA adapter directory (a path, or an AdapterDir already opened, e.g.
+    beneath --adapter-root); raises AdapterError on bad input. With `model_shape`, `max_lora_rank` and
+    `max_elements` (what `budget` holds), a header declaring more than they allow is refused before any tensor
+    is read."""
+    if isinstance(path, AdapterDir):
+        return _load(path, model_shape, dtype, max_lora_rank, max_elements, budget)
+    with AdapterDir.open(path) as adir:
+        return _load(adir, model_shape, dtype, max_lora_rank, max_elements, budget)
+
+
+def _load(adir: AdapterDir, model_shape: LlamaShape | None, dtype: torch.dtype, max_lora_rank: int | None,
+          max_elements: int | None, budget: str) -> Adapter:
+    directory = Path(adir.display)
+    config = _read_config(adir)
     weights_path = directory / WEIGHTS_FILE
+    pairs = _read_weights(adir, config, model_shape, max_lora_rank, max_elements, budget)
 
     bd_config = config.get("use_bdlora")
     if bd_config is not None and not isinstance(bd_config, dict):
@@ -154,22 +239,6 @@ def load_peft_adapter(
     nblocks = int(bd_config.get("nblocks", 1)) if bd_config else 1
     if nblocks < 1:
         raise AdapterError(f"{directory / CONFIG_FILE}: nblocks must be >= 1, got {nblocks}")
-
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if not match:
-            raise AdapterError(f"{weights_path}: unsupported tensor {key!r} (only Llama q/k/v/o/gate/up/down LoRA)")
-        layer, parent, name, factor = int(match[1]), match[2], match[3], match[4]
-        if name not in LLAMA_MODULES:
-            raise AdapterError(f"{weights_path}: unknown target module {name!r} in {key!r}")
-        if not torch.is_floating_point(tensor):
-            raise AdapterError(f"{weights_path}: {key} has non-float dtype {tensor.dtype}")
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"{weights_path}: {key} contains NaN or Inf")
-        pairs.setdefault((layer, name), {})[factor] = tensor
-    if not pairs:
-        raise AdapterError(f"{weights_path}: no LoRA tensors found")
 
     rslora = bool(config.get("use_rslora"))
     modules: dict[tuple[int, str], LoraFactors] = {}
@@ -201,5 +270,5 @@ def load_peft_adapter(
         nblocks=nblocks,
         modules=modules,
         base_model=config.get("base_model_name_or_path"),
-        stored_dtype=next(iter(tensors.values())).dtype,
+        stored_dtype=next(iter(next(iter(pairs.values())).values())).dtype,
     )

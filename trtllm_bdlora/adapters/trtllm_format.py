@@ -203,11 +203,17 @@ def _block_diagonal_stack(m: torch.Tensor, nblocks: int) -> torch.Tensor | None:
     return torch.cat(blocks)
 
 
-def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | None, path: str) -> list[tuple]:
+def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | None, path: str,
+                         max_elements: int | None = None, tp: int = 1) -> list[tuple]:
     """Everything about `lora_config` and the size of `lora_weights`, checked before any value is read or copied:
-    known modules and layers, no row twice, ranks in (0, max_rank], and `lora_weights` exactly [rows, width] with
-    width the widest row's rank*(in+out) (rows are zero-padded to it, as TensorRT-LLM's converter writes them).
-    Returns (name, layer, rank, in, out) per row."""
+    known modules and layers, no row twice, ranks in (0, max_rank], no more values than `max_elements` (what the
+    host cache of every rank holds together) could ever hold, and `lora_weights` exactly [rows, width] with width
+    the widest row's rank*(in+out) (rows are zero-padded to it, as TensorRT-LLM's converter writes them).
+    Returns (name, layer, rank, in, out) per row.
+
+    A request writes a block-diagonal factor out densely (zeros off the blocks): kept block-diagonal over `tp`
+    ranks, a row of rank*(in+out) values takes at least rank*(in+out)/tp of them in the caches. Only more than that
+    can never fit; what fits an empty cache but not the cache as it is, is the PEFT cache's refusal (retryable)."""
     if c.ndim != 2 or c.shape[1] not in (3, 4) or not np.issubdtype(c.dtype, np.integer):
         raise AdapterError(f"{path}: lora_config must be integer [rows, 3], got {c.dtype} {list(c.shape)}")
     if c.shape[0] == 0:
@@ -232,6 +238,11 @@ def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | No
             raise AdapterError(f"{path}: lora_config lists layer {layer} {name} twice")
         seen.add((layer, name))
         rows.append((name, layer, r, *shape.module_dims(name)))
+    values = sum(r * (i + o) for _, _, r, i, o in rows)
+    if max_elements is not None and values > max_elements * tp:
+        kept = f" (at least 1/{tp} of them kept, block-diagonal over {tp} ranks)" if tp > 1 else ""
+        raise AdapterError(f"{path}: lora_config describes {values} values{kept}, more than the whole host LoRA cache "
+                           f"of every rank holds ({max_elements}; --lora-cache-host-bytes)")
     width = max(r * (i + o) for _, _, r, i, o in rows)
     if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) or tuple(w.shape) != (len(rows), width):
         raise AdapterError(f"{path}: lora_config needs lora_weights of float [{len(rows)}, {width}] (rank*(in+out) of "
@@ -239,19 +250,30 @@ def _check_request_sizes(w: np.ndarray, c: np.ndarray, shape, max_rank: int | No
     return rows
 
 
-def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>", max_rank: int | None = None) -> Adapter:
+def check_request_adapter(weights, config, shape, max_rank: int | None = None, max_elements: int | None = None,
+                          path: str = "<request>", tp: int = 1) -> None:
+    """The sizes and limits of a request's `lora_weights` / `lora_config`, before any value is read (hashed,
+    converted or copied): AdapterError in one line."""
+    w = np.asarray(weights)
+    if w.dtype == BF16_STORAGE or w.dtype.name == "bfloat16":
+        w = w.view(np.float16)  # 2-byte values all the same: only the sizes are checked here
+    w, c = _unbatched(w, np.asarray(config))
+    _check_request_sizes(w, c, shape, max_rank, path, max_elements, tp)
+
+
+def _unbatched(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (w[0] if w.ndim == 3 and w.shape[0] == 1 else w), (c[0] if c.ndim == 3 and c.shape[0] == 1 else c)
+
+
+def adapter_from_trtllm(weights, config, shape, tp: int = 1, path: str = "<request>", max_rank: int | None = None,
+                        max_elements: int | None = None) -> Adapter:
     """A request's `lora_weights` / `lora_config` (TensorRT-LLM format) as an Adapter, validated (sizes and the
     rank cap before anything is copied). Scaling is already folded into B. Dense factors that are block-diagonal
     over `tp` blocks are kept as BD-LoRA (column: B, row: A), so the torch backend serves them communication-free."""
     from trtllm_bdlora.llama.shape import module_role
 
-    w = np.asarray(weights)
-    c = np.asarray(config)
-    if w.ndim == 3 and w.shape[0] == 1:
-        w = w[0]
-    if c.ndim == 3 and c.shape[0] == 1:
-        c = c[0]
-    rows = _check_request_sizes(w, c, shape, max_rank, path)
+    w, c = _unbatched(np.asarray(weights), np.asarray(config))
+    rows = _check_request_sizes(w, c, shape, max_rank, path, max_elements, tp)
     if not np.isfinite(w).all():
         raise AdapterError(f"{path}: lora_weights contain NaN or Inf")
     modules: dict = {}

@@ -4,13 +4,15 @@ goes over ModelStreamInfer, with the `stream` input deciding whether tokens come
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 
 import numpy as np
 
 from trtllm_bdlora.adapters.trtllm_format import BF16_STORAGE
+from trtllm_bdlora.cli.flags import Flags, command, section_values
+from trtllm_bdlora.cli.launching import Invocation
+from trtllm_bdlora.config import ClientConfig, split_keys
 from trtllm_bdlora.errors import BdLoraError
 
 UNKNOWN_ADAPTER = "not found in cache"  # TensorRT-LLM's wording for a task id sent without weights
@@ -110,14 +112,40 @@ def stream(client, text: str, max_tokens: int, task_id: int | None = None, lora:
         client.stop_stream()
 
 
-def main(args: argparse.Namespace) -> int:
+def add_commands(sub) -> None:
+    p = command(sub, "client", help="send one request to a serve / Triton endpoint with tritonclient",
+                description="Send one text request to the `ensemble` model over KServe v2 gRPC with tritonclient "
+                            "(against `serve` and production Triton alike; a decoupled ensemble, the repository's "
+                            "default, is asked over a stream, as Triton requires) and print the generated text. With "
+                            "--adapter-dir, an adapter the server does not hold is converted and sent with the request.",
+                configure=client_config, run=run_client)
+    flags = Flags(p, ClientConfig, "client")
+    flags.add("--url", metavar="HOST:PORT", help="the server's gRPC endpoint")
+    flags.add("--text", help="the prompt (plain text, sent as text_input)")
+    flags.add("--max-tokens", type=int, help="tokens to generate at most")
+    flags.add("--adapter", type=int, metavar="ID", help="lora_task_id of the adapter to run (default: none, the base "
+                                                        "model)")
+    flags.add("--adapter-dir", metavar="DIR", help="PEFT adapter to convert and send if the server lacks --adapter")
+    flags.add("--tp", type=int, help="the server's TP (the --adapter-dir conversion's form)")
+    flags.add("--temperature", type=float, help="0 is greedy; above 0 samples (top_p 1, seed 0)")
+    flags.add("--stream", action="store_true", help="stream the text as it is generated (ModelStreamInfer)")
+    flags.add("--api-key", metavar="KEY", help="the server's API key, sent as `authorization: Bearer KEY` (default: the "
+                                               "first key of the API_KEY environment variable, else none)")
+
+
+def client_config(ns) -> ClientConfig:
+    values = section_values(ns, "client")
+    values["api_key"] = values["api_key"] or (split_keys(None, os.environ) or (None,))[0]  # environment: read once
+    return ClientConfig(**values)
+
+
+def run_client(args: ClientConfig, invocation: Invocation | None = None) -> int:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     client = grpcclient.InferenceServerClient(args.url)
     lora = None
-    key = getattr(args, "api_key", None) or os.environ.get("API_KEY", "").split(",")[0].strip()
-    headers = {"authorization": f"Bearer {key}"} if key else None
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else None
 
     def run():
         if args.stream:

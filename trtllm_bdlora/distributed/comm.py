@@ -3,6 +3,11 @@
 Every collective is recorded as (kind, bytes, category) where category is "base" or "lora",
 so `generate --stats` can show that BD-LoRA adds no LoRA collectives. A collective that fails because
 another rank died (or timed out) raises RankLostError, so a rank can tell that consequence from a cause.
+
+A collective waits for the other ranks up to launch.COLLECTIVE_TIMEOUT_S, on one machine as across hosts: the
+last resort only. A rank that stops, hangs or is cut off is found by the one liveness mechanism, the rank watch
+(liveness.py: heartbeats through rank 0's store, `--rank-timeout`), which ends the run while the collectives
+still wait; a rank that dies is seen at once, by the connections it closes.
 """
 
 from __future__ import annotations
@@ -12,12 +17,6 @@ import json
 from dataclasses import dataclass, field
 
 import torch
-
-# In a launch across hosts, once the ranks run plans together (Comm.arm_rank_timeout), a collective waits at most
-# this long for another rank: every wait is short from then on (rank 0's planning, or an idle server's heartbeat
-# every second), so a rank on a host cut off the network, or a hung one, fails every other rank's collective
-# within this bound (docs/multi-host.md). Before it, launch.COLLECTIVE_TIMEOUT_S covers loading the model.
-RANK_TIMEOUT_S = 15.0
 
 
 class RankLostError(RuntimeError):
@@ -82,34 +81,16 @@ class Comm:
         self.hosts = hosts or ["localhost"] * world  # each rank's hostname and interface address
         self.addrs = addrs or ["127.0.0.1"] * world
         self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
-        # across hosts, once the ranks run plans together, collectives wait at most RANK_TIMEOUT_S (on one machine
-        # a dead rank is seen at once; a hung one is left to the 600 s of launch.COLLECTIVE_TIMEOUT_S)
-        self._armed = not self.multi_host
+        self.watch = None  # this rank's liveness.RankWatch, in a multi-rank launch
 
     @property
     def multi_host(self) -> bool:
         return len(set(self.hosts)) > 1
 
-    def arm_rank_timeout(self) -> None:
-        """From now on (the ranks run plans: serving, generating, benchmarking) a collective across hosts waits at
-        most RANK_TIMEOUT_S. Each rank arms itself; a worker when it receives its first plan."""
-        if self._armed:
-            return
-        from datetime import timedelta
-
-        import torch.distributed.distributed_c10d as c10d
-
-        c10d._set_pg_timeout(timedelta(seconds=RANK_TIMEOUT_S))
-        self._armed = True
-
-    @_collective
-    def heartbeat(self) -> None:
-        """Every rank, between plans of an idle server: a round trip through every rank, so that rank 0 too waits
-        (at most RANK_TIMEOUT_S) for a rank that stopped answering."""
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+    def stop_watch(self) -> None:
+        """The run ends cleanly: stop this rank's heartbeat and its watch over the others."""
+        if self.watch is not None:
+            self.watch.stop()
 
     @_collective
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:

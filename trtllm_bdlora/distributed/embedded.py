@@ -3,7 +3,9 @@ Python backend stub), which cannot be relaunched as N ranks the way `serve --tp 
 
 Ranks 1..N-1 run `trtllm-bdlora <argv>` (e.g. `serve ...`, whose workers only follow rank 0's plans) under the
 same variables this package's launcher passes (launcher.py): they bind to loopback (or `interface`), die with
-this process (parent-death signal), and leave a fatal error in the run directory, which `cause()` reads.
+this process (parent-death signal), and leave a fatal error in the run directory, which `cause()` reads. Every
+rank runs the rank watch (liveness.py, `--rank-timeout`) as in any launch: a worker that exits is seen here at
+once, one that stops or hangs within the timeout.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+from trtllm_bdlora.config import DEFAULT_RANK_TIMEOUT_S
 from trtllm_bdlora.distributed.launch import (
     LAUNCHER_ENV,
     RANK_ENV,
@@ -40,7 +43,10 @@ class EmbeddedRanks:
     (from a watcher thread) when a worker exits unasked."""
 
     def __init__(self, tp: int, argv: list[str], device: str | None = None, interface: str | None = None,
-                 on_lost=None, python: str | None = None):
+                 on_lost=None, python: str | None = None, threads_per_rank: int | None = None,
+                 rank_timeout: float = DEFAULT_RANK_TIMEOUT_S, on_unresponsive=None):
+        """`rank_timeout`: the rank watch's (liveness.py), as `--rank-timeout`; `on_unresponsive(RankLost)` replaces
+        its default answer (this process reports the rank and exits) once the group has formed."""
         self.tp, self.on_lost = tp, on_lost
         self.procs: list[subprocess.Popen] = []
         self.stopping = threading.Event()
@@ -61,7 +67,7 @@ class EmbeddedRanks:
             saved = {k: os.environ.get(k) for k in mine}
             os.environ.update(mine)
             try:
-                self.comm = init_ranks(tp, device, interface)
+                self.comm = init_ranks(tp, device, interface, threads_per_rank, rank_timeout, "tensorrt_llm")
             finally:  # this process is no rank of a launch for anything else it runs
                 for key, value in saved.items():
                     if value is None:
@@ -72,6 +78,8 @@ class EmbeddedRanks:
             listener.close()
             self.stop(0)
             raise
+        if self.comm.watch is not None and on_unresponsive is not None:
+            self.comm.watch.on_lost = on_unresponsive
         threading.Thread(target=self._watch, name="bdlora-ranks", daemon=True).start()
 
     def _watch(self) -> None:
@@ -96,9 +104,15 @@ class EmbeddedRanks:
         reports.sort(key=lambda r: (bool(r.get("secondary")), int(r.get("rank", 0))))
         return f"rank {reports[0]['rank']}: {reports[0]['message']}" if reports else None
 
+    def expect_exit(self) -> None:
+        """Rank 0 is about to tell the workers to stop: their exits are no loss (no watcher reports them)."""
+        self.stopping.set()
+        if getattr(self, "comm", None) is not None:
+            self.comm.stop_watch()
+
     def stop(self, grace: float = FOLLOW_GRACE_S) -> None:
         """After rank 0 told the workers to stop (or failed): wait for them, then end those still running."""
-        self.stopping.set()
+        self.expect_exit()
         deadline = time.monotonic() + grace
         for proc in self.procs:
             try:

@@ -17,10 +17,13 @@ import signal
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
+from trtllm_bdlora.config import DEFAULT_RANK_TIMEOUT_S
+from trtllm_bdlora.distributed.liveness import RankLost, RankWatch
 from trtllm_bdlora.errors import BdLoraError
 
 RANK_ENV = "TRTLLM_BDLORA_RANK"
@@ -29,11 +32,14 @@ STORE_ENV = "TRTLLM_BDLORA_STORE"  # host:port of rank 0's rendezvous store
 STORE_FD_ENV = "TRTLLM_BDLORA_STORE_FD"  # rank 0: the store's listening socket, bound by the launcher
 RUN_DIR_ENV = "TRTLLM_BDLORA_RUN_DIR"  # where ranks leave their fatal error for the launcher
 LAUNCHER_ENV = "TRTLLM_BDLORA_LAUNCHER_PID"
+STARTED_ENV = "TRTLLM_BDLORA_STARTED"  # when the command that started the ranks started (seconds since the epoch)
+SPAWNED_ENV = "TRTLLM_BDLORA_SPAWNED"  # when the launcher started the rank processes (seconds since the epoch)
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"
-# A collective waits at most this long for the other ranks (a hung, not dead, rank: a dead one is seen at once)
-# while they start (loading the model, the first plan); after that, comm.RANK_TIMEOUT_S.
+# A collective waits at most this long for the other ranks: the last resort behind the rank watch (liveness.py),
+# which finds a stopped, hung or cut-off rank in --rank-timeout seconds (a dead one is seen at once), and the only
+# bound with --rank-timeout 0. Long enough for one rank to load a model while the others wait.
 COLLECTIVE_TIMEOUT_S = 600
 HOSTNAME_BYTES = 256
 PR_SET_PDEATHSIG = 1
@@ -53,6 +59,25 @@ def launch_rank() -> int:
         if var in os.environ:
             return int(os.environ[var])
     return 0
+
+
+def command_started() -> float:
+    """When the command started (seconds since the epoch): the launcher's start in one of its ranks, else this
+    process's; start-up durations count from it."""
+    if STARTED_ENV in os.environ:
+        return float(os.environ[STARTED_ENV])
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def ranks_spawned() -> float:
+    """When this launch's rank processes were started (this package's launcher), else when this process was."""
+    if SPAWNED_ENV in os.environ:
+        return float(os.environ[SPAWNED_ENV])
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def mpirun_command(n: int, argv: list[str]) -> list[str]:
@@ -137,9 +162,13 @@ def default_threads_per_rank(tp: int) -> int:
     return max(1, available_cores() // tp)
 
 
-def init_ranks(tp: int, device: str | None, interface: str | None = None, threads_per_rank: int | None = None):
+def init_ranks(tp: int, device: str | None, interface: str | None = None, threads_per_rank: int | None = None,
+               rank_timeout: float = DEFAULT_RANK_TIMEOUT_S, command: str = "trtllm-bdlora"):
     """Join the TP group and return this rank's Comm. Outside a launch with tp == 1: one rank, no group.
-    Every rank runs torch with `threads_per_rank` threads (default: the cores divided by the TP)."""
+    Every rank runs torch with `threads_per_rank` threads (default: the cores divided by the TP). With several
+    ranks and `rank_timeout` > 0, this rank's heartbeat and watch start (`comm.watch`, liveness.py): a watched rank
+    silent for `rank_timeout` seconds ends this rank with an error naming it (`command`'s report), unless the
+    caller replaces `comm.watch.on_lost`."""
     import logging
 
     import torch
@@ -174,9 +203,26 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None, thread
     # the store's server listens on the socket bound above: a TCPStore left to bind itself listens on all interfaces
     extra = {"master_listen_fd": listen_fd} if rank == 0 else {}
     store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout, **extra)
+    watch = None
+    if rank_timeout > 0:
+        watch = RankWatch(store.clone(), rank, world, rank_timeout, on_lost=exit_on_lost(command))
+        watch.publish()
+        watch.start()  # a rank stopped while the others wait for it to form the group is found too
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
                             timeout=timeout)
-    return Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
+    comm = Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
+    comm.watch = watch
+    return comm
+
+
+def exit_on_lost(command: str):
+    """The default answer to a lost rank: report it (to the launcher, which prints it once, or to stderr) and leave
+    at once, so the launcher or mpirun ends the other ranks."""
+    def on_lost(lost: RankLost) -> None:
+        report_rank_error(command, str(lost), secondary=lost.unreachable)
+        exit_now(1)
+
+    return on_lost
 
 
 def exit_now(rc: int) -> NoReturn:
@@ -191,6 +237,7 @@ def exit_now(rc: int) -> NoReturn:
 
 
 def shutdown(comm) -> None:
+    comm.stop_watch()
     if comm.world > 1:
         import torch.distributed as dist
 
@@ -215,28 +262,28 @@ def report_rank_error(command: str, message: str, secondary: bool) -> None:
     print(f"trtllm-bdlora {command}: error: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
-def run_rank(args) -> NoReturn:
-    """Run a command as one rank of a launch. A rank that fails reports its error once and exits at once with a
-    non-zero status, skipping MPI's finalize (which would wait for ranks still blocked in a collective), so the
-    launcher, or mpirun, sees the failure and ends every other rank."""
+def run_rank(command: str, run: Callable[[], int | None]) -> NoReturn:
+    """Run `command` (its `run`) as one rank of a launch. A rank that fails reports its error once and exits at
+    once with a non-zero status, skipping MPI's finalize (which would wait for ranks still blocked in a
+    collective), so the launcher, or mpirun, sees the failure and ends every other rank."""
     from trtllm_bdlora.distributed.comm import RankLostError
 
     die_with_parent()
     try:
-        rc = int(args.func(args) or 0)
+        rc = int(run() or 0)
     except BdLoraError as err:
         rc = 2
-        report_rank_error(args.command, str(err), secondary=False)
+        report_rank_error(command, str(err), secondary=False)
     except RankLostError as err:
         rc = 1
-        report_rank_error(args.command, str(err), secondary=True)
+        report_rank_error(command, str(err), secondary=True)
     except KeyboardInterrupt:
         rc = 130
     except Exception as err:  # noqa: BLE001 - any crash ends this rank; the traceback is for the log
         rc = 1
         traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        report_rank_error(args.command, f"{type(err).__name__}: {first}", secondary=False)
+        report_rank_error(command, f"{type(err).__name__}: {first}", secondary=False)
     # Every rank of a launch ends here, without interpreter finalization: the process group is torn down (the
     # command's `shutdown`), and what finalization would add is destroying torch.distributed's C++ objects (gloo
     # device threads, rank 0's store daemon) in an order the other ranks' exits race with, which aborted a rank

@@ -26,14 +26,19 @@ from pathlib import Path
 
 from trtllm_bdlora.distributed.launch import (
     LAUNCHER_ENV,
+    LOOPBACK_INTERFACE,
     RANK_ENV,
     RUN_DIR_ENV,
+    SPAWNED_ENV,
+    STARTED_ENV,
     STORE_ENV,
     STORE_FD_ENV,
     WORLD_ENV,
+    command_started,
     default_threads_per_rank,
     interface_address,
 )
+from trtllm_bdlora.logs import log_event, startup
 
 TEARDOWN_GRACE_S = 3.0  # after a failure: how long the other ranks may take to exit on SIGTERM before SIGKILL
 FOLLOW_GRACE_S = 10.0  # after rank 0 finished cleanly: how long the workers may take to follow
@@ -44,6 +49,15 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return str(signum)
+
+
+def _is_stopped(pid: int) -> bool:
+    """The process is stopped by a signal (SIGSTOP, SIGTSTP) or traced (state T or t in /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 class _Ranks:
@@ -73,6 +87,8 @@ class _Ranks:
 
     def _teardown(self, grace: float) -> None:
         if self.deadline is None:
+            stopped = [r for r, p in enumerate(self.procs) if _is_stopped(p.pid)]
+            self._send(stopped, signal.SIGKILL)  # a stopped (SIGSTOP) rank cannot act on SIGTERM
             self._send(range(len(self.procs)), signal.SIGTERM)
             self.deadline = time.monotonic() + grace
 
@@ -131,16 +147,19 @@ class _Ranks:
         return status(r), prefix(r) + str(reports[r]["message"])
 
 
-def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, graceful_signal: int | None = None) -> int:
-    """Run `trtllm-bdlora argv` as n ranks on this machine and supervise them; returns the exit status.
-    With `graceful_signal`, SIGINT/SIGTERM reach rank 0 as that signal (it stops the workers itself)."""
+def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, graceful_signal: int | None = None,
+                   module: str = "trtllm_bdlora") -> int:
+    """Run `python -m MODULE argv` (`trtllm-bdlora argv`) as n ranks on this machine and supervise them; returns
+    the exit status. With `graceful_signal`, SIGINT/SIGTERM reach rank 0 as that signal (it stops the workers
+    itself)."""
     command = argv[0] if argv else "trtllm-bdlora"
     addr = interface_address(interface)
+    log_event(startup, "starting ranks", tp=n, interface=interface or LOOPBACK_INTERFACE, address=addr)
     run_dir = Path(tempfile.mkdtemp(prefix="trtllm-bdlora-ranks-"))
     listener = socket.create_server((addr, 0))
     env = dict(os.environ)
     env.update({WORLD_ENV: str(n), STORE_ENV: f"{addr}:{listener.getsockname()[1]}", RUN_DIR_ENV: str(run_dir),
-                LAUNCHER_ENV: str(os.getpid())})
+                LAUNCHER_ENV: str(os.getpid()), STARTED_ENV: str(command_started()), SPAWNED_ENV: str(time.time())})
     env.setdefault("OMP_NUM_THREADS", str(default_threads_per_rank(n)))
     procs: list[subprocess.Popen] = []
     previous = {}
@@ -152,7 +171,7 @@ def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, gracef
                 rank_env[STORE_FD_ENV] = str(listener.fileno())
                 fds = (listener.fileno(),)
             # own sessions: a Ctrl-C at the terminal reaches the launcher, which decides what the ranks get
-            procs.append(subprocess.Popen([sys.executable, "-m", "trtllm_bdlora", *argv], env=rank_env,
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=rank_env,
                                           stdin=subprocess.DEVNULL, pass_fds=fds, start_new_session=True))
         listener.close()
         ranks = _Ranks(procs, run_dir, graceful_signal)

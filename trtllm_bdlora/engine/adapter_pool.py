@@ -105,6 +105,13 @@ def bound_heap_retention() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
+def host_cache_limits(host_cache_bytes: int, world: int, dtype: torch.dtype) -> tuple[int, str]:
+    """The most adapter values the host cache of every rank can hold together, and that budget in words (for
+    refusals of a safetensors header or request weights declaring more)."""
+    budget = f"--lora-cache-host-bytes {host_cache_bytes} on each of {world} rank{'s' if world > 1 else ''}"
+    return host_cache_bytes * world // dtype.itemsize, budget
+
+
 def check_adapter_limits(adapter: Adapter, max_lora_rank: int) -> None:
     """Refuse, before sharding or allocating, an adapter whose rank exceeds the cap or whose scaling is not finite."""
     for (layer, name), f in adapter.modules.items():

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import torch
 
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
+from trtllm_bdlora.config import EngineConfig
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.adapter_pool import (
     DEFAULT_HOST_CACHE_BYTES,
     DEFAULT_MAX_LORA_RANK,
     AdapterPool,
     bound_heap_retention,
+    host_cache_limits,
     release_freed_memory,
     shards_nbytes,
 )
@@ -24,6 +27,7 @@ from trtllm_bdlora.engine.llama import TPLlama
 from trtllm_bdlora.engine.plan import AdapterUpload, StepPlan
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
 from trtllm_bdlora.llama.loader import BaseModel, load_base_model
+from trtllm_bdlora.logs import log_event
 from trtllm_bdlora.sharding import make_layout
 
 log = logging.getLogger("trtllm_bdlora.adapters")
@@ -37,25 +41,6 @@ def check_unique_adapter_ids(adapters) -> None:
         if task_id in seen:
             raise AdapterError(f"--adapter: task id {task_id} given twice ({seen[task_id]} and {directory})")
         seen[task_id] = directory
-
-
-def check_launch(args) -> None:
-    """What can be refused before any rank starts, as one line: duplicate adapter ids, an unknown interface, a
-    model that is not there, a TP its heads do not divide, a torch build made for another TP, an adapter that
-    is invalid, does not fit the model or exceeds --max-lora-rank."""
-    from trtllm_bdlora.distributed.launch import interface_address
-    from trtllm_bdlora.engine.adapter_pool import check_adapter_limits
-    from trtllm_bdlora.llama.loader import load_model_config, read_build_info, resolve_model_dir
-
-    check_unique_adapter_ids(args.adapter)
-    interface_address(args.comm_interface)
-    build = read_build_info(resolve_model_dir(args.model), args.tp)  # also dequantises the embedded model, once
-    shape = load_model_config(args.model)
-    make_layout(shape, args.tp)
-    if args.tp > 1:  # at TP 1 the engine loads them next, with the same one-line errors
-        max_lora_rank = args.max_lora_rank or (build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
-        for _, directory in args.adapter:
-            check_adapter_limits(load_peft_adapter(directory, model_shape=shape), max_lora_rank)
 
 
 class Engine:
@@ -73,6 +58,7 @@ class Engine:
         pin_adapters: bool = True,
         allow_request_adapters: bool = True,
         kv_cache_bytes: int | None = None,
+        lora_kernel: str = "auto",
     ):
         self.comm = comm
         self.pin_adapters = pin_adapters
@@ -92,7 +78,7 @@ class Engine:
         per_token = kv_bytes_per_token(self.shape.num_layers, self.layout.local_kv_heads, self.shape.head_dim, torch_dtype)
         self.kv_budget = budget_from_bytes(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, per_token, self.max_seq_len)
         self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
-                             self.kv_budget, presharded=base.build is not None)
+                             self.kv_budget, presharded=base.build is not None, lora_kernel=lora_kernel)
         if not isinstance(model, BaseModel):  # loaded here: the model holds its own (packed) copies now
             self.base = base = dataclasses.replace(base, state_dict={})
             release_freed_memory()
@@ -100,9 +86,7 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
         self.in_collective = False  # rank 0: a plan is out to the workers and not yet executed here
-        self.started = False  # built: plans from here on are the run's own (serving, generating)
         self._add_startup_adapters(list(adapters))
-        self.started = True
 
     def _add_startup_adapters(self, adapters: list[tuple[int, str]]) -> None:
         """`--adapter ID=DIR`: rank 0 reads each directory once and uploads the adapter to every rank, as every
@@ -112,29 +96,42 @@ class Engine:
             if self.comm.rank != 0:
                 self.execute(self.receive())
                 continue
-            adapter = load_peft_adapter(directory, model_shape=self.shape)
+            started = time.monotonic()
+            adapter = load_peft_adapter(directory, **self.adapter_limits())
             shards = self.pool.prepare(adapter)
             total = self.pool.host_bytes_used + shards_nbytes(shards)
             if total > self.pool.host_cache_bytes:
                 raise AdapterError(f"the --adapter adapters take {total} bytes per rank, more than "
                                    f"--lora-cache-host-bytes {self.pool.host_cache_bytes}")
             self.registry.bind_directory(task_id, adapter, "--adapter")
-            self.add_adapter(task_id, adapter, self.pin_adapters, set(self.pool.host), shards)
-            log.info("adapter registered task_id=%d source=--adapter dir=%s pinned=%s host_bytes_used=%d",
-                     task_id, directory, self.pin_adapters, self.pool.host_bytes_used)
+            self.add_adapter(task_id, adapter, self.pin_adapters, set(self.pool.host), shards, source="--adapter",
+                             started=started)
+
+    def adapter_limits(self) -> dict:
+        """`load_peft_adapter`'s bounds for this engine: a header declaring a module beyond the base model's shape
+        or --max-lora-rank, or more values than the host cache of every rank holds, is refused before reading."""
+        max_elements, budget = host_cache_limits(self.pool.host_cache_bytes, self.comm.world, self.pool.dtype)
+        return {"model_shape": self.shape, "max_lora_rank": self.pool.max_lora_rank, "max_elements": max_elements,
+                "budget": budget}
 
     # rank 0: adding adapters ------------------------------------------------------
-    def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None) -> int:
+    def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None,
+                    source: str = "request", started: float | None = None) -> int:
         """Rank 0: the one way an adapter reaches the ranks. Validated and sharded here first (a malformed adapter
         never reaches the workers); least recently used adapters that are neither pinned nor in `in_use` (the
-        adapters of unfinished requests) make room; then one plan uploads it to every rank in the wire format."""
+        adapters of unfinished requests) make room; then one plan uploads it to every rank in the wire format.
+        `source` (--adapter, request, load) and `started` (when reading it began) are for the log line."""
+        started = time.monotonic() if started is None else started
         self._worked = True
         shards = self.pool.prepare(adapter) if shards is None else shards
         evict = self.pool.plan_evictions(task_id, shards_nbytes(shards), in_use)
         meta, flat = adapter_to_wire(adapter)
         self.lead(StepPlan(evict=evict, uploads=[AdapterUpload(task_id, pinned, meta)]), [(flat, shards)])
         for old in evict:
-            log.info("adapter evicted task_id=%d reason=lru for=%d", old, task_id)
+            log_event(log, "adapter evicted", task_id=old, reason="lru", **{"for": task_id})
+        where = {} if source == "request" else {"dir": adapter.path}
+        log_event(log, "adapter registered", task_id=task_id, source=source, **where, bytes=shards_nbytes(shards),
+                  pinned=pinned, host_bytes_used=self.pool.host_bytes_used, seconds=round(time.monotonic() - started, 2))
         return shards_nbytes(shards)
 
     def admit_adapter(self, task_id: int | None, weights=None, config=None, in_use: set[int] = frozenset()) -> None:
@@ -152,24 +149,27 @@ class Engine:
                 raise AdapterNotCachedError(task_id)
             self.pool.touch(task_id)
             return
+        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm, check_request_adapter
+
+        limits = self.adapter_limits()
+        limits.pop("budget")
+        where = f"lora_task_id {task_id}"
+        check_request_adapter(weights, config, self.shape, limits["max_lora_rank"], limits["max_elements"], where,
+                              self.layout.world)
         digest = self.registry.check_request(task_id, weights, config)
         if task_id in self.pool:
             self.pool.touch(task_id)
             return
-        from trtllm_bdlora.adapters.trtllm_format import adapter_from_trtllm
-
-        adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, f"lora_task_id {task_id}",
-                                      max_rank=self.pool.max_lora_rank)
-        nbytes = self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
+        adapter = adapter_from_trtllm(weights, config, self.shape, self.layout.world, where,
+                                      max_rank=limits["max_lora_rank"], max_elements=limits["max_elements"])
+        self.add_adapter(task_id, adapter, pinned=False, in_use=in_use)
         self.registry.bind_request(task_id, digest, self.pool.host)
-        log.info("adapter registered task_id=%d source=request bytes=%d host_bytes_used=%d", task_id, nbytes,
-                 self.pool.host_bytes_used)
 
     def load_adapter(self, task_id: int, adapter, in_use: set[int] = frozenset()) -> None:
         """Rank 0: an adapter read from a PEFT directory at run time (the OpenAI API's load), held as the
         `--adapter` ones: pinned unless --no-pin-adapters."""
         self.registry.bind_directory(task_id, adapter, "load")
-        self.add_adapter(task_id, adapter, pinned=self.pin_adapters, in_use=in_use)
+        self.add_adapter(task_id, adapter, pinned=self.pin_adapters, in_use=in_use, source="load")
 
     # every rank ------------------------------------------------------------------
     def execute(self, plan: StepPlan, uploads: list | None = None) -> torch.Tensor | None:
@@ -178,7 +178,6 @@ class Engine:
         factors and shard them the same way. The first empty plan (a heartbeat: the server is idle) after some
         work trims the heap."""
         if plan.empty:
-            self.comm.heartbeat()
             if self._worked:
                 release_freed_memory()
                 self._worked = False
@@ -208,15 +207,15 @@ class Engine:
     def follow(self) -> None:
         """Worker ranks: execute rank 0's plans until it broadcasts None."""
         while (plan := self.receive()) is not None:
-            self.comm.arm_rank_timeout()
             self.comm.log.clear()  # only rank 0 reads the accounting (per step); here it would only grow
             self.execute(plan)
+        self.comm.stop_watch()  # rank 0 said stop: its heartbeat ends with it
 
     def lead(self, plan: StepPlan | None, uploads: list | None = None) -> torch.Tensor | None:
         """Rank 0: send a plan to the workers and execute it (`uploads`: see `execute`); None stops them.
         `in_collective` stays set if this raises: the ranks may then disagree on what ran."""
-        if self.started:
-            self.comm.arm_rank_timeout()
+        if plan is None:
+            self.comm.stop_watch()  # the workers leave after this plan: their heartbeats end
         self.in_collective = True
         self.comm.broadcast_json(None if plan is None else plan.to_json())
         out = None if plan is None else self.execute(plan, uploads)
@@ -224,10 +223,16 @@ class Engine:
         return out
 
 
-def engine_from_args(args, comm: Comm) -> Engine:
-    """This rank's engine from the CLI's engine flags; a set-up error (bad adapter or model) raises on every rank
-    that meets it, and the launcher reports it once."""
-    return Engine(comm, args.model, args.scheme, args.adapter, args.max_loras, args.dtype,
-                  max_lora_rank=args.max_lora_rank, lora_cache_host_bytes=args.lora_cache_host_bytes,
-                  pin_adapters=args.pin_adapters, allow_request_adapters=getattr(args, "allow_request_adapters", True),
-                  kv_cache_bytes=getattr(args, "kv_cache_bytes", None))
+def engine_from_config(config: EngineConfig, comm: Comm) -> Engine:
+    """This rank's engine; a set-up error (bad adapter or model) raises on every rank that meets it, and the
+    launcher reports it once. Rank 0 logs the phases with their durations (each adapter on a line of its own)."""
+    from trtllm_bdlora.logs import phase
+
+    quiet = comm.rank != 0
+    with phase("loading weights", quiet, model=config.model, rank=comm.rank, tp=comm.world):
+        base = load_base_model(config.model, tp_rank=(comm.rank, comm.world))
+    with phase("building the engine", quiet, adapters=len(config.adapters)):
+        return Engine(comm, base, config.scheme, [(a.task_id, a.directory) for a in config.adapters], config.max_loras,
+                      config.dtype, max_lora_rank=config.max_lora_rank, lora_cache_host_bytes=config.lora_cache_host_bytes,
+                      pin_adapters=config.pin_adapters, allow_request_adapters=config.allow_request_adapters,
+                      kv_cache_bytes=config.kv_cache_bytes, lora_kernel=config.lora_kernel)

@@ -4,15 +4,15 @@ front end of the one request model (engine/request.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
+from pathlib import Path
 from typing import Any
 
+from trtllm_bdlora.config import GenerateConfig
 from trtllm_bdlora.distributed.hosts import check_hosts_agree
-from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
+from trtllm_bdlora.distributed.launch import init_ranks, shutdown
 from trtllm_bdlora.engine.request import (
     MAX_SEED,
     Request,
@@ -121,54 +121,47 @@ def run_requests(engine, lines, max_batch_size: int, stats: bool = False, max_nu
     return results
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.backend == "trtllm":
-        raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and docs/tensorrt-llm.md")
-    if mpi_world_size() is None:
-        from trtllm_bdlora.engine.engine import check_launch
+def preflight(config: GenerateConfig) -> None:
+    """Everything that can be refused before any rank starts, as one line naming the flag."""
+    from trtllm_bdlora.engine.preflight import check_adapters, check_engine_setup
 
-        check_launch(args)  # before any rank starts
-        if args.tp > 1:
-            return _relaunch(args)
-    from trtllm_bdlora.engine.engine import engine_from_args
+    if config.engine.backend == "trtllm":
+        raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and "
+                          "docs/tensorrt-llm.md")
+    requests = Path(config.requests)
+    if config.requests != "-" and (not requests.exists() or requests.is_dir() or not os.access(requests, os.R_OK)):
+        why = "a directory" if requests.is_dir() else "not readable" if requests.exists() else "no such file"
+        raise BdLoraError(f"--requests {config.requests}: {why}")
+    check_engine_setup(config.engine)
+    check_adapters(config.engine)
 
-    comm = init_ranks(args.tp, args.device, args.comm_interface, args.threads_per_rank)
-    check_hosts_agree(comm, "generate", args)
-    engine = engine_from_args(args, comm)
+
+def generate(config: GenerateConfig) -> int:
+    """Run `generate` on this rank (all of it at TP 1, or one rank of a launch): rank 0 reads the requests and
+    writes one JSON line per request to stdout, in input order."""
+    from trtllm_bdlora.engine.engine import engine_from_config
+
+    if config.engine.backend == "trtllm":
+        raise BdLoraError("--backend trtllm serves built engines through Triton: see `trtllm-bdlora build` and "
+                          "docs/tensorrt-llm.md")
+    engine_config = config.engine
+    comm = init_ranks(engine_config.tp, engine_config.device, engine_config.comm_interface, engine_config.threads_per_rank,
+                      engine_config.rank_timeout, "generate")
+    check_hosts_agree(comm, "generate", engine_config)
+    engine = engine_from_config(engine_config, comm)
     try:
         if comm.rank != 0:
             engine.follow()
             return 0
         try:
-            lines = sys.stdin if args.requests == "-" else open(args.requests)
+            lines = sys.stdin if config.requests == "-" else open(config.requests)
         except OSError as err:
-            raise BdLoraError(f"{args.requests}: {err.strerror}") from None
+            raise BdLoraError(f"--requests {config.requests}: {err.strerror}") from None
         with lines:
-            results = run_requests(engine, lines, args.max_batch_size, args.stats, args.max_num_tokens)
+            results = run_requests(engine, lines, engine_config.max_batch_size, config.stats, engine_config.max_num_tokens)
         engine.lead(None)
         for out in results:
             print(json.dumps(out), flush=True)
         return 0
     finally:
         shutdown(comm)
-
-
-def _relaunch(args: argparse.Namespace) -> int:
-    """Re-run this command as `tp` ranks; stdin requests go through a temporary file."""
-    from trtllm_bdlora.distributed.launcher import relaunch_ranks
-
-    argv = sys.argv[1:]
-    tmp = None
-    if args.requests == "-":
-        tmp = tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False)
-        tmp.write(sys.stdin.read())
-        tmp.close()
-        i = argv.index("--requests") if "--requests" in argv else None
-        argv = argv[: i + 1] + [tmp.name] + argv[i + 2 :] if i is not None else [
-            a if a != "--requests=-" else f"--requests={tmp.name}" for a in argv
-        ]
-    try:
-        return relaunch_ranks(args.tp, argv, args.comm_interface)
-    finally:
-        if tmp:
-            os.unlink(tmp.name)

@@ -18,6 +18,7 @@ from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
 from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
+from trtllm_bdlora.llama.config_json import LlamaConfigJson
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
 
@@ -30,6 +31,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+class Rotary:
+    """RoPE's cos and sin per position from the model's `rope_parameters` by transformers' own functions (default,
+    linear, llama3, yarn, ...), without importing its Llama module (seconds per rank at start-up). Types that rescale
+    with the sequence length ("dynamic", "longrope") use transformers' LlamaRotaryEmbedding."""
+
+    def __init__(self, config, device: torch.device):
+        rope_type = config.rope_parameters["rope_type"]
+        if rope_type in ("dynamic", "longrope"):
+            from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+            self.module = LlamaRotaryEmbedding(config=_transformers_config(config)).to(device)
+            return
+        self.module = None
+        if rope_type == "default":
+            dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            base = config.rope_parameters["rope_theta"]
+            inv_freq, self.scaling = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](_transformers_config(config))
+        self.inv_freq = inv_freq.to(device=device, dtype=torch.float)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [len(positions), head_dim] in float32."""
+        if self.module is not None:
+            cos, sin = self.module(self.module.inv_freq[None, None], positions.unsqueeze(0))
+            return cos[0], sin[0]
+        freqs = positions[:, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scaling, emb.sin() * self.scaling
+
+
+def _transformers_config(config):
+    """transformers' own config for its functions: llama/config_json.py's gives it by hf()."""
+    return config.hf() if isinstance(config, LlamaConfigJson) else config
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -37,10 +76,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class TPLlama:
     def __init__(self, config, state_dict, layout: TPLayout, comm: Comm, pool: AdapterPool, scheme: str,
-                 dtype: torch.dtype, device: torch.device, kv_budget: KVBudget, presharded: bool = False):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
+                 dtype: torch.dtype, device: torch.device, kv_budget: KVBudget, presharded: bool = False,
+                 lora_kernel: str = "auto"):
         self.config, self.layout, self.comm, self.pool, self.scheme = config, layout, comm, pool, scheme
+        self.lora_kernel = lora_kernel  # config.LORA_KERNELS
         self.dtype, self.device = dtype, device
         shard = state_dict if presharded else shard_llama_state_dict(state_dict, layout, comm.rank)
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
@@ -62,7 +101,7 @@ class TPLlama:
         self.q_size = layout.local_heads * hd
         self.kv_size = layout.local_kv_heads * hd
         self.inter = layout.shape.intermediate_size // layout.world
-        self.rotary = LlamaRotaryEmbedding(config=config).to(device)
+        self.rotary = Rotary(config, device)
         self.eps = config.rms_norm_eps
         self.kv_cache = KVCache(len(self.layers), layout.local_kv_heads, hd, dtype, device, kv_budget)
 
@@ -73,7 +112,7 @@ class TPLlama:
         if slot_ids is None:  # no token of this step has an adapter (decided once per step in forward)
             return y
         slots = [self.pool.slots[(layer, n)] for n in names]
-        return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm)
+        return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm, self.lora_kernel)
 
     def _attention(self, qkv: torch.Tensor, step, cos, sin, layer: int) -> torch.Tensor:
         hd = self.layout.shape.head_dim
@@ -95,8 +134,8 @@ class TPLlama:
         if not self.pool.slots or all(c.slot < 0 for c in chunks):
             slot_ids = None
         x = F.embedding(tokens, self.embed)
-        cos, sin = self.rotary(x.unsqueeze(0), positions.unsqueeze(0))
-        cos, sin = cos[0].to(self.dtype).unsqueeze(1), sin[0].to(self.dtype).unsqueeze(1)
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
         step = self.kv_cache.begin_step(chunks, self.layout.local_heads // self.layout.local_kv_heads)
         qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
         for i, L in enumerate(self.layers):

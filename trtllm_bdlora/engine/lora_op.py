@@ -2,12 +2,11 @@
 
 Dispatches the multi-adapter op to the Triton kernel on CUDA and to the batched torch op
 (`kernels.lora_cpu`) elsewhere; under `slora` it splits into shrink, collective, expand.
-`TRTLLM_BDLORA_KERNEL=reference` runs the torch reference instead (for comparisons).
+`kernel` (EngineConfig.lora_kernel, from TRTLLM_BDLORA_KERNEL at start-up) forces a path: `reference` runs the
+torch reference instead (for comparisons), `triton` the kernel (on CPU it needs TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -21,14 +20,6 @@ _TORCH_OPS = {  # (fused multi-output op, shrink, expand): the batched op and it
 }
 
 
-def _kernel_choice(x: torch.Tensor) -> str:
-    """TRTLLM_BDLORA_KERNEL=triton|torch|reference forces a path (triton on CPU needs TRITON_INTERPRET=1)."""
-    choice = os.environ.get("TRTLLM_BDLORA_KERNEL", "auto")
-    if choice == "auto":
-        return "triton" if x.is_cuda else "torch"
-    return choice
-
-
 def apply_lora_group(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -38,9 +29,11 @@ def apply_lora_group(
     scheme: str,
     role: str,
     comm: Comm,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """y (the rank's local output, or partial sum for row modules) += this batch's LoRA terms."""
-    kernel = _kernel_choice(x)
+    if kernel == "auto":
+        kernel = "triton" if x.is_cuda else "torch"
     multi, shrink, expand = _TORCH_OPS["reference" if kernel == "reference" else "torch"]
     if scheme != "slora" or comm.world == 1:
         a = [s.a for s in slots]

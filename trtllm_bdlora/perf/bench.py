@@ -7,7 +7,6 @@ every scheme alike. Each scheme has its own adapter pool and its own sequences.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -16,9 +15,9 @@ import time
 import torch
 
 from trtllm_bdlora.adapters.lora import Adapter, LoraFactors
+from trtllm_bdlora.config import BenchConfig, EngineConfig
 from trtllm_bdlora.distributed.hosts import check_hosts_agree
-from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
-from trtllm_bdlora.distributed.launcher import relaunch_ranks
+from trtllm_bdlora.distributed.launch import init_ranks, shutdown
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
 
@@ -50,7 +49,6 @@ def _select(engine, pools: dict, scheme: str) -> None:
 
 def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None) -> None:
     """Rank 0: send a plan tagged with its scheme and run it; None stops the workers."""
-    engine.comm.arm_rank_timeout()
     engine.comm.broadcast_json(None if scheme is None else {"scheme": scheme, "plan": plan.to_json()})
     if scheme is not None:
         _select(engine, pools, scheme)
@@ -59,28 +57,27 @@ def _step(engine, pools: dict, scheme: str | None, plan: StepPlan | None = None)
 
 def _follow(engine, pools: dict) -> None:
     while (tagged := engine.comm.broadcast_json()) is not None:
-        engine.comm.arm_rank_timeout()
         _select(engine, pools, tagged["scheme"])
         engine.execute(StepPlan.from_json(tagged["plan"]))
 
 
-def _lead(engine, pools: dict, args, adapter_ids: list[int | None]) -> dict:
+def _lead(engine, pools: dict, config: BenchConfig, adapter_ids: list[int | None]) -> dict:
     """Prefill every scheme's batch, then time interleaved decode steps. Returns per-scheme samples (s)."""
     gen = torch.Generator().manual_seed(0)
     slots, seq0 = {}, {}
     for k, scheme in enumerate(SCHEMES):
-        ids = [None] * args.batch if scheme == "none" else adapter_ids
+        ids = [None] * config.batch if scheme == "none" else adapter_ids
         loads, slots[scheme] = pools[scheme].assign(ids)
-        seq0[scheme] = k * args.batch
-        prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
+        seq0[scheme] = k * config.batch
+        prompts = [torch.randint(0, engine.shape.vocab_size, (config.prompt_len,), generator=gen).tolist() for _ in ids]
         chunks = [SeqChunk(seq0[scheme] + i, p, 0, s) for i, (p, s) in enumerate(zip(prompts, slots[scheme]))]
         _step(engine, pools, scheme, StepPlan(loads=loads, chunks=chunks))
     samples: dict = {s: [] for s in SCHEMES}
     collectives: dict = {}
-    for step in range(args.steps + 1):  # the first round warms up and is not counted
+    for step in range(config.steps + 1):  # the first round warms up and is not counted
         order = SCHEMES[step % 4:] + SCHEMES[: step % 4]
         for scheme in order:
-            chunks = [SeqChunk(seq0[scheme] + i, [1], args.prompt_len + step, s) for i, s in enumerate(slots[scheme])]
+            chunks = [SeqChunk(seq0[scheme] + i, [1], config.prompt_len + step, s) for i, s in enumerate(slots[scheme])]
             engine.comm.log.clear()
             t0 = time.perf_counter()
             _step(engine, pools, scheme, StepPlan(chunks=chunks))
@@ -101,25 +98,30 @@ def summarize(samples: list[float]) -> dict:
             "n": len(ms)}
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.tp > 1 and mpi_world_size() is None:
-        import sys
+def preflight(config: BenchConfig) -> None:
+    """What can be refused before any rank starts: the model, the TP its heads must divide, the interface."""
+    from trtllm_bdlora.engine.preflight import check_engine_setup
 
-        from trtllm_bdlora.llama.loader import resolve_model_dir
+    check_engine_setup(EngineConfig(model=config.model, tp=config.tp, comm_interface=config.comm_interface))
 
-        resolve_model_dir(args.model)
-        return relaunch_ranks(args.tp, sys.argv[1:], args.comm_interface)
+
+def bench(config: BenchConfig) -> int:
+    """Run `bench` on this rank (all of it at TP 1, or one rank of a launch); rank 0 prints the table."""
     from trtllm_bdlora.llama.loader import load_base_model
 
-    comm = init_ranks(args.tp, args.device, args.comm_interface, args.threads_per_rank)
-    check_hosts_agree(comm, "bench", args)
-    base = load_base_model(args.model)
+    comm = init_ranks(config.tp, config.device, config.comm_interface, config.threads_per_rank, config.rank_timeout,
+                      "bench")
+    check_hosts_agree(comm, "bench", config)
+    base = load_base_model(config.model)
     try:
-        engine, pools = setup_schemes(comm, base, args)
+        engine, pools = setup_schemes(comm, base, max_loras=config.max_loras, dtype=config.dtype,
+                                      max_lora_rank=config.max_lora_rank, num_adapters=config.num_adapters,
+                                      rank=config.rank, kv_cache_bytes=config.kv_cache_bytes,
+                                      lora_kernel=config.lora_kernel)
         if comm.rank != 0:
             _follow(engine, pools)
         else:
-            result = _lead(engine, pools, args, [1 + i % args.num_adapters for i in range(args.batch)])
+            result = _lead(engine, pools, config, [1 + i % config.num_adapters for i in range(config.batch)])
         if comm.world > 1:  # every rank has its last broadcast before any tears the group down (a gloo abort seen once)
             import torch.distributed as dist
 
@@ -128,33 +130,35 @@ def main(args: argparse.Namespace) -> int:
         shutdown(comm)
     if comm.rank != 0:
         return 0
-    report = make_report(args, comm, result)
+    report = make_report(config, comm, result)
     print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
+    if config.json:
+        with open(config.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
 
 
-def setup_schemes(comm, base, args) -> tuple:
-    """One engine (the shared model) and an adapter pool per scheme holding the same random BD adapters."""
+def setup_schemes(comm, base, *, max_loras: int, dtype: str, max_lora_rank: int | None, num_adapters: int, rank: int,
+                  kv_cache_bytes: int | None = None, lora_kernel: str = "auto") -> tuple:
+    """One engine (the shared model) and an adapter pool per scheme holding the same random BD adapters, with
+    `comm.world` blocks."""
     from trtllm_bdlora.engine.adapter_pool import AdapterPool
     from trtllm_bdlora.engine.engine import DTYPES, Engine
 
-    engine = Engine(comm, base, "bdlora", [], args.max_loras, args.dtype, max_lora_rank=args.max_lora_rank,
-                    kv_cache_bytes=getattr(args, "kv_cache_bytes", None))
-    pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, args.max_loras,
-                            DTYPES[args.dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
+    engine = Engine(comm, base, "bdlora", [], max_loras, dtype, max_lora_rank=max_lora_rank, kv_cache_bytes=kv_cache_bytes,
+                    lora_kernel=lora_kernel)
+    pools = {s: AdapterPool(engine.layout, comm.rank, "bdlora" if s == "none" else s, max_loras,
+                            DTYPES[dtype], comm.device, engine.pool.max_lora_rank) for s in SCHEMES}
     for scheme in SCHEMES[1:]:
-        for t in range(1, args.num_adapters + 1):
-            pools[scheme].register(t, random_bd_adapter(engine.shape, args.rank, args.tp, seed=t))
+        for t in range(1, num_adapters + 1):
+            pools[scheme].register(t, random_bd_adapter(engine.shape, rank, comm.world, seed=t))
     return engine, pools
 
 
-def make_report(args, comm, result: dict) -> dict:
+def make_report(config: BenchConfig, comm, result: dict) -> dict:
     return {
-        "model": args.model, "tp": args.tp, "batch": args.batch, "adapters": args.num_adapters,
-        "rank": math.ceil(args.rank / args.tp) * args.tp, "prompt_len": args.prompt_len, "dtype": args.dtype,
+        "model": config.model, "tp": config.tp, "batch": config.batch, "adapters": config.num_adapters,
+        "rank": math.ceil(config.rank / config.tp) * config.tp, "prompt_len": config.prompt_len, "dtype": config.dtype,
         "device": comm.device.type, "threads_per_rank": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
         "schemes": {s: {**summarize(result["samples"][s]),
                         "lora_collectives": sum(v["count"] for v in result["collectives"][s].get("lora", {}).values()),

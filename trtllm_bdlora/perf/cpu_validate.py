@@ -9,12 +9,11 @@ The model is given CPU constants measured here, then compared with `trtllm-bdlor
   collectives a latency-bandwidth fit per collective type and world size from a gloo micro-benchmark under mpirun
 Same model code as the GPU projection (perf/cost_model.py): step_collectives counts and sizes, breakdown sums.
 
-  python -m trtllm_bdlora.perf.cpu_validate --out docs/perf/validation.json     (under the measurement lock)
+  trtllm-bdlora cpu-validate --out docs/perf/validation.json     (under the measurement lock)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from trtllm_bdlora.config import CpuValidateConfig
 from trtllm_bdlora.distributed.comm import Comm
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.perf.cost_model import SCHEMES, Workload, breakdown, step_collectives
@@ -92,8 +92,8 @@ def measure_gloo(tp: int, reps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "gloo.json"
-        cmd = mpirun_command(tp, [])[:-3] + [sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--gloo-worker",
-                                              str(out), "--reps", str(reps)]
+        cmd = mpirun_command(tp, [])[:-3] + [sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "gloo-worker",
+                                              str(out), str(reps)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL)
         raw = json.loads(out.read_text())
@@ -113,7 +113,7 @@ def load_worker(nbytes: int) -> None:
 
 def start_streams(count: int, nbytes: int) -> list[subprocess.Popen]:
     """`count` processes streaming `nbytes` each (stand-ins for the other ranks' memory traffic)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "--load-worker", str(nbytes)],
+    procs = [subprocess.Popen([sys.executable, "-m", "trtllm_bdlora.perf.cpu_validate", "load-worker", str(nbytes)],
                               stdin=subprocess.DEVNULL) for _ in range(count)]
     if procs:
         time.sleep(2.0)  # let them allocate and start streaming
@@ -126,7 +126,7 @@ def stop_streams(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
+def measure_compute(base, tp: int, config: CpuValidateConfig) -> dict[str, dict[str, float]]:
     """Per scheme: median per-step seconds of base_gemm, lora, attention, other for rank 0, with min(tp, cores) - 1
     other processes streaming as many weight bytes as a rank does."""
     import trtllm_bdlora.engine.llama as llama
@@ -134,7 +134,8 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
 
     torch.set_num_threads(1)
     comm = StubComm(0, tp)
-    engine, pools = setup_schemes(comm, base, argparse.Namespace(**{**vars(args), "tp": tp}))
+    engine, pools = setup_schemes(comm, base, max_loras=config.max_loras, dtype=config.dtype,
+                                  max_lora_rank=config.max_lora_rank, num_adapters=config.num_adapters, rank=config.rank)
     acc = {"lora": 0.0, "attention": 0.0}
     orig_lora, orig_attn = llama.apply_lora_group, llama.TPLlama._attention
 
@@ -155,23 +156,23 @@ def measure_compute(base, tp: int, args) -> dict[str, dict[str, float]]:
         gen = torch.Generator().manual_seed(0)
         for k, scheme in enumerate(SCHEMES):
             _select(engine, pools, scheme)
-            ids = [None] * args.batch if scheme == "none" else [1 + i % args.num_adapters for i in range(args.batch)]
+            ids = [None] * config.batch if scheme == "none" else [1 + i % config.num_adapters for i in range(config.batch)]
             loads, slots = pools[scheme].assign(ids)
-            prompts = [torch.randint(0, engine.shape.vocab_size, (args.prompt_len,), generator=gen).tolist() for _ in ids]
+            prompts = [torch.randint(0, engine.shape.vocab_size, (config.prompt_len,), generator=gen).tolist() for _ in ids]
             engine.execute(StepPlan(loads=loads, chunks=[SeqChunk(k * 100 + i, p, 0, s)
                                                     for i, (p, s) in enumerate(zip(prompts, slots))]))
             samples = []
-            for step in range(args.steps + 1):
+            for step in range(config.steps + 1):
                 acc.update(lora=0.0, attention=0.0)
                 t0 = time.perf_counter()
-                engine.execute(StepPlan(chunks=[SeqChunk(k * 100 + i, [1], args.prompt_len + step, s)
+                engine.execute(StepPlan(chunks=[SeqChunk(k * 100 + i, [1], config.prompt_len + step, s)
                                                  for i, s in enumerate(slots)]))
                 total = time.perf_counter() - t0
                 if step:
                     samples.append((total, acc["lora"], acc["attention"]))
             out[scheme] = {"total": statistics.median(s[0] for s in samples), "lora": statistics.median(s[1] for s in samples),
                            "attention": statistics.median(s[2] for s in samples)}
-        gemm = _base_gemm_time(engine, args.batch)
+        gemm = _base_gemm_time(engine, config.batch)
     finally:
         stop_streams(streams)
         llama.apply_lora_group, llama.TPLlama._attention = orig_lora, orig_attn
@@ -199,11 +200,11 @@ def _base_gemm_time(engine, batch: int, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def predict(compute: dict, gloo: dict, shape, tp: int, args, cores: int) -> dict[str, dict[str, float]]:
+def predict(compute: dict, gloo: dict, shape, tp: int, config: CpuValidateConfig, cores: int) -> dict[str, dict[str, float]]:
     """The model's step breakdown per scheme from the CPU constants."""
     from trtllm_bdlora.perf.presets import System
 
-    w = Workload(args.batch, args.prompt_len, -(-args.rank // tp) * tp, -(-args.rank // tp) * tp, args.num_adapters,
+    w = Workload(config.batch, config.prompt_len, -(-config.rank // tp) * tp, -(-config.rank // tp) * tp, config.num_adapters,
                  dtype_bytes=4)
     cpu = System("cpu", tp, 0.0, 0.0, {})
 
@@ -218,57 +219,33 @@ def predict(compute: dict, gloo: dict, shape, tp: int, args, cores: int) -> dict
     return rows
 
 
-def run_bench(model_dir: str, tp: int, args) -> dict:
+def run_bench(model_dir: str, tp: int, config: CpuValidateConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "trtllm_bdlora", "bench", "--model", model_dir, "--tp", str(tp), "--batch",
-               str(args.batch), "--num-adapters", str(args.num_adapters), "--rank", str(args.rank), "--steps",
-               str(args.steps), "--prompt-len", str(args.prompt_len), "--threads", "1", "--json", str(out),
-               "--max-loras", str(args.max_loras)] + (["--max-lora-rank", str(args.max_lora_rank)] if args.max_lora_rank else [])
+               str(config.batch), "--num-adapters", str(config.num_adapters), "--rank", str(config.rank), "--steps",
+               str(config.steps), "--prompt-len", str(config.prompt_len), "--threads", "1", "--json", str(out),
+               "--max-loras", str(config.max_loras)] + (["--max-lora-rank", str(config.max_lora_rank)] if config.max_lora_rank else [])
         subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="validation.json")
-    p.add_argument("--model", default=None, help="HF Llama dir (default: a random 8-head Llama made here)")
-    p.add_argument("--tp", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--num-adapters", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-lora-rank", type=int, default=None, help="slot width (default: the engine's, 64)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--reps", type=int, default=30, help="gloo micro-benchmark repetitions per size")
-    p.add_argument("--gloo-worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--comm-interface", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--load-worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--profile-only", action="store_true",
-                   help="write only the per-category compute of rank 0 at each --tp (no gloo, no bench) to --out")
-    args = p.parse_args(argv)
-    if args.load_worker:
-        load_worker(args.load_worker)
-        return 0
-    if args.profile_only:
-        return write_profile(args)
-    if args.gloo_worker:
-        gloo_worker(args.gloo_worker, args.reps, args.comm_interface)
-        return 0
+def validate(config: CpuValidateConfig) -> int:
+    """Measure the CPU constants at each --tp, run `bench` there, and write predicted against measured to --out."""
+    if config.profile_only:
+        return write_profile(config)
     from trtllm_bdlora.llama.loader import load_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or str(_random_model(Path(tmp) / "model"))
+        model_dir = config.model or str(_random_model(Path(tmp) / "model"))
         base = load_base_model(model_dir)
         cores = os.cpu_count() or 1
         cells, fits = [], {}
-        for tp in args.tp:
-            gloo = measure_gloo(tp, args.reps)
-            compute = measure_compute(base, tp, args)
-            measured = run_bench(model_dir, tp, args)
-            predicted = predict(compute, gloo, base.shape, tp, args, cores)
+        for tp in config.tp:
+            gloo = measure_gloo(tp, config.reps)
+            compute = measure_compute(base, tp, config)
+            measured = run_bench(model_dir, tp, config)
+            predicted = predict(compute, gloo, base.shape, tp, config, cores)
             for scheme in SCHEMES:
                 m = measured["schemes"][scheme]
                 cells.append({"tp": tp, "scheme": scheme, "predicted_ms": predicted[scheme]["total"] * 1e3,
@@ -281,31 +258,31 @@ def main(argv: list[str] | None = None) -> int:
             fits[tp] = {k: {"latency_us": v["latency_s"] * 1e6, "us_per_kib": v["s_per_byte"] * 1024e6}
                         for k, v in gloo.items()}
     shape = base.shape
-    Path(args.out).write_text(json.dumps({
+    Path(config.out).write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M"), "cores": cores, "command": " ".join(sys.argv),
         "compute_method": "rank 0 alone in its process, with min(N, cores) - 1 other processes streaming a rank's weight bytes",
         "model": {"hidden": shape.hidden_size, "intermediate": shape.intermediate_size, "layers": shape.num_layers,
                   "heads": shape.num_heads, "kv_heads": shape.num_kv_heads, "vocab": shape.vocab_size},
-        "workload": {"batch": args.batch, "adapters": args.num_adapters, "rank": args.rank, "steps": args.steps,
-                     "prompt_len": args.prompt_len},
+        "workload": {"batch": config.batch, "adapters": config.num_adapters, "rank": config.rank, "steps": config.steps,
+                     "prompt_len": config.prompt_len},
         "gloo_fits": fits, "cells": cells}, indent=1))
     return 0
 
 
-def write_profile(args) -> int:
+def write_profile(config: CpuValidateConfig) -> int:
     """The per-category step profile (seconds per step, medians) of rank 0 at each TP, as docs/perf/profile_*.json."""
     from trtllm_bdlora.llama.loader import load_base_model
 
-    base = load_base_model(args.model or "smollm2-135m")
-    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "model": args.model or "smollm2-135m",
-           "batch": args.batch, "adapters": args.num_adapters, "rank": args.rank,
+    base = load_base_model(config.model or "smollm2-135m")
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "model": config.model or "smollm2-135m",
+           "batch": config.batch, "adapters": config.num_adapters, "rank": config.rank,
            "note": f"rank 0, 1 thread, collectives stubbed, min(N, cores) - 1 other weight streams; medians of "
-                   f"{args.steps} decode steps (s)"}
-    for tp in args.tp:
-        out[f"tp{tp}"] = measure_compute(base, tp, args)
+                   f"{config.steps} decode steps (s)"}
+    for tp in config.tp:
+        out[f"tp{tp}"] = measure_compute(base, tp, config)
         print(f"tp {tp}: " + "  ".join(f"{s} {v['total'] * 1e3:.1f} ms (LoRA {v['lora'] * 1e3:.1f})"
                                        for s, v in out[f"tp{tp}"].items()), flush=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    Path(config.out).write_text(json.dumps(out, indent=1))
     return 0
 
 
@@ -320,5 +297,10 @@ def _random_model(directory: Path) -> Path:
     return directory
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # its workers: `gloo-worker OUT REPS [IFACE]` (under mpirun), `load-worker BYTES`
+    if sys.argv[1:2] == ["gloo-worker"]:
+        gloo_worker(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else None)
+    elif sys.argv[1:2] == ["load-worker"]:
+        load_worker(int(sys.argv[2]))
+    else:
+        sys.exit("the command is `trtllm-bdlora cpu-validate`; this module runs only its workers")

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import json
 
+from trtllm_bdlora.config import ProjectConfig
 from trtllm_bdlora.perf.cost_model import CATEGORIES, KernelTimes, Workload, project
 from trtllm_bdlora.perf.presets import MODELS, SYSTEMS, resolve_model
 
@@ -69,45 +69,27 @@ def paper_rows(gpu: str, batch: int, rank: int, context: int, adapters: int) -> 
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    system = SYSTEMS[args.gpu]
-    adapters = args.adapters or min(args.batch, 8)
-    if args.paper:
-        result = paper_rows(args.gpu, args.batch, args.rank, args.context, adapters)
+def project_main(config: ProjectConfig) -> int:
+    system = SYSTEMS[config.gpu]
+    adapters = config.adapters or min(config.batch, 8)
+    if config.paper:
+        result = paper_rows(config.gpu, config.batch, config.rank, config.context, adapters)
         for model, rows in result.items():
-            print(format_table(rows, f"{model}  tp 8  {args.gpu}  batch {args.batch}  rank {args.rank} (bdlora "
-                                     f"{2 * args.rank})  context {args.context}  adapters {adapters}"))
+            print(format_table(rows, f"{model}  tp 8  {config.gpu}  batch {config.batch}  rank {config.rank} (bdlora "
+                                     f"{2 * config.rank})  context {config.context}  adapters {adapters}"))
             print(f"bdlora vs slora: {rows['bdlora']['speedup_vs_slora']:.2f}x projected, paper {PAPER[model]:.2f}x\n")
     else:
-        shape = resolve_model(args.model)
-        w = Workload(args.batch, args.context, args.rank, args.bd_rank or args.rank, adapters, kernel_floor_s=KERNEL_FLOOR_S)
-        kt = load_kernel_times(args.kernel_times, adapters) if args.kernel_times else None
-        result = project(shape, args.tp, w, system, kt)
-        print(format_table(result, f"{args.model}  tp {args.tp}  {args.gpu}  batch {args.batch}  rank {args.rank}  "
-                                   f"bdlora rank {w.bd_rank}  context {args.context}  adapters {adapters}  compute: "
+        shape = resolve_model(config.model)
+        w = Workload(config.batch, config.context, config.rank, config.bd_rank or config.rank, adapters, kernel_floor_s=KERNEL_FLOOR_S)
+        kt = load_kernel_times(config.kernel_times, adapters) if config.kernel_times else None
+        result = project(shape, config.tp, w, system, kt)
+        print(format_table(result, f"{config.model}  tp {config.tp}  {config.gpu}  batch {config.batch}  rank {config.rank}  "
+                                   f"bdlora rank {w.bd_rank}  context {config.context}  adapters {adapters}  compute: "
                                    f"{'measured kernel times + roofline' if kt else 'roofline'}"))
         if kt:
             print(f"kernel times measured with {kt.adapters} adapters per batch (asked: {adapters})")
         print(f"bdlora vs slora: {result['bdlora']['speedup_vs_slora']:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
+    if config.json:
+        with open(config.json, "w") as f:
             json.dump({"system": system.name, "sources": system.sources, "result": result}, f, indent=2)
     return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("project", help="projected decode-step breakdown per scheme on an 8-GPU system (speed-up over slora)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-3.1-8b", help=f"preset ({', '.join(MODELS)}) or a HF config.json")
-    p.add_argument("--tp", type=int, default=8)
-    p.add_argument("--gpu", choices=list(SYSTEMS), default="a100-80g-sxm")
-    p.add_argument("--batch", type=int, default=32, help="sequences per decode step")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (slora, replicated)")
-    p.add_argument("--bd-rank", type=int, default=None, help="BD-LoRA rank (default: --rank)")
-    p.add_argument("--context", type=int, default=1024, help="KV-cache length per sequence")
-    p.add_argument("--adapters", type=int, default=None, help="distinct adapters per batch (default: min(batch, 8))")
-    p.add_argument("--kernel-times", default=None, help="gpu_suite.json: measured kernel times instead of the roofline")
-    p.add_argument("--paper", action="store_true", help="the paper's settings (TP 8, BD-LoRA at 2x rank) for 8B and 70B")
-    p.add_argument("--json", default=None)
-    p.set_defaults(func=main)
-

@@ -11,6 +11,13 @@ metrics{inflight_batcher_specific_metric}, nv_trt_llm_general_metrics{general_ty
 nv_llm_output_token_len histograms. Its KV-cache and memory families do not apply (no paged cache, no GPU);
 it has no LoRA family. Ours: trtllm_bdlora_adapters_registered, trtllm_bdlora_adapter_slots{state},
 trtllm_bdlora_adapter_slot_evictions (counter), trtllm_bdlora_lora_collectives_per_step (last step).
+
+Triton's and the backend's series keep their names and label sets, so Triton dashboards read them unchanged; they
+count every request whatever its protocol (an OpenAI request is a `tensorrt_llm` request). The protocol a client
+used (`protocol` = kserve_grpc | kserve_http | openai) is on our own series, named as Prometheus names them:
+trtllm_bdlora_requests_total{protocol,outcome}, and the histograms trtllm_bdlora_request_duration_seconds,
+trtllm_bdlora_time_to_first_response_seconds (per client request), trtllm_bdlora_prompt_tokens,
+trtllm_bdlora_generation_tokens (per executor request, as nv_llm_*_token_len) {protocol}. docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 TOKEN_BUCKETS = (10.0, 50.0, 100.0, 500.0, 1000.0)  # the backend's token-length buckets
 FIRST_RESPONSE_BUCKETS_MS = (1, 5, 10, 50, 100, 500, 1000, 5000, 10000, 60000)
+PROTOCOLS = ("kserve_grpc", "kserve_http", "openai")
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")  # nv_inference_request_failure{reason}, as Triton's
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 COUNTERS = {
     "nv_inference_request_success": "Number of successful inference requests, all batch sizes",
     "nv_inference_request_failure": "Number of failed inference requests, all batch sizes",
@@ -57,10 +69,43 @@ class _Record:
             self.metrics.first_response.labels(self.model, "1").observe((self.first - self.start) / 1e6)
 
     def finish(self, failure: str | None, queued_ns: int = 0) -> None:
-        if self.done:
-            return
-        self.done = True
+        """Counted once (the first call), from whichever thread ends it."""
+        with self.metrics._lock:
+            if self.done:
+                return
+            self.done = True
         self.metrics.finish(self, failure, time.perf_counter_ns() - self.start, queued_ns)
+
+
+class ClientCall:
+    """One client request on one protocol (a KServe call, a request on a stream, an OpenAI request), from its
+    arrival to its last response: counted once, as a success or a failure (the first `finish` wins). Used as a
+    context manager, an exception that leaves the block finishes it as a failure."""
+
+    def __init__(self, metrics: Metrics, protocol: str):
+        self.metrics, self.protocol = metrics, protocol
+        self.start = time.perf_counter_ns()
+        self.first: int | None = None
+        self.done = False
+
+    def responded(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter_ns()
+            self.metrics.time_to_first_response.labels(self.protocol).observe((self.first - self.start) / 1e9)
+
+    def finish(self, ok: bool) -> None:
+        with self.metrics._lock:
+            if self.done:
+                return
+            self.done = True
+        self.metrics.client_finished(self, ok, time.perf_counter_ns() - self.start)
+
+    def __enter__(self) -> ClientCall:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.finish(ok=False)
 
 
 class Metrics:
@@ -81,7 +126,33 @@ class Metrics:
         self.output_tokens = Histogram("nv_llm_output_token_len", "TRT LLM response metrics",
                                        ["model", "version", "response_metric_type"], buckets=TOKEN_BUCKETS,
                                        registry=self.registry)
+        self.request_duration = Histogram("trtllm_bdlora_request_duration_seconds",
+                                          "Client request duration, arrival to last response, per protocol",
+                                          ["protocol"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
+        self.time_to_first_response = Histogram("trtllm_bdlora_time_to_first_response_seconds",
+                                                "Client request arrival to its first response (first token when "
+                                                "streamed), per protocol", ["protocol"], buckets=LATENCY_BUCKETS_S,
+                                                registry=self.registry)
+        self.prompt_tokens = Histogram("trtllm_bdlora_prompt_tokens", "Prompt tokens per executor request, per protocol",
+                                       ["protocol"], buckets=TOKEN_COUNT_BUCKETS, registry=self.registry)
+        self.generation_tokens = Histogram("trtllm_bdlora_generation_tokens",
+                                           "Generated tokens per executor request, per protocol", ["protocol"],
+                                           buckets=TOKEN_COUNT_BUCKETS, registry=self.registry)
+        self._calls: dict[tuple[str, str], int] = {(p, o): 0 for p in PROTOCOLS for o in ("success", "failure")}
+        for protocol in PROTOCOLS:  # every protocol's series exported from the start, at zero
+            for histogram in (self.request_duration, self.time_to_first_response, self.prompt_tokens,
+                              self.generation_tokens):
+                histogram.labels(protocol)
         self.registry.register(_Collector(self))
+
+    def declare(self, models) -> None:
+        """Export every model's series from the start, at zero, as Triton does once a model is loaded."""
+        with self._lock:
+            for model in models:
+                for name in COUNTERS:
+                    for extra in ([(("reason", r),) for r in FAILURE_REASONS] if name.endswith("_failure") else [()]):
+                        self._counts[(name, model, extra)] += 0
+                self._pending[model] += 0
 
     def watch(self, runtime) -> None:
         """Report the runtime's batcher and adapter state (read when scraped)."""
@@ -122,10 +193,24 @@ class Metrics:
     def output_time(self, model: str, ns: int) -> None:
         self._add("nv_inference_compute_output_duration_us", model, ns / 1000)
 
-    def tokens(self, model: str, prompt_tokens: int, output_tokens: int) -> None:
-        """A finished core-model sequence's token counts."""
+    def tokens(self, model: str, prompt_tokens: int, output_tokens: int, protocol: str | None = None) -> None:
+        """A finished core-model sequence's token counts (and its client's protocol, when it has one)."""
         self.input_tokens.labels(model, "1", "total_input_tokens").observe(prompt_tokens)
         self.output_tokens.labels(model, "1", "total_output_tokens").observe(output_tokens)
+        if protocol is not None:
+            self.prompt_tokens.labels(protocol).observe(prompt_tokens)
+            self.generation_tokens.labels(protocol).observe(output_tokens)
+
+    def call(self, protocol: str) -> ClientCall:
+        """A client request arriving on `protocol` (one of PROTOCOLS)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}")
+        return ClientCall(self, protocol)
+
+    def client_finished(self, call: ClientCall, ok: bool, duration_ns: int) -> None:
+        with self._lock:
+            self._calls[(call.protocol, "success" if ok else "failure")] += 1
+        self.request_duration.labels(call.protocol).observe(duration_ns / 1e9)
 
     def statistics(self, model: str) -> dict:
         """The model's KServe statistics: counts, and (count, nanoseconds) per stage."""
@@ -171,6 +256,12 @@ class _Collector:
         for model, value in pending.items():
             gauge.add_metric([model, "1"], value)
         yield gauge
+        with m._lock:
+            calls = dict(m._calls)
+        requests = Metric("trtllm_bdlora_requests", "Client requests by protocol and outcome", "counter")
+        for (protocol, outcome), value in calls.items():
+            requests.add_sample("trtllm_bdlora_requests_total", {"protocol": protocol, "outcome": outcome}, value)
+        yield requests
         if m.runtime is not None:
             yield from _runtime_families(m.runtime)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from trtllm_bdlora.errors import ModelError
-from trtllm_bdlora.llama.shape import COLUMN_MODULES, ROW_MODULES, LlamaShape
+from trtllm_bdlora.llama.shape import COLUMN_MODULES, ROW_MODULES, LlamaShape, check_tp
 
 _LINEAR_KEY = re.compile(r"^model\.layers\.\d+\.(?:self_attn|mlp)\.(\w+)\.weight$")
 
@@ -59,17 +59,7 @@ class TPLayout:
 
 def make_layout(shape: LlamaShape, world: int) -> TPLayout:
     """Validate that `world` ranks can shard this model; raises ModelError naming the conflict."""
-    if world < 1:
-        raise ModelError(f"tp must be >= 1, got {world}")
-    if shape.num_heads % world:
-        raise ModelError(f"tp {world} does not divide num_attention_heads={shape.num_heads}")
-    kv = shape.num_kv_heads
-    if world <= kv and kv % world:
-        raise ModelError(f"tp {world} does not divide num_key_value_heads={kv}")
-    if world > kv and world % kv:
-        raise ModelError(f"tp {world} exceeds num_key_value_heads={kv} and is not a multiple of it")
-    if shape.intermediate_size % world:
-        raise ModelError(f"tp {world} does not divide intermediate_size={shape.intermediate_size}")
+    check_tp(shape, world)
     return TPLayout(shape, world)
 
 

@@ -14,26 +14,22 @@ sent in BD-shaped form of rank tp*r, so --max-lora-rank must be at least that: `
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 from pathlib import Path
 
+from trtllm_bdlora.config import BuildConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.trtllm.network import LORA_TARGET_MODULES, load_plugin_library
 from trtllm_bdlora.versions import CONTAINER_IMAGE
 
-DEFAULT_PLUGIN_LIB = "plugins/build/libtrtllm_bdlora_plugin.so"
 MAX_KERNEL_RANK = 128  # the plugin's largest rank tile (plugins/CMakeLists.txt BDLORA_BLOCK_R)
 LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    if args.max_lora_rank < 1 or args.max_batch_size < 1 or args.max_input_len < 1:
-        raise BdLoraError("--max-lora-rank, --max-batch-size and --max-input-len must be >= 1")
-    if args.max_seq_len is not None and args.max_seq_len <= args.max_input_len:
-        raise BdLoraError(f"--max-seq-len {args.max_seq_len} must exceed --max-input-len {args.max_input_len}")
+def validate_config(args: BuildConfig) -> None:
+    """What config.BuildConfig cannot check alone: the rank limit against the TP and the plugin, the output."""
     if args.max_lora_rank < args.tp:
         raise BdLoraError(f"--max-lora-rank {args.max_lora_rank} is below --tp {args.tp}: adapter ranks must be "
                           f"multiples of the TP, so no adapter would fit")
@@ -61,7 +57,7 @@ def build_device(env: dict[str, str], device_count: int) -> int:
     return local % device_count if device_count > 0 else 0
 
 
-def build_config_json(args: argparse.Namespace, shape, backend: str) -> dict:
+def build_config_json(args: BuildConfig, shape, backend: str) -> dict:
     return {
         "format": "trtllm-bdlora/1",
         "backend": backend,
@@ -78,7 +74,7 @@ def build_config_json(args: argparse.Namespace, shape, backend: str) -> dict:
     }
 
 
-def build_torch(args: argparse.Namespace) -> Path:
+def build_torch(args: BuildConfig) -> Path:
     """Per-rank Megatron shards of the base model as safetensors, for the torch backend."""
     import torch
     from safetensors.torch import save_file
@@ -112,7 +108,7 @@ def require_trtllm() -> None:
         )
 
 
-def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: no cover - needs TensorRT-LLM
+def build_trtllm_rank(args: BuildConfig, rank: int) -> None:  # pragma: no cover - needs TensorRT-LLM
     import tensorrt_llm
     import torch
     from tensorrt_llm import BuildConfig
@@ -140,7 +136,7 @@ def build_trtllm_rank(args: argparse.Namespace, rank: int) -> None:  # pragma: n
     engine.save(args.output)
 
 
-def build_trtllm(args: argparse.Namespace) -> Path:  # pragma: no cover - needs TensorRT-LLM
+def build_trtllm(args: BuildConfig) -> Path:  # pragma: no cover - needs TensorRT-LLM
     from trtllm_bdlora.distributed.launch import mpi_world_size
     from trtllm_bdlora.llama.loader import load_model_config
 
@@ -159,9 +155,9 @@ def build_trtllm(args: argparse.Namespace) -> Path:  # pragma: no cover - needs 
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    validate_args(args)
-    check_adapters(args.adapter_dir, args.tp, args.max_lora_rank)
+def main(args: BuildConfig) -> int:
+    validate_config(args)
+    check_adapters(args.adapter_dirs, args.tp, args.max_lora_rank)
     if args.backend == "torch":
         out = build_torch(args)
     else:

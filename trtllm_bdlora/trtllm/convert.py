@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trtllm_bdlora.adapters.trtllm_format import convert_adapter, fits_bd, write_converted
+from trtllm_bdlora.config import ConvertConfig
 from trtllm_bdlora.errors import BdLoraError
 
 
@@ -24,7 +25,7 @@ def engine_targets(tp: int | None, max_lora_rank: int | None, dtype: str | None,
     return info.tp, info.max_lora_rank, info.dtype
 
 
-def main(args) -> int:
+def convert_main(args: ConvertConfig) -> int:
     from trtllm_bdlora.adapters import load_peft_adapter
 
     tp, max_lora_rank, dtype = engine_targets(args.tp, args.max_lora_rank, args.dtype, args.engine_dir)

@@ -15,7 +15,8 @@ import os
 
 from tensorrt_llm.models import LLaMAForCausalLM
 
-from trtllm_bdlora.trtllm.network import CONTAINER_PLUGIN_LIB, PLUGIN_LIB_ENV, bdlora_model_class, load_plugin_library
+from trtllm_bdlora.config import CONTAINER_PLUGIN_LIB
+from trtllm_bdlora.trtllm.network import PLUGIN_LIB_ENV, bdlora_model_class, load_plugin_library
 
 load_plugin_library(os.environ.get(PLUGIN_LIB_ENV, CONTAINER_PLUGIN_LIB))
 BdLoraLLaMAForCausalLM = bdlora_model_class(LLaMAForCausalLM)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
+from trtllm_bdlora.config import CONTAINER_PLUGIN_LIB
 from trtllm_bdlora.errors import BdLoraError
 
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "BdLora", "1", "trtllm_bdlora"
-CONTAINER_PLUGIN_LIB = "/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so"
 PLUGIN_LIB_ENV = "TRTLLM_BDLORA_PLUGIN_LIB"  # the plugin library trtllm-build's processes load (default: the container's)
 CLASS_PREFIX = "BdLora"  # BdLora<name>: the BD-LoRA class of tensorrt_llm.models.<name>
 LORA_TARGET_MODULES = tuple(TRTLLM_NAMES.values())  # TensorRT-LLM's names of the modules adapters carry

@@ -3,12 +3,12 @@
 Builds (if needed) the plugin, makes a tiny random Llama with a BD-LoRA and a plain LoRA adapter (PEFT), builds
 TP-1 and (with 2+ GPUs) TP-2 BD-LoRA engines, serves each with Triton (`launch-triton`), sends the same greedy
 requests through tritonclient and through `trtllm-bdlora generate --backend torch`, compares the token ids and
-prints one verdict line. Outside the container it refuses at once with one line.
+prints one verdict line. Outside the container it refuses at once with one line. Its command line:
+`trtllm_bdlora/cli/smoke.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTAINER_PLUGIN_LIB = "/opt/trtllm-bdlora/lib/libtrtllm_bdlora_plugin.so"
+from trtllm_bdlora.config import SmokeConfig
+
 PROMPTS = [[5, 17, 33, 2, 90, 41], [7, 7, 120, 64], [200, 3, 15, 16, 23, 42, 8, 99]]
 ADAPTERS = {1: "bd", 2: "plain"}  # lora_task_id -> adapter
 MAX_TOKENS = 12
@@ -173,21 +174,16 @@ def serve_and_query(engine: Path, model_dir: Path, converted: dict, tp: int, plu
         server.wait(timeout=120)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="smoke.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None, help="keep models, engines and repositories here")
-    parser.add_argument("--plugin-lib", default=os.environ.get("PLUGIN_LIB", CONTAINER_PLUGIN_LIB))
-    parser.add_argument("--grpc-port", type=int, default=8101)
-    args = parser.parse_args(argv)
+def smoke_main(config: SmokeConfig) -> int:
     problems = container_problems(lambda m: importlib.util.find_spec(m) is not None, shutil.which)
     if problems:
         print(f"smoke.sh: not inside the trtllm-bdlora container ({'; '.join(problems)}): run it there, e.g. "
               "`docker run --gpus all --rm trtllm-bdlora trtllm-bdlora-smoke`", file=sys.stderr)
         return 2
-    return run_smoke(args)  # pragma: no cover - container only
+    return run_smoke(config)  # pragma: no cover - container only
 
 
-def run_smoke(args) -> int:  # pragma: no cover - container only
+def run_smoke(args: SmokeConfig) -> int:  # pragma: no cover - container only
     import torch
 
     from trtllm_bdlora.adapters import load_peft_adapter
@@ -225,7 +221,3 @@ def run_smoke(args) -> int:  # pragma: no cover - container only
     print(f"SMOKE {'PASS' if ok else 'FAIL'}: {len(expected) - len(lines)}/{len(expected)} requests equal at TP "
           f"{', '.join(map(str, tps))}{skipped}; work dir {work}", flush=True)
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -15,7 +15,6 @@ runtime, so a real `tritonserver` serves the repository without TensorRT.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -23,14 +22,13 @@ import threading
 import time
 from pathlib import Path
 
+from trtllm_bdlora.config import EngineConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.serving.repository.tokens import flag
 from trtllm_bdlora.trtllm.triton_python import TritonCall, TritonCalls, parameters
 
 log = logging.getLogger("trtllm_bdlora.triton")
 DRAIN_S = 30.0  # at unload: how long in-flight requests may take to finish before they are cut
-DEFAULT_MAX_LORAS = 8  # device adapter slots per rank, as `serve --max-loras`
-DEFAULT_DTYPE = "float32"  # as `serve --dtype`: what `generate` computes with
 
 
 def torch_build(engine_dir: str) -> dict | None:
@@ -57,19 +55,32 @@ def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
         raise BdLoraError(f"tensorrt_llm parameter {key} must be an integer, got {value!r}") from None
 
 
-def worker_settings(engine_dir: str, tp: int, params: dict[str, str]) -> dict:
-    """The `serve` flags of ranks 1..tp-1 (they build the same engine and follow rank 0's plans), by their argparse
-    names: the workers' command line, and what rank 0 checks the workers agree on (distributed/hosts.py)."""
-    return {"model": engine_dir, "tp": tp, "scheme": "bdlora", "dtype": DEFAULT_DTYPE, "max_loras": DEFAULT_MAX_LORAS,
-            "max_lora_rank": _int(params, "lora_cache_max_adapter_size", None),
-            "lora_cache_host_bytes": _int(params, "lora_cache_host_memory_bytes", None)}
+def engine_config(engine_dir: str, tp: int, params: dict[str, str]) -> EngineConfig:
+    """The engine of every rank, as `serve --model ENGINE_DIR --tp N` builds it (`serve`'s defaults for what the
+    C++ backend's parameters do not say), with the repository's adapter limits."""
+    from trtllm_bdlora.config import lora_kernel_from_env
+
+    values = {"model": engine_dir, "tp": tp, "max_lora_rank": _int(params, "lora_cache_max_adapter_size", None),
+              "lora_kernel": lora_kernel_from_env()}  # as the workers' `serve` reads it
+    host_bytes = _int(params, "lora_cache_host_memory_bytes", None)
+    if host_bytes:
+        values["lora_cache_host_bytes"] = host_bytes
+    return EngineConfig(**values)
 
 
-def worker_argv(settings: dict) -> list[str]:
+WORKER_FLAGS = {"model": "--model", "tp": "--tp", "scheme": "--scheme", "dtype": "--dtype", "max_loras": "--max-loras",
+                "max_lora_rank": "--max-lora-rank", "lora_cache_host_bytes": "--lora-cache-host-bytes",
+                "rank_timeout": "--rank-timeout"}
+
+
+def worker_argv(config: EngineConfig) -> list[str]:
+    """The command line of ranks 1..tp-1: `serve` workers (they build the same engine and follow rank 0's plans),
+    with the values rank 0 checks they agree on (distributed/hosts.py) and the same rank watch."""
     argv = ["serve", "--log-level", "warning"]
-    for name, value in settings.items():
+    for name, option in WORKER_FLAGS.items():
+        value = getattr(config, name)
         if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
+            argv += [option, str(value)]
     return argv
 
 
@@ -77,7 +88,6 @@ class TritonCoreModel:
     """What model_repo/tensorrt_llm/1/model.py delegates to."""
 
     def __init__(self, pb_utils, args: dict):
-        from trtllm_bdlora.engine.engine import Engine
         from trtllm_bdlora.engine.runtime import Runtime
         from trtllm_bdlora.logs import configure_logging
         from trtllm_bdlora.serving.repository.core import CoreModel
@@ -95,32 +105,31 @@ class TritonCoreModel:
         if build is None:
             raise BdLoraError(f"tensorrt_llm: gpt_model_path {engine_dir!r} is not a `trtllm-bdlora build --backend "
                               "torch` output (TensorRT-LLM engines need the tensorrtllm backend)")
-        tp = int(build["tp"])
-        self.ranks = None
-        if tp > 1:
+        config = engine_config(engine_dir, int(build["tp"]), params)
+        self.ranks, self.runtime = None, None
+        if config.tp > 1:
             from trtllm_bdlora.distributed.embedded import EmbeddedRanks
             from trtllm_bdlora.distributed.hosts import check_hosts_agree
 
-            settings = worker_settings(engine_dir, tp, params)
-            self.ranks = EmbeddedRanks(tp, worker_argv(settings), on_lost=self._rank_lost)
+            self.ranks = EmbeddedRanks(config.tp, worker_argv(config), config.device, config.comm_interface,
+                                       on_lost=self._rank_lost, threads_per_rank=config.threads_per_rank,
+                                       rank_timeout=config.rank_timeout, on_unresponsive=self._rank_unresponsive)
             comm = self.ranks.comm
             try:
-                check_hosts_agree(comm, "serve", argparse.Namespace(**settings))  # as every `serve` worker does first
+                check_hosts_agree(comm, "serve", config)  # as every `serve` worker does first
             except BaseException:
                 self.ranks.stop(0)
                 raise
         else:
             from trtllm_bdlora.distributed.launch import init_ranks
 
-            comm = init_ranks(1, None)
+            comm = init_ranks(1, config.device, threads_per_rank=config.threads_per_rank)
         try:
-            kwargs = {}
-            host = _int(params, "lora_cache_host_memory_bytes", None)
-            if host:
-                kwargs["lora_cache_host_bytes"] = host
-            engine = Engine(comm, engine_dir, "bdlora", [], DEFAULT_MAX_LORAS, DEFAULT_DTYPE,
-                            max_lora_rank=_int(params, "lora_cache_max_adapter_size", None), **kwargs)
-            self.runtime = Runtime(engine, max_batch_size=int(build.get("max_batch_size") or 16)).start()
+            from trtllm_bdlora.engine.engine import engine_from_config
+
+            engine = engine_from_config(config, comm)
+            self.runtime = Runtime(engine, max_batch_size=int(build.get("max_batch_size") or 16),
+                                   max_num_tokens=config.max_num_tokens).start()
         except BaseException:
             if self.ranks is not None:
                 self.ranks.stop(0)
@@ -143,8 +152,20 @@ class TritonCoreModel:
     def _rank_lost(self, cause: str) -> None:
         log.error("tensorrt_llm: %s", cause)
 
+    def _rank_unresponsive(self, lost) -> None:
+        """The rank watch (--rank-timeout, distributed/liveness.py) found a rank stopped, hung or cut off: as in
+        `serve`, every pending and new request fails with UNAVAILABLE, and the server stops (`_watch_runtime`).
+        While the engine loads there is no runtime yet: the load fails, naming the rank."""
+        log.error("tensorrt_llm: %s", lost)
+        if self.runtime is None:
+            from trtllm_bdlora.distributed.launch import exit_on_lost
+
+            exit_on_lost("tensorrt_llm")(lost)
+        self.runtime.rank_lost(lost.summary, str(lost))
+
     def _watch_runtime(self) -> None:
-        self.runtime.stopped.wait()
+        while not self.runtime.stopped.wait(0.2) and self.runtime.lost is None:
+            pass
         if self.stopping.is_set() or self.runtime.failure is None:
             return
         if self.ranks is not None:  # the rank that died, rather than rank 0's lost contact with it
@@ -158,7 +179,9 @@ class TritonCoreModel:
     def finalize(self) -> None:
         self.stopping.set()
         self.calls.stop()
-        if not self.runtime.stop(timeout=DRAIN_S):
+        if self.ranks is not None:  # the workers leave when the runtime stops: no loss
+            self.ranks.expect_exit()
+        if self.runtime.lost is None and not self.runtime.stop(timeout=DRAIN_S):
             self.runtime.cut(f"server is shutting down: request cut after {DRAIN_S:g} s")
             self.runtime.stopped.wait(10)
         if self.ranks is not None:

@@ -4,7 +4,6 @@ five models from the interface description, with our Python models beside them),
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -14,6 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from trtllm_bdlora.config import FillRepoConfig, LaunchTritonConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.llama.shape import LlamaShape
 from trtllm_bdlora.serving.repository.config import model_config
@@ -143,13 +143,11 @@ def launch_command(world_size: int, model_repo: str, plugin_lib: str, grpc_port:
     return cmd[:-1]
 
 
-def fill_main(args: argparse.Namespace) -> int:
+def fill_main(args: FillRepoConfig) -> int:
     params = {"engine_dir": args.engine_dir, "tokenizer_dir": args.tokenizer_dir, "tp_size": args.tp,
               "triton_max_batch_size": args.max_batch_size, "lora_cache_max_adapter_size": args.max_lora_rank}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+    for item in args.settings:
+        key, _, value = item.partition("=")
         params[key] = value
     out = fill_model_repo(Path(args.output), params)
     print(f"wrote Triton model repository to {out}")
@@ -169,7 +167,7 @@ def repository_backend(model_repo: str) -> str:
         raise BdLoraError(f"{path}: {err}") from None
 
 
-def launch_main(args: argparse.Namespace) -> int:
+def launch_main(args: LaunchTritonConfig) -> int:
     missing = missing_files(Path(args.model_repo))
     if missing:
         raise BdLoraError(f"{args.model_repo}: not a filled model repository, missing {', '.join(missing)} "
@@ -178,7 +176,7 @@ def launch_main(args: argparse.Namespace) -> int:
         from trtllm_bdlora.trtllm.local_triton import local_command
 
         cmd, env = local_command(args.model_repo, args.grpc_port, args.http_port, args.metrics_port, args.host,
-                                 args.tritonserver_arg or [])
+                                 list(args.tritonserver_args))
         print(" ".join(cmd), flush=True)
         os.execvpe(cmd[0], cmd, env)
     if args.world_size is None:

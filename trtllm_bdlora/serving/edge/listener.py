@@ -249,7 +249,7 @@ class HttpServer:
     its connections."""
 
     def __init__(self, app, host: str, port: int, settings: EdgeSettings | None = None, listener: Listener | None = None,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, flag: str | None = None):
         settings = settings or EdgeSettings()
         listener = listener or Listener(f"HTTP :{port}", lambda path: False)
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -258,7 +258,7 @@ class HttpServer:
             self.sock.bind((host, port))
         except OSError as err:
             self.sock.close()
-            raise BdLoraError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+            raise BdLoraError(f"cannot listen on {host}:{port} ({flag or listener.name}): {err.strerror}") from None
         cap = listener.max_connections or max_connections or settings.max_connections or 1000
         limits = Limits(cap, HEALTH_RESERVE, settings.header_timeout, settings.body_timeout, settings.max_keep_alive_requests)
         self.guard = ConnectionGuard(listener.name, limits, listener.is_health)
@@ -268,7 +268,8 @@ class HttpServer:
 
         self.server = uvicorn.Server(uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=STOP_GRACE_S,
-            http=protocol, ws="none", timeout_keep_alive=settings.keep_alive_timeout, backlog=accept_burst(cap)))
+            http=protocol, ws="none", timeout_keep_alive=settings.keep_alive_timeout, backlog=accept_burst(cap),
+            log_config=None))  # uvicorn's records go to the handler logs.configure_logging gives them: serve's format
         throttle_library_logs()
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name=f"http-{port}")

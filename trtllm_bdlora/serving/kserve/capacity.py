@@ -6,8 +6,9 @@ import threading
 from dataclasses import dataclass
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-EXTENSIONS = ["model_configuration", "binary_tensor_data", "parameters", "statistics", "model_repository",
-              "generate"]
+# exactly what the front ends serve, in Triton's order (tritonserver's ServerMetadata), then `generate`
+EXTENSIONS = ["model_repository", "model_repository(unload_dependents)", "model_configuration", "system_shared_memory",
+              "binary_tensor_data", "parameters", "statistics", "trace", "logging", "generate"]
 # refusals beyond the front ends' capacity; a call beyond the queue starts with Triton core's queue-full wording
 STREAMS_REFUSAL = "Exceeds maximum number of concurrent streams: {limit} open (--max-streams), retry later"
 CALLS_REFUSAL = ("Exceeds maximum queue size: {limit} inference calls already in progress (--max-queue + "

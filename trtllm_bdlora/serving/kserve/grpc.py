@@ -1,7 +1,8 @@
 """KServe v2 gRPC (the service shipped in `tritonclient`) for the five models, as Triton serves TensorRT-LLM's
-`inflight_batcher_llm` repository: health, server / model metadata, model config, repository index,
-statistics, ModelInfer (one response) and ModelStreamInfer (decoupled: every response of every request on
-the stream, `triton_final_response` when the client enables empty final responses)."""
+`inflight_batcher_llm` repository: health, server / model metadata, model config, repository index, load and
+unload, statistics, log and trace settings, system shared memory, ModelInfer (one response) and ModelStreamInfer
+(decoupled: every response of every request on the stream, `triton_final_response` when the client enables empty
+final responses)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, ModelNotFound, UnimplementedError
 from trtllm_bdlora.serving.edge.auth import ApiKeyInterceptor, ApiKeys
 from trtllm_bdlora.serving.edge.settings import DEFAULT_MAX_CONNECTIONS, EdgeSettings
+from trtllm_bdlora.serving.kserve import control
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, STREAMS_REFUSAL, CallSlots, Capacity
-from trtllm_bdlora.serving.kserve.tensors import from_grpc, to_grpc
+from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
+from trtllm_bdlora.serving.kserve.tensors import from_grpc, grpc_parameters, to_grpc
 from trtllm_bdlora.serving.repository.calls import CallContext, error_status
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 EMPTY_FINAL = "triton_enable_empty_final_response"
 DECOUPLED_REFUSAL = "ModelInfer RPC doesn't support models with decoupled transaction policy"  # Triton's words
+PROTOCOL = "kserve_grpc"
 
 
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -33,8 +37,9 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: ModelServer, capacity: Capacity | None = None):
+    def __init__(self, server: ModelServer, capacity: Capacity | None = None, regions: SharedMemoryRegions | None = None):
         self.server = server
+        self.regions = regions if regions is not None else SharedMemoryRegions()
         capacity = capacity or Capacity()
         self.stream_slots = CallSlots(capacity.streams, STREAMS_REFUSAL)
         self.unary_slots = CallSlots(capacity.unary, CALLS_REFUSAL)
@@ -84,7 +89,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         names = [request.name] if request.name else sorted(self.server.models)
         out = pb.ModelStatisticsResponse()
         for name in names:
-            self._model(name, request.version, context)
+            self._answer(self.server.statistics_model, name, request.version, context=context)
             stats = self.server.metrics.statistics(name)
             s = out.model_stats.add(name=name, version="1", last_inference=stats["last_inference"],
                                     inference_count=stats["inference_count"],
@@ -93,6 +98,75 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 count, ns = stats[key]
                 getattr(s.inference_stats, key).count, getattr(s.inference_stats, key).ns = count, ns
         return out
+
+    @staticmethod
+    def _answer(fn, *args, context):
+        """fn(*args), or the call aborted with the error's status."""
+        try:
+            return fn(*args)
+        except BdLoraError as err:
+            context.abort(*status_of(err))
+
+    # repository, logging, trace (control.py) ------------------------------------
+    def RepositoryModelLoad(self, request, context):
+        if request.repository_name:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported")
+        parameters = {}
+        for key, value in request.parameters.items():
+            choice = value.WhichOneof("parameter_choice")
+            if key == "config" and choice != "string_param":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "invalid value type for load parameter 'config', expected string_param.")
+            parameters[key] = getattr(value, choice) if choice else None
+        self._answer(self.server.load, request.model_name, parameters, context=context)
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        if request.repository_name:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "'repository_name' specification is not supported")
+        dependents = self._answer(control.unload_dependents, grpc_parameters(request.parameters), context=context)
+        self.server.unload(request.model_name, dependents)
+        return pb.RepositoryModelUnloadResponse()
+
+    def LogSettings(self, request, context):
+        values = {}
+        for key, value in request.settings.items():
+            choice = value.WhichOneof("parameter_choice")
+            values[key] = getattr(value, choice) if choice else None
+        settings = self._answer(control.update_log_settings, values, context=context)
+        response = pb.LogSettingsResponse()
+        for key, value in settings.items():
+            field = ("bool_param" if isinstance(value, bool) else "uint32_param" if isinstance(value, int)
+                     else "string_param")
+            setattr(response.settings[key], field, value)
+        return response
+
+    def TraceSetting(self, request, context):
+        model = request.model_name
+        if model and not self.server.ready(model):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Request for unknown model : {model}")
+        changes = {key: list(value.value) or None for key, value in request.settings.items()}
+        settings = self._answer(self.server.tracer.update, model, changes, context=context)
+        response = pb.TraceSettingResponse()
+        for key, value in settings.items():
+            response.settings[key].value.extend(value if isinstance(value, list) else [value])
+        return response
+
+    # system shared memory (shm.py) ------------------------------------------------
+    def SystemSharedMemoryStatus(self, request, context):
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._answer(self.regions.status, request.name, context=context):
+            response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    def SystemSharedMemoryRegister(self, request, context):
+        self._answer(self.regions.register, request.name, request.key, request.offset, request.byte_size,
+                     context=context)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request, context):
+        self.regions.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
 
     # inference ---------------------------------------------------------------
     def ModelInfer(self, request, context):
@@ -104,24 +178,31 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self.unary_slots.release()
 
     def _infer(self, request, context):
-        ctx = CallContext(request.id, decoupled=False)
+        ctx = CallContext(request.id, decoupled=False, call=self.server.metrics.call(PROTOCOL))
         context.add_callback(ctx.cancelled.set)
-        try:
-            if self.server.decoupled(request.model_name, request.model_version):
-                raise UnimplementedError(DECOUPLED_REFUSAL)
-            infer = from_grpc(request)
-            responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
-        except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
-            context.abort(*status_of(err))
-        if not responses:  # e.g. a `stop` request: answered without outputs
-            return to_grpc(request.model_name, request.id, {})
-        if len(responses) != 1:
-            context.abort(grpc.StatusCode.INTERNAL, f"model '{request.model_name}' sent {len(responses)} responses to "
-                          "a unary request: use ModelStreamInfer")
-        started = time.perf_counter_ns()
-        out = to_grpc(request.model_name, request.id, responses[0].outputs, parameters=responses[0].parameters)
-        self.server.metrics.output_time(request.model_name, time.perf_counter_ns() - started)
-        return out
+        with ctx.call:  # an abort (an exception) counts the call as failed
+            try:
+                if self.server.decoupled(request.model_name, request.model_version):
+                    raise UnimplementedError(DECOUPLED_REFUSAL)
+                infer = from_grpc(request, self.regions)
+                responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
+            except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
+                context.abort(*status_of(err))
+            if not responses:  # e.g. a `stop` request: answered without outputs
+                ctx.call.finish(ok=True)
+                return to_grpc(request.model_name, request.id, {})
+            if len(responses) != 1:
+                context.abort(grpc.StatusCode.INTERNAL, f"model '{request.model_name}' sent {len(responses)} responses "
+                              "to a unary request: use ModelStreamInfer")
+            started = time.perf_counter_ns()
+            try:
+                out = to_grpc(request.model_name, request.id, responses[0].outputs, None, self.regions,
+                              infer.output_regions, parameters=responses[0].parameters)
+            except BdLoraError as err:  # an output that does not fit its shared-memory region
+                context.abort(*status_of(err))
+            self.server.metrics.output_time(request.model_name, time.perf_counter_ns() - started)
+            ctx.call.finish(ok=True)
+            return out
 
     def ModelStreamInfer(self, request_iterator, context):
         if not self.stream_slots.acquire():
@@ -141,21 +222,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         context.add_callback(closed.set)
 
         def run(request):
-            ctx = CallContext(request.id, decoupled=True, cancelled=closed)
+            ctx = CallContext(request.id, decoupled=True, cancelled=closed, call=self.server.metrics.call(PROTOCOL))
             empty_final = request.parameters[EMPTY_FINAL].bool_param if EMPTY_FINAL in request.parameters else False
             final_sent = False
             try:
-                for r in self.server.infer(from_grpc(request), ctx, request.model_version):
+                infer = from_grpc(request, self.regions)
+                for r in self.server.infer(infer, ctx, request.model_version):
                     if not r.outputs and not (r.final and empty_final):
                         continue
                     final_sent = r.final
                     response = to_grpc(request.model_name, request.id, r.outputs, r.final if empty_final else None,
-                                       r.parameters)
+                                       self.regions, infer.output_regions, parameters=r.parameters)
                     responses.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final and not final_sent:
                     responses.put(pb.ModelStreamInferResponse(
                         infer_response=to_grpc(request.model_name, request.id, {}, True)))
+                ctx.call.finish(ok=True)
             except Exception as err:  # noqa: BLE001 - an error response on the stream, never the server's end
+                ctx.call.finish(ok=False)
                 responses.put(pb.ModelStreamInferResponse(
                     error_message=status_of(err)[1], infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                                                  id=request.id)))
@@ -206,7 +290,8 @@ def connection_options(settings: EdgeSettings, max_connections: int) -> list[tup
 
 
 def start_server(server: ModelServer, host: str, port: int, capacity: Capacity | None = None,
-                 settings: EdgeSettings | None = None, max_connections: int | None = None) -> grpc.Server:
+                 settings: EdgeSettings | None = None, max_connections: int | None = None,
+                 regions: SharedMemoryRegions | None = None) -> grpc.Server:
     """Listen on host:port, or raise BdLoraError at once when the port is taken (gRPC's SO_REUSEPORT is off, so a
     second server cannot share a port with a running one)."""
     capacity = capacity or Capacity()
@@ -217,13 +302,13 @@ def start_server(server: ModelServer, host: str, port: int, capacity: Capacity |
     interceptors = [ApiKeyInterceptor(ApiKeys(settings.api_keys))] if settings.api_keys else []
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers, thread_name_prefix="grpc"),
                               options=options, interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server, capacity), grpc_server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(server, capacity, regions), grpc_server)
     try:
         bound = grpc_server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0 or (port != 0 and bound != port):
         grpc_server.stop(None)
-        raise BdLoraError(f"cannot listen on {host}:{port} (gRPC): address already in use or not available")
+        raise BdLoraError(f"cannot listen on {host}:{port} (--grpc-port): address already in use or not available")
     grpc_server.start()
     return grpc_server

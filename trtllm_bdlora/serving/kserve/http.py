@@ -1,6 +1,8 @@
 """KServe v2 over HTTP/REST (FastAPI + uvicorn) as Triton serves it: health, metadata, config, repository
-index, statistics, `infer` with the binary tensor data extension (what `tritonclient.http` sends), and the
-`generate` / `generate_stream` (Server-Sent Events) extension; plus the Prometheus metrics endpoint."""
+index, load and unload, statistics, logging and trace settings, system shared memory, `infer` with the binary tensor
+data extension (what `tritonclient.http` sends), and the `generate` / `generate_stream` (Server-Sent Events)
+extension; plus the Prometheus metrics endpoint. Every error, an unknown route's included, is Triton's
+`{"error": "..."}`."""
 
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from trtllm_bdlora import __version__
 from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError, UnimplementedError
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.kserve import control
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
+from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
-from trtllm_bdlora.serving.metrics import Metrics
+from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, WireTensor, error_status
 from trtllm_bdlora.serving.repository.config import triton_json
 from trtllm_bdlora.serving.repository.repository import ModelServer
@@ -30,6 +35,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 DECOUPLED_REFUSAL = "HTTP end point doesn't support models with decoupled transaction policy"  # Triton's words
 ONE_RESPONSE = ("generate expects model to produce exactly 1 response, use generate stream for model that generates "
                 "various number of responses")  # Triton's words
+PROTOCOL = "kserve_http"
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
@@ -45,6 +51,15 @@ def error_document(err: BaseException) -> dict:
 def _error(err: BaseException) -> JSONResponse:
     _, status, message = error_status(err)
     return JSONResponse({"error": message}, status_code=status)
+
+
+def answer_routing_errors(app: FastAPI) -> None:
+    """An unknown route (404) or method (405) in Triton's shape and words: {"error": "Not Found"}."""
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(_request: Request, err: HTTPException):
+        text = {404: "Not Found", 405: "Method Not Allowed"}.get(err.status_code, str(err.detail))
+        return JSONResponse({"error": text}, status_code=err.status_code, headers=err.headers)
 
 
 class InferencePool:
@@ -114,15 +129,27 @@ def _json_outputs(outputs: dict[str, np.ndarray]) -> dict:
     return doc
 
 
-def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_bytes: int = MAX_MESSAGE_BYTES) -> FastAPI:
+def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_bytes: int = MAX_MESSAGE_BYTES,
+              regions: SharedMemoryRegions | None = None) -> FastAPI:
     """Health, metadata, config and statistics run on the event loop (async, never waiting for a thread);
     inference, and reading any JSON document, run on threads (inference on its own bounded pool). A client that
-    disconnects before its answer cancels its request."""
+    disconnects before its answer cancels its request. `regions`: the system shared memory (shared with gRPC)."""
     app = FastAPI(title="trtllm-bdlora KServe v2", version=__version__)
     pool = InferencePool(max_inference_calls)
+    regions = regions if regions is not None else SharedMemoryRegions()
+    answer_routing_errors(app)
 
     async def body_of(request: Request) -> bytes:
         return await _body(request, max_body_bytes)
+
+    async def document(request: Request, what: str, empty=None):
+        """The body as JSON (parsed on a thread), or `empty` when there is no body."""
+        body = await body_of(request)
+        if not body.strip():
+            if empty is None:
+                raise RequestError(f"{what} request has no body")
+            return empty
+        return await run_in_threadpool(parse_json, body)
 
     @app.exception_handler(BdLoraError)
     async def request_error(_request: Request, err: BdLoraError):  # e.g. a body over the limit
@@ -154,9 +181,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def stats(model: str = "", version: str = ""):
         names = [model] if model else sorted(server.models)
-        error = next(filter(None, (unknown(name, version) for name in names)), None)
-        if error is not None:
-            return error
+        for name in names:
+            server.statistics_model(name, version)
         out = []
         for name in names:
             s = server.metrics.statistics(name)
@@ -198,18 +224,21 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
         gone = threading.Event()
 
         def run():
-            if server.decoupled(model, version):
-                raise UnimplementedError(DECOUPLED_REFUSAL)
-            infer_request = from_http(model, body, _header_length(header))
-            ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters, cancelled=gone)
-            responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
-            if len(responses) != 1:
-                raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
-            started = time.perf_counter_ns()
-            out = to_http(model, infer_request.id, responses[0].outputs, infer_request.binary_outputs,
-                          responses[0].parameters)
-            server.metrics.output_time(model, time.perf_counter_ns() - started)
-            return out
+            with server.metrics.call(PROTOCOL) as call:
+                if server.decoupled(model, version):
+                    raise UnimplementedError(DECOUPLED_REFUSAL)
+                infer_request = from_http(model, body, _header_length(header), regions)
+                ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters,
+                                  cancelled=gone, call=call)
+                responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs] or [ModelResponse({})]
+                if len(responses) != 1:
+                    raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
+                started = time.perf_counter_ns()
+                out = to_http(model, infer_request.id, responses[0].outputs, infer_request.binary_outputs, regions,
+                              infer_request.output_regions, parameters=responses[0].parameters)
+                server.metrics.output_time(model, time.perf_counter_ns() - started)
+                call.finish(ok=True)
+                return out
 
         try:
             async with cancel_on_disconnect(request, gone.set):
@@ -227,19 +256,24 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
         gone = threading.Event()
 
         def run():
-            infer_request = generate_inputs(server, model, parse_json(body))
-            ctx = CallContext(infer_request.id, parameters=infer_request.parameters, cancelled=gone)
-            answered = None
-            for r in server.infer(infer_request, ctx, version):
-                if not r.outputs:
-                    continue
-                if answered is not None:  # as Triton: the first response's 200 is out; the error follows in the body
-                    ctx.cancelled.set()
-                    return JSONResponse({"error": ONE_RESPONSE})
-                answered = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
-            if answered is None:
-                raise RequestError(ONE_RESPONSE)
-            return answered
+            with server.metrics.call(PROTOCOL) as call:
+                infer_request = generate_inputs(server, model, parse_json(body))
+                # decoupled: a decoupled model may answer generate, as in Triton, while it sends one response
+                ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters,
+                                  cancelled=gone, call=call)
+                answered = None
+                for r in server.infer(infer_request, ctx, version):
+                    if not r.outputs:
+                        continue
+                    if answered is not None:  # as Triton: the first response's 200 is out; the error follows in the body
+                        ctx.cancelled.set()
+                        call.finish(ok=False)
+                        return JSONResponse({"error": ONE_RESPONSE})
+                    answered = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
+                if answered is None:
+                    raise RequestError(ONE_RESPONSE)
+                call.finish(ok=True)
+                return answered
 
         try:
             async with cancel_on_disconnect(request, gone.set):
@@ -251,11 +285,13 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     @app.post("/v2/models/{model}/versions/{version}/generate_stream")
     async def generate_stream(model: str, request: Request, version: str = ""):
         body = await body_of(request)
+        call = server.metrics.call(PROTOCOL)
         try:
-            infer_request = await pool.run(lambda: generate_inputs(server, model, parse_json(body)))
+            with call:
+                infer_request = await pool.run(lambda: generate_inputs(server, model, parse_json(body)))
         except Exception as err:  # noqa: BLE001
             return _error(err)
-        ctx = CallContext(infer_request.id, parameters=infer_request.parameters)
+        ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters, call=call)
 
         def events():
             try:
@@ -263,12 +299,86 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
                     if r.outputs:
                         doc = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
                         yield f"data: {json.dumps(doc)}\n\n"
+                call.finish(ok=True)
             except Exception as err:  # noqa: BLE001
+                call.finish(ok=False)
                 yield f"data: {json.dumps({'error': error_status(err)[2]})}\n\n"
             finally:
+                call.finish(ok=False)  # the client left before the end
                 ctx.cancelled.set()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    # repository, logging, trace (control.py) --------------------------------------
+    @app.post("/v2/repository/models/{model}/load")
+    async def load(model: str, request: Request):
+        doc = await document(request, "load", {})
+        parameters = doc.get("parameters", {}) if isinstance(doc, dict) else None
+        if not isinstance(parameters, dict):
+            raise RequestError("load request must be a JSON object whose 'parameters' is an object")
+        server.load(model, parameters)
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def unload(model: str, request: Request):
+        doc = await document(request, "unload", {})
+        parameters = doc.get("parameters", {}) if isinstance(doc, dict) else None
+        if not isinstance(parameters, dict):
+            raise RequestError("unload request must be a JSON object whose 'parameters' is an object")
+        server.unload(model, control.unload_dependents(parameters))
+        return Response(status_code=200)
+
+    @app.get("/v2/logging")
+    async def log_settings():
+        return control.log_settings()
+
+    @app.post("/v2/logging")
+    async def update_log_settings(request: Request):
+        doc = await document(request, "logging")
+        if not isinstance(doc, dict):
+            raise RequestError("logging request must be a JSON object")
+        return control.update_log_settings(doc)
+
+    @app.get("/v2/trace/setting")
+    @app.get("/v2/models/{model}/trace/setting")
+    async def trace_settings(model: str = ""):
+        trace_model(model)
+        return server.tracer.settings(model)
+
+    @app.post("/v2/trace/setting")
+    @app.post("/v2/models/{model}/trace/setting")
+    async def update_trace_settings(request: Request, model: str = ""):
+        trace_model(model)
+        return server.tracer.update(model, control.http_trace_changes(await document(request, "trace", {})))
+
+    def trace_model(model: str) -> None:
+        if model and not server.ready(model):
+            raise RequestError(f"Request for unknown model : {model}")
+
+    # system shared memory (shm.py) -------------------------------------------------
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{name}/status")
+    async def shm_status(name: str = ""):
+        return regions.status(name)
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register")
+    async def shm_register(name: str, request: Request):
+        doc = await document(request, "Shared memory register")
+        if not isinstance(doc, dict):
+            raise RequestError("Shared memory register request must be a JSON object")
+        for key in ("key", "byte_size"):
+            if key not in doc:
+                raise RequestError(f"Shared memory register request has no '{key}' field")
+        if not isinstance(doc["key"], str):
+            raise RequestError("Shared memory register request's 'key' must be a string")
+        await run_in_threadpool(regions.register, name, doc["key"], doc.get("offset", 0), doc["byte_size"])
+        return Response(status_code=200)
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister")
+    async def shm_unregister(name: str = ""):
+        regions.unregister(name)
+        return Response(status_code=200)
 
     return app
 
@@ -297,9 +407,10 @@ def _header_length(header: str | None) -> int | None:
 
 def build_metrics_app(metrics: Metrics) -> FastAPI:
     app = FastAPI(title="trtllm-bdlora metrics")
+    answer_routing_errors(app)
 
     @app.get("/metrics")
     async def metrics_text():  # on the event loop: a scrape never waits behind streaming responses' threads
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     return app

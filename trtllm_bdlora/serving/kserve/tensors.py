@@ -1,5 +1,5 @@
-"""KServe v2 tensors on the wire (gRPC protobuf, HTTP JSON with the binary-data extension) to and from numpy, with
-one-line errors."""
+"""KServe v2 tensors on the wire (gRPC protobuf, HTTP JSON with the binary-data extension, system shared memory) to
+and from numpy, with one-line errors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, 
 
 from trtllm_bdlora.errors import RequestError
 from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.kserve.shm import REGION, RegionSlice, SharedMemoryRegions, region_slice
 from trtllm_bdlora.serving.repository.calls import InferRequest, WireTensor
 
 CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -69,15 +70,48 @@ def _shaped(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
     return array.reshape(shape)
 
 
-def from_grpc(request: pb.ModelInferRequest) -> InferRequest:
+def grpc_parameters(parameters) -> dict:
+    """A protobuf parameter map as a dict of Python values."""
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in parameters.items()
+            if v.WhichOneof("parameter_choice")}
+
+
+def _from_region(regions: SharedMemoryRegions | None, where: RegionSlice, datatype: str, shape: list[int],
+                 name: str) -> np.ndarray:
+    if regions is None:
+        raise RequestError(f"input {name}: shared memory is not served on this endpoint")
+    return array_from_bytes(regions.read(where), datatype, shape, name)
+
+
+def _output_regions(requested: list[tuple[str, dict]], regions: SharedMemoryRegions | None) -> dict[str, RegionSlice]:
+    """Requested outputs that go to shared memory, each checked against its region."""
+    placed = {}
+    for name, parameters in requested:
+        where = region_slice(parameters, f"output {name}")
+        if where is not None:
+            if regions is None:
+                raise RequestError(f"output {name}: shared memory is not served on this endpoint")
+            regions.check(where)
+            placed[name] = where
+    return placed
+
+
+def from_grpc(request: pb.ModelInferRequest, regions: SharedMemoryRegions | None = None) -> InferRequest:
+    """Inputs from raw_input_contents (one per input not in shared memory, in order), the typed contents, or a
+    shared-memory region."""
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise RequestError(f"raw_input_contents holds {len(raw)} tensors for {len(request.inputs)} inputs")
-    tensors = []
-    for i, t in enumerate(request.inputs):
+    in_shm = [region_slice(grpc_parameters(t.parameters), f"input {t.name}") for t in request.inputs]
+    if raw and len(raw) != sum(where is None for where in in_shm):
+        raise RequestError(f"raw_input_contents holds {len(raw)} tensors for "
+                           f"{sum(where is None for where in in_shm)} inputs not in shared memory")
+    tensors, next_raw = [], 0
+    for t, where in zip(request.inputs, in_shm):
         shape = list(t.shape)
-        if raw:
-            array = array_from_bytes(raw[i], t.datatype, shape, t.name)
+        if where is not None:
+            array = _from_region(regions, where, t.datatype, shape, t.name)
+        elif raw:
+            array = array_from_bytes(raw[next_raw], t.datatype, shape, t.name)
+            next_raw += 1
         else:
             field_name = CONTENTS_FIELD.get(t.datatype)
             if field_name is None:
@@ -87,12 +121,13 @@ def from_grpc(request: pb.ModelInferRequest) -> InferRequest:
             array = _shaped(np.array(values, dtype=dtype), shape, t.name)
         tensors.append(WireTensor(t.name, t.datatype, shape, array))
     outputs = [o.name for o in request.outputs] or None
-    params = {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in request.parameters.items()
-              if v.WhichOneof("parameter_choice")}
-    return InferRequest(request.model_name, request.id, tensors, outputs, True, params)
+    placed = _output_regions([(o.name, grpc_parameters(o.parameters)) for o in request.outputs], regions)
+    return InferRequest(request.model_name, request.id, tensors, outputs, True, grpc_parameters(request.parameters),
+                        placed)
 
 
-def from_http(model: str, body: bytes, header_length: int | None) -> InferRequest:
+def from_http(model: str, body: bytes, header_length: int | None, regions: SharedMemoryRegions | None = None
+              ) -> InferRequest:
     if header_length is not None and not 0 <= header_length <= len(body):
         raise RequestError(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
     head, binary = (body, b"") if header_length is None else (body[:header_length], body[header_length:])
@@ -106,8 +141,17 @@ def from_http(model: str, body: bytes, header_length: int | None) -> InferReques
         name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise RequestError("every input needs 'name', 'datatype' and 'shape'")
-        size = _object(t.get("parameters"), f"input {name}: parameters").get("binary_data_size")
-        if size is not None:
+        parameters = _object(t.get("parameters"), f"input {name}: parameters")
+        size = parameters.get("binary_data_size")
+        where = region_slice(parameters, f"input {name}")
+        given = [what for what, present in (("'data'", "data" in t), ("'binary_data_size'", size is not None),
+                                            (f"'{REGION}'", where is not None)) if present]
+        if len(given) > 1:
+            raise RequestError(f"input {name}: set only one of 'data', 'binary_data_size' or '{REGION}' (got "
+                               f"{' and '.join(given)})")
+        if where is not None:
+            array = _from_region(regions, where, datatype, shape, name)
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise RequestError(f"input {name}: binary_data_size must be a non-negative integer, got {size!r}")
             if offset + size > len(binary):
@@ -123,14 +167,18 @@ def from_http(model: str, body: bytes, header_length: int | None) -> InferReques
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
     outputs = [o["name"] for o in requested] if requested else None
+    out_parameters = [(o["name"], _object(o.get("parameters"), f"output {o['name']}: parameters")) for o in requested or ()]
+    placed = _output_regions(out_parameters, regions)
+    for name, parameters in out_parameters:
+        if name in placed and parameters.get("binary_data"):
+            raise RequestError(f"output {name}: set only one of '{REGION}' and 'binary_data'")
     binary_outputs: set[str] | bool = bool(params.get("binary_data_output", False))
     if requested:
-        binary_outputs = {o["name"] for o in requested
-                          if _object(o.get("parameters"), f"output {o['name']}: parameters").get("binary_data")}
+        binary_outputs = {name for name, parameters in out_parameters if parameters.get("binary_data")}
     request_id = doc.get("id", "")
     if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
         raise RequestError(f"'id' must be a string, got {request_id!r}")
-    return InferRequest(model, str(request_id), tensors, outputs, binary_outputs, params)
+    return InferRequest(model, str(request_id), tensors, outputs, binary_outputs, params, placed)
 
 
 def _object(value, what: str) -> dict:
@@ -174,26 +222,37 @@ def array_bytes(array: np.ndarray) -> bytes:
 
 
 def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None,
+            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None,
             parameters: dict | None = None) -> pb.ModelInferResponse:
+    """The response, with the model's response `parameters`; an output in `placed` is written to its shared-memory
+    region and sent without data (an empty raw_output_contents entry keeps the others in place, as Triton sends it)."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
     for key, value in (parameters or {}).items():
         field_name = "bool_param" if isinstance(value, bool) else "int64_param" if isinstance(value, int) else "string_param"
         setattr(response.parameters[key], field_name, value)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
-        response.raw_output_contents.append(array_bytes(array))
+        data = array_bytes(array)
+        if placed and name in placed:
+            regions.write(placed[name], data, name)
+            data = b""
+        response.raw_output_contents.append(data)
     if final is not None:
         response.parameters["triton_final_response"].bool_param = final
     return response
 
 
 def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool,
+            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None,
             parameters: dict | None = None) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when the body is plain JSON)."""
+    """(body, JSON header length or None when the body is plain JSON), with the model's response `parameters`; an
+    output in `placed` is written to its shared-memory region and listed without data."""
     doc_outputs, chunks = [], []
     for name, array in outputs.items():
         entry = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
-        if binary is True or (isinstance(binary, set) and name in binary):
+        if placed and name in placed:
+            regions.write(placed[name], array_bytes(array), name)
+        elif binary is True or (isinstance(binary, set) and name in binary):
             data = array_bytes(array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)

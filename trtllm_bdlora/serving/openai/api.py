@@ -1,32 +1,37 @@
 """OpenAI-compatible HTTP API (FastAPI + uvicorn) on the same runtime as the gRPC endpoint: `/v1/models`,
 `/v1/completions`, `/v1/chat/completions` (streamed as server-sent events ending with `data: [DONE]`), and vLLM's
 `/v1/load_lora_adapter` / `/v1/unload_lora_adapter`. The request's `model` picks the adapter
-(openai_models.py). Shapes follow vLLM's OpenAI server (openai_protocol.py).
+(openai_models.py). Shapes follow vLLM's OpenAI server (openai_protocol.py). `/metrics` (and `/v1/metrics`) answer
+the server's Prometheus metrics, where AIPerf and vLLM users scrape them; every request is counted there
+(protocol `openai`; a `tensorrt_llm` request in Triton's series).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from trtllm_bdlora.adapters.files import AdapterRoot
 from trtllm_bdlora.engine.guided import attach_guide
 from trtllm_bdlora.engine.request import build_request
 from trtllm_bdlora.engine.runtime import Runtime, Submission
-from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError
+from trtllm_bdlora.errors import AdapterError, BdLoraError, InputError, NotFoundError, RequestError, log_text
+from trtllm_bdlora.logs import log_adapter_call
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
+from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, ClientCall, Metrics
 from trtllm_bdlora.serving.openai.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs
-from trtllm_bdlora.serving.openai.names import AdapterNames, adapter_dir_under, adapter_root, check_name, public_model_name
+from trtllm_bdlora.serving.openai.names import AdapterNames, check_name
 from trtllm_bdlora.serving.openai.protocol import (
     FIELD_NAMES,
     ChatCompletionRequest,
@@ -45,10 +50,14 @@ from trtllm_bdlora.serving.openai.protocol import (
 DONE = format_sse_event(data_str="[DONE]")
 TEXT_THREADS = 4  # threads that parse bodies, apply chat templates and tokenize (never the event loop)
 HEALTH_PATHS = frozenset({"/health"})
+METRICS_PATHS = frozenset({"/metrics", "/v1/metrics"})
+PROTOCOL = "openai"
+CORE_MODEL = "tensorrt_llm"  # the Triton model an OpenAI request is counted as
 
 
 def is_health(path: str) -> bool:
-    return path in HEALTH_PATHS
+    """Health, and metrics: answered without an API key (as vLLM answers /metrics) and under load."""
+    return path in HEALTH_PATHS or path in METRICS_PATHS
 
 
 def adapter_gone(err: NotFoundError) -> NotFoundError:
@@ -69,15 +78,57 @@ async def parse(request: Request, model: type[pydantic.BaseModel]):
     return await off_loop(validate_body, model, await request.body())
 
 
+class Counted:
+    """How one OpenAI request is counted: one client call on protocol `openai`, and one `tensorrt_llm` request of
+    batch n (its sequences) in Triton's series, a success when every sequence ends without error; each sequence's
+    tokens in the token histograms. Sequences report from the engine thread; the first outcome counts."""
+
+    def __init__(self, metrics: Metrics | None, call: ClientCall | None, sequences: int):
+        self.metrics, self.call, self.left = metrics, call, sequences
+        self.record = metrics.start(CORE_MODEL, sequences) if metrics is not None else None
+        self.queued_ns = 0
+        self._lock = threading.Lock()
+
+    def token(self) -> None:
+        if self.record is not None:
+            self.record.responded()
+        if self.call is not None:
+            self.call.responded()
+
+    def sequence_done(self, request, error) -> None:
+        if error is not None:
+            self.failed("REJECTED" if isinstance(error, RequestError) else "BACKEND")
+            return
+        if self.metrics is not None:
+            self.metrics.tokens(CORE_MODEL, len(request.prompt_ids), len(request.output_ids), PROTOCOL)
+        times = request.times_ns
+        with self._lock:
+            self.left -= 1
+            self.queued_ns = max(self.queued_ns, times.get("first_scheduled", 0) - times.get("arrival", 0))
+            last = self.left == 0
+        if last:
+            if self.record is not None:
+                self.record.finish(None, self.queued_ns)
+            if self.call is not None:
+                self.call.finish(ok=True)
+
+    def failed(self, reason: str) -> None:
+        """Refused, failed, or the client left (CANCELED): no-op once counted."""
+        if self.record is not None:
+            self.record.finish(reason)
+        if self.call is not None:
+            self.call.finish(ok=False)
+
+
 class Generation:
     """One sequence in flight (a prompt, one of its n samples): the engine thread reports tokens and completion
     into the request's shared `events` queue, tagged with the choice index. A stop string, or the client going
     away, cancels the sequence (it ends at once, at its next token if queued)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, tracker: TextTracker,
-                 request, prompt_text: str | None):
+                 request, prompt_text: str | None, counted: Counted | None = None):
         self.loop, self.events, self.index, self.tracker, self.request = loop, events, index, tracker, request
-        self.prompt_text = prompt_text
+        self.prompt_text, self.counted = prompt_text, counted
 
     def abandon(self) -> None:
         Runtime.cancel(self.request)
@@ -89,12 +140,16 @@ class Generation:
             self.abandon()
 
     def on_token(self, token: int) -> None:  # engine thread: the token's log-probs are already recorded
+        if self.counted is not None:
+            self.counted.token()
         if self.tracker.add(token):
             self.abandon()
         logprobs = self.request.output_token_logprobs
         self._put(("token", self.index, token, self.tracker.text, logprobs[-1] if logprobs else None))
 
     def on_done(self, ids: list[int] | None, error) -> None:  # engine thread
+        if self.counted is not None:
+            self.counted.sequence_done(self.request, error)
         self._put(("done", self.index, ids, error, self.tracker.text, self.tracker.stop_reason))
 
 
@@ -151,16 +206,18 @@ class Choices:
 
 
 class OpenAIServer:
-    def __init__(self, runtime: Runtime, names: AdapterNames, root: Path | None):
+    def __init__(self, runtime: Runtime, names: AdapterNames, root: AdapterRoot | None, metrics: Metrics | None = None):
         self.runtime, self.engine, self.names, self.root = runtime, runtime.engine, names, root
+        self.metrics = metrics
         self.adapter_lock = asyncio.Lock()
         self.off_loop = off_loop
 
     def registered(self) -> set[int]:
-        """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries)."""
-        registered = set(tuple(self.engine.pool.host)) - set(self.runtime.retiring)
-        self.names.retain(registered)
-        return registered
+        """Task ids requests may name now (read from the event loop: the engine thread only swaps whole entries).
+        Names of adapters being unloaded are kept until they leave (they cannot be loaded again before)."""
+        held = set(tuple(self.engine.pool.host))
+        self.names.retain(held)
+        return held - set(self.runtime.retiring)
 
     async def _lora_request_model(self, body: SamplingRequest) -> str | None:
         """The model a request runs with: `model`, or trtllm-serve's `lora_request` (an adapter by lora_int_id or
@@ -228,10 +285,11 @@ class OpenAIServer:
         prompts, built = await self.off_loop(self._build, body, max_tokens, task_id, chat, echo_only)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         gens: list[Generation] = []
+        counted = Counted(self.metrics, getattr(request.state, "call", None), len(built))
         for p, i, req, text in built:
             tracker = TextTracker(lambda ids: eng.tokenizer.decode(ids, skip_special_tokens=True), stops,
                                   bool(body.include_stop_str_in_output))
-            gen = Generation(loop, events, p * body.choices + i, tracker, req, text)
+            gen = Generation(loop, events, p * body.choices + i, tracker, req, text, counted)
             req.on_token = gen.on_token
             gens.append(gen)
         shape = ResponseShape(chat, body.model or model or self.names.base, bool(body.return_token_ids))
@@ -240,15 +298,18 @@ class OpenAIServer:
         choices = Choices(body, shape, gens, eng.tokenizer, echo_only)
 
         def abandon_all() -> None:
+            counted.failed("CANCELED")  # no-op when every sequence has ended
             for gen in gens:
                 gen.abandon()
         try:
             for gen in gens:
                 self.runtime.submit(Submission(gen.request, on_done=gen.on_done, model=body.model or self.names.base))
         except NotFoundError as err:
+            counted.failed("REJECTED")
             abandon_all()
             raise adapter_gone(err) from None
-        except BaseException:
+        except BaseException as err:
+            counted.failed("REJECTED" if isinstance(err, RequestError) else "OTHER")
             abandon_all()
             raise
         done: dict[int, tuple] = {}
@@ -340,17 +401,30 @@ class OpenAIServer:
                 yield sse(shape.usage_chunk(prompt_tokens, completion_tokens))
             yield DONE
         finally:
+            choices.gens[0].counted.failed("CANCELED")  # the client left mid-stream (no-op after the end)
             for gen in gens.values():
                 gen.abandon()
 
     # adapters ----------------------------------------------------------------
-    def _loading_allowed(self) -> Path:
+    def _loading_allowed(self) -> AdapterRoot:
         if self.root is None:
             raise NotFoundError("run-time adapter loading is off: start serve with --allow-adapter-loading "
                                    "--adapter-root DIR")
         return self.root
 
     async def load_adapter(self, body: LoadLoRAAdapterRequest, task_id: int | None = None) -> PlainTextResponse:
+        """vLLM's load (`task_id`: trtllm-serve's lora_int_id); every outcome, refusals included, gets an access
+        line."""
+        try:
+            task_id = await self._load_adapter(body, task_id)
+        except BdLoraError as err:
+            log_adapter_call("load_lora_adapter", body.lora_name, self.names.id_of(body.lora_name), "rejected",
+                             body.lora_path, log_text(err))
+            raise
+        log_adapter_call("load_lora_adapter", body.lora_name, task_id, "loaded", body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def _load_adapter(self, body: LoadLoRAAdapterRequest, task_id: int | None) -> int:
         root = self._loading_allowed()
         name = body.lora_name
         if not name or not body.lora_path:
@@ -362,24 +436,41 @@ class OpenAIServer:
             raise RequestError(f"numeric lora_name must be a positive task id, got {name!r}", param="lora_name")
         async with self.adapter_lock:
             registered = self.registered()
+            retiring = set(self.runtime.retiring)
+            if self.names.id_of(name) in retiring:
+                raise RequestError(f"lora_name {name!r} (lora_task_id {self.names.id_of(name)}) is being unloaded: "
+                                   "requests that named it are still pending; load it again when they finish",
+                                   param="lora_name")
             if self.names.taken(name, registered):
                 raise RequestError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            directory = adapter_dir_under(root, body.lora_path)
             from trtllm_bdlora.adapters import load_peft_adapter
 
-            try:
-                adapter = await run_in_threadpool(load_peft_adapter, directory, self.engine.shape)
-            except AdapterError as err:
-                raise AdapterError(str(err), param="lora_path") from None
-            if task_id is None:
-                task_id = int(name) if name.isdigit() else self.names.next_id(registered)
-            elif task_id < 1 or task_id in registered:
+            with root.open_adapter(body.lora_path) as directory:  # read once, from descriptors beneath the root
+                try:
+                    adapter = await run_in_threadpool(load_peft_adapter, directory, **self.engine.adapter_limits())
+                except AdapterError as err:
+                    raise AdapterError(str(err), param="lora_path") from None
+            if task_id is None:  # a new id: never one still held, being unloaded, or bound to other weights
+                task_id = int(name) if name.isdigit() else self.names.next_id(
+                    {*registered, *retiring, *tuple(self.engine.registry.bindings)})
+            elif task_id < 1 or task_id in registered or task_id in retiring:
                 raise RequestError(f"lora_int_id {task_id} is not a free positive task id", param="lora_request")
             await run_in_threadpool(self.runtime.register_adapter, task_id, adapter)
-            self.names.add(name, task_id, str(directory.relative_to(root)))
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+            self.names.add(name, task_id, directory.relative)
+        return task_id
 
     async def unload_adapter(self, body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        """vLLM's unload; every outcome, refusals included, gets an access line."""
+        try:
+            task_id = await self._unload_adapter(body)
+        except BdLoraError as err:
+            log_adapter_call("unload_lora_adapter", body.lora_name, self.names.id_of(body.lora_name), "rejected",
+                             error=log_text(err))
+            raise
+        log_adapter_call("unload_lora_adapter", body.lora_name, task_id, "unloaded")
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _unload_adapter(self, body: UnloadLoRAAdapterRequest) -> int:
         self._loading_allowed()
         name = body.lora_name
         if name == self.names.base or name in self.names.aliases:
@@ -393,8 +484,7 @@ class OpenAIServer:
                 await run_in_threadpool(self.runtime.unregister_adapter, task_id)
             except NotFoundError as err:
                 raise adapter_gone(err) from None
-            self.names.forget(task_id)
-        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+        return task_id  # its names go when it leaves the ranks (`registered`)
 
 
 def _validation_message(errors, skip: int = 1) -> str:
@@ -417,8 +507,10 @@ def validate_body(model: type[pydantic.BaseModel], raw: bytes):
         raise RequestError(_validation_message(err.errors(include_url=False, include_input=False), skip=0)) from None
 
 
-def create_app(server: OpenAIServer) -> FastAPI:
+def create_app(server: OpenAIServer, metrics: Metrics | None = None) -> FastAPI:
+    """`metrics`: the server's, counted here and answered on /metrics (a fresh one when None)."""
     app = FastAPI(title="trtllm-bdlora OpenAI-compatible API")
+    metrics = metrics if metrics is not None else Metrics()
 
     @app.exception_handler(BdLoraError)
     async def openai_error(request: Request, err: BdLoraError):
@@ -433,6 +525,11 @@ def create_app(server: OpenAIServer) -> FastAPI:
         body = error_body(NotFoundError(str(err.detail)) if err.status_code == 404 else RequestError(str(err.detail)))
         body["error"]["code"] = err.status_code
         return JSONResponse(body, status_code=err.status_code)
+
+    @app.get("/metrics")
+    @app.get("/v1/metrics")
+    async def metrics_text():  # on the event loop, as on --metrics-port
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/health")
     async def health():
@@ -451,17 +548,20 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return cards[0] if task_id is None else next(c for c in cards[1:] if c["lora_task_id"] == task_id)
 
     # bodies are parsed on a text thread (server.parse), never on the event loop
+    # every generation request is counted: a failure that leaves the handler here, the rest as it ends (Counted)
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parse(request, CompletionRequest)
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default (0 with echo)
-        return await server.generate(request, body, max_tokens, chat=False)
+        with metrics.call(PROTOCOL) as request.state.call:
+            body = await parse(request, CompletionRequest)
+            max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's and vLLM's default (0 with echo)
+            return await server.generate(request, body, max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse(request, ChatCompletionRequest)
-        max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        return await server.generate(request, body, max_tokens, chat=True)
+        with metrics.call(PROTOCOL) as request.state.call:
+            body = await parse(request, ChatCompletionRequest)
+            max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+            return await server.generate(request, body, max_tokens, chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
@@ -472,18 +572,3 @@ def create_app(server: OpenAIServer) -> FastAPI:
         return await server.unload_adapter(await parse(request, UnloadLoRAAdapterRequest))
 
     return app
-
-
-def check_args(args) -> tuple[AdapterNames, Path | None]:
-    """The OpenAI names and loading root from `serve`'s flags; BdLoraError for bad ones (before ranks start)."""
-    base = args.served_model_name or public_model_name(args.model)  # a --model path is listed by its directory's name
-    check_name("--served-model-name" if args.served_model_name else "--model", base)
-    aliases = () if args.served_model_name else (args.model,)  # clients that send the path still reach the base
-    return (AdapterNames(base, public_model_name(args.model) if args.served_model_name else base, args.adapter, aliases),
-            adapter_root(args.adapter_root, args.allow_adapter_loading))
-
-
-def openai_app(runtime: Runtime, args) -> FastAPI:
-    """The OpenAI API app for `serve` (served by http_server.HttpServer on --openai-port)."""
-    names, root = check_args(args)
-    return create_app(OpenAIServer(runtime, names, root))

@@ -11,7 +11,9 @@ import time
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError, PermissionDeniedError
+from trtllm_bdlora.adapters.files import AdapterRoot
+from trtllm_bdlora.config import AdapterSpec
+from trtllm_bdlora.errors import BdLoraError, InputError, NotFoundError
 
 MAX_NAME_CHARS = 256
 
@@ -39,21 +41,20 @@ def _canonical_id(name: str) -> int | None:
 
 
 class AdapterNames:
-    def __init__(self, base: str, base_root: str, adapters: Iterable[tuple[int, str]] = (), aliases: Iterable[str] = ()):
+    def __init__(self, base: str, base_root: str, adapters: Iterable[AdapterSpec] = (), aliases: Iterable[str] = ()):
         """`aliases`: other names the base model answers to (the --model path, listed by its directory's name)."""
         self.base, self.base_root = base, base_root
         self.aliases = frozenset(aliases) - {base}
         self.ids: dict[str, int] = {}  # names given at registration
         self.roots: dict[int, str] = {}  # adapter directories, where known
         self.created = int(time.time())
-        for arg in adapters:
-            task_id, directory = arg
-            name = getattr(arg, "name", str(task_id))
+        for spec in adapters:
+            name = spec.openai_name
             if name == base:
-                raise BdLoraError(f"adapter name {name!r} is the base model's name")
-            if self.ids.get(name, task_id) != task_id:
-                raise BdLoraError(f"adapter name {name!r} is given to two task ids")
-            self.add(name, task_id, Path(directory).name)  # shown as `root`: the directory's name, not its path
+                raise BdLoraError(f"--adapter {spec}: adapter name {name!r} is the base model's name")
+            if self.ids.get(name, spec.task_id) != spec.task_id:
+                raise BdLoraError(f"--adapter {spec}: adapter name {name!r} is given to two task ids")
+            self.add(name, spec.task_id, Path(spec.directory).name)  # shown as `root`: the directory's name, not its path
 
     def add(self, name: str, task_id: int, root: str | None) -> None:
         if _canonical_id(name) is None:
@@ -69,6 +70,10 @@ class AdapterNames:
     def forget(self, task_id: int) -> None:
         self.ids = {n: t for n, t in self.ids.items() if t != task_id}
         self.roots.pop(task_id, None)
+
+    def id_of(self, name: str | None) -> int | None:
+        """The task id `name` was given at registration, or the one a numeric name stands for; None otherwise."""
+        return None if not name else self.ids.get(name, _canonical_id(name))
 
     def name_of(self, task_id: int) -> str:
         return next((n for n, t in self.ids.items() if t == task_id), str(task_id))
@@ -99,30 +104,13 @@ class AdapterNames:
         ]
 
 
-def adapter_root(root: str | None, allow_loading: bool) -> Path | None:
-    """`--adapter-root` resolved (symlinks too); loading at run time needs one."""
+def adapter_root(root: str | None, allow_loading: bool) -> AdapterRoot | None:
+    """`--adapter-root`, opened once (adapters/files.py: adapters are opened beneath it, never re-opened by
+    path); loading at run time needs one."""
     if not allow_loading:
         return None
     if root is None:
         raise BdLoraError("--allow-adapter-loading needs --adapter-root DIR (the only tree adapters load from)")
-    path = Path(root).resolve()
-    if not path.is_dir():
+    if not Path(root).is_dir():
         raise BdLoraError(f"--adapter-root {root}: not a directory")
-    return path
-
-
-def adapter_dir_under(root: Path, lora_path: str) -> Path:
-    """`lora_path` (absolute, or relative to `root`) with symlinks resolved; refused unless it and every file in it
-    lie under `root`."""
-    try:
-        resolved = (root / lora_path).resolve()  # an absolute lora_path replaces root
-    except (ValueError, OSError):  # NUL, a symlink loop, a name too long
-        raise InputError("lora_path", "cannot be resolved to a directory") from None
-    outside = PermissionDeniedError("lora_path is outside --adapter-root", param="lora_path")  # neither path shown
-    if not resolved.is_relative_to(root):
-        raise outside
-    if not resolved.is_dir():
-        raise NotFoundError("lora_path: no such adapter directory under --adapter-root", param="lora_path")
-    if any(not entry.resolve().is_relative_to(root) for entry in resolved.iterdir()):
-        raise outside
-    return resolved
+    return AdapterRoot(root)

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from trtllm_bdlora.errors import BdLoraError, RequestError, as_error, public_text
+from trtllm_bdlora.serving.metrics import ClientCall
 from trtllm_bdlora.serving.repository.config import wire_type
 from trtllm_bdlora.serving.repository.spec import Model
 
@@ -34,6 +35,7 @@ class InferRequest:
     outputs: list[str] | None = None  # requested output names; None: all
     binary_outputs: set[str] | bool = True  # HTTP only: which outputs go as binary data
     parameters: dict = field(default_factory=dict)
+    output_regions: dict = field(default_factory=dict)  # output name -> where in system shared memory it goes
 
 
 @dataclass
@@ -45,13 +47,14 @@ class CallContext:
     queued_ns: int = 0  # time this call's core requests waited in the runtime's queue (for metrics)
     parent: CallContext | None = None
     model: str = ""  # the model the client called (for the access log)
+    call: ClientCall | None = None  # the client's request, as the metrics count it per protocol
 
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set() or (self.parent is not None and self.parent.is_cancelled())
 
     def child(self) -> CallContext:
         """A context that can be cancelled on its own, and is cancelled with this one."""
-        return CallContext(self.request_id, self.decoupled, self.parameters, parent=self, model=self.model)
+        return CallContext(self.request_id, self.decoupled, self.parameters, parent=self, model=self.model, call=self.call)
 
 
 @dataclass

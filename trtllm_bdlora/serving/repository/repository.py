@@ -10,16 +10,20 @@ from collections.abc import Iterator
 import numpy as np
 
 from trtllm_bdlora.engine.runtime import Runtime
-from trtllm_bdlora.errors import BdLoraError, ModelNotFound, RequestError
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound, RequestError, UnimplementedError
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, ServedModel, check_inputs
 from trtllm_bdlora.serving.repository.config import model_config, model_metadata, triton_normalized
 from trtllm_bdlora.serving.repository.core import CoreModel
 from trtllm_bdlora.serving.repository.ensemble import Bls, Ensemble
+from trtllm_bdlora.serving.repository.lifecycle import ModelStates
 from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
 from trtllm_bdlora.serving.repository.text_models import Postprocessing, Preprocessing
 from trtllm_bdlora.serving.repository.tokens import flag
+from trtllm_bdlora.serving.repository.trace import Trace, Tracer
 from trtllm_bdlora.serving.repository.values import engine_values
+
+NO_TOKENIZER = "the model has no tokenizer"
 
 
 def serve_values(model_dir: str, model_name: str, tp: int, overrides: dict[str, str] | None = None) -> dict:
@@ -30,7 +34,7 @@ def serve_values(model_dir: str, model_name: str, tp: int, overrides: dict[str, 
             "tp_size": str(tp), "tensorrt_llm_backend": "python", **(overrides or {})}
 
 
-def repository_settings(items: list[str] | None) -> dict[str, str]:
+def repository_settings(items: tuple[str, ...] | list[str] | None) -> dict[str, str]:
     """`--set KEY=VALUE` flags as placeholder values of the repository `serve` answers as (the keys fill-model-repo
     takes that describe the repository rather than the engine directory)."""
     settings = {}
@@ -65,15 +69,21 @@ class ModelServer:
             self.models["tensorrt_llm_bls"] = Bls(Ensemble(self.dispatch), flag(values.get("accumulate_tokens"), False))
         self.configs = triton_normalized({name: model_config(MODELS[name], values) for name in self.models})
         self.metadata = {name: model_metadata(MODELS[name], values) for name in self.models}
+        self.states = ModelStates(self.models, {name: {step.model for step in MODELS[name].steps} for name in self.models},
+                                  {name: NO_TOKENIZER for name in MODELS if name not in self.models})
+        self.tracer = Tracer(self.models)
+        self.metrics.declare(self.models)
 
     # ------------------------------------------------------------------ repository
     def ready(self, name: str, version: str = "") -> bool:
-        return name in self.models and version in ("", "1") and self.runtime.healthy
+        return name in self.models and version in ("", "1") and self.states.available(name) and self.runtime.healthy
 
     def model(self, name: str, version: str = "") -> ServedModel:
         if name not in self.models or version not in ("", "1"):
             raise ModelNotFound(f"Request for unknown model: '{name}'{f' version {version}' if version else ''} is "
                                 "not found")  # Triton's words
+        if not self.states.available(name):  # Triton's words for a model of the repository that is not loaded
+            raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
         return self.models[name]
 
     def decoupled(self, name: str, version: str = "") -> bool:
@@ -82,16 +92,36 @@ class ModelServer:
         self.model(name, version)
         return self.configs[name].model_transaction_policy.decoupled
 
+    def statistics_model(self, name: str, version: str = "") -> None:
+        """Raise as Triton's statistics endpoint does for an unknown (NOT_FOUND) or unloaded (INVALID_ARGUMENT) model."""
+        if name in self.models and not self.states.available(name):
+            raise RequestError(f"requested model '{name}' is not available")
+        self.model(name, version)
+
     def index(self) -> list[dict]:
-        return [{"name": name, "version": "1", "state": "READY" if name in self.models else "UNAVAILABLE",
-                 "reason": "" if name in self.models else "the model has no tokenizer"} for name in sorted(MODELS)]
+        return [{"name": name, "version": "1", "state": state, "reason": reason}
+                for name in sorted(MODELS) for state, reason in [self.states.state(name)]]
+
+    def load(self, name: str, parameters: dict | None = None) -> None:
+        """Triton's repository load (lifecycle.py); a `config` or `file:` parameter (a new configuration or model
+        files) is refused: this server's models are fixed by its flags."""
+        for key in parameters or {}:
+            if key == "config" or key.startswith("file:"):
+                raise UnimplementedError(f"load parameter '{key}' is not supported: this server's models are fixed by "
+                                         "serve's flags")
+            raise RequestError(f"unrecognized load parameter '{key}'.", param=key)
+        self.states.load(name)
+
+    def unload(self, name: str, unload_dependents: bool = False) -> None:
+        self.states.unload(name, unload_dependents)
 
     def _finished(self, request, ctx: CallContext) -> None:
         times = request.times_ns
         if "arrival" in times:
             waited = times.get("first_scheduled", times["arrival"]) - times["arrival"]
             ctx.queued_ns = max(ctx.queued_ns, waited)
-        self.metrics.tokens("tensorrt_llm", len(request.prompt_ids), len(request.output_ids))
+        self.metrics.tokens("tensorrt_llm", len(request.prompt_ids), len(request.output_ids),
+                            ctx.call.protocol if ctx.call is not None else None)
 
     # ------------------------------------------------------------------ inference
     def infer(self, request: InferRequest, ctx: CallContext, version: str = "") -> Iterator[ModelResponse]:
@@ -99,6 +129,8 @@ class ModelServer:
         model = self.model(request.model, version)
         ctx.model = ctx.model or request.model
         ctx.decoupled = ctx.decoupled and self.decoupled(request.model)  # a stream to a non-decoupled model: one response
+        trace_id = self.tracer.sample(request.model)
+        trace = Trace(trace_id, request.model, request.id) if trace_id is not None else None
         started = time.perf_counter_ns()
         try:
             inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size, request.id)
@@ -111,11 +143,21 @@ class ModelServer:
             raise
         self.metrics.input_time(request.model, time.perf_counter_ns() - started)
         wanted = set(request.outputs) if request.outputs is not None else None
-        for response in self.dispatch(request.model, inputs, ctx):
-            if wanted is not None:
-                response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final,
-                                         response.parameters)
-            yield response
+        if trace is not None:
+            trace.checked = time.perf_counter_ns()
+        try:
+            for response in self.dispatch(request.model, inputs, ctx):
+                if wanted is not None:
+                    response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final,
+                                             response.parameters)
+                if ctx.call is not None and response.outputs:
+                    ctx.call.responded()
+                if trace is not None:
+                    trace.last_response = time.perf_counter_ns()
+                yield response
+        finally:
+            if trace is not None:
+                trace.write(ctx.queued_ns)
 
     def dispatch(self, name: str, inputs: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
         """Run one model (a client's request, or an ensemble step), with its metrics."""
