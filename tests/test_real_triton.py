@@ -270,7 +270,7 @@ def test_bad_requests_get_client_errors(triton, tokenizer):
 
 
 # the status Triton gives each TritonError code (its grpc_utils / http_server mapping; checked here on 2.51)
-TRITON_STATUS = {"INVALID_ARG": ("INVALID_ARGUMENT", 400), "NOT_FOUND": ("NOT_FOUND", 404),
+TRITON_STATUS = {"INVALID_ARG": ("INVALID_ARGUMENT", 400), "NOT_FOUND": ("NOT_FOUND", 404), "ALREADY_EXISTS": ("ALREADY_EXISTS", 400),
                  "UNAVAILABLE": ("UNAVAILABLE", 503), "UNSUPPORTED": ("UNIMPLEMENTED", 501), "INTERNAL": ("INTERNAL", 500)}
 
 
@@ -342,6 +342,7 @@ def test_a_dying_rank_fails_its_requests_and_stops_the_server(triton, tokenizer)
     time.sleep(1.0)
     workers[0].send_signal(signal.SIGKILL)
     pending.join(120)
-    assert results and results[0].error is not None and "server failed" in results[0].error, results
+    # as `serve` answers a lost rank (engine/runtime.py): UNAVAILABLE, retryable elsewhere
+    assert results and results[0].error is not None and results[0].error.startswith("server unavailable: "), results
     server.proc.wait(120)  # the model stopped the server
     assert "trtllm-bdlora tensorrt_llm: error: rank 1" in server.output()

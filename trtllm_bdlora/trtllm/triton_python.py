@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from trtllm_bdlora.errors import (
+    AlreadyExistsError,
     BdLoraError,
     ErrorKind,
     InternalError,
@@ -36,14 +37,15 @@ CANCEL_POLL_S = 0.05  # a round trip to the server per request in flight: cheap 
 # without a code reaches clients as INTERNAL / 500). Triton 2.51 has no code for RESOURCE_EXHAUSTED / 429 or 413: a
 # full queue is UNAVAILABLE there (retry elsewhere), a request too large INVALID_ARGUMENT.
 TRITON_ERROR_CODES = {
-    ErrorKind.INVALID_ARGUMENT: "INVALID_ARG", ErrorKind.NOT_FOUND: "NOT_FOUND", ErrorKind.UNAUTHENTICATED: "INVALID_ARG",
+    ErrorKind.INVALID_ARGUMENT: "INVALID_ARG", ErrorKind.NOT_FOUND: "NOT_FOUND", ErrorKind.ALREADY_EXISTS: "ALREADY_EXISTS",
+    ErrorKind.UNAUTHENTICATED: "INVALID_ARG",
     ErrorKind.PERMISSION_DENIED: "INVALID_ARG", ErrorKind.TOO_LARGE: "INVALID_ARG",
     ErrorKind.RESOURCE_EXHAUSTED: "UNAVAILABLE", ErrorKind.UNIMPLEMENTED: "UNSUPPORTED",
     ErrorKind.UNAVAILABLE: "UNAVAILABLE", ErrorKind.INTERNAL: "INTERNAL",
 }
 # a composing model's Triton error code, back to the error the BLS model raises with it
-CHILD_ERRORS = {"INVALID_ARG": RequestError, "NOT_FOUND": NotFoundError, "UNAVAILABLE": ServerUnavailableError,
-                "UNSUPPORTED": UnimplementedError}
+CHILD_ERRORS = {"INVALID_ARG": RequestError, "NOT_FOUND": NotFoundError, "ALREADY_EXISTS": AlreadyExistsError,
+                "UNAVAILABLE": ServerUnavailableError, "UNSUPPORTED": UnimplementedError}
 
 
 def parameters(args: dict) -> tuple[dict, dict[str, str]]:
