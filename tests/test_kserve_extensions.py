@@ -2,8 +2,8 @@
 (as tests/conftest.py triton_served, with decoupled_mode=false): repository load / unload, logging, trace settings
 and system shared memory answer as tritonserver answers them (facts recorded from tritonserver 2.51, the pytriton
 wheel, and Triton's sources: http_server.cc, model_repository_manager.cc, shared_memory_manager.cc, tracer.cc);
-unknown routes in Triton's error shape. The metrics count every request whatever its protocol, and `promtool check metrics` finds nothing but the
-documented Triton names (docs/metrics.md)."""
+unknown routes in Triton's error shape. The metrics count every request whatever its protocol, and `promtool check
+metrics` finds nothing but the documented Triton names (docs/metrics.md)."""
 
 import json
 import os
