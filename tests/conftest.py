@@ -23,7 +23,8 @@ TIERS = {
         rank_failure rank_liveness reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
         smollm2 triton_serve""",
     "container": "docker_cpu trtllm_docker",
-    "route": "aot gpu_suite model_repo_python plugin_build plugin_cmake triton_repo trtllm_build trtllm_runtime_model",
+    "route": """aot gpu_suite model_repo_python model_repo_wheel plugin_build plugin_cmake real_triton real_triton_vs_serve
+        triton_repo trtllm_build trtllm_model_class trtllm_prefetch trtllm_runtime_model""",
 }
 TIER_OF = {f"test_{name}": tier for tier, names in TIERS.items() for name in names.split()}
 

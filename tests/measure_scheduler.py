@@ -16,6 +16,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.serving_helpers import DecoupledAware  # the decoupled models answer streams, as in Triton
 from tests.test_adapter_cache import random_request_adapter
 from tests.test_serving_scheduler_serve import _tensors, core, random_ids
 from trtllm_bdlora.llama.loader import load_model_config
@@ -39,7 +40,7 @@ def parallel(calls) -> None:
 
 
 def abandoned(url: str, wait: float) -> dict:
-    client = grpcclient.InferenceServerClient(url)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     short = core(random_ids(8, 1), 4)
     alone, _ = timed(lambda: client.infer("tensorrt_llm", short))
     parallel([lambda i=i: timed(lambda: client.infer("tensorrt_llm", core(random_ids(16, i), 3000),
@@ -50,7 +51,7 @@ def abandoned(url: str, wait: float) -> dict:
 
 
 def long_prefills(url: str, wait: float) -> dict:
-    client = grpcclient.InferenceServerClient(url)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     done = []
     start = time.monotonic()
     longs = [threading.Thread(target=lambda i=i: (client.infer("tensorrt_llm", core(random_ids(3000, 100 + i), 3),
@@ -67,7 +68,7 @@ def long_prefills(url: str, wait: float) -> dict:
 
 
 def big_text(url: str) -> dict:
-    client = grpcclient.InferenceServerClient(url)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     values = {"text_input": np.array([[("word " * (4 << 20)).encode()]], dtype=object),
               "max_tokens": np.array([[4]], np.int32)}
     took, outcome = timed(lambda: client.infer("ensemble", _tensors(values)))
@@ -75,8 +76,8 @@ def big_text(url: str) -> dict:
 
 
 def faulty_adapter(url: str, model: str) -> dict:
-    client = grpcclient.InferenceServerClient(url)
-    weights, config = random_request_adapter(load_model_config(model), 8, 5, dtype=np.float32)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
+    weights, config = random_request_adapter(load_model_config(model), 8, 5)
     bad = core(random_ids(10, 2), 8, lora_task_id=np.array([[11]], np.uint64), lora_weights=weights * 1e30,
                lora_config=config, runtime_top_k=np.array([[5]], np.int32))
     _, outcome = timed(lambda: client.infer("tensorrt_llm", bad, client_timeout=60))

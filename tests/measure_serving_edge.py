@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.reliability_helpers import rss_bytes  # noqa: E402
+from tests.serving_helpers import DecoupledAware  # noqa: E402 - decoupled models answer streams, as in Triton
 from tests.test_adapter_cache import random_request_adapter  # noqa: E402
 from tests.test_serving_edge import IdleStream, _bytes_tensor, _raw_request  # noqa: E402
 from tests.test_triton_serve import ensemble_inputs, tensors  # noqa: E402
@@ -46,7 +47,7 @@ def liveness(url: str, streams: int) -> dict:
     channels = [grpc.insecure_channel(url) for _ in range(4)]
     open_streams = [IdleStream(pb_grpc.GRPCInferenceServiceStub(channels[i % 4])) for i in range(streams)]
     time.sleep(2)
-    client = grpcclient.InferenceServerClient(url)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     times = []
     for _ in range(5):
         t0 = time.monotonic()
@@ -66,7 +67,7 @@ def liveness(url: str, streams: int) -> dict:
 
 def flood(url: str, n: int, max_tokens: int, pids: list[int]) -> dict:
     def one(_):
-        client = grpcclient.InferenceServerClient(url)
+        client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
         try:
             return _outcome(lambda: client.infer("ensemble", tensors(ensemble_inputs("Hello there", max_tokens)),
                                                  client_timeout=600))
@@ -87,14 +88,15 @@ def flood(url: str, n: int, max_tokens: int, pids: list[int]) -> dict:
 
 def bad_inputs(url: str, http_url: str) -> dict:
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(url))
-    client = grpcclient.InferenceServerClient(url)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     two = np.int32(2).tobytes()
-    cases = {
-        "raw INT32 of 2 bytes": [("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("max_tokens", "INT32", [1, 1], b"\1\0")],
-        "BYTES length past the end": [("text_input", "BYTES", [1, 1], b"\x40\0\0\0Hi"), ("max_tokens", "INT32", [1, 1], two)],
-        "non-UTF-8 text_input": [("text_input", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9")), ("max_tokens", "INT32", [1, 1], two)],
+    cases = {  # to preprocessing: Triton answers unary calls to non-decoupled models only
+        "raw INT32 of 2 bytes": [("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
+                                 ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\1\0")],
+        "BYTES length past the end": [("QUERY", "BYTES", [1, 1], b"\x40\0\0\0Hi"), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], two)],
+        "non-UTF-8 QUERY": [("QUERY", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], two)],
     }
-    out = {f"gRPC {k}": _outcome(lambda v=v: stub.ModelInfer(_raw_request("ensemble", v), timeout=60))[0]
+    out = {f"gRPC {k}": _outcome(lambda v=v: stub.ModelInfer(_raw_request("preprocessing", v), timeout=60))[0]
            for k, v in cases.items()}
     for name, value in (("temperature", np.nan), ("temperature", np.inf), ("top_p", np.nan)):
         values = {**ensemble_inputs("Hello", 2), name: np.array([[value]], np.float32)}
@@ -102,7 +104,7 @@ def bad_inputs(url: str, http_url: str) -> dict:
     out["then a correct request"] = _outcome(lambda: client.infer("ensemble", tensors(ensemble_inputs("Hello", 2))))[0]
     head = json.dumps({"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
                                   for n, d, s, b in cases["raw INT32 of 2 bytes"]]}).encode()
-    r = requests.post(f"http://{http_url}/v2/models/ensemble/infer", timeout=60,
+    r = requests.post(f"http://{http_url}/v2/models/preprocessing/infer", timeout=60,
                       data=head + b"".join(b for *_, b in cases["raw INT32 of 2 bytes"]),
                       headers={"Inference-Header-Content-Length": str(len(head))})
     out["HTTP raw INT32 of 2 bytes"] = f"{r.status_code}: {r.text[:90]}"
@@ -111,9 +113,9 @@ def bad_inputs(url: str, http_url: str) -> dict:
 
 def ownership(url: str, model: str) -> dict:
     shape = load_model_config(model)
-    client = grpcclient.InferenceServerClient(url)
-    first, config = random_request_adapter(shape, 8, 1, dtype=np.float32)
-    other, _ = random_request_adapter(shape, 8, 2, dtype=np.float32)
+    client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
+    first, config = random_request_adapter(shape, 8, 1)
+    other, _ = random_request_adapter(shape, 8, 2)
 
     def text(task, weights=None):
         values = {**ensemble_inputs("Hello there", 6), "lora_task_id": np.array([[task]], np.uint64)}

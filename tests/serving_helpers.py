@@ -1,9 +1,10 @@
-"""Start `trtllm-bdlora serve` under mpirun for tests, and find its ranks."""
+"""Start `trtllm-bdlora serve` under mpirun for tests, and find its ranks; call its decoupled models as Triton allows."""
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -12,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 from tests.helpers import REPO
 from tests.reliability_helpers import rank_processes
@@ -107,3 +110,141 @@ def post_json(server, path: str, body: bytes | dict) -> tuple[int, dict | str]:
         return status, json.loads(payload)
     except json.JSONDecodeError:
         return status, payload
+
+
+class StreamedResult:
+    """The responses of one request to a decoupled model, read like tritonclient's InferResult of a unary call: each
+    output's responses in batch / sequence order, stacked on the batch axis, ragged ones padded (output ids with
+    `pad_id`), as `serve` answered unary calls before it refused them on decoupled models as Triton does."""
+
+    def __init__(self, responses: list[dict[str, np.ndarray]], pad_id: int = 0):
+        self.responses = responses
+        order = sorted(range(len(responses)), key=lambda i: (int(responses[i].get("batch_index", np.zeros(1)).reshape(-1)[0]),
+                                                             int(responses[i].get("sequence_index", np.zeros(1)).reshape(-1)[0]), i))
+        self.outputs: dict[str, np.ndarray] = {}
+        for name in {n for r in responses for n in r}:
+            arrays = [responses[i][name] for i in order if name in responses[i]]
+            if arrays[0].ndim > 2:
+                axis = 2 if name in ("output_ids", "output_log_probs", "generation_logits") else 1
+                width = max(a.shape[axis] for a in arrays)
+                arrays = [np.pad(a, [(0, width - a.shape[axis]) if d == axis else (0, 0) for d in range(a.ndim)],
+                                 constant_values=pad_id if name == "output_ids" else 0) for a in arrays]
+            self.outputs[name] = np.concatenate(arrays, axis=0)
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        return self.outputs.get(name)
+
+
+def infer(client, model: str, inputs: list, request_id: str = "", outputs=None, client_timeout: float | None = None,
+          pad_id: int = 0, timeout: float = 600) -> StreamedResult:
+    """`client`: a tritonclient.grpc client, or the URL to open one for this call alone (a client holds one stream at
+    a time, so concurrent calls need their own)."""
+    if isinstance(client, str):
+        import tritonclient.grpc as grpcclient
+
+        own = grpcclient.InferenceServerClient(client)
+        try:
+            return infer(own, model, inputs, request_id, outputs, client_timeout, pad_id, timeout)
+        finally:
+            own.close()
+    """What `client.infer(model, inputs)` was for a decoupled model: its request over ModelStreamInfer (Triton answers
+    a unary call to a decoupled model UNIMPLEMENTED), every response collected; an error raises the stream's
+    InferenceServerException, whose message is the server's (a stream carries no status code). `client_timeout`: the
+    stream's deadline, as the unary call's."""
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)),
+                        **({"stream_timeout": client_timeout} if client_timeout is not None else {}))
+    try:
+        client.async_stream_infer(model, inputs, request_id=request_id, outputs=outputs,
+                                  enable_empty_final_response=True)
+        responses = []
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            response = result.get_response()
+            if response.outputs:
+                responses.append({o.name: result.as_numpy(o.name) for o in response.outputs})
+            if response.parameters["triton_final_response"].bool_param:
+                return StreamedResult(responses, pad_id)
+    finally:
+        client.stop_stream()
+
+
+def _http_input_array(t) -> np.ndarray:
+    """The numpy array a tritonclient.http InferInput was given (binary data or JSON data)."""
+    from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+    shape = t.shape()
+    if getattr(t, "_raw_data", None) is not None:
+        data = t._raw_data
+        flat = deserialize_bytes_tensor(data) if t.datatype() == "BYTES" else np.frombuffer(
+            data, dtype=triton_to_np_dtype(t.datatype()))
+        return flat.reshape(shape)
+    return np.array(t._data, dtype=object if t.datatype() == "BYTES" else triton_to_np_dtype(t.datatype())).reshape(shape)
+
+
+def _json_value(array: np.ndarray):
+    """One batch row of an input as a generate field: a scalar for one value, else the nested lists of its shape."""
+    def plain(v):
+        return [plain(x) for x in v] if isinstance(v, list) else v.decode() if isinstance(v, bytes) else v
+
+    return plain(array.reshape(-1)[0].item() if array.dtype != object else array.reshape(-1)[0]) \
+        if array.size == 1 and array.ndim <= 1 else plain(array.tolist())
+
+
+class DecoupledAware:
+    """A tritonclient gRPC or HTTP client whose `infer` reaches decoupled models the way Triton allows: over
+    ModelStreamInfer (gRPC; on a client of its own per call when `url` is given, so that threads may share this one)
+    or the generate extension (HTTP, one request per batch row); other calls unchanged."""
+
+    def __init__(self, client, http_url: str | None = None, url: str | None = None):
+        self.client, self.http_url, self.url = client, http_url, url
+        self._decoupled: dict[str, bool] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def decoupled(self, model: str) -> bool:
+        if model not in self._decoupled:
+            config = self.client.get_model_config(model)
+            policy = config.get("model_transaction_policy", {}) if isinstance(config, dict) \
+                else {"decoupled": config.config.model_transaction_policy.decoupled}
+            self._decoupled[model] = bool(policy.get("decoupled", False))
+        return self._decoupled[model]
+
+    def infer(self, model: str, inputs: list, *args, **kwargs):
+        if not self.decoupled(model):
+            return self.client.infer(model, inputs, *args, **kwargs)
+        if self.http_url is None:
+            return infer(self.url or self.client, model, inputs, request_id=kwargs.get("request_id", ""),
+                         outputs=kwargs.get("outputs"), client_timeout=kwargs.get("client_timeout"))
+        return self._generate(model, inputs)
+
+    def _generate(self, model: str, inputs: list) -> StreamedResult:
+        import requests
+        from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+        arrays = {t.name(): _http_input_array(t) for t in inputs}
+        meta = {o["name"]: (o["shape"], o["datatype"]) for o in self.client.get_model_metadata(model)["outputs"]}
+        rows = max(a.shape[0] for a in arrays.values())
+        responses = []
+        for row in range(rows):
+            doc = {name: _json_value(a[row if a.shape[0] > 1 else 0]) for name, a in arrays.items()}
+            r = requests.post(f"http://{self.http_url}/v2/models/{model}/generate", data=json.dumps(doc),  # NaN too
+                              headers={"Content-Type": "application/json"}, timeout=600)
+            answer = r.json()
+            if r.status_code != 200 or "error" in answer:
+                raise InferenceServerException(msg=answer.get("error", r.text), status=str(r.status_code))
+            out = {}
+            for name, value in answer.items():
+                if name in meta:  # JSON holds the values: the type is the model's, the shape as the models send it
+                    shape, datatype = meta[name]  # (texts flat, one per sequence; numbers [1, ..., 1, n])
+                    values = value if isinstance(value, list) else [value]
+                    if datatype == "BYTES":
+                        out[name] = np.array([v.encode() for v in values], dtype=object)
+                    else:
+                        out[name] = np.array(values, dtype=triton_to_np_dtype(datatype)).reshape(
+                            (1,) * (len(shape) - 1) + (-1,))
+            responses.append(out)
+        return StreamedResult(responses)

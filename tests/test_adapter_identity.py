@@ -44,7 +44,11 @@ def served(tiny_llama_with_tokenizer, tmp_path_factory):
     dirs["startup"] = make_peft_adapter(model, work / "startup", seed=73, r=8)
     dirs["outside"] = make_peft_adapter(model, work / "outside", seed=74, r=8)
     weights = {name: convert_adapter(load_peft_adapter(d), 2, "float32") for name, d in dirs.items()}
-    server = Server(model, {1: dirs["startup"]}, tp=2, extra=["--allow-adapter-loading", "--adapter-root", str(root)])
+    # unary calls to tensorrt_llm, as Triton allows them only to a repository written with decoupled_mode=false;
+    # lora_weights as FP32, as the requests below send them (Triton refuses another dtype than the config's)
+    server = Server(model, {1: dirs["startup"]}, tp=2, extra=["--allow-adapter-loading", "--adapter-root", str(root),
+                                                              "--set", "decoupled_mode=false",
+                                                              "--set", "lora_weights_data_type=TYPE_FP32"])
     try:
         server.wait_ready()
         yield server, root, dirs, weights

@@ -127,6 +127,17 @@ def test_the_docker_entrypoint_knows_every_serve_setting():
     assert settings == TRITON_ROUTE | set(TORCH_ONLY) and not TRITON_ROUTE & set(TORCH_ONLY)
 
 
+def test_the_docker_entrypoint_writes_the_repository_serve_set_describes():
+    """`serve --set KEY=VALUE` answers as the repository `fill-model-repo --set KEY=VALUE` writes: on the Triton
+    route the entrypoint writes that repository."""
+    from trtllm_bdlora.cli.entrypoint import trtllm_plan
+
+    _, config = cli.parse_config(["serve", "--backend", "trtllm", "--model", "/models/llama", "--set",
+                                  "decoupled_mode=false", "--set", "exclude_input_in_output=true"])
+    fill = next(step for step in trtllm_plan(config, {}, engines_exist=True) if step[1] == "fill-model-repo")
+    assert fill[-4:] == ["--set", "decoupled_mode=false", "--set", "exclude_input_in_output=true"]
+
+
 def test_bench_offers_only_the_engine_flags_it_honours():
     bench = subcommands()["bench"]
     flags = {s for a in bench._actions for s in a.option_strings}

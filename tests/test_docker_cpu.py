@@ -294,8 +294,11 @@ def test_grpc_and_http_answers_equal_generate(container, reference):
     from trtllm_bdlora.llama.loader import embedded_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
-    clients = {grpcclient: grpcclient.InferenceServerClient(f"127.0.0.1:{container.grpc}"),
-               httpclient: httpclient.InferenceServerClient(f"127.0.0.1:{container.http}")}
+    from tests.serving_helpers import DecoupledAware  # the ensemble is decoupled: streams and generate, as in Triton
+
+    clients = {grpcclient: DecoupledAware(grpcclient.InferenceServerClient(f"127.0.0.1:{container.grpc}")),
+               httpclient: DecoupledAware(httpclient.InferenceServerClient(f"127.0.0.1:{container.http}"),
+                                          f"127.0.0.1:{container.http}")}
     try:
         for req in _requests():
             text = tokenizer.apply_chat_template(req["messages"], add_generation_prompt=True, tokenize=False)

@@ -4,7 +4,9 @@ answering within 1 s with the file descriptors bounded; slow heads and bodies ar
 20 MB chat message is refused before templating while health keeps answering; a non-streaming client that
 disconnects is cancelled within 2 engine steps; a flood of OpenAI and KServe requests is bounded by --max-queue;
 malformed input is a 400 naming the field on every port; no answer shows a host path or a Python exception name;
-API keys (no key 401, wrong key 401, right key 200, health exempt) on every protocol, and CORS preflights."""
+API keys (no key 401, wrong key 401, right key 200, health exempt) on every protocol, and CORS preflights.
+The repository is the non-decoupled one (`--set decoupled_mode=false`), so that unary KServe calls reach its models
+(Triton, and `serve` with it, refuses unary calls to decoupled models: tests/test_triton_serve.py)."""
 
 import builtins
 import datetime
@@ -66,7 +68,7 @@ def edge(tmp_path_factory):
         "--max-connections", str(CAP), "--request-header-timeout", str(HEADER_S),
         "--request-body-timeout", str(BODY_S), "--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH),
         "--api-key", KEYS[0], "--api-key", f"{KEYS[1]},spare-key", "--allowed-origins", ORIGIN,
-        "--allow-adapter-loading", "--adapter-root", str(adapter_root)],
+        "--allow-adapter-loading", "--adapter-root", str(adapter_root), "--set", "decoupled_mode=false"],
         module="tests.serve_with_faults", env={FAULT_ADAPTER_ENV: str(FAULT_ADAPTER)})
     try:
         server.wait_ready()

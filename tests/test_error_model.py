@@ -43,12 +43,17 @@ class FailingRepository:
         self.error: BaseException = RuntimeError("unset")
         self.metrics = Metrics()
         self.models = {"tensorrt_llm": None}
+        # a non-decoupled tensorrt_llm (`decoupled_mode=false`): unary calls reach it, as in Triton
         self.configs = {"tensorrt_llm": model_config(MODELS["tensorrt_llm"], {**DEFAULTS, "engine_dir": "e",
-                                                                                "tokenizer_dir": "t", "tp_size": "1"})}
+                                                                                "tokenizer_dir": "t", "tp_size": "1",
+                                                                                "decoupled_mode": "false"})}
         self.metadata = {"tensorrt_llm": model_metadata(MODELS["tensorrt_llm"], DEFAULTS)}
 
     def model(self, name, version=""):
         return None
+
+    def decoupled(self, name, version=""):
+        return self.configs[name].model_transaction_policy.decoupled
 
     def infer(self, request, ctx, version=""):
         raise self.error
@@ -123,13 +128,15 @@ def test_full_peft_cache_is_resource_exhausted_on_every_protocol(tiny_llama_with
     model = tiny_llama_with_tokenizer
     pinned = make_peft_adapter(model, tmp_path / "pinned", seed=1, r=8)
     extra = make_peft_adapter(model, tmp_path / "root" / "extra", seed=2, r=8)
-    weights, config = convert_adapter(load_peft_adapter(extra), 2, "float32")
+    weights, config = convert_adapter(load_peft_adapter(extra), 2, "float16")  # the type the repository declares
+    # a non-decoupled repository (`--set decoupled_mode=false`): unary calls reach tensorrt_llm, as in Triton
     server = Server(model, {1: pinned}, tp=2, extra=("--lora-cache-host-bytes", "60000", "--allow-adapter-loading",
-                                                      "--adapter-root", str(tmp_path / "root")))
+                                                      "--adapter-root", str(tmp_path / "root"),
+                                                      "--set", "decoupled_mode=false"))
     arrays = [("input_ids", np.array([[3, 4, 5]], np.int32), "INT32"), ("input_lengths", np.array([[3]], np.int32), "INT32"),
               ("request_output_len", np.array([[2]], np.int32), "INT32"),
               ("lora_task_id", np.array([[9]], np.uint64), "UINT64"),
-              ("lora_weights", weights.astype(np.float32), "FP32"),
+              ("lora_weights", weights.astype(np.float16), "FP16"),
               ("lora_config", config.astype(np.int32), "INT32")]
     try:
         server.wait_ready()

@@ -1,9 +1,9 @@
-"""The KServe extensions `serve` advertises, driven with tritonclient over gRPC and HTTP against the shared `serve --tp 2`
-(tests/conftest.py triton_served): repository load / unload, logging, trace settings and system shared memory answer
-as tritonserver answers them (facts recorded from tritonserver 2.51, the pytriton wheel, and Triton's sources:
-http_server.cc, model_repository_manager.cc, shared_memory_manager.cc, tracer.cc); unknown routes in Triton's error
-shape. The metrics count every request whatever its protocol, and `promtool check metrics` finds nothing but the
-documented Triton names (docs/metrics.md)."""
+"""The KServe extensions `serve` advertises, driven with tritonclient over gRPC and HTTP against one `serve --tp 2`
+(as tests/conftest.py triton_served, with decoupled_mode=false): repository load / unload, logging, trace settings
+and system shared memory answer as tritonserver answers them (facts recorded from tritonserver 2.51, the pytriton
+wheel, and Triton's sources: http_server.cc, model_repository_manager.cc, shared_memory_manager.cc, tracer.cc);
+unknown routes in Triton's error shape. The metrics count every request whatever its protocol, and `promtool check
+metrics` finds nothing but the documented Triton names (docs/metrics.md)."""
 
 import json
 import os
@@ -22,6 +22,8 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
+from tests.helpers import make_peft_adapter
+from tests.serving_helpers import Server
 from tests.test_triton_serve import core_inputs, ensemble_inputs, tensors
 
 MODELS = ("ensemble", "postprocessing", "preprocessing", "tensorrt_llm", "tensorrt_llm_bls")
@@ -46,8 +48,24 @@ TRITON_NAME_COMPLAINTS = {
 
 
 @pytest.fixture(scope="module")
-def served(triton_served):
-    return triton_served[0]
+def served_model(tiny_llama_with_tokenizer, tmp_path_factory):
+    """conftest's triton_served (adapters 1-3, 2 slots per rank) answering as a repository written with
+    decoupled_mode=false: unary ModelInfer to the ensemble and tensorrt_llm, which Triton refuses while they are
+    decoupled."""
+    root = tmp_path_factory.mktemp("extensions")
+    model = tiny_llama_with_tokenizer
+    adapters = {i + 1: make_peft_adapter(model, root / f"a{i + 1}", seed=30 + i, r=16) for i in range(3)}
+    server = Server(model, adapters, tp=2, max_loras=2, extra=["--set", "decoupled_mode=false"])
+    try:
+        server.wait_ready()
+        yield server, model
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def served(served_model):
+    return served_model[0]
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +83,10 @@ def http_client(served):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(triton_served):
+def tokenizer(served_model):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(triton_served[1])
+    return AutoTokenizer.from_pretrained(served_model[1])
 
 
 def _http(served, method, path, body=None):

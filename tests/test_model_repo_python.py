@@ -49,10 +49,22 @@ class Request:
         return "r1"
 
 
+class TritonError(str):
+    """pb_utils.TritonError of the 2.51 stub: a message and a code (INTERNAL unless given)."""
+
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __new__(cls, message, code=1):
+        error = super().__new__(cls, message)
+        error.code = code
+        return error
+
+
 def load_model(name: str, parameters: dict, outputs=()):
     fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, str
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, TritonError
     sys.modules["triton_python_backend_utils"] = fake
+    sys.modules.pop(f"trtllm_bdlora.trtllm.python_models.{name}", None)  # model.py imports it: bind it to this stand-in
     spec = importlib.util.spec_from_file_location(f"repo_{name}", REPO / "model_repo" / name / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -72,6 +84,7 @@ def setup(tiny_llama_with_tokenizer, tmp_path_factory):
     engines.mkdir()
     (engines / "bdlora_build.json").write_text(json.dumps({"tp": TP, "dtype": "float16", "max_lora_rank": 64,
                                                           "shape": shape.__dict__}))
+    (engines / "config.json").write_bytes((model_dir / "config.json").read_bytes())  # max_position_embeddings 256
     plain = load_peft_adapter(make_peft_adapter(model_dir, root / "plain", seed=3, r=8, nblocks=None))
     bd = load_peft_adapter(make_peft_adapter(model_dir, root / "bd", seed=4, r=16))
     pre = load_model("preprocessing", {"tokenizer_dir": str(model_dir), "add_special_tokens": "true",
@@ -146,6 +159,7 @@ def test_preprocessing_passes_bd_forms_and_refuses_bad_ones(setup):
                                         LORA_WEIGHTS=bad, LORA_CONFIG=config)])
     assert good.error is None and "OUT_LORA_WEIGHTS" not in good.outputs
     assert "NaN" in broken.error and "\n" not in broken.error
+    assert broken.error.code == TritonError.INVALID_ARG  # a bad request, not a server fault (issue 22 defect 2)
     w, c = normalize_request_adapter(*convert_adapter(bd, tp=1), shape, 1, 64)  # TP 1: nothing to convert
     assert np.array_equal(w, convert_adapter(bd, tp=1)[0]) and np.array_equal(c, convert_adapter(bd, tp=1)[1])
     over = pre.execute([Request(QUERY=np.array([[b"Hi"]], dtype=object), REQUEST_OUTPUT_LEN=np.array([[4]], np.int32),
@@ -163,3 +177,57 @@ def test_postprocessing_decodes_up_to_sequence_length(setup):
     tokens = np.array([[ids + [0, 0]]], np.int32)
     out = post.execute([Request(TOKENS_BATCH=tokens, SEQUENCE_LENGTH=np.array([[len(ids)]], np.int32))])[0]
     assert out.outputs["OUTPUT"].tolist() == [b"The capital of France is"]
+
+
+def test_preprocessing_refuses_text_too_long_for_the_engine_before_tokenizing(setup):
+    """Issue 22 defect 6: the production preprocessing has serve's text-size guard, from the engine's max_seq_len."""
+    _, _, _, _, pre = setup
+    from transformers import AutoTokenizer
+
+    from trtllm_bdlora.engine.request import max_text_bytes
+
+    limit = max_text_bytes(AutoTokenizer.from_pretrained(setup[0]), 256)
+    fits, too_long = (Request(QUERY=np.array([[b"a" * n]], dtype=object), REQUEST_OUTPUT_LEN=np.array([[4]], np.int32))
+                      for n in (limit, limit + 1))
+    ok, refused = pre.execute([fits, too_long])
+    assert ok.error is None and ok.outputs["REQUEST_INPUT_LEN"][0, 0] > 0
+    assert refused.error.code == TritonError.INVALID_ARG
+    assert refused.error == f"QUERY of {limit + 1} bytes cannot fit the context of 256 tokens (at most {limit} bytes " \
+                            "of text); refused before tokenizing"
+
+
+def test_embedded_workers_agree_with_rank_0_on_what_they_run():
+    """The Python tensorrt_llm's TP ranks 1..N-1 are `serve` workers, which first check that every rank runs the same
+    layout (distributed/hosts.py): the workers' command line parses to rank 0's engine configuration, rank watch
+    (--rank-timeout) included."""
+    from trtllm_bdlora.cli import build_parser
+    from trtllm_bdlora.trtllm.triton_core import engine_config, worker_argv
+
+    for params in ({}, {"lora_cache_max_adapter_size": "16", "lora_cache_host_memory_bytes": "70000"},
+                   {"lora_cache_max_adapter_size": "${lora_cache_max_adapter_size}"}):
+        config = engine_config("/engines/e2", 3, params)
+        ns = build_parser().parse_args(worker_argv(config))
+        assert ns.command == "serve" and config.tp == 3
+        assert ns.configure(ns).engine == config
+        assert config.max_lora_rank == (16 if params.get("lora_cache_max_adapter_size") == "16" else None)
+        assert config.lora_cache_host_bytes == (70000 if "lora_cache_host_memory_bytes" in params else 1 << 30)
+
+
+def test_a_tensorrt_llm_that_is_not_decoupled_refuses_batches_and_streaming():
+    """As the TensorRT-LLM backend (utils.cc createRequestsFromInputTensors) with decoupled_mode=false: a batch of
+    requests and `streaming` need the decoupled policy; one request without streaming passes. (NVIDIA's
+    inflight_batcher_llm_client.py --streaming against such a repository got the whole sequence, prompt included.)"""
+    from trtllm_bdlora.errors import InputError
+    from trtllm_bdlora.serving.repository.core import check_not_decoupled
+
+    one = {"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([[3]], np.int32),
+           "request_output_len": np.array([[4]], np.int32)}
+    check_not_decoupled(one)
+    check_not_decoupled({**one, "streaming": np.array([[False]])})
+    with pytest.raises(InputError, match=r"^streaming is only supported .* decoupled mode") as info:
+        check_not_decoupled({**one, "streaming": np.array([[True]])})
+    assert info.value.status.grpc == "INVALID_ARGUMENT"
+    two = {"input_ids": np.array([[5, 6, 7], [8, 9, 10]], np.int32), "input_lengths": np.array([[3], [3]], np.int32),
+           "request_output_len": np.array([[4], [4]], np.int32)}
+    with pytest.raises(InputError, match=r"^input_ids has a batch of 2 requests: batch size > 1 requires"):
+        check_not_decoupled(two)

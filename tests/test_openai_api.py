@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.helpers import make_peft_adapter, make_tiny_llama, run_cli
 from tests.serving_helpers import Server, post_json
+from tests.serving_helpers import infer as stream_infer
 from trtllm_bdlora.cli.client import converted_adapter, infer
 
 MAX_TOKENS = 10
@@ -280,7 +281,7 @@ def test_vllm_sampling_extensions_equal_the_ensembles_tensorrt_llm_inputs(served
             tensor = grpcclient.InferInput(name, list(array.shape), grpcclient.np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        want = grpc.infer("ensemble", tensors).as_numpy("text_output").reshape(-1)[0].decode()
+        want = stream_infer(grpc, "ensemble", tensors).as_numpy("text_output").reshape(-1)[0].decode()  # decoupled
     finally:
         grpc.close()
     assert got.choices[0].text == want and got.usage.completion_tokens == MAX_TOKENS

@@ -22,6 +22,7 @@ import torch
 
 from tests.helpers import REPO, make_peft_adapter, make_tiny_llama
 from tests.serving_helpers import Server
+from tests.serving_helpers import infer as stream_infer
 
 TOL = 1e-4
 PROMPTS = ["The capital of France is", "Once upon a time there was"]
@@ -285,7 +286,7 @@ def test_triton_guided_decoding_inputs(served_tp1, reference):
                                            {np.int32: "INT32", np.uint64: "UINT64", np.bool_: "BOOL"}[value.dtype.type])
             tensor.set_data_from_numpy(value)
             inputs.append(tensor)
-        return client.infer("tensorrt_llm", inputs).as_numpy("output_ids")[0, 0].tolist()
+        return stream_infer(client, "tensorrt_llm", inputs).as_numpy("output_ids")[0, 0].tolist()  # decoupled
 
     pattern = "[0-9]{3}-[a-z]{2}"
     text = reference.tokenizer.decode(infer("regex", pattern))

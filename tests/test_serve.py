@@ -12,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import run_cli
+from tests.serving_helpers import infer as stream_infer
 from trtllm_bdlora.cli.client import converted_adapter, infer, stream
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time", "List three colors:"]
@@ -121,7 +122,8 @@ def test_concurrent_clients_with_eviction(served, tmp_path_factory):
 
 
 def _raw_infer(client, inputs):
-    return client.infer("ensemble", inputs)
+    """The ensemble is decoupled: it answers streams, as in Triton."""
+    return stream_infer(client, "ensemble", inputs)
 
 
 def _input(name, array, dtype):
@@ -139,10 +141,11 @@ def _max(n=4, dtype=np.int32, kind="INT32"):
 
 
 BAD_CASES = {
-    "missing text_input": ([_max()], "missing required input text_input"),
-    "wrong dtype": ([_text(), _max(4, np.float32, "FP32")], "max_tokens must be INT32"),
+    "missing text_input": ([_max()], "missing required input(s) ['text_input']"),  # Triton's words
+    "wrong dtype": ([_text(), _max(4, np.float32, "FP32")], "'max_tokens' data-type is 'FP32', but model 'ensemble' "
+                                                            "expects 'INT32'"),
     "wrong shape": ([_input("text_input", np.array([[b"a", b"b"]], dtype=object), "BYTES"), _max()],
-                    "one value per request"),
+                    "unexpected shape for input 'text_input' for model 'ensemble'. Expected [-1,1], got [1,2]"),
     "max_tokens <= 0": ([_text(), _max(0)], "max_tokens must be >= 1"),
     "max_tokens too large": ([_text(), _max(10**6)], "exceeds the context"),
     "unknown task id": ([_text(), _max(), _input("lora_task_id", np.array([[77]], dtype=np.uint64), "UINT64")],

@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.serving_helpers import infer as stream_infer
 from tests.test_adapter_cache import random_request_adapter
 from tests.test_triton_serve import (  # noqa: F401 - its module fixtures, shared (the same session server)
     core_inputs,
@@ -51,16 +52,22 @@ def greedy_reference(served, tokenizer):
 
 def _core_greedy(client, ids, end_id, **extra):
     values = core_inputs(ids, 6, end_id, end_id, exclude_input_in_output=np.array([[True]], bool), **extra)
-    protocol = "grpc" if isinstance(client, grpcclient.InferenceServerClient) else "http"
+    protocol = "http" if getattr(client, "http_url", None) else "grpc"
     return client.infer("tensorrt_llm", tensors(values, protocol)).as_numpy("output_ids").reshape(-1).tolist()
 
 
-def _refused(call, status: str, *words: str) -> str:
-    """Run `call`; it must fail with `status` (gRPC code name or HTTP status) and a message naming `words`."""
+# a decoupled model's error reaches a gRPC client on its stream, which carries a message and no status code (as in
+# Triton); over HTTP (the generate extension) it has the status
+STREAMED = None
+
+
+def _refused(call, status: str | None, *words: str) -> str:
+    """Run `call`; it must fail with `status` (gRPC code name, HTTP status, or STREAMED: a stream's error, which has
+    none) and a message naming `words`."""
     with pytest.raises(InferenceServerException) as info:
         call()
     message = str(info.value.message() or info.value)
-    assert status in str(info.value.status()), (info.value.status(), message)
+    assert str(status) in str(info.value.status()), (info.value.status(), message)
     for word in words:
         assert word in message, message
     assert "Traceback" not in message and "\n" not in message.strip()
@@ -80,7 +87,7 @@ BAD_VALUES = [  # ensemble input, value, dtype
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_bad_sampling_values_get_per_request_errors(protocol, grpc_client, http_client, tokenizer, greedy_reference):
     client = grpc_client if protocol == "grpc" else http_client
-    invalid = "INVALID_ARGUMENT" if protocol == "grpc" else "400"
+    invalid = STREAMED if protocol == "grpc" else "400"
     ids, expected = greedy_reference
     for name, value, dtype in BAD_VALUES:
         values = {**ensemble_inputs(PROMPT, 4), name: np.array([[value]], dtype)}
@@ -92,12 +99,12 @@ def test_bad_sampling_values_get_per_request_errors(protocol, grpc_client, http_
 def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served, grpc_client, http_client, tokenizer,
                                                                greedy_reference):
     client = grpc_client if protocol == "grpc" else http_client
-    invalid = "INVALID_ARGUMENT" if protocol == "grpc" else "400"
+    invalid = STREAMED if protocol == "grpc" else "400"
     shape = load_model_config(str(served[1]))
-    weights, config = random_request_adapter(shape, 8, 41, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, 41)  # float16: the type the repository declares
     ids, expected = greedy_reference
     task = 710 if protocol == "grpc" else 711
-    for poison in (np.nan, np.inf, 1e38):
+    for poison in (np.nan, np.inf, -np.inf):
         bad = weights.copy()
         bad[0, 3, 5] = poison
         lora = {"lora_task_id": np.array([[task]], np.uint64), "lora_weights": bad, "lora_config": config}
@@ -105,8 +112,19 @@ def test_non_finite_or_overflowing_adapter_weights_are_refused(protocol, served,
     # the id was never registered by the refused requests (an unknown adapter: NOT_FOUND, errors.STATUS), and the
     # server still answers right
     _refused(lambda: _core_greedy(client, ids, tokenizer.eos_token_id, lora_task_id=np.array([[task]], np.uint64)),
-             "NOT_FOUND" if protocol == "grpc" else "404", "not found in cache")
+             STREAMED if protocol == "grpc" else "404", "not found in cache")
     assert _core_greedy(client, ids, tokenizer.eos_token_id) == expected
+
+
+def test_adapter_weights_beyond_float16_are_refused():
+    """A float32 or bfloat16 engine's lora_weights can hold values no float16 (or bf16-trained adapter) has: refused."""
+    from trtllm_bdlora.errors import InputError
+    from trtllm_bdlora.serving.repository.core import CoreModel
+
+    weights = np.full((1, 2, 8), 0.5, np.float32)
+    weights[0, 1, 3] = 1e38
+    with pytest.raises(InputError, match="lora_weights holds 1e\\+38, beyond 65504 \\(the largest float16\\)"):
+        CoreModel._lora({"lora_weights": weights, "lora_config": np.ones((1, 2, 3), np.int32)}, 0)
 
 
 # ---------------------------------------------------------------------------- adapter ownership (17.3)
@@ -114,8 +132,8 @@ def test_adapter_id_keeps_its_first_weights(served, grpc_client, tokenizer, gree
     shape = load_model_config(str(served[1]))
     ids, _ = greedy_reference
     end = tokenizer.eos_token_id
-    first, config = random_request_adapter(shape, 8, 51, dtype=np.float32)
-    other, _ = random_request_adapter(shape, 8, 52, dtype=np.float32)
+    first, config = random_request_adapter(shape, 8, 51)  # float16: the type the repository declares
+    other, _ = random_request_adapter(shape, 8, 52)
 
     def run(task, weights=None, cfg=None, client=grpc_client):
         lora = {"lora_task_id": np.array([[task]], np.uint64)}
@@ -123,14 +141,17 @@ def test_adapter_id_keeps_its_first_weights(served, grpc_client, tokenizer, gree
             lora.update(lora_weights=weights, lora_config=cfg)
         return _core_greedy(client, ids, end, **lora)
 
-    first16 = first.astype(np.float16)
-    owned = run(720, first16, config)  # registered in float16
+    owned = run(720, first, config)
     assert run(730, other, config) != owned  # the two adapters answer differently: a mix-up would show
-    message = _refused(lambda: run(720, other, config), "INVALID_ARGUMENT", "lora_task_id 720", "different lora_weights")
+    message = _refused(lambda: run(720, other, config), STREAMED, "lora_task_id 720", "different lora_weights")
     print("OWNERSHIP_REFUSAL", message)
     assert run(720) == owned  # the original keeps serving
-    assert run(720, first16.astype(np.float32), config) == owned  # the same values in another float type: accepted
-    _refused(lambda: run(720, first, config), "INVALID_ARGUMENT", "different lora_weights")  # not rounded: others
+    assert run(720, first.copy(), config) == owned  # the same values again: accepted
+    # another type is refused before anything else, as Triton refuses it (the repository declares FP16)
+    _refused(lambda: run(720, first.astype(np.float32), config), STREAMED, "'lora_weights' data-type is 'FP32'")
+    nudged = first.copy()
+    nudged.reshape(-1)[5] = np.nextafter(nudged.reshape(-1)[5], np.float16(1))  # one float16 step away: others
+    _refused(lambda: run(720, nudged, config), STREAMED, "different lora_weights")
 
 
 def test_startup_ids_are_immutable(served, grpc_client, tokenizer, greedy_reference):
@@ -141,9 +162,9 @@ def test_startup_ids_are_immutable(served, grpc_client, tokenizer, greedy_refere
     end = tokenizer.eos_token_id
     task = {"lora_task_id": np.array([[1]], np.uint64)}
     registered = _core_greedy(grpc_client, ids, end, **task)
-    weights, config = random_request_adapter(shape, 8, 61, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, 61)
     _refused(lambda: _core_greedy(grpc_client, ids, end, **task, lora_weights=weights, lora_config=config),
-             "INVALID_ARGUMENT", "lora_task_id 1", "start-up")
+             STREAMED, "lora_task_id 1", "start-up")
     own_w, own_c = convert_adapter(load_peft_adapter(served[2][1]), tp=2, dtype="float16")
     assert _core_greedy(grpc_client, ids, end, **task, lora_weights=own_w, lora_config=own_c) == registered
     assert _core_greedy(grpc_client, ids, end, **task) == registered
@@ -162,21 +183,22 @@ def _bytes_tensor(*items: bytes) -> bytes:
     return b"".join(len(i).to_bytes(4, "little") + i for i in items)
 
 
-MALFORMED = {  # what, ensemble inputs (name, datatype, shape, raw bytes), words the message must hold
-    "int32 size": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("max_tokens", "INT32", [1, 1], b"\x01\x00")],
-                   ["max_tokens", "2 bytes"]),
-    "fp32 size": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0"),
-                   ("temperature", "FP32", [1, 1], b"\0" * 7)], ["temperature", "7 bytes"]),
-    "bytes length past the end": ([("text_input", "BYTES", [1, 1], b"\x40\0\0\0Hi"),
-                                   ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "BYTES"]),
-    "bytes count vs shape": ([("text_input", "BYTES", [1, 2], _bytes_tensor(b"Hi")),
-                              ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "shape"]),
-    "non-UTF-8 text": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9 \xff")),
-                        ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "UTF-8"]),
-    "negative shape": ([("text_input", "BYTES", [1, -1], _bytes_tensor(b"Hi")),
-                        ("max_tokens", "INT32", [1, 1], b"\x02\0\0\0")], ["text_input", "shape"]),
-    "huge shape": ([("text_input", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
-                    ("max_tokens", "INT32", [1 << 40, 1 << 40], b"")], ["max_tokens", "elements"]),
+# preprocessing's inputs: Triton answers unary calls (ModelInfer, HTTP infer) to non-decoupled models only
+MALFORMED = {  # what, preprocessing inputs (name, datatype, shape, raw bytes), words the message must hold
+    "int32 size": ([("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x01\x00")],
+                   ["REQUEST_OUTPUT_LEN", "2 bytes"]),
+    "fp32 size": ([("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0"),
+                   ("EMBEDDING_BIAS_WEIGHTS", "FP32", [1, 1], b"\0" * 7)], ["EMBEDDING_BIAS_WEIGHTS", "7 bytes"]),
+    "bytes length past the end": ([("QUERY", "BYTES", [1, 1], b"\x40\0\0\0Hi"),
+                                   ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")], ["QUERY", "BYTES"]),
+    "bytes count vs shape": ([("QUERY", "BYTES", [1, 2], _bytes_tensor(b"Hi")),
+                              ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")], ["QUERY", "shape"]),
+    "non-UTF-8 text": ([("QUERY", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9 \xff")),
+                        ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")], ["QUERY", "UTF-8"]),
+    "negative shape": ([("QUERY", "BYTES", [1, -1], _bytes_tensor(b"Hi")),
+                        ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")], ["QUERY", "shape"]),
+    "huge shape": ([("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
+                    ("REQUEST_OUTPUT_LEN", "INT32", [1 << 40, 1 << 40], b"")], ["REQUEST_OUTPUT_LEN", "elements"]),
 }
 
 
@@ -185,7 +207,7 @@ def test_malformed_raw_tensors_are_invalid_argument(case, served, grpc_client, t
     inputs, words = MALFORMED[case]
     stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(served[0].url))
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelInfer(_raw_request("ensemble", inputs), timeout=60)
+        stub.ModelInfer(_raw_request("preprocessing", inputs), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     for word in words:
         assert word in info.value.details(), info.value.details()
@@ -194,7 +216,7 @@ def test_malformed_raw_tensors_are_invalid_argument(case, served, grpc_client, t
     head = {"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
                        for n, d, s, b in inputs]}
     header = json.dumps(head).encode()
-    response = requests.post(f"http://{served[0].http_url}/v2/models/ensemble/infer",
+    response = requests.post(f"http://{served[0].http_url}/v2/models/preprocessing/infer",
                               data=header + b"".join(b for *_, b in inputs),
                               headers={"Inference-Header-Content-Length": str(len(header))}, timeout=60)
     assert response.status_code == 400, response.text
@@ -243,8 +265,8 @@ def test_health_answers_within_a_second_with_100_idle_streams(served):
             worst = max(worst, time.monotonic() - t0)
         print(f"LIVENESS_100_STREAMS worst {worst * 1000:.1f} ms (gRPC live + ready + metadata, HTTP live)")
         assert worst < 1.0
-        assert grpcclient.InferenceServerClient(served[0].url).infer(
-            "ensemble", tensors(ensemble_inputs(PROMPT, 2))).as_numpy("text_output") is not None
+        assert stream_infer(grpcclient.InferenceServerClient(served[0].url), "ensemble",
+                            tensors(ensemble_inputs(PROMPT, 2))).as_numpy("text_output") is not None
         client.close()
     finally:
         for s in streams:

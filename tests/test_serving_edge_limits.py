@@ -36,8 +36,10 @@ def served(tmp_path_factory):
     config = json.loads((model / "config.json").read_text())
     config["max_position_embeddings"] = 4096  # requests long enough to outlast the shutdown timeout
     (model / "config.json").write_text(json.dumps(config))
+    # a non-decoupled repository (as `fill-model-repo --set decoupled_mode=false` writes it): unary calls to the
+    # ensemble are answered, with their status codes, as Triton answers them for such a repository
     server = Server(model, {}, tp=2, extra=["--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH),
-                                            "--max-streams", str(MAX_STREAMS),
+                                            "--set", "decoupled_mode=false", "--max-streams", str(MAX_STREAMS),
                                             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)])
     try:
         server.wait_ready()

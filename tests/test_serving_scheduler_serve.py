@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.helpers import make_tiny_llama
 from tests.serve_with_faults import FAULT_ADAPTER_ENV
-from tests.serving_helpers import Server
+from tests.serving_helpers import DecoupledAware, Server
 from tests.test_adapter_cache import random_request_adapter
 from trtllm_bdlora.llama.loader import load_model_config
 
@@ -59,8 +59,9 @@ def served(tmp_path_factory):
 
 @pytest.fixture
 def client(served):
+    """`infer` reaches the decoupled models over a stream (as Triton allows), deadline and request id included."""
     c = grpcclient.InferenceServerClient(served[0].url)
-    yield c
+    yield DecoupledAware(c, url=served[0].url)
     c.close()
 
 
@@ -210,7 +211,7 @@ def test_fault_in_one_request_fails_only_that_request(served, client):
     are refused at the edge: tests/test_serving_edge.py.)"""
     server, model = served
     shape = load_model_config(str(model))
-    weights, config = random_request_adapter(shape, 8, SEED, dtype=np.float32)
+    weights, config = random_request_adapter(shape, 8, SEED)  # float16: the declared type
     ids = random_ids(12, SEED + 7)
     expected = generated(client.infer("tensorrt_llm", core(ids, 16)), 12)
     bad = core(random_ids(10, SEED), 16, lora_task_id=np.array([[FAULT_ADAPTER]], np.uint64), lora_weights=weights,

@@ -74,9 +74,34 @@ def test_launch_command_leader_mode():
     assert cmd.count("--load-model=tensorrt_llm") == 7 and "--grpc-port=8001" in cmd
 
 
-def test_launch_without_tritonserver_is_clear(tmp_path):
-    res = run_cli("launch-triton", "--world-size", "2", "--model-repo", str(tmp_path))
+def test_launch_without_tritonserver_is_clear(tmp_path, filled):
+    res = run_cli("launch-triton", "--world-size", "2", "--model-repo", str(tmp_path / "empty"))
+    assert res.returncode == 2 and "not a filled model repository" in res.stderr
+    res = run_cli("launch-triton", "--model-repo", str(filled))  # TensorRT engines: one server per rank
+    assert res.returncode == 2 and "--world-size is required" in res.stderr
+    res = run_cli("launch-triton", "--world-size", "2", "--model-repo", str(filled))
     assert res.returncode == 2 and "tritonserver not found" in res.stderr
+
+
+def test_torch_build_gets_the_python_tensorrt_llm_model_and_one_server(tmp_path, tiny_llama):
+    """fill-model-repo chooses the tensorrt_llm backend from the engine directory: a `build --backend torch` output
+    gets our Python-backend model; launch-triton then starts one tritonserver (no mpirun, no plugin)."""
+    engines = tmp_path / "engines"
+    assert run_cli("build", "--model", str(tiny_llama), "--tp", "2", "--backend", "torch", "--output",
+                   str(engines)).returncode == 0
+    repo = fill_model_repo(tmp_path / "repo", {"engine_dir": str(engines), "tokenizer_dir": str(tiny_llama)})
+    core = load(repo / "tensorrt_llm" / "config.pbtxt")
+    assert core.backend == "python" and core.model_transaction_policy.decoupled
+    assert core.parameters["gpt_model_path"].string_value == str(engines)
+    assert "python_models.tensorrt_llm import TritonPythonModel" in (repo / "tensorrt_llm" / "1" / "model.py").read_text()
+    assert load(repo / "preprocessing" / "config.pbtxt").parameters["tp_size"].string_value == "2"
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no tritonserver; this Python has no nvidia-pytriton
+    res = subprocess.run([sys.executable, "-m", "trtllm_bdlora", "launch-triton", "--model-repo", str(repo)], env=env,
+                         capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 2 and "tritonserver not found" in res.stderr and "nvidia-pytriton" in res.stderr
+    refill = fill_model_repo(repo, {"engine_dir": "/engines/trt", "tokenizer_dir": "/t", "tp_size": "2"})
+    assert load(refill / "tensorrt_llm" / "config.pbtxt").backend == "tensorrtllm"
+    assert not (refill / "tensorrt_llm" / "1" / "model.py").exists()  # the C++ backend: no stale Python model
 
 
 def test_entrypoint_plans(tmp_path):

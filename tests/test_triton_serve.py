@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from tests.helpers import REPO, run_cli
+from tests.serving_helpers import DecoupledAware
 from trtllm_bdlora.serving.repository.spec import DEFAULTS
 
 UPSTREAM = json.loads((REPO / "tests" / "data" / "upstream_inflight_batcher_llm.json").read_text())["models"]
@@ -81,15 +82,17 @@ def served(triton_served):
 
 @pytest.fixture(scope="module")
 def grpc_client(served):
+    """Decoupled models (tensorrt_llm, ensemble, BLS) answer streams only, as in Triton: `infer` streams to them."""
     c = grpcclient.InferenceServerClient(served[0].url)
-    yield c
+    yield DecoupledAware(c, url=served[0].url)
     c.close()
 
 
 @pytest.fixture(scope="module")
 def http_client(served):
+    """Decoupled models answer HTTP through the generate extension only, as in Triton: `infer` uses it for them."""
     c = httpclient.InferenceServerClient(served[0].http_url)
-    yield c
+    yield DecoupledAware(c, served[0].http_url)
     c.close()
 
 

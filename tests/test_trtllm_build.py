@@ -4,18 +4,15 @@ swaps Lora modules for BD-LoRA ones (as trtllm-build --model_cls_file loads it, 
 
 import subprocess
 import sys
-import textwrap
 from importlib.machinery import SourceFileLoader
 
 import pytest
 
 from tests.helpers import REPO, make_tiny_llama
+from tests.trtllm_fakes import FAKE_MODULES, write_fake_stack
 from trtllm_bdlora.cli import main as cli_main
 from trtllm_bdlora.trtllm.build import build_device
 from trtllm_bdlora.versions import TENSORRT_LLM_VERSION, TENSORRT_VERSION
-
-FAKE_MODULES = ("tensorrt", "tensorrt_llm", "tensorrt_llm.layers", "tensorrt_llm.layers.lora", "tensorrt_llm._common",
-                "tensorrt_llm._utils", "tensorrt_llm.functional", "tensorrt_llm.models")
 
 
 @pytest.fixture(scope="module")
@@ -63,60 +60,6 @@ def test_build_device_follows_the_mpi_local_rank():
     assert build_device({"MPI_LOCALRANKID": "2"}, 0) == 0
 
 
-def write_fake_stack(root, trtllm_version=TENSORRT_LLM_VERSION, trt_version=TENSORRT_VERSION):
-    """Stand-ins for the container's packages: just what the version check and the Lora swap touch."""
-    files = {
-        "tensorrt/__init__.py": f"__version__ = {trt_version!r}\n",
-        "tensorrt_llm/__init__.py": f"__version__ = {trtllm_version!r}\n",
-        "tensorrt_llm/layers/__init__.py": "",
-        "tensorrt_llm/layers/lora.py": """
-            class Lora:
-                def __init__(self, in_hidden_size=0, out_hidden_sizes=(0,), max_low_rank=0):
-                    self.in_hidden_size, self.out_hidden_sizes = in_hidden_size, list(out_hidden_sizes)
-                    self.max_low_rank = max_low_rank
-            """,
-        "tensorrt_llm/_common.py": "def default_net(): ...\ndef default_trtnet(): ...\n",
-        "tensorrt_llm/_utils.py": "def str_dtype_to_trt(dtype): ...\n",
-        "tensorrt_llm/functional.py": "def _create_tensor(*a): ...\ndef cast(*a): ...\ndef where(*a): ...\n",
-        "tensorrt_llm/models/__init__.py": """
-            from types import SimpleNamespace
-            from tensorrt_llm.layers.lora import Lora
-
-            class Attention:
-                def __init__(self):
-                    self.qkv_lora = Lora(64, [32, 16, 16], 64)
-            class Linear:
-                pass
-            class RowLinear(Linear):
-                def __init__(self):
-                    self.lora = Lora(32, [64], 64)
-            class GatedMLP:
-                def __init__(self):
-                    self.lora = Lora(64, [128, 128], 64)
-
-            class LLaMAForCausalLM:
-                def __init__(self, config):
-                    self.config = config
-                    self.parts = {"layers.0.attention": Attention(), "layers.0.attention.dense": RowLinear(),
-                                  "layers.0.mlp": GatedMLP(), "layers.0.mlp.proj": RowLinear()}
-                @classmethod
-                def from_checkpoint(cls, ckpt_dir, config):
-                    return cls(config)
-                def named_modules(self):
-                    return [("", self), *self.parts.items()]
-                def prepare_inputs(self, **kwargs):
-                    self.seen_at_prepare = {(p, a): type(getattr(m, a)).__name__ for p, m in self.parts.items()
-                                            for a in ("qkv_lora", "lora") if hasattr(m, a)}
-                    return kwargs
-            """,
-    }
-    for name, text in files.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(textwrap.dedent(text))
-    return root
-
-
 @pytest.fixture
 def fake_stack(tmp_path, monkeypatch):
     def install(**versions):
@@ -155,6 +98,22 @@ def test_build_passes_the_check_with_the_pinned_versions(fake_stack, tiny_llama,
     assert code == 2 and "plugin library not found" in err and "need" not in err
 
 
+def test_versions_are_read_without_importing(tmp_path, monkeypatch):
+    """Issue 22 defect 11: the Docker build has no GPU, and importing TensorRT-LLM there fails; the version check
+    reads the installed distributions' metadata instead (here packages whose import would raise)."""
+    from trtllm_bdlora.versions import distribution_version, installed_versions
+
+    root = write_fake_stack(tmp_path / "site", trtllm_version="1.2.1", trt_version="10.14.1.48")
+    for package in ("tensorrt", "tensorrt_llm"):
+        (root / package / "__init__.py").write_text("raise RuntimeError('libcuda.so.1: cannot open shared object file')\n")
+    for name in FAKE_MODULES:
+        sys.modules.pop(name, None)
+    monkeypatch.syspath_prepend(str(root))
+    assert installed_versions() == ("1.2.1", "10.14.1.48")
+    assert "tensorrt_llm" not in sys.modules and "tensorrt" not in sys.modules
+    assert distribution_version("tensorrt_llm_not_installed") is None
+
+
 def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
     fake_stack()
     lib = tmp_path / "libempty.so"  # stands in for the plugin library that model_cls.py loads
@@ -163,7 +122,7 @@ def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
     monkeypatch.setenv("TRTLLM_BDLORA_PLUGIN_LIB", str(lib))
     from types import SimpleNamespace
 
-    from trtllm_bdlora.trtllm.network import BD_A, BD_B, as_bdlora_model
+    from trtllm_bdlora.trtllm.network import BD_A, BD_B, LORA_TARGET_MODULES, as_bdlora_model
 
     config = SimpleNamespace(mapping=SimpleNamespace(tp_size=4, tp_rank=3))
     # as trtllm-build --model_cls_file/--model_cls_name loads it (commands/build.py: SourceFileLoader, from_checkpoint)
@@ -177,7 +136,9 @@ def test_model_class_hook_swaps_lora_modules(fake_stack, tmp_path, monkeypatch):
     for model in (via_trtllm_build, via_build):
         assert all(name == "Lora" for name in (type(getattr(m, a)).__name__ for m in model.parts.values()
                                                for a in ("qkv_lora", "lora") if hasattr(m, a)))
-        assert model.prepare_inputs(max_batch_size=4) == {"max_batch_size": 4}
+        modules = list(LORA_TARGET_MODULES)
+        assert model.prepare_inputs(max_batch_size=4, lora_target_modules=modules) == \
+            {"max_batch_size": 4, "lora_target_modules": modules}
         assert set(model.seen_at_prepare.values()) == {"BdLoraModule"}  # swapped before the inputs are prepared
         attention, dense = model.parts["layers.0.attention"], model.parts["layers.0.attention.dense"]
         assert attention.qkv_lora.bd_factors == (BD_B,) * 3 and dense.lora.bd_factors == (BD_A,)

@@ -56,6 +56,12 @@ def _port(flag: str, value: int) -> None:
         raise BdLoraError(f"{flag} {value}: not a TCP port (1-65535)")
 
 
+def _key_values(items: tuple[str, ...]) -> None:
+    for item in items:
+        if "=" not in item:
+            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """`--adapter [NAME:]ID=DIR`: the PEFT adapter in `directory` registered as lora_task_id `task_id`; the OpenAI
@@ -172,10 +178,12 @@ class ServerConfig:
     allow_adapter_loading: bool = False
     adapter_root: str | None = None
     allow_startup_adapter_unload: bool = False
+    settings: tuple[str, ...] = ()  # --set KEY=VALUE: answer as the repository fill-model-repo writes with them
 
     def __post_init__(self) -> None:
         if not self.host:
             raise BdLoraError("--host: empty")
+        _key_values(self.settings)
         for flag, port in self.ports.items():  # that they differ is `serve`'s check: Triton's route uses three
             _port(flag, port)
         _at_least("--max-queue", self.max_queue, 1)
@@ -449,19 +457,22 @@ class FillRepoConfig:
         _at_least("--max-batch-size", self.max_batch_size, 1)
         _at_least("--max-lora-rank", self.max_lora_rank, 1)
         _at_least("--tp", self.tp, 1)
-        for item in self.settings:
-            if "=" not in item:
-                raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+        _key_values(self.settings)
 
 
 @dataclass(frozen=True)
 class LaunchTritonConfig:
-    world_size: int
+    """`launch-triton`: one tritonserver per rank under mpirun for TensorRT engines, or one tritonserver for the
+    repository of a torch build (its Python-backend tensorrt_llm starts the ranks itself)."""
+
     model_repo: str
+    world_size: int | None = None  # None: the repository's (a torch build's needs none)
     plugin_lib: str = CONTAINER_PLUGIN_LIB
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
+    host: str | None = None  # torch build: the address every endpoint binds to; None: Triton's
+    tritonserver_args: tuple[str, ...] = ()  # torch build: passed on to tritonserver
 
     def __post_init__(self) -> None:
         _at_least("--world-size", self.world_size, 1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib import metadata
 
 from trtllm_bdlora.errors import BdLoraError
 
@@ -41,15 +42,20 @@ def mismatch_message(problems: list[str]) -> str:
             f"set {ALLOW_MISMATCH_ENV}=1 to try anyway")
 
 
-def installed_versions() -> tuple[str | None, str | None]:
-    """(tensorrt_llm.__version__, tensorrt.__version__), None where a package cannot be imported."""
-    found = []
-    for module in ("tensorrt_llm", "tensorrt"):
+def distribution_version(package: str) -> str | None:
+    """The version of the installed distribution that provides the import package `package`, from its metadata:
+    never imported (`import tensorrt_llm` needs a GPU, and the Docker build has none). None when not installed."""
+    for name in (package, *metadata.packages_distributions().get(package, ())):
         try:
-            found.append(str(__import__(module).__version__))
-        except ImportError:
-            found.append(None)
-    return found[0], found[1]
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def installed_versions() -> tuple[str | None, str | None]:
+    """(tensorrt_llm's version, tensorrt's version) as installed; None where a package is missing."""
+    return distribution_version("tensorrt_llm"), distribution_version("tensorrt")
 
 
 def require_pinned_stack(log=print) -> None:

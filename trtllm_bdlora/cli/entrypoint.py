@@ -31,7 +31,7 @@ ENV_FLAGS = (("MODEL", "--model"), ("TP", "--tp"), ("BACKEND", "--backend"), ("D
              ("OPENAI_PORT", "--openai-port"))
 # serve settings the Triton route passes on to build / fill-model-repo / launch-triton
 TRITON_ROUTE = {"engine.model", "engine.tp", "engine.backend", "engine.dtype", "engine.max_batch_size",
-                "engine.max_lora_rank", "server.grpc_port", "server.http_port", "server.metrics_port"}
+                "engine.max_lora_rank", "server.grpc_port", "server.http_port", "server.metrics_port", "server.settings"}
 # serve settings the Triton route has no use for (ServeConfig field -> flag): refused there rather than dropped
 TORCH_ONLY = {"engine.scheme": "--scheme", "engine.adapters": "--adapter", "engine.max_loras": "--max-loras",
               "engine.device": "--device", "engine.lora_cache_host_bytes": "--lora-cache-host-bytes",
@@ -91,7 +91,8 @@ def trtllm_plan(config: ServeConfig, env: dict[str, str], engines_exist: bool) -
                  "--dtype", engine.dtype, "--overwrite"]
         steps.append(["mpirun", "--allow-run-as-root", "-n", tp] + build if engine.tp > 1 else build)
     steps.append(["trtllm-bdlora", "fill-model-repo", "--engine-dir", engine_dir, "--tokenizer-dir", engine.model,
-                  "--output", repo, "--max-batch-size", str(engine.max_batch_size), "--max-lora-rank", max_lora_rank])
+                  "--output", repo, "--max-batch-size", str(engine.max_batch_size), "--max-lora-rank", max_lora_rank]
+                 + [word for item in server.settings for word in ("--set", item)])  # the repository serve answers as
     steps.append(["trtllm-bdlora", "launch-triton", "--world-size", tp, "--model-repo", repo, "--plugin-lib", plugin,
                   "--grpc-port", str(server.grpc_port), "--http-port", str(server.http_port),
                   "--metrics-port", str(server.metrics_port)])

@@ -57,6 +57,10 @@ def add_commands(sub) -> None:
     flags.add("--allow-startup-adapter-unload", action="store_true",
               help="let /v1/unload_lora_adapter unload the --adapter adapters too (else they stay for the server's "
                    "life; needs --allow-adapter-loading)")
+    flags = Flags(p, ServerConfig, "server", title="KServe model repository")
+    flags.add("--set", field="settings", action="append", metavar="KEY=VALUE",
+              help="answer as the repository `fill-model-repo --set KEY=VALUE` writes, e.g. decoupled_mode=false "
+                   "(unary calls to the ensemble, refused by Triton while it is decoupled); repeat for more")
     _add_edge_flags(p)
     add_log_flags(p, LogConfig())
 

@@ -31,17 +31,23 @@ def add_commands(sub) -> None:
     flags.add("--set", field="settings", action="append", metavar="KEY=VALUE",
               help="any other ${placeholder} of the configs, e.g. lora_weights_data_type=TYPE_BF16; repeat for more")
 
-    p = command(sub, "launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded",
-                description="Start one tritonserver per rank under mpirun (rank 0 serves every model, the others only "
-                            "tensorrt_llm), each with the BD-LoRA plugin preloaded. Inside the Triton TRT-LLM container.",
+    p = command(sub, "launch-triton", help="one tritonserver per rank under mpirun, BD-LoRA plugin preloaded (TensorRT "
+                                           "engines); one tritonserver for a torch build",
+                description="TensorRT engines: start one tritonserver per rank under mpirun (rank 0 serves every model, "
+                            "the others only tensorrt_llm), each with the BD-LoRA plugin preloaded, inside the Triton "
+                            "TRT-LLM container. The repository of a `build --backend torch` output: start one "
+                            "tritonserver, whose Python-backend tensorrt_llm starts the engine's ranks itself.",
                 configure=lambda ns: build(LaunchTritonConfig, ns, "launch"), run=run_launch)
     flags = Flags(p, LaunchTritonConfig, "launch")
-    flags.add("--world-size", type=int, help="ranks (the engines' TP)")
+    flags.add("--world-size", type=int, help="ranks of the TensorRT engines (the engines' TP)")
     flags.add("--model-repo", metavar="DIR", help="the filled model repository (fill-model-repo)")
     flags.add("--plugin-lib", metavar="FILE", help="the BD-LoRA TensorRT plugin library")
     flags.add("--grpc-port", type=int, help="rank 0's KServe v2 gRPC port")
     flags.add("--http-port", type=int, help="rank 0's KServe v2 HTTP port")
     flags.add("--metrics-port", type=int, help="rank 0's Prometheus metrics port")
+    flags.add("--host", help="torch build: the address every endpoint binds to (default: Triton's)")
+    flags.add("--tritonserver-arg", field="tritonserver_args", action="append", metavar="ARG",
+              help="torch build: pass ARG to tritonserver; repeat for more")
 
     p = command(sub, "build", help="build one TensorRT-LLM engine per rank with BD-LoRA plugins (or torch shards)",
                 description="trtllm: one TensorRT-LLM engine per TP rank with the LoRA plugin and the BD-LoRA plugin "

@@ -51,9 +51,11 @@ def preflight(config: ServeConfig) -> None:
     adapters read and checked against the model."""
     from trtllm_bdlora.engine.preflight import check_adapters, check_engine_setup
     from trtllm_bdlora.serving.edge.settings import connection_cap
+    from trtllm_bdlora.serving.repository.repository import repository_settings
 
     check_ports_free(config.server.host, config.server.ports)
     connection_cap(config.edge.max_connections)  # a cap `ulimit -n` cannot hold
+    repository_settings(config.server.settings)  # --set values the repository's configs cannot take
     check_engine_setup(config.engine)
     _, root = openai_names(config)
     if root is not None:  # opened to check it; serve opens it again on rank 0
@@ -111,7 +113,7 @@ class _Endpoints:
         from trtllm_bdlora.serving.openai import api as openai_api
         from trtllm_bdlora.serving.openai.names import public_model_name
         from trtllm_bdlora.serving.openai.protocol import error_body
-        from trtllm_bdlora.serving.repository.repository import ModelServer, serve_values
+        from trtllm_bdlora.serving.repository.repository import ModelServer, repository_settings, serve_values
 
         engine_config, server_config, settings = config.engine, config.server, config.edge
         host = server_config.host
@@ -123,8 +125,8 @@ class _Endpoints:
         capacity = Capacity(streams=server_config.max_streams, unary=server_config.max_queue + engine_config.max_batch_size)
         metrics = Metrics()
         metrics.watch(runtime)
-        server = ModelServer(runtime, serve_values(public_model_name(engine_config.model), engine_config.tp,
-                                                   engine_config.max_batch_size), metrics)
+        server = ModelServer(runtime, serve_values(engine_config.model, public_model_name(engine_config.model),
+                                                   engine_config.tp, repository_settings(server_config.settings)), metrics)
         self.models = sorted(server.models)
         regions = SharedMemoryRegions()  # system shared memory, one set for both KServe front ends (as Triton's)
 

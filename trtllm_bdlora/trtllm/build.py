@@ -14,18 +14,16 @@ sent in BD-shaped form of rank tp*r, so --max-lora-rank must be at least that: `
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
 from pathlib import Path
 
-from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
 from trtllm_bdlora.config import BuildConfig
 from trtllm_bdlora.errors import BdLoraError
+from trtllm_bdlora.trtllm.network import LORA_TARGET_MODULES, load_plugin_library
 from trtllm_bdlora.versions import CONTAINER_IMAGE
 
-LORA_TARGET_MODULES = list(TRTLLM_NAMES.values())
 MAX_KERNEL_RANK = 128  # the plugin's largest rank tile (plugins/CMakeLists.txt BDLORA_BLOCK_R)
 LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 
@@ -70,7 +68,7 @@ def build_config_json(args: BuildConfig, shape, backend: str) -> dict:
         "max_batch_size": args.max_batch_size,
         "max_input_len": args.max_input_len,
         "max_seq_len": args.max_seq_len,
-        "lora_target_modules": LORA_TARGET_MODULES,
+        "lora_target_modules": list(LORA_TARGET_MODULES),
         "shape": shape.__dict__,
         "ranks": [f"rank{r}" + (".engine" if backend == "trtllm" else ".safetensors") for r in range(args.tp)],
     }
@@ -110,15 +108,6 @@ def require_trtllm() -> None:
         )
 
 
-def load_plugin_library(path: str) -> None:
-    lib = Path(path)
-    if not lib.is_file():
-        raise BdLoraError(
-            f"{lib}: plugin library not found (build it: cmake -S plugins -B plugins/build && cmake --build plugins/build)"
-        )
-    ctypes.CDLL(str(lib.resolve()), mode=ctypes.RTLD_GLOBAL)  # registers BdLora with TensorRT's registry
-
-
 def build_trtllm_rank(args: BuildConfig, rank: int) -> None:  # pragma: no cover - needs TensorRT-LLM
     import tensorrt_llm
     import torch
@@ -141,7 +130,7 @@ def build_trtllm_rank(args: BuildConfig, rank: int) -> None:  # pragma: no cover
     build_config = BuildConfig(
         max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
         max_seq_len=args.max_seq_len or args.max_input_len * 2, plugin_config=plugin_config,
-        lora_config=LoraConfig(lora_target_modules=LORA_TARGET_MODULES, max_lora_rank=args.max_lora_rank),
+        lora_config=LoraConfig(lora_target_modules=list(LORA_TARGET_MODULES), max_lora_rank=args.max_lora_rank),
     )
     engine = tensorrt_llm.build(as_bdlora_model(model), build_config)
     engine.save(args.output)

@@ -51,3 +51,17 @@ def engine_lora_info(engine_dir: str | Path) -> EngineLoraInfo:
         except (KeyError, TypeError, ValueError) as err:
             raise BdLoraError(f"{d / 'config.json'}: not a TensorRT-LLM engine config (missing {err})") from None
     raise BdLoraError(f"{d}: no {BUILD_JSON} or config.json (not an engine directory)")
+
+
+def engine_max_seq_len(engine_dir: str | Path) -> int | None:
+    """The longest sequence (prompt and output) the engine directory's engine takes, None where it cannot be read
+    here: a torch build runs up to the model's max_position_embeddings (as `serve` does); TensorRT-LLM engines
+    record build_config.max_seq_len in config.json."""
+    d = Path(engine_dir)
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = (config.get("build_config") or {}).get("max_seq_len") if "pretrained_config" in config \
+        else config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -6,7 +6,10 @@ The swap hook is a model class (`bdlora_model_class`): TensorRT-LLM's `build()` 
 (which calls `add_lora`) and then `model.prepare_inputs(...)` inside `net_guard` before tracing `forward`
 (tensorrt_llm/builder.py), so a subclass whose `prepare_inputs` swaps the Lora modules first needs no patching.
 The same class serves `trtllm-build --model_cls_file trtllm_bdlora/trtllm/model_cls.py --model_cls_name
-BdLoraLLaMAForCausalLM` (commands/build.py loads it with SourceFileLoader and calls `from_checkpoint`).
+BdLoraLLaMAForCausalLM` (commands/build.py loads it with SourceFileLoader and calls `from_checkpoint`). Its
+`prepare_inputs` refuses an empty `lora_target_modules` (TensorRT-LLM's default: an engine without LoRA inputs).
+The class pickles by reference (`BdLora<name>` of this module, resolved by `__getattr__`), and a process that
+has not loaded the plugin library loads it on first use, so `trtllm-build --workers N` can spawn builders.
 
 `plan_replacements` is pure (tested everywhere); `replace_lora_modules`, `BdLoraModule` and
 `create_bdlora_plugin` import tensorrt / tensorrt_llm lazily and run only inside the container.
@@ -14,10 +17,20 @@ BdLoraLLaMAForCausalLM` (commands/build.py loads it with SourceFileLoader and ca
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from trtllm_bdlora.adapters.trtllm_format import TRTLLM_NAMES
+from trtllm_bdlora.config import CONTAINER_PLUGIN_LIB
+from trtllm_bdlora.errors import BdLoraError
 
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "BdLora", "1", "trtllm_bdlora"
+PLUGIN_LIB_ENV = "TRTLLM_BDLORA_PLUGIN_LIB"  # the plugin library trtllm-build's processes load (default: the container's)
+CLASS_PREFIX = "BdLora"  # BdLora<name>: the BD-LoRA class of tensorrt_llm.models.<name>
+LORA_TARGET_MODULES = tuple(TRTLLM_NAMES.values())  # TensorRT-LLM's names of the modules adapters carry
 BD_A, BD_B = 1, 2  # the plugin's bd_factors: row-parallel -> block-diagonal A, column-parallel -> B
 COLUMN_OWNERS = ("Attention", "BertAttention", "ColumnLinear", "Linear", "MLP", "GatedMLP", "FusedGatedMLP")
 ROW_OWNERS = ("RowLinear",)
@@ -49,13 +62,35 @@ def plan_replacements(owners: list[tuple[str, list[str], str, int]]) -> list[Rep
     return plan
 
 
+def load_plugin_library(path: str) -> None:
+    """Load our plugin library into this process; it registers BdLora with TensorRT's registry as it loads."""
+    lib = Path(path)
+    if not lib.is_file():
+        raise BdLoraError(
+            f"{lib}: plugin library not found (build it: cmake -S plugins -B plugins/build && cmake --build plugins/build)"
+        )
+    ctypes.CDLL(str(lib.resolve()), mode=ctypes.RTLD_GLOBAL)
+
+
+def require_lora_target_modules(modules) -> None:
+    """TensorRT-LLM creates an engine's LoRA inputs only for the modules its LoraConfig targets, and
+    `LoraConfig.lora_target_modules` defaults to none: such an engine refuses every adapter at run time."""
+    if not modules:
+        raise BdLoraError(f"no LoRA target modules: the engine would have no LoRA inputs and refuse every adapter; "
+                          f"build with --lora_target_modules {' '.join(LORA_TARGET_MODULES)}")
+
+
 def create_bdlora_plugin(in_hidden_size: int, out_hidden_sizes: list[int], bd_factors: tuple[int, ...],
                          dtype, max_low_rank: int, tp_size: int, tp_rank: int):
     import numpy as np
     import tensorrt as trt
 
-    creator = trt.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
-    if creator is None:
+    def creator():
+        return trt.get_plugin_registry().get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+
+    if creator() is None:  # a process of its own (trtllm-build --workers N spawns them): load the library here too
+        load_plugin_library(os.environ.get(PLUGIN_LIB_ENV, CONTAINER_PLUGIN_LIB))
+    if creator() is None:
         raise RuntimeError("BdLora plugin not registered: load libtrtllm_bdlora_plugin.so first (see plugin_lib)")
 
     def field(name, values):
@@ -72,7 +107,7 @@ def create_bdlora_plugin(in_hidden_size: int, out_hidden_sizes: list[int], bd_fa
         field("tp_size", [tp_size]),
         field("tp_rank", [tp_rank]),
     ])
-    return creator.create_plugin("bdlora", fields, trt.TensorRTPhase.BUILD)
+    return creator().create_plugin("bdlora", fields, trt.TensorRTPhase.BUILD)
 
 
 def make_bdlora_module_class():
@@ -139,13 +174,30 @@ def bdlora_model_class(base_cls: type) -> type:
 
     class BdLoraModel(base_cls):
         def prepare_inputs(self, *args, **kwargs):
+            require_lora_target_modules(kwargs.get("lora_target_modules"))  # builder.build passes it by name
             mapping = self.config.mapping
             plan = replace_lora_modules(self, mapping.tp_size, mapping.tp_rank)
+            if not plan:
+                raise BdLoraError(f"{type(self).__name__}: no Lora modules to make block-diagonal (is the LoRA plugin on?)")
             print(f"rank {mapping.tp_rank}/{mapping.tp_size}: {len(plan)} Lora modules -> BdLora", flush=True)
             return super().prepare_inputs(*args, **kwargs)
 
-    BdLoraModel.__name__ = BdLoraModel.__qualname__ = f"BdLora{base_cls.__name__}"
+    # pickled by reference as trtllm_bdlora.trtllm.network.BdLora<name>, which __getattr__ below resolves
+    BdLoraModel.__name__ = BdLoraModel.__qualname__ = f"{CLASS_PREFIX}{base_cls.__name__}"
+    BdLoraModel.__module__ = __name__
     return BdLoraModel
+
+
+def __getattr__(name: str):
+    """`BdLora<name>`: the BD-LoRA class of `tensorrt_llm.models.<name>`, made on first use. This is how pickle finds
+    the class in a process that has not made it yet: trtllm-build --workers N sends it to spawned processes."""
+    if name.startswith(CLASS_PREFIX) and len(name) > len(CLASS_PREFIX):
+        import tensorrt_llm.models
+
+        base = getattr(tensorrt_llm.models, name[len(CLASS_PREFIX):], None)
+        if isinstance(base, type):
+            return bdlora_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_bdlora_model(model):

@@ -4,45 +4,27 @@ five models from the interface description, with our Python models beside them),
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
 from trtllm_bdlora.config import FillRepoConfig, LaunchTritonConfig
 from trtllm_bdlora.errors import BdLoraError
 from trtllm_bdlora.llama.shape import LlamaShape
 from trtllm_bdlora.serving.repository.config import model_config
 from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
+from trtllm_bdlora.serving.repository.values import BUILD_RECORD, ENGINE_DTYPES, engine_values
+from trtllm_bdlora.serving.repository.values import build_record as _build_record
+from trtllm_bdlora.trtllm.engine_dir import EngineLoraInfo, engine_lora_info
+from trtllm_bdlora.trtllm.prefetch import check_prefetch_dir
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_repo"
+PYTHON_MODELS = "trtllm_bdlora.trtllm.python_models"  # one module per Python-backend model
 REQUIRED = ("engine_dir", "tokenizer_dir", "tp_size")
-ENGINE_DTYPES = {"float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "float32": "TYPE_FP32"}
-BUILD_RECORD = "bdlora_build.json"  # written by `trtllm-bdlora build` beside the engines
-
-
-def _build_record(engine_dir: str) -> dict:
-    path = Path(engine_dir) / BUILD_RECORD
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise BdLoraError(f"{path}: cannot read ({err})") from None
-
-
-def engine_values(engine_dir: str) -> dict[str, str]:
-    """What the engine directory says about the repository: its TP, its LoRA rank limit and the dtype
-    `lora_weights` must have."""
-    record = _build_record(engine_dir)
-    values = {"tp_size": str(record["tp"])} if "tp" in record else {}
-    if "max_lora_rank" in record:
-        values["lora_cache_max_adapter_size"] = str(record["max_lora_rank"])
-    if record.get("dtype") in ENGINE_DTYPES:
-        values["lora_weights_data_type"] = ENGINE_DTYPES[record["dtype"]]
-    return values
 
 
 def engine_shape(engine_dir: str) -> LlamaShape:
@@ -63,9 +45,53 @@ def engine_shape(engine_dir: str) -> LlamaShape:
         raise BdLoraError(f"{engine_dir}: cannot read the base model's dimensions ({type(err).__name__}: {err})") from None
 
 
-def fill_model_repo(output: Path, params: dict[str, str], template: Path = TEMPLATE_DIR) -> Path:
+def python_model_source(name: str) -> str:
+    """The `<name>/1/model.py` fill-model-repo writes for a Python-backend model: one import of the model's code
+    from the installed package, so a wheel carries it and an upgrade reaches it."""
+    module = f"{PYTHON_MODELS}.{name}"
+    return (f'"""Triton Python backend model `{name}`, written by `trtllm-bdlora fill-model-repo`: the code is\n'
+            f'{module} in the installed package."""\n\nfrom {module} import TritonPythonModel  # noqa: F401\n')
+
+
+def require_python_model(name: str) -> None:
+    try:
+        found = importlib.util.find_spec(f"{PYTHON_MODELS}.{name}") is not None
+    except ModuleNotFoundError:  # the package holding the models is missing
+        found = False
+    if not found:
+        import trtllm_bdlora
+
+        raise BdLoraError(f"{name}: no Python model {PYTHON_MODELS}.{name} in the installed trtllm_bdlora "
+                          f"({Path(trtllm_bdlora.__file__).parent}): reinstall the package")
+
+
+def missing_files(repo: Path) -> list[str]:
+    """What Triton needs and a model directory of `repo` lacks: config.pbtxt, version 1, model.py of Python models."""
+    missing = []
+    for name in MODELS:
+        config = repo / name / "config.pbtxt"
+        if not config.is_file():
+            missing.append(str(config))
+            continue
+        if not (repo / name / "1").is_dir():
+            missing.append(str(repo / name / "1"))
+        if text_format.Parse(config.read_text(), mc.ModelConfig()).backend == "python" \
+                and not (repo / name / "1" / "model.py").is_file():
+            missing.append(str(repo / name / "1" / "model.py"))
+    return missing
+
+
+def engine_facts(engine_dir: str) -> tuple[LlamaShape, EngineLoraInfo] | None:
+    """The engine's base-model dimensions and LoRA limits, None where its directory cannot be read here."""
+    try:
+        return engine_shape(engine_dir), engine_lora_info(engine_dir)
+    except BdLoraError:
+        return None
+
+
+def fill_model_repo(output: Path, params: dict[str, str]) -> Path:
     """Write the repository: every model's config.pbtxt filled from `params` over the defaults (and what the
-    engine directory records), the Python models copied from `template`, a version directory for each."""
+    engine directory records), a version directory for each, and each Python model's model.py."""
     values = {**DEFAULTS, **engine_values(params.get("engine_dir") or "")}
     values.update({k: str(v) for k, v in params.items() if v is not None})
     for key in REQUIRED:
@@ -76,21 +102,26 @@ def fill_model_repo(output: Path, params: dict[str, str], template: Path = TEMPL
     if values["lora_weights_data_type"] not in ENGINE_DTYPES.values():
         raise BdLoraError(f"lora_weights_data_type must be one of {', '.join(ENGINE_DTYPES.values())} (the engine's "
                           f"dtype), got {values['lora_weights_data_type']!r}")
-    if output.resolve() == template.resolve():
-        raise BdLoraError("--output must differ from the template repository")
+    prefetch = values.get("lora_prefetch_dir", "")
+    if prefetch and Path(prefetch).is_dir():
+        check_prefetch_dir(Path(prefetch), engine_facts(values["engine_dir"]))
     configs = {name: model_config(model, values) for name, model in MODELS.items()}
+    for name, config in configs.items():
+        if config.backend == "python":
+            require_python_model(name)
     for name, config in configs.items():
         version = output / name / "1"
         version.mkdir(parents=True, exist_ok=True)
-        source = template / name / "1"
-        for src in sorted(source.rglob("*")) if source.is_dir() else []:
-            if src.is_file() and "__pycache__" not in src.parts:
-                dst = version / src.relative_to(source)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
+        if config.backend == "python":
+            (version / "model.py").write_text(python_model_source(name))
+        elif (version / "model.py").is_file():  # left by an earlier fill for a torch build: the C++ backend runs here
+            (version / "model.py").unlink()
         (output / name / "config.pbtxt").write_text(
             "# Written by `trtllm-bdlora fill-model-repo` from trtllm_bdlora/serving/repository/spec.py.\n"
             + text_format.MessageToString(config))
+    missing = missing_files(output)
+    if missing:
+        raise BdLoraError(f"{output}: incomplete after writing, missing {', '.join(missing)}")
     return output
 
 
@@ -120,17 +151,41 @@ def fill_main(args: FillRepoConfig) -> int:
         params[key] = value
     out = fill_model_repo(Path(args.output), params)
     print(f"wrote Triton model repository to {out}")
+    prefetch = params.get("lora_prefetch_dir")
+    if prefetch and not Path(prefetch).is_dir():
+        print(f"note: lora_prefetch_dir {prefetch} is not a directory here, so its adapters were not checked "
+              f"(Triton skips a directory that does not exist)")
     return 0
 
 
+def repository_backend(model_repo: str) -> str:
+    """The backend of a filled repository's `tensorrt_llm`: "tensorrtllm" (TensorRT engines) or "python" (torch build)."""
+    path = Path(model_repo) / "tensorrt_llm" / "config.pbtxt"
+    try:
+        return text_format.Parse(path.read_text(), mc.ModelConfig()).backend
+    except (OSError, text_format.ParseError) as err:
+        raise BdLoraError(f"{path}: {err}") from None
+
+
 def launch_main(args: LaunchTritonConfig) -> int:
+    missing = missing_files(Path(args.model_repo))
+    if missing:
+        raise BdLoraError(f"{args.model_repo}: not a filled model repository, missing {', '.join(missing)} "
+                          f"(run `trtllm-bdlora fill-model-repo`)")
+    if repository_backend(args.model_repo) == "python":  # a torch build: one server; the model starts its own ranks
+        from trtllm_bdlora.trtllm.local_triton import local_command
+
+        cmd, env = local_command(args.model_repo, args.grpc_port, args.http_port, args.metrics_port, args.host,
+                                 list(args.tritonserver_args))
+        print(" ".join(cmd), flush=True)
+        os.execvpe(cmd[0], cmd, env)
+    if args.world_size is None:
+        raise BdLoraError("--world-size is required for TensorRT-LLM engines (one tritonserver per rank)")
     for tool in ("mpirun", "tritonserver"):
         if shutil.which(tool) is None:
             raise BdLoraError(f"{tool} not found: run inside the Triton TRT-LLM container (see docker/)")
     if not Path(args.plugin_lib).is_file():
         raise BdLoraError(f"{args.plugin_lib}: plugin library not found")
-    if not (Path(args.model_repo) / "tensorrt_llm" / "config.pbtxt").is_file():
-        raise BdLoraError(f"{args.model_repo}: not a filled model repository (run `trtllm-bdlora fill-model-repo`)")
     cmd = launch_command(args.world_size, args.model_repo, str(Path(args.plugin_lib).resolve()), args.grpc_port,
                          args.http_port, args.metrics_port, as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
     print(" ".join(cmd), flush=True)

@@ -16,7 +16,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, ModelNotFound
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound, UnimplementedError
 from trtllm_bdlora.serving.edge.auth import ApiKeyInterceptor, ApiKeys
 from trtllm_bdlora.serving.edge.settings import DEFAULT_MAX_CONNECTIONS, EdgeSettings
 from trtllm_bdlora.serving.kserve import control
@@ -27,6 +27,7 @@ from trtllm_bdlora.serving.repository.calls import CallContext, error_status
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 EMPTY_FINAL = "triton_enable_empty_final_response"
+DECOUPLED_REFUSAL = "ModelInfer RPC doesn't support models with decoupled transaction policy"  # Triton's words
 PROTOCOL = "kserve_grpc"
 
 
@@ -181,6 +182,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         context.add_callback(ctx.cancelled.set)
         with ctx.call:  # an abort (an exception) counts the call as failed
             try:
+                if self.server.decoupled(request.model_name, request.model_version):
+                    raise UnimplementedError(DECOUPLED_REFUSAL)
                 infer = from_grpc(request, self.regions)
                 responses = [r for r in self.server.infer(infer, ctx, request.model_version) if r.outputs]
             except Exception as err:  # noqa: BLE001 - every failure is the client's answer, never the server's end
@@ -194,7 +197,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             started = time.perf_counter_ns()
             try:
                 out = to_grpc(request.model_name, request.id, responses[0].outputs, None, self.regions,
-                              infer.output_regions)
+                              infer.output_regions, parameters=responses[0].parameters)
             except BdLoraError as err:  # an output that does not fit its shared-memory region
                 context.abort(*status_of(err))
             self.server.metrics.output_time(request.model_name, time.perf_counter_ns() - started)
@@ -229,7 +232,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         continue
                     final_sent = r.final
                     response = to_grpc(request.model_name, request.id, r.outputs, r.final if empty_final else None,
-                                       self.regions, infer.output_regions)
+                                       self.regions, infer.output_regions, parameters=r.parameters)
                     responses.put(pb.ModelStreamInferResponse(infer_response=response))
                 if empty_final and not final_sent:
                     responses.put(pb.ModelStreamInferResponse(

@@ -15,12 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from google.protobuf import json_format
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from trtllm_bdlora import __version__
-from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError
+from trtllm_bdlora.errors import BdLoraError, BodyTooLargeError, InputError, RequestError, ServerBusyError, UnimplementedError
 from trtllm_bdlora.serving.edge.asgi import cancel_on_disconnect
 from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve import control
@@ -29,9 +28,13 @@ from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
 from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
 from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, WireTensor, error_status
+from trtllm_bdlora.serving.repository.config import triton_json
 from trtllm_bdlora.serving.repository.repository import ModelServer
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+DECOUPLED_REFUSAL = "HTTP end point doesn't support models with decoupled transaction policy"  # Triton's words
+ONE_RESPONSE = ("generate expects model to produce exactly 1 response, use generate stream for model that generates "
+                "various number of responses")  # Triton's words
 PROTOCOL = "kserve_http"
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
@@ -169,7 +172,9 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     async def index(request: Request):
         doc = await run_in_threadpool(parse_json, await body_of(request) or b"{}")
         only_ready = bool(doc.get("ready", False)) if isinstance(doc, dict) else False
-        return [m for m in server.index() if not only_ready or m["state"] == "READY"]
+        # as Triton writes the index: a model's `reason` only where there is one
+        return [{k: v for k, v in m.items() if k != "reason" or v} for m in server.index()
+                if not only_ready or m["state"] == "READY"]
 
     @app.get("/v2/models/stats")
     @app.get("/v2/models/{model}/stats")
@@ -209,8 +214,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_config(model: str, version: str = ""):
-        return unknown(model, version) or json_format.MessageToDict(server.configs[model],
-                                                                    preserving_proto_field_name=True)
+        return unknown(model, version) or triton_json(server.configs[model])
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
@@ -221,6 +225,8 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
 
         def run():
             with server.metrics.call(PROTOCOL) as call:
+                if server.decoupled(model, version):
+                    raise UnimplementedError(DECOUPLED_REFUSAL)
                 infer_request = from_http(model, body, _header_length(header), regions)
                 ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters,
                                   cancelled=gone, call=call)
@@ -229,7 +235,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
                     raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream or gRPC")
                 started = time.perf_counter_ns()
                 out = to_http(model, infer_request.id, responses[0].outputs, infer_request.binary_outputs, regions,
-                              infer_request.output_regions)
+                              infer_request.output_regions, parameters=responses[0].parameters)
                 server.metrics.output_time(model, time.perf_counter_ns() - started)
                 call.finish(ok=True)
                 return out
@@ -252,13 +258,22 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
         def run():
             with server.metrics.call(PROTOCOL) as call:
                 infer_request = generate_inputs(server, model, parse_json(body))
-                ctx = CallContext(infer_request.id, decoupled=False, parameters=infer_request.parameters,
+                # decoupled: a decoupled model may answer generate, as in Triton, while it sends one response
+                ctx = CallContext(infer_request.id, decoupled=True, parameters=infer_request.parameters,
                                   cancelled=gone, call=call)
-                responses = [r for r in server.infer(infer_request, ctx, version) if r.outputs]
-                if len(responses) != 1:
-                    raise RequestError(f"model '{model}' sent {len(responses)} responses: use generate_stream")
+                answered = None
+                for r in server.infer(infer_request, ctx, version):
+                    if not r.outputs:
+                        continue
+                    if answered is not None:  # as Triton: the first response's 200 is out; the error follows in the body
+                        ctx.cancelled.set()
+                        call.finish(ok=False)
+                        return JSONResponse({"error": ONE_RESPONSE})
+                    answered = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
+                if answered is None:
+                    raise RequestError(ONE_RESPONSE)
                 call.finish(ok=True)
-                return {"model_name": model, "model_version": "1", **_json_outputs(responses[0].outputs)}
+                return answered
 
         try:
             async with cancel_on_disconnect(request, gone.set):
@@ -282,7 +297,7 @@ def build_app(server: ModelServer, max_inference_calls: int = 272, max_body_byte
             try:
                 for r in server.infer(infer_request, ctx, version):
                     if r.outputs:
-                        doc = {"model_name": model, "model_version": "1", **_json_outputs(r.outputs)}
+                        doc = {"model_name": model, "model_version": "1", **r.parameters, **_json_outputs(r.outputs)}
                         yield f"data: {json.dumps(doc)}\n\n"
                 call.finish(ok=True)
             except Exception as err:  # noqa: BLE001

@@ -222,11 +222,14 @@ def array_bytes(array: np.ndarray) -> bytes:
 
 
 def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: bool | None = None,
-            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None
-            ) -> pb.ModelInferResponse:
-    """The response; an output in `placed` is written to its shared-memory region and sent without data (an empty
-    raw_output_contents entry keeps the others in place, as Triton sends it)."""
+            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None,
+            parameters: dict | None = None) -> pb.ModelInferResponse:
+    """The response, with the model's response `parameters`; an output in `placed` is written to its shared-memory
+    region and sent without data (an empty raw_output_contents entry keeps the others in place, as Triton sends it)."""
     response = pb.ModelInferResponse(model_name=model, model_version="1", id=request_id)
+    for key, value in (parameters or {}).items():
+        field_name = "bool_param" if isinstance(value, bool) else "int64_param" if isinstance(value, int) else "string_param"
+        setattr(response.parameters[key], field_name, value)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
         data = array_bytes(array)
@@ -240,10 +243,10 @@ def to_grpc(model: str, request_id: str, outputs: dict[str, np.ndarray], final: 
 
 
 def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary: set[str] | bool,
-            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None
-            ) -> tuple[bytes, int | None]:
-    """(body, JSON header length or None when the body is plain JSON); an output in `placed` is written to its
-    shared-memory region and listed without data."""
+            regions: SharedMemoryRegions | None = None, placed: dict[str, RegionSlice] | None = None,
+            parameters: dict | None = None) -> tuple[bytes, int | None]:
+    """(body, JSON header length or None when the body is plain JSON), with the model's response `parameters`; an
+    output in `placed` is written to its shared-memory region and listed without data."""
     doc_outputs, chunks = [], []
     for name, array in outputs.items():
         entry = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
@@ -259,9 +262,12 @@ def to_http(model: str, request_id: str, outputs: dict[str, np.ndarray], binary:
         else:
             entry["data"] = array.reshape(-1).tolist()
         doc_outputs.append(entry)
-    doc = {"model_name": model, "model_version": "1", "outputs": doc_outputs}
+    doc = {"model_name": model, "model_version": "1"}
     if request_id:
         doc["id"] = request_id
+    if parameters:
+        doc["parameters"] = parameters
+    doc["outputs"] = doc_outputs
     head = json.dumps(doc).encode()
     if not chunks:
         return head, None

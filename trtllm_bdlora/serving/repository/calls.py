@@ -16,8 +16,7 @@ from trtllm_bdlora.serving.metrics import ClientCall
 from trtllm_bdlora.serving.repository.config import wire_type
 from trtllm_bdlora.serving.repository.spec import Model
 
-FLOAT_WIRE_TYPES = ("FP16", "FP32", "BF16")
-log = logging.getLogger("trtllm_bdlora.edge")  # lora_weights: the engine's dtype, but any float is read
+log = logging.getLogger("trtllm_bdlora.edge")
 
 
 @dataclass
@@ -62,6 +61,7 @@ class CallContext:
 class ModelResponse:
     outputs: dict[str, np.ndarray]
     final: bool = True
+    parameters: dict = field(default_factory=dict)  # the response's parameters (an ensemble's: its sequence fields)
 
 
 class ServedModel(Protocol):
@@ -97,36 +97,53 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int
-                 ) -> dict[str, np.ndarray]:
-    """Triton's checks of an inference request against the model configuration."""
+def check_inputs(model: Model, tensors: list[WireTensor], values: dict[str, str], max_batch_size: int,
+                 request_id: str = "") -> dict[str, np.ndarray]:
+    """Triton's checks of an inference request against the model configuration, in its order and with its words
+    (core InferenceRequest::Normalize): inputs the model does not declare, required inputs missing, each input's data
+    type (exactly the declared one) and shape, the batch size."""
+    where = f"[request id: {request_id or '<id_unknown>'}]"
     out: dict[str, np.ndarray] = {}
-    batch = None
     for t in tensors:
-        spec = model.input(t.name)
-        if spec is None:
+        if model.input(t.name) is None:
             raise RequestError(f"unexpected inference input '{t.name}' for model '{model.name}'")
         if t.name in out:
             raise RequestError(f"input {t.name} given twice")
+        out[t.name] = t.array
+    required = [s.name for s in model.inputs if not s.optional]
+    missing = [name for name in required if name not in out]
+    if missing:
+        raise RequestError(f"{where} expected number of inputs between {len(required)} and {len(model.inputs)} but got "
+                           f"{len(out)} inputs for model '{model.name}'. Got input(s) {list(out)}, but missing required "
+                           f"input(s) {missing}. Please provide all required input(s).")
+    batch = None
+    for t in tensors:
+        spec = model.input(t.name)
         want = wire_type(spec, values)
-        allowed = FLOAT_WIRE_TYPES if want in FLOAT_WIRE_TYPES and "lora_weights" in t.name.lower() else (want,)
-        if t.datatype not in allowed:
-            raise RequestError(f"input {t.name} must be {'/'.join(allowed)} for model '{model.name}', got {t.datatype}")
+        if t.datatype != want:
+            raise RequestError(f"{where} inference input '{t.name}' data-type is '{t.datatype}', but model "
+                               f"'{model.name}' expects '{want}'")
         expected = [-1, *spec.dims]
         if len(t.shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, t.shape)):
-            hint = " (one value per request)" if spec.dims == (1,) else ""
-            raise RequestError(f"unexpected shape for input '{t.name}' for model '{model.name}': expected "
-                               f"{expected}, got {t.shape}{hint}")
+            raise RequestError(f"{where} unexpected shape for input '{t.name}' for model '{model.name}'. Expected "
+                               f"{_dims(expected)}, got {_dims(t.shape)}. {BATCH_DIM_NOTE}")
         if batch is None:
             batch = t.shape[0]
         elif t.shape[0] != batch and not spec.ragged:
             raise RequestError(f"input {t.name} has batch size {t.shape[0]}, other inputs {batch}")
-        out[t.name] = t.array
-    missing = [s.name for s in model.inputs if not s.optional and s.name not in out]
-    if missing:
-        raise RequestError(f"missing required input {', '.join(missing)} for model '{model.name}' "
-                           f"(got {', '.join(out) or 'none'})")
-    if batch is not None and (batch < 1 or batch > max_batch_size):
-        raise RequestError(f"inference request batch-size must be in [1, {max_batch_size}] for '{model.name}', "
-                           f"got {batch}")
+    if batch is not None and batch > max_batch_size:
+        raise RequestError(f"{where} inference request batch-size must be <= {max_batch_size} for '{model.name}'")
+    if batch is not None and batch < 1:
+        raise RequestError(f"{where} inference request batch-size must be >= 1 for '{model.name}', got {batch}")
     return out
+
+
+# Triton's advice after a shape without the batch dimension (every model here batches)
+BATCH_DIM_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be prepended "
+                  "to each input shape. If you want to specify the full shape including the batch dim in your input "
+                  "dims config, try setting max_batch_size to zero. See the model configuration docs for more info on "
+                  "max_batch_size.")
+
+
+def _dims(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"

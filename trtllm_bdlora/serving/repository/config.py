@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2 as mc
 
 from trtllm_bdlora.errors import BdLoraError
@@ -42,7 +43,7 @@ def _int(text: str, values: dict[str, str], where: str) -> int:
 
 def model_config(model: Model, values: dict[str, str]) -> mc.ModelConfig:
     where = f"{model.name}: "
-    config = mc.ModelConfig(name=model.name, backend=model.backend, platform=model.platform,
+    config = mc.ModelConfig(name=model.name, backend=fill(model.backend, values, where + "backend"), platform=model.platform,
                             max_batch_size=_int("${triton_max_batch_size}", values, where + "max_batch_size"))
     for t in model.inputs:
         i = config.input.add(name=t.name, data_type=mc.DataType.Value(data_type(t, values, where)), dims=t.dims,
@@ -76,5 +77,64 @@ def model_metadata(model: Model, values: dict[str, str]) -> dict:
     def tensors(ts):
         return [{"name": t.name, "datatype": wire_type(t, values), "shape": [-1, *t.dims]} for t in ts]
 
-    return {"name": model.name, "versions": ["1"], "platform": model.platform or model.backend,
+    return {"name": model.name, "versions": ["1"], "platform": model.platform or fill(model.backend, values, model.name),
             "inputs": tensors(model.inputs), "outputs": tensors(model.outputs)}
+
+
+def triton_normalized(configs: dict[str, mc.ModelConfig]) -> dict[str, mc.ModelConfig]:
+    """The configs as Triton answers ModelConfig for them once loaded (model_config_utils NormalizeModelConfig and the
+    ensemble's validation): version policy latest 1; for backends, pinned input / output memory, instance group names
+    `<model>_<i>`, dynamic batching's preferred batch size defaulting to max_batch_size, `model.py` as the Python
+    backend's file; an ensemble is decoupled when one of its steps is."""
+    out = {}
+    for name, config in configs.items():
+        c = mc.ModelConfig()
+        c.CopyFrom(config)
+        if not c.HasField("version_policy"):
+            c.version_policy.latest.num_versions = 1
+        if c.platform != "ensemble":
+            c.optimization.input_pinned_memory.enable = True
+            c.optimization.output_pinned_memory.enable = True
+            for i, group in enumerate(c.instance_group):
+                group.name = group.name or f"{name}_{i}"
+            if c.HasField("dynamic_batching") and not c.dynamic_batching.preferred_batch_size and c.max_batch_size > 0:
+                c.dynamic_batching.preferred_batch_size.append(c.max_batch_size)
+            if c.backend == "python" and not c.default_model_filename:
+                c.default_model_filename = "model.py"
+        elif any(configs[s.model_name].model_transaction_policy.decoupled
+                 for s in c.ensemble_scheduling.step if s.model_name in configs):
+            c.model_transaction_policy.decoupled = True
+        out[name] = c
+    return out
+
+
+def triton_json(message) -> dict:
+    """A protobuf message as Triton's HTTP endpoints write it: every field, defaults included, under its proto name,
+    64-bit integers as JSON numbers (protobuf's own JSON writes them as strings)."""
+    from google.protobuf import json_format
+
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(message.DESCRIPTOR, doc)
+
+
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _numbers(descriptor, doc: dict) -> dict:
+    for field in descriptor.fields:
+        if field.name not in doc:
+            continue
+        value = doc[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            if value_field.message_type is not None:
+                doc[field.name] = {k: _numbers(value_field.message_type, v) for k, v in value.items()}
+            elif value_field.type in _INT64:
+                doc[field.name] = {k: int(v) for k, v in value.items()}
+        elif field.message_type is not None:
+            doc[field.name] = [_numbers(field.message_type, v) for v in value] if isinstance(value, list) \
+                else _numbers(field.message_type, value)
+        elif field.type in _INT64:
+            doc[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return doc

@@ -127,12 +127,24 @@ class Sequence:
         return ids[:-1] if self.request.finish_reason == "end_id" else ids
 
 
+def check_not_decoupled(inputs: dict[str, np.ndarray]) -> None:
+    """What the TensorRT-LLM backend refuses of a model that is not decoupled (utils.cc createRequestsFromInputTensors):
+    a batch of requests, and streaming."""
+    if "input_lengths" in inputs and inputs["input_lengths"].shape[0] > 1:
+        raise InputError("input_ids", f"has a batch of {inputs['input_lengths'].shape[0]} requests: batch size > 1 "
+                         "requires the tensorrt_llm model to use the decoupled transaction policy (decoupled_mode=true)")
+    if _flag(inputs, "streaming", 0):
+        raise InputError("streaming", "is only supported if the tensorrt_llm model is deployed in decoupled mode "
+                         "(decoupled_mode=true)")
+
+
 class CoreModel:
     spec = TENSORRT_LLM
 
     def __init__(self, runtime: Runtime, exclude_input_in_output: bool = False, normalize_log_probs: bool = True,
-                 on_finished=None):
+                 on_finished=None, decoupled: bool = True):
         self.runtime = runtime
+        self.decoupled = decoupled  # the model's transaction policy (decoupled_mode), whatever the call's transport
         self.on_finished = on_finished  # (request, ctx) for each finished sequence
         self.engine = runtime.engine
         self.exclude_input_default = exclude_input_in_output
@@ -243,6 +255,8 @@ class CoreModel:
                 self.runtime.cancel(req)
             yield ModelResponse({}, final=True)
             return
+        if not self.decoupled:
+            check_not_decoupled(inputs)
         seqs = self.sequences(inputs, ctx)
         streaming = _flag(inputs, "streaming", 0) and ctx.decoupled
         events: queue.Queue = queue.Queue()
@@ -250,7 +264,9 @@ class CoreModel:
         try:
             for key, seq in enumerate(seqs):
                 seq.request.id = ctx.request_id or None
-                seq.request.on_token = lambda token, k=key: events.put((k, False, None))
+                # the token and whether it ended the sequence, as the engine saw them then (a slow reader must
+                # still send one token per response, and the same last one)
+                seq.request.on_token = lambda token, k=key, r=seq.request: events.put((k, False, (token, r.finish_reason)))
                 seq.request.client_gone = ctx.is_cancelled  # disconnect, deadline: leave at the next step
                 weights, config = seq.lora if seq.lora is not None else (None, None)
                 self.runtime.submit(Submission(seq.request, weights, config,
@@ -274,30 +290,31 @@ class CoreModel:
         n_seq = max(s.index for s in seqs) + 1
         while waiting:
             try:
-                key, done, error = events.get(timeout=POLL_S)
+                key, done, payload = events.get(timeout=POLL_S)
             except queue.Empty:
                 if ctx.is_cancelled():
                     return
                 continue
             seq = seqs[key]
-            if done:  # on_done: the sequence finished, or failed with `error`
-                if error is not None:
-                    raise error
-                waiting -= 1
-                self._observe(seq, ctx)
-                if ctx.decoupled and not seq.done:  # not streamed, or cancelled before its first token
-                    seq.done, unsent = True, unsent - 1
-                    outputs = self._outputs(seq, 0, [], batch, n_seq) if streaming else self._full(seq, batch, n_seq)
-                    yield ModelResponse(outputs, final=unsent == 0)
+            if not done:  # on_token
+                if streaming and not seq.done:
+                    token, reason = payload
+                    tokens = [] if reason == "end_id" else [token]  # the end token is never returned
+                    start, seq.sent = seq.sent, seq.sent + len(tokens)
+                    if reason is not None:
+                        seq.done, unsent = True, unsent - 1
+                        self._observe(seq, ctx)
+                    if tokens or seq.done:
+                        yield ModelResponse(self._outputs(seq, start, tokens, batch, n_seq), final=unsent == 0)
                 continue
-            if streaming:
-                start, tokens = seq.sent, seq.tokens[seq.sent:]
-                seq.sent += len(tokens)
-                if seq.request.finish_reason is not None:
-                    seq.done, unsent = True, unsent - 1
-                    self._observe(seq, ctx)
-                if tokens or seq.done:
-                    yield ModelResponse(self._outputs(seq, start, tokens, batch, n_seq), final=unsent == 0)
+            if payload is not None:  # on_done: the sequence failed with this error (else it finished)
+                raise payload
+            waiting -= 1
+            self._observe(seq, ctx)
+            if ctx.decoupled and not seq.done:  # not streamed, or cancelled before its first token
+                seq.done, unsent = True, unsent - 1
+                outputs = self._outputs(seq, 0, [], batch, n_seq) if streaming else self._full(seq, batch, n_seq)
+                yield ModelResponse(outputs, final=unsent == 0)
         if not ctx.decoupled:
             yield ModelResponse(merge([self._full(s, batch, n_seq) for s in seqs], [s.pad_id for s in seqs]))
 
@@ -324,7 +341,7 @@ class CoreModel:
         if req.params.return_log_probs:
             out["cum_log_probs"] = np.array([[sum(req.output_log_probs[:end])]], dtype=np.float32)
             out["output_log_probs"] = np.array(req.output_log_probs[start:end], dtype=np.float32).reshape(1, 1, -1)
-        if req.params.return_context_logits and start == 0 and req.context_logits is not None:
+        if req.params.return_context_logits and req.context_logits is not None:  # every response (TensorRT-LLM's results)
             out["context_logits"] = req.context_logits.float().numpy()[None]
         if req.params.return_generation_logits:
             rows = req.generation_logits[start:end]

@@ -22,6 +22,8 @@ from trtllm_bdlora.serving.repository.calls import CallContext, ModelResponse, s
 from trtllm_bdlora.serving.repository.spec import ENSEMBLE, MODELS, TENSORRT_LLM_BLS, Model
 
 Dispatch = Callable[[str, dict[str, np.ndarray], CallContext], Iterator[ModelResponse]]
+# what Triton's ensemble scheduler puts in the parameters of every response (the request's sequence fields)
+SEQUENCE_PARAMETERS = {"sequence_id": 0, "sequence_start": False, "sequence_end": False}
 
 
 class Ensemble:
@@ -33,7 +35,8 @@ class Ensemble:
 
     def _run(self, k: int, tensors: dict[str, np.ndarray], ctx: CallContext) -> Iterator[ModelResponse]:
         if k == len(self.spec.steps):
-            yield ModelResponse({t.name: tensors[t.name] for t in self.spec.outputs if t.name in tensors})
+            yield ModelResponse({t.name: tensors[t.name] for t in self.spec.outputs if t.name in tensors},
+                                parameters=dict(SEQUENCE_PARAMETERS))
             return
         step = self.spec.steps[k]
         step_inputs = {name: tensors[t] for name, t in step.inputs.items() if t in tensors}
@@ -45,7 +48,7 @@ class Ensemble:
                 produced = dict(tensors)
                 produced.update({t: response.outputs[name] for name, t in step.outputs.items() if name in response.outputs})
                 for rest in self._run(k + 1, produced, ctx):
-                    yield ModelResponse(rest.outputs, final=response.final and rest.final)
+                    yield ModelResponse(rest.outputs, final=response.final and rest.final, parameters=rest.parameters)
         except InputError as err:
             source = self.source(k, err.input)
             if source is None or source == err.input:
@@ -82,20 +85,24 @@ class Bls:
             raise InputError("num_draft_tokens", "cannot be honoured: cannot perform speculative decoding without "
                              "draft model")
         chain_inputs = {k: v for k, v in inputs.items() if ENSEMBLE.input(k) is not None}
-        batch = inputs["text_input"].shape[0]
         streaming = bool(scalar(inputs, "stream", 0, False)) and ctx.decoupled
+        chain = ctx.child()
+        yield from self._texts(inputs, chain_inputs, chain, streaming)
+        yield ModelResponse({}, final=True)  # as upstream's BLS: every data response unflagged, then an empty final
+
+    def _texts(self, inputs, chain_inputs, chain, streaming: bool) -> Iterator[ModelResponse]:
+        batch = inputs["text_input"].shape[0]
         stop_words = [[w.decode() if isinstance(w, bytes) else str(w) for w in row if w]
                       for row in inputs["stop_words"]] if "stop_words" in inputs else [[] for _ in range(batch)]
         state: dict[tuple[int, int], _StopState] = {}
         accumulated: dict[tuple[int, int], str] = {}
         stopped: set[tuple[int, int]] = set()
-        chain = ctx.child()
         for response in self.ensemble.infer(chain_inputs, chain):
             out = dict(response.outputs)
+            if not out:
+                continue
             key = (_index(out, "batch_index"), _index(out, "sequence_index"))
             if key in stopped:
-                if response.final:
-                    yield ModelResponse({}, final=True)
                 continue
             if "text_output" in out:
                 texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else str(t)
@@ -120,9 +127,9 @@ class Bls:
                     stopped.add(key)
                     if len(stopped) == batch * _sequences(inputs):
                         chain.cancelled.set()  # every sequence stopped: stop generating
-                        yield ModelResponse(out, final=True)
+                        yield ModelResponse(out, final=False)
                         return
-            yield ModelResponse(out, final=response.final)
+            yield ModelResponse(out, final=False)
 
 
 class _StopState:

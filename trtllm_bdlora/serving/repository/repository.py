@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from trtllm_bdlora.engine.runtime import Runtime
-from trtllm_bdlora.errors import ModelNotFound, RequestError, UnimplementedError
+from trtllm_bdlora.errors import BdLoraError, ModelNotFound, RequestError, UnimplementedError
 from trtllm_bdlora.serving.metrics import Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, ServedModel, check_inputs
-from trtllm_bdlora.serving.repository.config import model_config, model_metadata
+from trtllm_bdlora.serving.repository.config import model_config, model_metadata, triton_normalized
 from trtllm_bdlora.serving.repository.core import CoreModel
 from trtllm_bdlora.serving.repository.ensemble import Bls, Ensemble
 from trtllm_bdlora.serving.repository.lifecycle import ModelStates
@@ -21,15 +21,34 @@ from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
 from trtllm_bdlora.serving.repository.text_models import Postprocessing, Preprocessing
 from trtllm_bdlora.serving.repository.tokens import flag
 from trtllm_bdlora.serving.repository.trace import Trace, Tracer
+from trtllm_bdlora.serving.repository.values import engine_values
 
 NO_TOKENIZER = "the model has no tokenizer"
 
 
-def serve_values(model_name: str, tp: int, max_batch_size: int, overrides: dict[str, str] | None = None) -> dict:
-    """Placeholder values for the models `serve` answers for (a config as fill-model-repo would write it); the
-    model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
-    return {**DEFAULTS, "engine_dir": model_name, "tokenizer_dir": model_name, "tp_size": str(tp),
-            "triton_max_batch_size": str(max_batch_size), "lora_weights_data_type": "TYPE_FP16", **(overrides or {})}
+def serve_values(model_dir: str, model_name: str, tp: int, overrides: dict[str, str] | None = None) -> dict:
+    """Placeholder values for the models `serve` answers for: the repository fill-model-repo writes for the same
+    directory (a torch build's tensorrt_llm is our Python-backend model), whatever the runtime's in-flight batch size.
+    The model's directories (gpt_model_path, tokenizer_dir) show as its name: clients never see host paths."""
+    return {**DEFAULTS, **engine_values(model_dir), "engine_dir": model_name, "tokenizer_dir": model_name,
+            "tp_size": str(tp), "tensorrt_llm_backend": "python", **(overrides or {})}
+
+
+def repository_settings(items: tuple[str, ...] | list[str] | None) -> dict[str, str]:
+    """`--set KEY=VALUE` flags as placeholder values of the repository `serve` answers as (the keys fill-model-repo
+    takes that describe the repository rather than the engine directory)."""
+    settings = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BdLoraError(f"--set takes KEY=VALUE, got {item!r}")
+        if key not in DEFAULTS:
+            raise BdLoraError(f"--set {key}: not a repository setting (one of {', '.join(sorted(DEFAULTS))})")
+        settings[key] = value
+    values = {**DEFAULTS, "engine_dir": "-", "tokenizer_dir": "-", "tp_size": "1", **settings}
+    for model in MODELS.values():
+        model_config(model, values)  # a value the configs cannot take fails here, once
+    return settings
 
 
 class ModelServer:
@@ -39,7 +58,8 @@ class ModelServer:
         self.max_batch_size = int(values["triton_max_batch_size"])
         tokenizer = runtime.engine.tokenizer
         core = CoreModel(runtime, flag(values.get("exclude_input_in_output"), False),
-                         flag(values.get("normalize_log_probs"), True), on_finished=self._finished)
+                         flag(values.get("normalize_log_probs"), True), on_finished=self._finished,
+                         decoupled=flag(values.get("decoupled_mode"), True))
         self.models: dict[str, ServedModel] = {"tensorrt_llm": core}
         if tokenizer is not None:
             self.models["preprocessing"] = Preprocessing(tokenizer, flag(values.get("add_special_tokens"), True),
@@ -47,7 +67,7 @@ class ModelServer:
             self.models["postprocessing"] = Postprocessing(tokenizer, flag(values.get("skip_special_tokens"), True))
             self.models["ensemble"] = Ensemble(self.dispatch)
             self.models["tensorrt_llm_bls"] = Bls(Ensemble(self.dispatch), flag(values.get("accumulate_tokens"), False))
-        self.configs = {name: model_config(MODELS[name], values) for name in self.models}
+        self.configs = triton_normalized({name: model_config(MODELS[name], values) for name in self.models})
         self.metadata = {name: model_metadata(MODELS[name], values) for name in self.models}
         self.states = ModelStates(self.models, {name: {step.model for step in MODELS[name].steps} for name in self.models},
                                   {name: NO_TOKENIZER for name in MODELS if name not in self.models})
@@ -60,12 +80,17 @@ class ModelServer:
 
     def model(self, name: str, version: str = "") -> ServedModel:
         if name not in self.models or version not in ("", "1"):
-            known = ", ".join(sorted(self.models))
             raise ModelNotFound(f"Request for unknown model: '{name}'{f' version {version}' if version else ''} is "
-                                f"not found (this server serves {known})")
+                                "not found")  # Triton's words
         if not self.states.available(name):  # Triton's words for a model of the repository that is not loaded
             raise ModelNotFound(f"Request for unknown model: '{name}' has no available versions")
         return self.models[name]
+
+    def decoupled(self, name: str, version: str = "") -> bool:
+        """Whether the model answers a request with any number of responses (its model_transaction_policy): Triton
+        refuses unary calls to such a model."""
+        self.model(name, version)
+        return self.configs[name].model_transaction_policy.decoupled
 
     def statistics_model(self, name: str, version: str = "") -> None:
         """Raise as Triton's statistics endpoint does for an unknown (NOT_FOUND) or unloaded (INVALID_ARGUMENT) model."""
@@ -103,11 +128,12 @@ class ModelServer:
         """A client's request: checked as Triton checks it, then run; responses carry the requested outputs."""
         model = self.model(request.model, version)
         ctx.model = ctx.model or request.model
+        ctx.decoupled = ctx.decoupled and self.decoupled(request.model)  # a stream to a non-decoupled model: one response
         trace_id = self.tracer.sample(request.model)
         trace = Trace(trace_id, request.model, request.id) if trace_id is not None else None
         started = time.perf_counter_ns()
         try:
-            inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size)
+            inputs = check_inputs(model.spec, request.inputs, self.values, self.max_batch_size, request.id)
             if request.outputs is not None:
                 for name in request.outputs:
                     if model.spec.output(name) is None:
@@ -122,7 +148,8 @@ class ModelServer:
         try:
             for response in self.dispatch(request.model, inputs, ctx):
                 if wanted is not None:
-                    response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final)
+                    response = ModelResponse({k: v for k, v in response.outputs.items() if k in wanted}, response.final,
+                                             response.parameters)
                 if ctx.call is not None and response.outputs:
                     ctx.call.responded()
                 if trace is not None:

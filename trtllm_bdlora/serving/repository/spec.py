@@ -49,7 +49,7 @@ class Model:
     name: str
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
-    backend: str = ""  # "python" | "tensorrtllm" | "" (ensemble)
+    backend: str = ""  # "python" | "tensorrtllm" | "${tensorrt_llm_backend}" | "" (ensemble)
     platform: str = ""
     decoupled: bool = False  # model_transaction_policy { decoupled: ${decoupled_mode} }
     parameters: dict[str, str] = field(default_factory=dict)
@@ -119,7 +119,7 @@ PREPROCESSING = Model(
 )
 
 TENSORRT_LLM = Model(
-    name="tensorrt_llm", backend="tensorrtllm", decoupled=True, dynamic_batching=True, queue_policy=True,
+    name="tensorrt_llm", backend="${tensorrt_llm_backend}", decoupled=True, dynamic_batching=True, queue_policy=True,
     instance_count="1",
     inputs=_ts(
         "input_ids INT32 -1 opt ragged", "encoder_input_features ${encoder_input_features_data_type} -1,-1 opt ragged",
@@ -162,7 +162,8 @@ TENSORRT_LLM = Model(
         "lora_cache_optimal_adapter_size": "${lora_cache_optimal_adapter_size}",
         "lora_cache_max_adapter_size": "${lora_cache_max_adapter_size}",
         "lora_cache_gpu_memory_fraction": "${lora_cache_gpu_memory_fraction}",
-        "lora_cache_host_memory_bytes": "${lora_cache_host_memory_bytes}", "tokenizer_dir": "${tokenizer_dir}",
+        "lora_cache_host_memory_bytes": "${lora_cache_host_memory_bytes}", "lora_prefetch_dir": "${lora_prefetch_dir}",
+        "tokenizer_dir": "${tokenizer_dir}",
     },
 )
 
@@ -253,11 +254,13 @@ MODELS: dict[str, Model] = {m.name: m for m in (PREPROCESSING, TENSORRT_LLM, POS
 # placeholder values fill-model-repo uses unless told otherwise (engine_dir, tokenizer_dir and tp_size have none)
 DEFAULTS = {
     **{k: v for k, v in TYPE_PLACEHOLDERS.items()},
+    "tensorrt_llm_backend": "tensorrtllm",  # "python" for a `build --backend torch` directory (fill-model-repo)
     "triton_max_batch_size": "64", "decoupled_mode": "true", "max_queue_delay_microseconds": "0",
     "max_queue_size": "0", "batching_strategy": "inflight_fused_batching", "batch_scheduler_policy": "max_utilization",
     "kv_cache_free_gpu_mem_fraction": "0.9", "exclude_input_in_output": "false", "normalize_log_probs": "true",
     "lora_cache_optimal_adapter_size": "8", "lora_cache_max_adapter_size": "64",
     "lora_cache_gpu_memory_fraction": "0.05", "lora_cache_host_memory_bytes": str(1 << 30),
+    "lora_prefetch_dir": "",  # none: the backend skips a directory that does not exist
     "add_special_tokens": "true", "skip_special_tokens": "true", "accumulate_tokens": "false",
     "preprocessing_instance_count": "1", "postprocessing_instance_count": "1", "bls_instance_count": "1",
 }
