@@ -161,23 +161,15 @@ def _free_port() -> int:
 
 
 def _kserve(url: str, text: str, max_tokens: int, task_id: int | None) -> str:
-    """One greedy request to the `ensemble` model over KServe gRPC, as `tritonclient` users send it."""
-    import numpy as np
+    """One greedy request to the `ensemble` model over KServe gRPC as `trtllm-bdlora client` sends it (over a stream:
+    the ensemble is decoupled, and Triton refuses unary calls to it)."""
     import tritonclient.grpc as grpcclient
 
-    def tensor(name, array, dtype):
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
+    from trtllm_bdlora.cli.client import infer
 
-    inputs = [tensor("text_input", np.array([[text.encode()]], dtype=object), "BYTES"),
-              tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
-              tensor("exclude_input_in_output", np.array([[True]], dtype=bool), "BOOL")]
-    if task_id:
-        inputs.append(tensor("lora_task_id", np.array([[task_id]], dtype=np.uint64), "UINT64"))
     client = grpcclient.InferenceServerClient(url)
     try:
-        return client.infer("ensemble", inputs).as_numpy("text_output").reshape(-1)[0].decode()
+        return infer(client, text, max_tokens, task_id or None)
     finally:
         client.close()
 

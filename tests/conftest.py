@@ -30,7 +30,7 @@ TIER_OF = {f"test_{name}": tier for tier, names in TIERS.items() for name in nam
 
 
 # The longest modules first, so that under pytest-xdist (.ci/run: -n 3 --dist loadfile) they do not start last
-SLOWEST_FIRST = """example_adapters parity multi_host real_triton docker_cpu bench_exit rank_liveness triton_serve smollm2
+SLOWEST_FIRST = """bench_exit example_adapters parity multi_host real_triton docker_cpu rank_liveness triton_serve smollm2
     openai_logprobs engine_tp gpu_suite real_triton_vs_serve openai_api edge_hostile""".split()
 
 

@@ -41,7 +41,10 @@ def _greedy(client, max_tokens: int, protocol: str = "grpc") -> list[int]:
 
 @pytest.fixture(scope="module")
 def served(tiny_llama_with_tokenizer):
-    server = Server(tiny_llama_with_tokenizer, {}, tp=2, extra=["--rank-timeout", str(RANK_TIMEOUT)])
+    # not decoupled, so that unary KServe calls reach tensorrt_llm (Triton refuses them on decoupled models) and
+    # carry their status codes
+    server = Server(tiny_llama_with_tokenizer, {}, tp=2,
+                    extra=["--rank-timeout", str(RANK_TIMEOUT), "--set", "decoupled_mode=false"])
     try:
         server.wait_ready()
         ranks = server.rank_pids()
