@@ -80,8 +80,8 @@ class Engine:
         self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
                              self.kv_budget, presharded=base.build is not None, lora_kernel=lora_kernel)
         if not isinstance(model, BaseModel):  # loaded here: the model holds its own (packed) copies now
-            self.base = base = dataclasses.replace(base, state_dict={})
-            release_freed_memory()
+            self.drop_base_weights()
+            base = self.base
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
@@ -113,6 +113,12 @@ class Engine:
         max_elements, budget = host_cache_limits(self.pool.host_cache_bytes, self.comm.world, self.pool.dtype)
         return {"model_shape": self.shape, "max_lora_rank": self.pool.max_lora_rank, "max_elements": max_elements,
                 "budget": budget}
+
+    def drop_base_weights(self) -> None:
+        """The loaded (unpacked) base weights go once the model holds its own packed copies; the caller that passed
+        a BaseModel in must drop its own reference too."""
+        self.base = dataclasses.replace(self.base, state_dict={})
+        release_freed_memory()
 
     # rank 0: adding adapters ------------------------------------------------------
     def add_adapter(self, task_id: int, adapter, pinned: bool, in_use: set[int] = frozenset(), shards=None,
@@ -232,7 +238,10 @@ def engine_from_config(config: EngineConfig, comm: Comm) -> Engine:
     with phase("loading weights", quiet, model=config.model, rank=comm.rank, tp=comm.world):
         base = load_base_model(config.model, tp_rank=(comm.rank, comm.world))
     with phase("building the engine", quiet, adapters=len(config.adapters)):
-        return Engine(comm, base, config.scheme, [(a.task_id, a.directory) for a in config.adapters], config.max_loras,
+        engine = Engine(comm, base, config.scheme, [(a.task_id, a.directory) for a in config.adapters], config.max_loras,
                       config.dtype, max_lora_rank=config.max_lora_rank, lora_cache_host_bytes=config.lora_cache_host_bytes,
                       pin_adapters=config.pin_adapters, allow_request_adapters=config.allow_request_adapters,
                       kv_cache_bytes=config.kv_cache_bytes, lora_kernel=config.lora_kernel)
+    del base  # the engine's model holds its own packed copies: the loaded weights go (they doubled each rank's memory)
+    engine.drop_base_weights()
+    return engine
