@@ -29,7 +29,7 @@ TIERS = {
 TIER_OF = {f"test_{name}": tier for tier, names in TIERS.items() for name in names.split()}
 
 
-# The longest modules first, so that under pytest-xdist (.ci/run: -n 3 --dist loadfile) they do not start last
+# The longest modules collected first (pytest-xdist's loadfile scheduling does not fully keep this order)
 SLOWEST_FIRST = """bench_exit example_adapters parity multi_host real_triton docker_cpu rank_liveness triton_serve smollm2
     openai_logprobs engine_tp gpu_suite real_triton_vs_serve openai_api edge_hostile""".split()
 
