@@ -14,9 +14,9 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.helpers import make_peft_adapter, make_tiny_llama, run_cli
-from tests.serving_helpers import Server, post_json
+from tests.helpers import run_cli
 from tests.serving_helpers import infer as stream_infer
+from tests.serving_helpers import post_json
 from trtllm_bdlora.cli.client import converted_adapter, infer
 
 MAX_TOKENS = 10
@@ -39,27 +39,20 @@ def _generate_request(i, case):
     return {"id": i, "adapter": adapter, "max_tokens": MAX_TOKENS, "temperature": 0.0, **source, **extra}
 
 
+def generate_reference(model, adapters) -> dict[str, dict]:
+    """What `generate --tp 2` answers for every case (its JSON line by case name)."""
+    requests = [_generate_request(i, c) for i, c in enumerate(CASES)]
+    res = run_cli("generate", "--model", str(model), "--tp", "2", "--requests", "-",
+                  *[x for t in (1, 2, 3) for x in ("--adapter", f"{t}={adapters[t]}")],
+                  stdin="\n".join(json.dumps(r) for r in requests) + "\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {case[0]: json.loads(line) for case, line in zip(CASES, res.stdout.splitlines())}
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openai")
-    model = make_tiny_llama(root / "model", tokenizer=True)
-    adapter_root = root / "adapters"
-    adapters = {i: make_peft_adapter(model, adapter_root / f"a{i}", seed=50 + i, r=16) for i in (1, 2, 3)}
-    outside = make_peft_adapter(model, root / "outside", seed=60, r=8)
-    (adapter_root / "escape").symlink_to(outside)  # inside the root by name, outside once resolved
-    server = Server(model, {1: adapters[1], "alpha:2": adapters[2]}, tp=2, max_loras=2,
-                    extra=["--allow-adapter-loading", "--adapter-root", str(adapter_root)], mpirun=True)
-    try:
-        requests = [_generate_request(i, c) for i, c in enumerate(CASES)]
-        res = run_cli("generate", "--model", str(model), "--tp", "2", "--requests", "-",
-                      *[x for t in (1, 2, 3) for x in ("--adapter", f"{t}={adapters[t]}")],
-                      stdin="\n".join(json.dumps(r) for r in requests) + "\n")
-        assert res.returncode == 0, res.stderr[-2000:]
-        expected = {case[0]: json.loads(line) for case, line in zip(CASES, res.stdout.splitlines())}
-        server.wait_ready()
-        yield server, model, adapters, outside, expected
-    finally:
-        assert server.stop() == 0, server.output()[-3000:]
+def served(openai_served):
+    """The session's OpenAI server (tests/conftest.py), shared with tests/test_bad_input_openai.py."""
+    return openai_served
 
 
 @pytest.fixture(scope="module")
@@ -156,38 +149,6 @@ def test_unknown_model_is_a_404_openai_error(client):
     assert error["code"] == 404 and error["type"] == "NotFoundError" and "no-such-adapter" in error["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="99", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
-
-
-BAD_BODIES = {
-    "not JSON": (b'{"model": "1", "prompt": ', "not valid JSON"),
-    "not an object": (b"[1, 2]", "invalid request body"),
-    "missing prompt": ({"model": "1", "max_tokens": 2}, "prompt"),
-    "wrong type": ({"model": "1", "prompt": "Hi", "max_tokens": "many"}, "max_tokens"),
-    "n too large": ({"model": "1", "prompt": "Hi", "n": 65}, "n must be <= 64"),
-    "unsupported field": ({"model": "1", "prompt": "Hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
-    "too many logprobs": ({"model": "1", "prompt": "Hi", "logprobs": 21}, "logprobs must be <= 20"),
-    "tool_choice without tools": ({"model": "1", "prompt": "Hi", "tool_choice": "auto"}, "tools"),
-    "bad temperature": ({"model": "1", "prompt": "Hi", "temperature": -1}, "temperature"),
-    "over the context": ({"model": "1", "prompt": "Hi", "max_tokens": 10**6}, "exceeds the context"),
-    "too many stops": ({"model": "1", "prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    "NaN temperature": (b'{"model": "1", "prompt": "Hi", "temperature": NaN}', "temperature must be finite"),
-    "infinite top_p": (b'{"model": "1", "prompt": "Hi", "top_p": Infinity}', "top_p must be finite"),
-    "overflowing temperature": (b'{"model": "1", "prompt": "Hi", "temperature": 1e999}', "temperature must be finite"),
-    "top_p zero": ({"model": "1", "prompt": "Hi", "top_p": 0}, "top_p must be > 0"),
-    "negative seed": ({"model": "1", "prompt": "Hi", "seed": -5}, "seed must be >= 0"),
-    "stop token outside the vocabulary": ({"model": "1", "prompt": "Hi", "stop_token_ids": [10**9]}, "stop_token_ids"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_BODIES))
-def test_malformed_body_is_a_400_and_server_keeps_serving(served, client, case):
-    body, fragment = BAD_BODIES[case]
-    status, payload = post_json(served[0], "/v1/completions", body)
-    assert status == 400, payload
-    error = payload["error"]
-    assert error["type"] == "BadRequestError" and error["code"] == 400
-    assert fragment in error["message"] and "\n" not in error["message"]
-    assert client.completions.create(model="1", prompt="Hello", max_tokens=2, temperature=0).choices[0].text
 
 
 def test_loading_is_confined_to_adapter_root(served, client):

@@ -1,8 +1,9 @@
 """Every test module has a tier (tests/conftest.py TIERS), so `pytest -m unit` and the others select the whole suite."""
 
+import re
 from pathlib import Path
 
-from tests.conftest import TIER_OF, TIERS
+from tests.conftest import SHARED_SERVERS, TIER_OF, TIERS
 
 
 def test_every_test_module_has_one_tier():
@@ -11,3 +12,15 @@ def test_every_test_module_has_one_tier():
     assert sorted(set(TIER_OF) - modules) == [], "these are in TIERS but no longer exist"
     named = [name for names in TIERS.values() for name in names.split()]
     assert len(named) == len(set(named)), "a module is in two tiers"
+
+
+def test_shared_server_groups_name_existing_modules_using_that_server():
+    """Each module of a SHARED_SERVERS group exists and asks for the group's session fixture, itself or through a
+    test module it imports fixtures from: the group is what puts the users of one server on one worker."""
+    modules = {p.stem: p.read_text() for p in Path(__file__).parent.glob("test_*.py")}
+    for fixture, names in SHARED_SERVERS.items():
+        for name in names:
+            text = modules.get(f"test_{name}")
+            assert text is not None, f"SHARED_SERVERS names test_{name}, which does not exist"
+            imported = re.findall(r"from tests\.(test_\w+) import", text)
+            assert any(fixture in t for t in [text, *(modules.get(m, "") for m in imported)]), (name, fixture)
