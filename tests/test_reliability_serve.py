@@ -160,8 +160,8 @@ def test_oversized_adapters_refused_before_allocating(served, client):
         k + m for k, m in ((256, 128), (256, 128), (256, 128), (128, 256), (256, 256), (256, 256), (256, 256)))
     print("REFUSED_RSS_MB", json.dumps({r: round((after[r] - before[r]) / MB, 1) for r in before}),
           "slot growth without the cap", round(grown_before_the_cap / MB), "MB per rank")
-    for r in before:
-        assert abs(after[r] - before[r]) <= FLAT_SLACK, (before, after)
+    for r in before:  # growth is what allocating would show; RSS may fall meanwhile (the idle heap trim hands back
+        assert after[r] - before[r] <= FLAT_SLACK, (before, after)  # what earlier tests freed: -16.7 MB once in CI)
     assert infer(client, "Hello", 2) and client.is_server_ready()
 
 

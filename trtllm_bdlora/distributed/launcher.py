@@ -42,6 +42,10 @@ from trtllm_bdlora.logs import log_event, startup
 
 TEARDOWN_GRACE_S = 3.0  # after a failure: how long the other ranks may take to exit on SIGTERM before SIGKILL
 FOLLOW_GRACE_S = 10.0  # after rank 0 finished cleanly: how long the workers may take to follow
+# glibc's arenas per rank process (default 8 per core), unless the environment sets MALLOC_ARENA_MAX: each thread that
+# receives and converts request adapters frees into an arena of its own, where fragments stay; rank 0 of `serve --tp
+# 2` settled 20-35 MB lower with 2 (docs/testing.md, the memory checks). Set at the start: arenas cannot be merged.
+RANK_MALLOC_ARENAS = 2
 
 
 def _signal_name(signum: int) -> str:
@@ -161,6 +165,7 @@ def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, gracef
     env.update({WORLD_ENV: str(n), STORE_ENV: f"{addr}:{listener.getsockname()[1]}", RUN_DIR_ENV: str(run_dir),
                 LAUNCHER_ENV: str(os.getpid()), STARTED_ENV: str(command_started()), SPAWNED_ENV: str(time.time())})
     env.setdefault("OMP_NUM_THREADS", str(default_threads_per_rank(n)))
+    env.setdefault("MALLOC_ARENA_MAX", str(RANK_MALLOC_ARENAS))
     procs: list[subprocess.Popen] = []
     previous = {}
     try:
