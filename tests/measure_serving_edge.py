@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.reliability_helpers import rss_bytes  # noqa: E402
 from tests.serving_helpers import DecoupledAware  # noqa: E402 - decoupled models answer streams, as in Triton
 from tests.test_adapter_cache import random_request_adapter  # noqa: E402
-from tests.test_serving_edge import IdleStream, _bytes_tensor, _raw_request  # noqa: E402
+from tests.test_bad_input_kserve import bytes_tensor, raw_request  # noqa: E402
+from tests.test_serving_edge import IdleStream  # noqa: E402
 from tests.test_triton_serve import ensemble_inputs, tensors  # noqa: E402
 from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
 
@@ -91,12 +92,12 @@ def bad_inputs(url: str, http_url: str) -> dict:
     client = DecoupledAware(grpcclient.InferenceServerClient(url), url=url)
     two = np.int32(2).tobytes()
     cases = {  # to preprocessing: Triton answers unary calls to non-decoupled models only
-        "raw INT32 of 2 bytes": [("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")),
+        "raw INT32 of 2 bytes": [("QUERY", "BYTES", [1, 1], bytes_tensor(b"Hi")),
                                  ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\1\0")],
         "BYTES length past the end": [("QUERY", "BYTES", [1, 1], b"\x40\0\0\0Hi"), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], two)],
-        "non-UTF-8 QUERY": [("QUERY", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], two)],
+        "non-UTF-8 QUERY": [("QUERY", "BYTES", [1, 1], bytes_tensor(b"caf\xe9")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], two)],
     }
-    out = {f"gRPC {k}": _outcome(lambda v=v: stub.ModelInfer(_raw_request("preprocessing", v), timeout=60))[0]
+    out = {f"gRPC {k}": _outcome(lambda v=v: stub.ModelInfer(raw_request("preprocessing", v), timeout=60))[0]
            for k, v in cases.items()}
     for name, value in (("temperature", np.nan), ("temperature", np.inf), ("top_p", np.nan)):
         values = {**ensemble_inputs("Hello", 2), name: np.array([[value]], np.float32)}

@@ -18,6 +18,7 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import serialize_byte_tensor
 
 from tests.test_serving_edge import (  # noqa: F401 - its module fixture, shared (the same session server)
     PROMPT,
@@ -61,11 +62,12 @@ def _v(value, dtype=I32) -> np.ndarray:
 TEXT, FOUR = {"text_input": np.array([[b"Hello"]], dtype=object)}, {"max_tokens": _v(4)}
 
 
-def _bytes_tensor(*items: bytes) -> bytes:
-    return b"".join(len(i).to_bytes(4, "little") + i for i in items)
+def bytes_tensor(*items: bytes) -> bytes:
+    """Raw contents of a BYTES tensor (each element: 4-byte little-endian length, then the bytes)."""
+    return serialize_byte_tensor(np.array(items, dtype=object)).item()
 
 
-HI, TWO = ("QUERY", "BYTES", [1, 1], _bytes_tensor(b"Hi")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")
+HI, TWO = ("QUERY", "BYTES", [1, 1], bytes_tensor(b"Hi")), ("REQUEST_OUTPUT_LEN", "INT32", [1, 1], b"\x02\0\0\0")
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
@@ -121,7 +123,7 @@ BAD_INPUTS = {
                                      raw=[("QUERY", "BYTES", [1, 1], b"\x40\0\0\0Hi"), TWO]),
     "bytes count vs shape": Bad("preprocessing", ("QUERY", "shape"), raw=[("QUERY", "BYTES", [1, 2], HI[3]), TWO]),
     "non-UTF-8 text": Bad("preprocessing", ("QUERY", "UTF-8"),
-                          raw=[("QUERY", "BYTES", [1, 1], _bytes_tensor(b"caf\xe9 \xff")), TWO]),
+                          raw=[("QUERY", "BYTES", [1, 1], bytes_tensor(b"caf\xe9 \xff")), TWO]),
     "negative shape": Bad("preprocessing", ("QUERY", "shape"), raw=[("QUERY", "BYTES", [1, -1], HI[3]), TWO]),
     "huge shape": Bad("preprocessing", ("REQUEST_OUTPUT_LEN", "elements"),
                       raw=[HI, ("REQUEST_OUTPUT_LEN", "INT32", [1 << 40, 1 << 40], b"")]),
@@ -141,14 +143,19 @@ BAD_INPUTS = {
 }
 
 
-def _raw_grpc(url: str, bad: Bad) -> None:
-    request = pb.ModelInferRequest(model_name=bad.model)
-    for name, datatype, shape, _ in bad.raw:
+def raw_request(model: str, raw: list) -> pb.ModelInferRequest:
+    """A ModelInfer request carrying `raw` ((name, datatype, shape, bytes) per input) as raw_input_contents."""
+    request = pb.ModelInferRequest(model_name=model)
+    for name, datatype, shape, _ in raw:
         request.inputs.add(name=name, datatype=datatype, shape=shape)
-    request.raw_input_contents.extend(data for *_, data in bad.raw)
+    request.raw_input_contents.extend(data for *_, data in raw)
+    return request
+
+
+def _raw_grpc(url: str, bad: Bad) -> None:
     with grpc.insecure_channel(url) as channel:
         with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(raw_request(bad.model, bad.raw), timeout=60)
     details = info.value.details()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
     for word in bad.words:

@@ -44,7 +44,7 @@ TEARDOWN_GRACE_S = 3.0  # after a failure: how long the other ranks may take to 
 FOLLOW_GRACE_S = 10.0  # after rank 0 finished cleanly: how long the workers may take to follow
 # glibc's arenas per rank process (default 8 per core), unless the environment sets MALLOC_ARENA_MAX: each thread that
 # receives and converts request adapters frees into an arena of its own, where fragments stay; rank 0 of `serve --tp
-# 2` settled 20-35 MB lower with 2 (docs/testing.md, the memory checks). Set at the start: arenas cannot be merged.
+# 2` settled about 30 MB lower with 2 (docs/testing.md, the memory checks). Set at the start: arenas cannot be merged.
 RANK_MALLOC_ARENAS = 2
 
 

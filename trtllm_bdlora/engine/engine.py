@@ -79,9 +79,8 @@ class Engine:
         self.kv_budget = budget_from_bytes(kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, per_token, self.max_seq_len)
         self.model = TPLlama(base.config, base.state_dict, self.layout, comm, self.pool, scheme, torch_dtype, comm.device,
                              self.kv_budget, presharded=base.build is not None, lora_kernel=lora_kernel)
-        if not isinstance(model, BaseModel):  # loaded here: the model holds its own (packed) copies now
-            self.drop_base_weights()
-            base = self.base
+        self.drop_base_weights()  # the model holds its own (packed) copies now
+        base = self.base
         eos = base.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._worked = False  # since the last idle plan: then freed memory goes back to the OS
@@ -115,8 +114,8 @@ class Engine:
                 "budget": budget}
 
     def drop_base_weights(self) -> None:
-        """The loaded (unpacked) base weights go once the model holds its own packed copies; the caller that passed
-        a BaseModel in must drop its own reference too."""
+        """The loaded (unpacked) base weights go once the model holds its own packed copies (a caller that passed a
+        BaseModel in frees them by dropping its own reference)."""
         self.base = dataclasses.replace(self.base, state_dict={})
         release_freed_memory()
 
@@ -243,5 +242,5 @@ def engine_from_config(config: EngineConfig, comm: Comm) -> Engine:
                       pin_adapters=config.pin_adapters, allow_request_adapters=config.allow_request_adapters,
                       kv_cache_bytes=config.kv_cache_bytes, lora_kernel=config.lora_kernel)
     del base  # the engine's model holds its own packed copies: the loaded weights go (they doubled each rank's memory)
-    engine.drop_base_weights()
+    release_freed_memory()
     return engine
