@@ -15,14 +15,14 @@ from tests.helpers import make_peft_adapter, make_tiny_llama  # noqa: E402
 # route: the production route (real tritonserver, the TensorRT plugin and TensorRT-LLM stand-ins, compilers).
 TIERS = {
     "unit": """adapter_cache adapter_files adapters config_json edge_units fuzz_decoders hosts_check kernel kserve_extensions_units
-        kv_cache layout logprobs_units lora_cpu rotary sampling serving_edge_owners serving_scheduler sharding
+        kv_cache layout linear logprobs_units lora_cpu rotary sampling serving_edge_owners serving_scheduler sharding
         threads tiers triton_interface trtllm_network trtllm_request_adapters""",
     "serve": """adapter_identity bad_input_kserve bad_input_openai bench bench_exit build_cli cli edge_hostile engine_tp
         error_model example_adapters example_deps
         generate_cli inspect
         kserve_extensions liveness multi_host openai_api openai_examples openai_logprobs openai_units parity projection
-        rank_failure rank_liveness reliability_serve serve serve_failure serving_edge serving_edge_limits serving_scheduler_serve
-        smollm2 triton_serve""",
+        rank_failure rank_liveness reliability_serve serve serve_failure shm_allreduce serving_edge serving_edge_limits
+        serving_scheduler_serve smollm2 triton_serve""",
     "container": "docker_cpu trtllm_docker",
     "route": """aot gpu_suite model_repo_python model_repo_wheel plugin_build plugin_cmake real_triton real_triton_vs_serve
         triton_repo trtllm_build trtllm_model_class trtllm_prefetch trtllm_runtime_model""",

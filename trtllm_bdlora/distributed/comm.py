@@ -7,7 +7,8 @@ another rank died (or timed out) raises RankLostError, so a rank can tell that c
 A collective waits for the other ranks up to launch.COLLECTIVE_TIMEOUT_S, on one machine as across hosts: the
 last resort only. A rank that stops, hangs or is cut off is found by the one liveness mechanism, the rank watch
 (liveness.py: heartbeats through rank 0's store, `--rank-timeout`), which ends the run while the collectives
-still wait; a rank that dies is seen at once, by the connections it closes.
+still wait; a rank that dies is seen at once, by the connections it closes (or, on one machine's CPU, where
+all-reduces go through shared memory, `shm_allreduce.py`, by its process's end).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Comm:
         self.addrs = addrs or ["127.0.0.1"] * world
         self.store = store  # rank 0's rendezvous store (torch.distributed.Store), None at world 1
         self.watch = None  # this rank's liveness.RankWatch, in a multi-rank launch
+        self.shm = None  # shm_allreduce.SharedMemoryAllReduce: the ranks share one machine's CPU
 
     @property
     def multi_host(self) -> bool:
@@ -96,6 +98,8 @@ class Comm:
     def all_reduce(self, t: torch.Tensor, category: str = "base") -> torch.Tensor:
         if self.world > 1:
             self.log.record("all_reduce", t, category)
+            if self.shm is not None:
+                return self.shm.all_reduce(t)
             import torch.distributed as dist
 
             dist.all_reduce(t)

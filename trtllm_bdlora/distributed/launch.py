@@ -173,6 +173,7 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None, thread
 
     import torch
 
+    from trtllm_bdlora.distributed import shm_allreduce
     from trtllm_bdlora.distributed.comm import Comm
 
     world = mpi_world_size() or 1
@@ -212,6 +213,8 @@ def init_ranks(tp: int, device: str | None, interface: str | None = None, thread
                             timeout=timeout)
     comm = Comm(rank, world, dev, hosts=hosts, addrs=addrs, store=store)
     comm.watch = watch
+    if shm_allreduce.eligible(comm):
+        comm.shm = shm_allreduce.SharedMemoryAllReduce.create(comm, COLLECTIVE_TIMEOUT_S)
     return comm
 
 

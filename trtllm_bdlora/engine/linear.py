@@ -9,7 +9,10 @@ replaces the plain one (same bytes); off CPU, or without oneDNN, the plain produ
 
 oneDNN builds (JIT-compiles) a kernel for every new number of rows, at several ms per weight shape, and keeps a
 bounded cache of them; the steps of continuous batching come in every row count up to --max-num-tokens. Rows are
-therefore padded up to a multiple of ROW_BUCKET, so that a server meets a few dozen kernels instead of hundreds.
+therefore padded up to `padded_rows`: a multiple of 8, or above 64 rows of an eighth of the power of two below
+(less than 12.5% padding), so that a server meets about 8 kernels per doubling of the row count instead of one per count.
+Padding costs what the extra rows compute: a decode step of 8 sequences padded to 16 rows took 45-50 ms of base
+GEMMs against 37 ms unpadded (two threads, 2026-12-06, load average 1).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from __future__ import annotations
 import torch
 
 PACK_BATCH_HINT = 16  # tokens per step the blocked layout is chosen for (any count works)
-ROW_BUCKET = 16
+MIN_ROW_BUCKET = 8
+
+
+def padded_rows(rows: int) -> int:
+    """The row count `rows` is padded up to (see the module docstring)."""
+    bucket = max(MIN_ROW_BUCKET, (1 << (rows.bit_length() - 1)) // 8)
+    return -(-rows // bucket) * bucket
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -37,7 +46,7 @@ class Linear:
         if self.packed is None:
             return x @ self.weight.T
         rows = x.shape[0]
-        pad = -rows % ROW_BUCKET
+        pad = padded_rows(rows) - rows
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
