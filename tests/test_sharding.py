@@ -6,7 +6,7 @@ import torch
 from trtllm_bdlora.adapters.lora import LoraFactors
 from trtllm_bdlora.errors import ModelError
 from trtllm_bdlora.llama.shape import LLAMA_MODULES, LlamaShape, module_role
-from trtllm_bdlora.sharding import SCHEMES, LoraShard, bd_misfit, make_layout, shard_lora
+from trtllm_bdlora.sharding import SCHEMES, LoraShard, bd_misfit, make_layout, shard_lora, vocab_shard
 
 SHAPE = LlamaShape(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=16, num_kv_heads=8, head_dim=16)
 GQA = LlamaShape(hidden_size=256, intermediate_size=512, num_layers=1, num_heads=16, num_kv_heads=2, head_dim=16)
@@ -169,3 +169,14 @@ def test_layout_errors(shape, world, fragment):
         return
     with pytest.raises(ModelError, match=fragment):
         make_layout(shape, world)
+
+
+@pytest.mark.parametrize("vocab, world", [(12, 3), (10, 3), (7, 4), (5, 8)])
+def test_vocab_shards_side_by_side_give_the_logits(vocab, world):
+    gen = torch.Generator().manual_seed(vocab * world)
+    lm_head, x = torch.randn(vocab, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    shards = [vocab_shard(lm_head, world, r) for r in range(world)]
+    assert len({s.shape for s in shards}) == 1  # the same shape on every rank, as the all-gather needs
+    logits = torch.cat([x @ s.T for s in shards], dim=-1)
+    torch.testing.assert_close(logits[:, :vocab].double(), x.double() @ lm_head.double().T, rtol=1e-6, atol=1e-6)
+    assert torch.all(logits[:, vocab:] == 0)

@@ -1,5 +1,6 @@
-"""The shared-memory all-reduce of ranks on one machine (distributed/shm_allreduce.py): equal to a float64 sum, the
-same bits on every rank, several rounds for large tensors, and a rank that dies is named within seconds."""
+"""The shared-memory all-reduce and all-gather of ranks on one machine (distributed/shm_allreduce.py): equal to a
+float64 sum (and to the concatenation), the same bits on every rank, several rounds for large tensors, and a rank that
+dies is named within seconds."""
 
 import os
 import time
@@ -46,7 +47,8 @@ def _sums(rank: int, port: int, out: dict) -> None:
         result = comm.all_reduce(t)
         assert result is t  # in place, as gloo's
         results.append(result.clone())
-    out[rank] = [r.float() for r in results] + [comm.shm is not None]
+    gathered = [comm.all_gather(_part(_inputs(rank, shape, dtype, step), step)) for step, (shape, dtype) in enumerate(CASES)]
+    out[rank] = [r.float() for r in results] + [g.float() for g in gathered] + [comm.shm is not None]
     dist.barrier()
     dist.destroy_process_group()
 
@@ -62,6 +64,9 @@ def test_sums_equal_float64_and_every_rank_agrees():
         torch.testing.assert_close(out[0][step].double(), want, rtol=tol, atol=tol)
         for r in range(1, WORLD):
             assert torch.equal(out[r][step], out[0][step]), f"rank {r} differs from rank 0 ({shape}, {dtype})"
+        parts = [_part(_inputs(r, shape, dtype, step), step).float() for r in range(WORLD)]
+        for r in range(WORLD):
+            assert torch.equal(out[r][len(CASES) + step], torch.cat(parts, dim=-1)), (r, shape, dtype)
     assert not list(shm_allreduce.SHM_DIR.glob(f"trtllm-bdlora-allreduce-{os.getpid()}-*"))
 
 

@@ -1,4 +1,4 @@
-"""All-reduce through shared memory, for the ranks of one machine on CPU.
+"""All-reduce (and all-gather) through shared memory, for the ranks of one machine on CPU.
 
 gloo all-reduces over loopback TCP in a ring: 2 (world - 1) messages, each a wake-up of another process. When the
 ranks outnumber the cores (TP 3 on two cores) every wake-up waits for a time slice, and the 60 all-reduces of a
@@ -99,16 +99,7 @@ class SharedMemoryAllReduce:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """The sum of every rank's `t` (same shape and dtype everywhere), written into `t`."""
         flat = t.reshape(-1)  # a view where the strides allow, else a copy (written back below)
-        per_round = SLOT_BYTES // t.element_size()
-        for start in range(0, flat.numel(), per_round):
-            part = flat[start : start + per_round]
-            self.seq += 1
-            half = self.seq % 2
-            nbytes = part.numel() * part.element_size()
-            self.rows[half, self.rank, :nbytes].view(t.dtype).copy_(part)
-            self.flags[self.rank, 0] = self.seq
-            self._wait(self.seq)
-            rows = self.rows[half, :, :nbytes].view(t.dtype)
+        for part, rows in self._rounds(flat):
             if t.dtype == torch.float32:
                 torch.sum(rows, 0, out=part)
             else:
@@ -116,6 +107,30 @@ class SharedMemoryAllReduce:
         if flat.data_ptr() != t.data_ptr():
             t.copy_(flat.view_as(t))
         return t
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's `t` (same shape and dtype everywhere) concatenated along the last dimension, in rank order."""
+        flat = t.reshape(-1)
+        out = t.new_empty(self.world, flat.numel())
+        start = 0
+        for part, rows in self._rounds(flat):
+            out[:, start : start + part.numel()].copy_(rows)
+            start += part.numel()
+        return out.view(self.world, *t.shape).movedim(0, -2).reshape(*t.shape[:-1], self.world * t.shape[-1])
+
+    def _rounds(self, flat: torch.Tensor):
+        """(part, rows) per round: this rank's next part of `flat`, and every rank's part of this round as rows
+        [world, len(part)] of the segment, readable until this rank's next round."""
+        per_round = SLOT_BYTES // flat.element_size()
+        for start in range(0, flat.numel(), per_round):
+            part = flat[start : start + per_round]
+            self.seq += 1
+            half = self.seq % 2
+            nbytes = part.numel() * part.element_size()
+            self.rows[half, self.rank, :nbytes].view(flat.dtype).copy_(part)
+            self.flags[self.rank, 0] = self.seq
+            self._wait(self.seq)
+            yield part, self.rows[half, :, :nbytes].view(flat.dtype)
 
     def _wait(self, seq: int) -> None:
         flags = self.flags[:, 0]

@@ -2,8 +2,8 @@
 
 Tokens of all sequences in a step are flattened into one [T, hidden] batch (as nano-vllm does); attention
 reads and writes the preallocated KV cache (`kv_cache.py`) in at most two calls per layer (`attention.py`).
-The only base collectives are the all-reduces after o_proj and down_proj; embedding, norms and lm_head are
-replicated.
+The base collectives are the all-reduces after o_proj and down_proj and one all-gather of the logits: the LM head is
+vocabulary-parallel (each rank multiplies its rows, as vLLM's ParallelLMHead); embedding and norms are replicated.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
 from trtllm_bdlora.llama.config_json import LlamaConfigJson
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
-from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict
+from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict, vocab_shard
 
 QKV, GATE_UP = LINEAR_GROUPS["qkv"], LINEAR_GROUPS["gate_up"]
 
@@ -85,7 +85,9 @@ class TPLlama:
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = Linear(w["lm_head.weight"])
+        self.vocab_size = w["lm_head.weight"].shape[0]
+        lm_head = w.pop("lm_head.weight")
+        self.lm_head = Linear(vocab_shard(lm_head, layout.world, comm.rank) if layout.world > 1 else lm_head)
         self.layers = []
         for i in range(layout.shape.num_layers):
             p = f"model.layers.{i}."
@@ -151,7 +153,10 @@ class TPLlama:
             x = x + self.comm.all_reduce(d, "base")
         x = rms_norm(x, self.norm, self.eps)
         last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
-        logits = self.lm_head(x if all_logits else x[last]).float()
+        logits = self.lm_head(x if all_logits else x[last])
+        if self.layout.world > 1:
+            logits = self.comm.all_gather(logits, "base")[:, : self.vocab_size]
+        logits = logits.float()
         finite = torch.isfinite(logits[last] if all_logits else logits).all(-1).tolist()
         if not all(finite):  # a sequence whose cache may hold inf/NaN: its row is zeroed when it is freed
             self.kv_cache.mark_dirty(c.seq_id for c, ok in zip(chunks, finite) if not ok)

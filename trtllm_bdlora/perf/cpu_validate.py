@@ -1,4 +1,4 @@
-"""Validate the step model where it can be measured: CPU ranks over gloo on this machine.
+"""Validate the step model where it can be measured: CPU ranks on this machine.
 
 The model is given CPU constants measured here, then compared with `trtllm-bdlora bench` at TP 2, 4 and 8:
   compute     one rank's decode step (one process, one thread, collectives stubbed out), split into base GEMMs
@@ -6,7 +6,8 @@ The model is given CPU constants measured here, then compared with `trtllm-bdlor
               and the rest. It is measured while min(N, cores) - 1 other processes stream weights of the same
               size, as the other ranks do, so that sharing the memory bandwidth is in the constant; ranks beyond
               the machine's cores time-share them: x max(1, N / cores)
-  collectives a latency-bandwidth fit per collective type and world size from a gloo micro-benchmark under mpirun
+  collectives a latency-bandwidth fit per collective type and world size from a micro-benchmark under mpirun of the
+              engine's collectives (Comm: shared memory on one machine; broadcasts over gloo)
 Same model code as the GPU projection (perf/cost_model.py): step_collectives counts and sizes, breakdown sums.
 
   trtllm-bdlora cpu-validate --out docs/perf/validation.json     (under the measurement lock)
@@ -65,10 +66,10 @@ def gloo_worker(out: str, reps: int, interface: str | None = None) -> None:
             for i in range(reps + 3):
                 dist.barrier()
                 t0 = time.perf_counter()
-                if kind == "all_reduce":
-                    dist.all_reduce(t)
+                if kind == "all_reduce":  # the engine's own path: shared memory on one machine, else gloo
+                    comm.all_reduce(t)
                 elif kind == "all_gather":
-                    dist.all_gather([torch.empty_like(t) for _ in range(comm.world)], t)
+                    comm.all_gather(t)
                 else:
                     dist.broadcast(t, 0)
                 if i >= 3:
@@ -214,7 +215,7 @@ def predict(compute: dict, gloo: dict, shape, tp: int, config: CpuValidateConfig
 
     rows = {}
     for scheme in SCHEMES:
-        colls = step_collectives(shape, tp, w, scheme, parallel_lm_head=False) + [("broadcast", 512, "base_coll", 2)]
+        colls = step_collectives(shape, tp, w, scheme, parallel_lm_head=True) + [("broadcast", 512, "base_coll", 2)]
         rows[scheme] = breakdown(compute[scheme], colls, cpu, tp, contention=max(1.0, tp / cores), collective_fn=coll)
     return rows
 

@@ -1,5 +1,5 @@
 from trtllm_bdlora.sharding.adapter import SCHEMES, LoraShard, bd_misfit, shard_adapter, shard_lora
-from trtllm_bdlora.sharding.base import TPLayout, make_layout, shard_llama_state_dict
+from trtllm_bdlora.sharding.base import TPLayout, make_layout, shard_llama_state_dict, vocab_shard
 
 __all__ = [
     "SCHEMES",
@@ -10,4 +10,5 @@ __all__ = [
     "shard_adapter",
     "shard_llama_state_dict",
     "shard_lora",
+    "vocab_shard",
 ]

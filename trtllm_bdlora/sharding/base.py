@@ -2,7 +2,8 @@
 
 q/k/v/gate/up are column-parallel (output rows split), o/down row-parallel (input columns split).
 KV heads are split when TP divides them, and replicated (each rank keeps the one KV head its
-query heads use) when TP exceeds them. Embedding, norms and lm_head are replicated.
+query heads use) when TP exceeds them. Embedding, norms and lm_head are stored replicated (the embedding needs every
+row, and tied weights are one tensor); the engine computes the logits vocabulary-parallel (`vocab_shard`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ def make_layout(shape: LlamaShape, world: int) -> TPLayout:
     """Validate that `world` ranks can shard this model; raises ModelError naming the conflict."""
     check_tp(shape, world)
     return TPLayout(shape, world)
+
+
+def vocab_shard(lm_head: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s rows of the LM head [vocab, hidden]: ceil(vocab / world) consecutive rows, the last rank's
+    padded with zero rows, so that the ranks' logits laid side by side are the whole vocabulary, then padding."""
+    per = -(-lm_head.shape[0] // world)
+    rows = lm_head[rank * per : (rank + 1) * per]
+    if rows.shape[0] < per:
+        rows = torch.cat([rows, rows.new_zeros(per - rows.shape[0], lm_head.shape[1])])
+    return rows.contiguous()
 
 
 def shard_llama_state_dict(
