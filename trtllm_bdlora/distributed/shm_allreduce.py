@@ -85,7 +85,10 @@ class SharedMemoryAllReduce:
                 path = None
         path = comm.broadcast_json(None if path is None else str(path))
         shm = None
-        if path is not None:
+        hidden = [int(p) for p in pids if _state(int(p)) in (None, "Z", "X")]
+        if hidden:  # another PID namespace: a peer's end could not be seen while waiting for it
+            log.warning("rank %d: all-reduce over gloo: PIDs %s of other ranks are not visible here", comm.rank, hidden)
+        elif path is not None:
             try:
                 shm = cls(Path(path), comm.rank, comm.world, [int(p) for p in pids], comm.watch, timeout_s)
             except (OSError, RuntimeError) as err:
