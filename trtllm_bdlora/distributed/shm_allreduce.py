@@ -61,7 +61,7 @@ class SharedMemoryAllReduce:
         raw = torch.from_file(str(path), shared=True, size=header + 2 * world * SLOT_BYTES, dtype=torch.uint8)
         self.flags = raw[:header].view(torch.int64).numpy().reshape(world, FLAG_STRIDE)
         self.rows = raw[header:].view(2, world, SLOT_BYTES)
-        self.seq = int(self.flags[rank, 0])
+        self.seq = 0  # this rank's last sequence number (the segment is fresh: all zero)
 
     @classmethod
     def create(cls, comm, timeout_s: float) -> SharedMemoryAllReduce | None:
@@ -137,8 +137,6 @@ class SharedMemoryAllReduce:
 
     def _wait(self, seq: int) -> None:
         flags = self.flags[:, 0]
-        if flags.min() >= seq:
-            return
         start = time.monotonic()
         next_check = start + CHECK_S
         while flags.min() < seq:

@@ -85,8 +85,8 @@ class TPLlama:
         w = {k: v.to(device=device, dtype=dtype) for k, v in shard.items()}
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.vocab_size = w["lm_head.weight"].shape[0]
         lm_head = w.pop("lm_head.weight")
+        self.vocab_size = lm_head.shape[0]
         self.lm_head = Linear(vocab_shard(lm_head, layout.world, comm.rank) if layout.world > 1 else lm_head)
         self.layers = []
         for i in range(layout.shape.num_layers):
