@@ -1,7 +1,7 @@
 """The CPU LoRA op's strategies against the torch reference at smollm2-135m's TP-1 shapes (one thread).
 
 Per linear group (q|k|v, o, gate|up, down) of one layer: the base GEMM, kernels.lora_ref (a loop over adapters),
-and kernels.lora_cpu with each strategy, at decode (T = 8) and prefill (T = 256) sizes, 4 adapters of rank 16 in
+and kernels.lora_cpu with each strategy, at decode (T = 8) and prefill (T = 256) sizes (--tokens), 4 adapters of rank 16 in
 8 slots sized for --max-lora-rank (64, the engine's default).
 Medians of interleaved repetitions, in microseconds; the last line scales one layer to 30 layers.
 
@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-lora-rank", type=int, default=64, help="slot width, as the engine allocates it")
+    p.add_argument("--tokens", default="8,256", help="comma-separated token counts per step")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     print(f"{'T':>5} {'group':<8}{'base':>9}{'reference':>11}{'dense':>9}{'grouped':>9}   (us, median of {args.reps})")
-    for T in (8, 256):
+    for T in (int(t) for t in args.tokens.split(",")):
         slot_ids = torch.arange(T) % args.adapters
         totals = {k: 0.0 for k in ("base", "reference", "dense", "grouped")}
         for name, (K, Ms) in GROUPS.items():

