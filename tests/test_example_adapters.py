@@ -21,7 +21,7 @@ from trtllm_bdlora.llama.loader import load_model_config  # noqa: E402
 N = 20  # held-out prompts per task and form, with the adapter
 N_BASE = 4  # per task and form, on the base model
 N_SERVED = 4  # per task and form, through `serve`
-TRAINED_ON = 5000  # at least the prompts any shipped adapter trained on (each README states its --train-examples)
+TRAINED_ON = 20000  # at least the prompts any shipped adapter trained on (each README states its --train-examples)
 FLOOR = 0.90
 
 
@@ -36,8 +36,8 @@ def test_adapter_loads_and_is_comm_free_at_tp3(task):
     assert json.loads(res.stdout)["comm_free"] is True
     readme = (directory / "README.md").read_text()
     assert "python examples/train_bdlora.py" in readme
-    trained = re.search(r"\((\d+) prompts\)", readme)
-    assert trained and int(trained.group(1)) <= TRAINED_ON, readme
+    trained = [int(n) for n in re.findall(r"\((\d+) prompts\)", readme)]  # one per training run
+    assert trained and max(trained) <= TRAINED_ON, readme
 
 
 def test_no_heldout_word_occurs_in_training_data():
@@ -88,7 +88,7 @@ def test_generate_tp3_equals_peft(runs):
 
 # Below the floor as measured on 2026-12-06 (docs/quality.md): issue 28 is open until these reach it. Strict: the
 # day one of them reaches the floor, its test fails until its entry here is removed.
-BELOW_FLOOR = {("upper", "chat"): "35%", ("upper", "plain"): "30%", ("reverse", "chat"): "85%"}
+BELOW_FLOOR = {("upper", "chat"): "35%", ("upper", "plain"): "30%"}
 
 
 @pytest.mark.parametrize("task,form", [
