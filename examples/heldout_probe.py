@@ -6,10 +6,10 @@ whether training taught the task or the training words.
 
 `--few-shot`: smollm2-135m completes `word -> WORD` after 12 training words done so, greedily, for `--n` held-out
 words: the upper-casing an adapter can draw on for a word it never saw (upper-casing needs the word's spelling).
-`--adapter`: exact match of the whole answer under teacher forcing (every answer token is the argmax after the gold
-prefix, bfloat16 autocast) on `--n` prompts of each split drawn with `--seed` (not the tests' prompts), both request
-forms. An adapter that learned the task scores about the same on both splits; one that learned its training words
-scores higher on `train`.
+`--adapter`: exact match of the whole answer under teacher forcing (every answer token is PEFT's greedy choice
+after the gold prefix: evaluate.peft_disagreements on the float32 base) on `--n` prompts of each split drawn with
+`--seed` (not the tests' prompts), both request forms. An adapter that learned the task scores about the same on
+both splits; one that learned its training words scores higher on `train`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ if __name__ == "__main__":  # before any work (and before importing torch): one 
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks import FORMS, SPLITS, TASKS, examples, split_words  # noqa: E402
+from evaluate import peft_disagreements  # noqa: E402
+from tasks import FORMS, SPLITS, TASKS, examples, request_input, split_words  # noqa: E402
 from train_bdlora import encode  # noqa: E402
-from training import load_base, pad_batch  # noqa: E402
+from training import load_base  # noqa: E402
 
 SHOTS = 12
 
@@ -39,30 +40,24 @@ def few_shot_upper(model, tokenizer, n: int, seed: int) -> tuple[int, list[tuple
     """(correct, misses) of the base model upper-casing `n` held-out words after SHOTS training words."""
     rng = random.Random(seed)
     prefix = "".join(f"{w} -> {w.upper()}\n" for w in rng.sample(split_words("train"), SHOTS))
-    correct, misses = 0, []
+    misses = []
     for word in rng.sample(split_words("heldout"), n):
         ids = tokenizer(f"{prefix}{word} ->", return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=len(word) + 4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         got = tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
-        correct += got == word.upper()
         if got != word.upper():
             misses.append((word, got))
-    return correct, misses
+    return n - len(misses), misses
 
 
-def teacher_forced(model, tokenizer, task: str, split: str, form: str, n: int, seed: int, batch: int = 16) -> int:
-    """How many of `n` prompts of `split` get every answer token as the argmax after the gold prefix."""
-    encoded = [encode(tokenizer, prompt, answer, form) for prompt, answer in examples(task, split, n, seed)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    correct = 0
-    for i in range(0, len(encoded), batch):
-        ids, labels, mask = pad_batch(encoded[i : i + batch], pad)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
-        gold = labels[:, 1:]
-        correct += int(((predicted == gold) | (gold == -100)).all(-1).sum())
-    return correct
+def teacher_forced(tokenizer, adapter: Path, task: str, split: str, form: str, n: int, seed: int) -> int:
+    """How many of `n` prompts of `split` get every answer token (the training labels, end of turn included) as
+    PEFT's greedy choice after the gold prefix."""
+    pairs = examples(task, split, n, seed)
+    requests = [{"adapter": 1, **request_input(prompt, form)} for prompt, _ in pairs]
+    gold = [[t for t in encode(tokenizer, prompt, answer, form)[1] if t != -100] for prompt, answer in pairs]
+    return sum(position is None for position in peft_disagreements(requests, gold, adapters={1: adapter}))
 
 
 def main(argv=None) -> int:
@@ -80,12 +75,9 @@ def main(argv=None) -> int:
         correct, misses = few_shot_upper(model.eval(), tokenizer, args.n, args.seed)
         print(f"base model, {SHOTS}-shot, held-out words upper-cased exactly: {correct}/{args.n}; first misses: {misses[:8]}")
         return 0
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, args.adapter).eval()
     for split in SPLITS:
         for form in FORMS:
-            correct = teacher_forced(model, tokenizer, args.task, split, form, args.n, args.seed)
+            correct = teacher_forced(tokenizer, Path(args.adapter), args.task, split, form, args.n, args.seed)
             print(f"{args.task} {split:8s} {form:6s} teacher-forced exact match {correct}/{args.n}", flush=True)
     return 0
 
