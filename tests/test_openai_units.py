@@ -1,5 +1,6 @@
 """In-process checks of the OpenAI layer's parts: adapter names and `--adapter NAME:ID=DIR`, the adapter-root
-confinement, stop strings and stream pieces, the adapter wire format, and run-time (un)registration in the runtime."""
+confinement, stop strings and stream pieces, the adapter wire format, run-time (un)registration in the runtime, and
+which cause it reports when a rank is lost."""
 
 import argparse
 import threading
@@ -12,7 +13,7 @@ from tests.helpers import make_request
 from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
 from trtllm_bdlora.cli import parse_adapter_arg
-from trtllm_bdlora.distributed.comm import Comm
+from trtllm_bdlora.distributed.comm import Comm, RankLostError
 from trtllm_bdlora.engine.adapter_pool import shards_nbytes
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.runtime import Runtime, Submission
@@ -184,3 +185,29 @@ def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters)
             assert 2 not in engine.pool and 2 not in engine.pool.pinned
         finally:
             runtime.stop(30)
+
+
+@pytest.mark.parametrize("watch_first", [True, False], ids=["watch first", "collective first"])
+def test_a_lost_rank_is_reported_by_its_cause_whichever_thread_sees_it_first(tiny_llama, monkeypatch, watch_first):
+    """The rank watch (`rank_lost`, naming the rank's PID and host) and the engine thread's failed collective (whose
+    message only wraps the watch's) race; serve's exit line prints `failure`, which must be the watch's cause."""
+    engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2)
+    entered, release = threading.Event(), threading.Event()
+
+    def lead(plan):  # the idle heartbeat step, blocked in a collective with the stopped rank
+        entered.set()
+        release.wait(30)
+        raise RankLostError("rank 0 lost contact with the other ranks (rank 1 stopped responding)")
+
+    monkeypatch.setattr(engine, "lead", lead)
+    runtime = Runtime(engine).start()
+    cause = "rank 1 stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)"
+    detail = "rank 1 (pid 4242 on h) stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)"
+    assert entered.wait(30)
+    if watch_first:
+        runtime.rank_lost(cause, detail)
+    release.set()
+    assert runtime.stopped.wait(30)
+    if not watch_first:
+        runtime.rank_lost(cause, detail)
+    assert runtime.failure == detail and "server unavailable: " + cause == str(runtime.lost)

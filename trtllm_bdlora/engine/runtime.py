@@ -317,8 +317,10 @@ class Runtime:
             self.scheduler.flush()
             self.engine.lead(None)
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
-            self.failure = one_line(err)
-            log.critical("server failed: %s", self.failure)
+            with self._lock:  # the rank watch already named the cause (rank_lost): this is its consequence
+                if self.lost is None:
+                    self.failure = one_line(err)
+            log.critical("server failed: %s", one_line(err))
             self.failure_lost_contact = isinstance(err, RankLostError)  # another rank died: retry elsewhere
             if self.failure_lost_contact:  # a host lost (comm.py describe_loss): clients may know which
                 self._fail_all(LostRankError(f"server unavailable: {err.lost}" if err.lost else RANK_LOST,
