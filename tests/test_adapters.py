@@ -143,6 +143,26 @@ def test_non_finite(adapter_copy, bad):
     _expect(adapter_copy, "NaN or Inf", KEY_B)
 
 
+@pytest.mark.parametrize("field, value, words", [
+    ("rank_pattern", 5, ("rank_pattern must be a JSON object, got int",)),
+    ("alpha_pattern", ["q_proj"], ("alpha_pattern must be a JSON object, got list",)),
+    ("rank_pattern", {"(": 4}, ("rank_pattern key '('", "is not a regular expression")),
+    ("use_bdlora.nblocks", "2", ("use_bdlora.nblocks must be an integer >= 1, got '2'",)),
+    ("use_bdlora.nblocks", 2.5, ("use_bdlora.nblocks must be an integer >= 1, got 2.5",)),
+    ("use_bdlora.nblocks", 0, ("use_bdlora.nblocks must be an integer >= 1, got 0",)),
+    ("use_bdlora.target_modules_bd_a", "o_proj", ("use_bdlora.target_modules_bd_a must be a list of module names",)),
+    ("use_bdlora.target_modules_bd_b", [1], ("use_bdlora.target_modules_bd_b must be a list of module names",)),
+])
+def test_malformed_config_fields_are_named(adapter_copy, field, value, words):
+    """Fields of PEFT's types (LoraConfig, BdLoraConfig) with other JSON types: one line naming the field, never
+    a Python error from deep inside the loader."""
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    parent, _, key = field.rpartition(".")
+    (config[parent] if parent else config)[key] = value
+    rewrite_config(adapter_copy, **{field.partition(".")[0]: config[field.partition(".")[0]]})
+    _expect(adapter_copy, "adapter_config.json", *words)
+
+
 def test_unknown_target_module_in_config(adapter_copy):
     rewrite_config(adapter_copy, target_modules=["q_proj", "lm_head"])
     _expect(adapter_copy, "unknown target modules", "lm_head")

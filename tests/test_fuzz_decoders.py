@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -164,6 +164,7 @@ def test_fuzzed_requests_never_break_the_server(served, stub):
 
     @fuzz(100)
     @given(http_bodies, st.sampled_from(["infer", "generate"]), st.sampled_from(MODEL_NAMES))
+    @example(({"parameters": True}, b"", None), "generate", "ensemble")  # found by CI: was a 500
     def over_http(body, route, model):
         doc, tail, header_length = body
         data = json.dumps(doc).encode() + (tail if header_length is not None else b"")

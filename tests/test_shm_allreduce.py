@@ -94,3 +94,27 @@ def test_a_rank_that_dies_is_named_within_seconds():
         message, waited = out[rank]
         assert "rank 2" in message and "exited during an all-reduce" in message, message
         assert waited < 5, waited
+
+
+def test_a_rank_the_watch_found_silent_is_named_to_clients():
+    """The shared-memory all-reduce gives up when the rank watch declares a rank lost; the RankLostError then says
+    which rank in client words (`lost`: no PID or host), as the watch's own report does, whichever comes first."""
+    from types import SimpleNamespace
+
+    from trtllm_bdlora.distributed.liveness import RankLost
+
+    lost = RankLost(1, 4242, "h", 4.4, 4.0)
+
+    class GivesUp:
+        def all_reduce(self, t):
+            raise RuntimeError(str(lost))
+
+    comm = Comm(0, 2)
+    comm.shm, comm.watch = GivesUp(), SimpleNamespace(lost=lost)
+    with pytest.raises(RankLostError) as info:
+        comm.all_reduce(torch.ones(4))
+    assert info.value.lost == lost.summary == "rank 1 stopped responding: no heartbeat for 4.4 s (--rank-timeout 4)"
+    comm.watch = SimpleNamespace(lost=None)  # a collective that failed otherwise: nothing named for clients
+    with pytest.raises(RankLostError) as info:
+        comm.all_reduce(torch.ones(4))
+    assert info.value.lost is None

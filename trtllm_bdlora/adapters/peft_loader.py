@@ -61,6 +61,15 @@ def _read_config(adir: AdapterDir) -> dict:
     r = config.get("r")
     if not isinstance(r, int) or r <= 0:
         raise AdapterError(f"{config_path}: r must be a positive integer, got {r!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is not None and not isinstance(patterns, dict):
+            raise AdapterError(f"{config_path}: {key} must be a JSON object, got {type(patterns).__name__}")
+        for pattern in patterns or {}:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise AdapterError(f"{config_path}: {key} key {pattern!r} is not a regular expression ({err})") from None
     targets = config.get("target_modules")
     if isinstance(targets, list):
         unknown = sorted(set(targets) - set(LLAMA_MODULES))
@@ -157,6 +166,22 @@ def _read_weights(adir: AdapterDir, config: dict, shape: LlamaShape | None, max_
         os.close(fd)
 
 
+def _bd_blocks(config_path: Path, bd_config) -> int:
+    """The number of blocks of a `use_bdlora` setting (1 without one), its fields checked."""
+    if bd_config is None:
+        return 1
+    if not isinstance(bd_config, dict):
+        raise AdapterError(f"{config_path}: use_bdlora must be an object")
+    nblocks = bd_config.get("nblocks", 1)
+    if not isinstance(nblocks, int) or isinstance(nblocks, bool) or nblocks < 1:
+        raise AdapterError(f"{config_path}: use_bdlora.nblocks must be an integer >= 1, got {nblocks!r}")
+    for key in ("target_modules_bd_a", "target_modules_bd_b"):
+        names = bd_config.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise AdapterError(f"{config_path}: use_bdlora.{key} must be a list of module names, got {names!r}")
+    return nblocks
+
+
 def _bd_factor(bd_config: dict | None, module_path: str) -> str | None:
     if not bd_config:
         return None
@@ -234,11 +259,7 @@ def _load(adir: AdapterDir, model_shape: LlamaShape | None, dtype: torch.dtype, 
     pairs = _read_weights(adir, config, model_shape, max_lora_rank, max_elements, budget)
 
     bd_config = config.get("use_bdlora")
-    if bd_config is not None and not isinstance(bd_config, dict):
-        raise AdapterError(f"{directory / CONFIG_FILE}: use_bdlora must be an object")
-    nblocks = int(bd_config.get("nblocks", 1)) if bd_config else 1
-    if nblocks < 1:
-        raise AdapterError(f"{directory / CONFIG_FILE}: nblocks must be >= 1, got {nblocks}")
+    nblocks = _bd_blocks(directory / CONFIG_FILE, bd_config)
 
     rslora = bool(config.get("use_rslora"))
     modules: dict[tuple[int, str], LoraFactors] = {}

@@ -22,7 +22,8 @@ import torch
 
 class RankLostError(RuntimeError):
     """A collective failed: another rank exited, crashed or stopped answering. `lost` names what was lost (a
-    host and its ranks) where that is known, in words a client may see; the message adds the transport's error."""
+    host and its ranks, or the rank the rank watch found silent) where that is known, in words a client may see;
+    the message adds the transport's error."""
 
     def __init__(self, message: str, lost: str | None = None):
         super().__init__(message)
@@ -44,7 +45,9 @@ def _collective(method):
                 message = describe_loss(self, first.strip())
                 lost = message.partition(":")[0] if " lost host " in message.partition(":")[0] else None
                 raise RankLostError(message, lost) from err
-            raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})") from err
+            lost = self.watch.lost if self.watch is not None else None  # the shared-memory path gives up on it
+            raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})",
+                                lost.summary if lost is not None else None) from err
 
     return wrapper
 

@@ -25,7 +25,7 @@ from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve import control
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
-from trtllm_bdlora.serving.kserve.tensors import from_http, to_http
+from trtllm_bdlora.serving.kserve.tensors import from_http, json_object, to_http
 from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, WireTensor, error_status
 from trtllm_bdlora.serving.repository.config import triton_json
@@ -84,7 +84,7 @@ def generate_inputs(server: ModelServer, model: str, doc) -> InferRequest:
     spec = server.model(model).spec
     if not isinstance(doc, dict):
         raise RequestError("generate request must be a JSON object")
-    params = doc.get("parameters") or {}
+    params = json_object(doc.get("parameters"), "parameters")
     wire = {t["name"]: t["datatype"] for t in server.metadata[model]["inputs"]}
     tensors = []
     for name, value in doc.items():

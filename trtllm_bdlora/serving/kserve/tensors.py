@@ -141,7 +141,7 @@ def from_http(model: str, body: bytes, header_length: int | None, regions: Share
         name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
         if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
             raise RequestError("every input needs 'name', 'datatype' and 'shape'")
-        parameters = _object(t.get("parameters"), f"input {name}: parameters")
+        parameters = json_object(t.get("parameters"), f"input {name}: parameters")
         size = parameters.get("binary_data_size")
         where = region_slice(parameters, f"input {name}")
         given = [what for what, present in (("'data'", "data" in t), ("'binary_data_size'", size is not None),
@@ -161,13 +161,13 @@ def from_http(model: str, body: bytes, header_length: int | None, regions: Share
         else:
             array = json_array(t.get("data"), datatype, shape, name)
         tensors.append(WireTensor(name, datatype, shape, array))
-    params = _object(doc.get("parameters"), "parameters")
+    params = json_object(doc.get("parameters"), "parameters")
     requested = doc.get("outputs")
     if requested is not None and not (isinstance(requested, list) and all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested)):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
     outputs = [o["name"] for o in requested] if requested else None
-    out_parameters = [(o["name"], _object(o.get("parameters"), f"output {o['name']}: parameters")) for o in requested or ()]
+    out_parameters = [(o["name"], json_object(o.get("parameters"), f"output {o['name']}: parameters")) for o in requested or ()]
     placed = _output_regions(out_parameters, regions)
     for name, parameters in out_parameters:
         if name in placed and parameters.get("binary_data"):
@@ -181,7 +181,7 @@ def from_http(model: str, body: bytes, header_length: int | None, regions: Share
     return InferRequest(model, str(request_id), tensors, outputs, binary_outputs, params, placed)
 
 
-def _object(value, what: str) -> dict:
+def json_object(value, what: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
