@@ -14,6 +14,7 @@ from trtllm_bdlora.adapters import load_peft_adapter
 from trtllm_bdlora.adapters.lora import adapter_from_wire, adapter_to_wire
 from trtllm_bdlora.cli import parse_adapter_arg
 from trtllm_bdlora.distributed.comm import Comm, RankLostError
+from trtllm_bdlora.distributed.liveness import RankLost
 from trtllm_bdlora.engine.adapter_pool import shards_nbytes
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.runtime import Runtime, Submission
@@ -189,25 +190,30 @@ def test_loaded_adapters_live_in_the_bounded_host_cache(tiny_llama, bd_adapters)
 
 @pytest.mark.parametrize("watch_first", [True, False], ids=["watch first", "collective first"])
 def test_a_lost_rank_is_reported_by_its_cause_whichever_thread_sees_it_first(tiny_llama, monkeypatch, watch_first):
-    """The rank watch (`rank_lost`, naming the rank's PID and host) and the engine thread's failed collective (whose
-    message only wraps the watch's) race; serve's exit line prints `failure`, which must be the watch's cause."""
+    """The rank watch's report (`rank_lost`: the rank, and its PID and host for the log) and the engine thread's
+    collective that gave up because of it (the shared-memory all-reduce does) race: either way, the clients and
+    serve's exit line (`failure`) get the watch's cause, not the collective's wrapping of it."""
     engine = Engine(Comm(), str(tiny_llama), "bdlora", max_loras=2)
     entered, release = threading.Event(), threading.Event()
+    silent = RankLost(1, 4242, "h", 4.2, 4.0)
 
-    def lead(plan):  # the idle heartbeat step, blocked in a collective with the stopped rank
+    def lead(plan):  # the idle heartbeat step, in a collective with the stopped rank
         entered.set()
         release.wait(30)
-        raise RankLostError("rank 0 lost contact with the other ranks (rank 1 stopped responding)")
+        raise RankLostError(f"rank 0 lost contact with the other ranks ({silent})", silent.summary, silent)
 
     monkeypatch.setattr(engine, "lead", lead)
     runtime = Runtime(engine).start()
-    cause = "rank 1 stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)"
-    detail = "rank 1 (pid 4242 on h) stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)"
     assert entered.wait(30)
     if watch_first:
-        runtime.rank_lost(cause, detail)
+        runtime.rank_lost(silent.summary, str(silent))
     release.set()
     assert runtime.stopped.wait(30)
-    if not watch_first:
-        runtime.rank_lost(cause, detail)
-    assert runtime.failure == detail and "server unavailable: " + cause == str(runtime.lost)
+    cause, detail = "rank 1 stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)", str(silent)
+    assert detail == "rank 1 (pid 4242 on h) stopped responding: no heartbeat for 4.2 s (--rank-timeout 4)"
+    assert runtime.failure == detail and str(runtime.lost) == "server unavailable: " + cause
+    with pytest.raises(BdLoraError) as refused:  # a request after the loss: refused with the cause
+        _run(runtime, None)
+    assert str(refused.value) == "server unavailable: " + cause
+    runtime.rank_lost(silent.summary, str(silent))  # the watch's report, late: changes nothing
+    assert runtime.failure == detail

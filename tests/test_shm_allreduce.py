@@ -114,6 +114,7 @@ def test_a_rank_the_watch_found_silent_is_named_to_clients():
     with pytest.raises(RankLostError) as info:
         comm.all_reduce(torch.ones(4))
     assert info.value.lost == lost.summary == "rank 1 stopped responding: no heartbeat for 4.4 s (--rank-timeout 4)"
+    assert info.value.silent is lost
     comm.watch = SimpleNamespace(lost=None)  # a collective that failed otherwise: nothing named for clients
     with pytest.raises(RankLostError) as info:
         comm.all_reduce(torch.ones(4))

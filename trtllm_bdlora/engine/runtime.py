@@ -317,6 +317,8 @@ class Runtime:
             self.scheduler.flush()
             self.engine.lead(None)
         except Exception as err:  # a rank died or a collective failed: fail everything, report, stop
+            if isinstance(err, RankLostError) and err.silent is not None:  # as if the rank watch's report came first
+                self.rank_lost(err.silent.summary, str(err.silent))
             with self._lock:  # the rank watch already named the cause (rank_lost): this is its consequence
                 if self.lost is None:
                     self.failure = one_line(err)
