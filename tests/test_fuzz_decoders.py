@@ -4,6 +4,7 @@ session's `serve --tp 2`, random gRPC ModelInfer messages and HTTP bodies get on
 UNKNOWN / INTERNAL / 500, never a traceback), and afterwards the server still gives the same greedy answer."""
 
 import json
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -15,9 +16,10 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.serving.kserve.http import generate_inputs
 from trtllm_bdlora.serving.kserve.tensors import from_grpc, from_http
 from trtllm_bdlora.serving.repository.calls import check_inputs
-from trtllm_bdlora.serving.repository.config import wire_type
+from trtllm_bdlora.serving.repository.config import model_metadata, wire_type
 from trtllm_bdlora.serving.repository.spec import DEFAULTS, MODELS
 
 DATATYPES = ["BOOL", "INT8", "INT32", "INT64", "UINT8", "UINT64", "FP16", "FP32", "FP64", "BF16", "BYTES", "X", ""]
@@ -95,6 +97,7 @@ def test_grpc_decoder_raises_only_request_errors(request):
         pass
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @fuzz(800)
 @given(http_bodies)
 def test_http_decoder_raises_only_request_errors(body):
@@ -103,6 +106,33 @@ def test_http_decoder_raises_only_request_errors(body):
     try:
         decoded = from_http("ensemble", data, header_length)
         check_inputs(MODELS["ensemble"], decoded.inputs, DEFAULTS, 8)
+    except RequestError:
+        pass
+
+
+class _Repository:
+    """What the generate extension's decoder reads of a ModelServer: each model's spec and wire metadata."""
+
+    metadata = {name: model_metadata(model, DEFAULTS) for name, model in MODELS.items()}
+
+    def model(self, name: str):
+        if name not in MODELS:
+            raise RequestError(f"unknown model {name}")
+        return SimpleNamespace(spec=MODELS[name])
+
+
+generate_bodies = st.one_of(json_value, st.dictionaries(st.sampled_from([*NAMES, "parameters"]), json_value, max_size=5))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a value numpy casts to inf is refused, not passed on
+@fuzz(800)
+@given(generate_bodies, st.sampled_from(MODEL_NAMES[:-1]))
+@example({"parameters": True}, "ensemble")  # was an AttributeError (HTTP 500)
+@example({"text_input": "a", "max_tokens": 4, "temperature": 1e300}, "ensemble")  # was cast to inf
+def test_generate_decoder_raises_only_request_errors(doc, model):
+    try:
+        decoded = generate_inputs(_Repository(), model, doc)
+        check_inputs(MODELS[model], decoded.inputs, DEFAULTS, 8)
     except RequestError:
         pass
 

@@ -25,7 +25,7 @@ from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve import control
 from trtllm_bdlora.serving.kserve.capacity import CALLS_REFUSAL, EXTENSIONS, MAX_MESSAGE_BYTES, CallSlots
 from trtllm_bdlora.serving.kserve.shm import SharedMemoryRegions
-from trtllm_bdlora.serving.kserve.tensors import from_http, json_object, to_http
+from trtllm_bdlora.serving.kserve.tensors import from_http, json_object, to_http, within_range
 from trtllm_bdlora.serving.metrics import METRICS_CONTENT_TYPE, Metrics
 from trtllm_bdlora.serving.repository.calls import CallContext, InferRequest, ModelResponse, WireTensor, error_status
 from trtllm_bdlora.serving.repository.config import triton_json
@@ -118,7 +118,8 @@ def _cast(array: np.ndarray, datatype: str, name: str) -> np.ndarray:
         low, high = int(array.min()), int(array.max())
         if low < info.min or high > info.max:
             raise InputError(name, f"must be in [{info.min}, {info.max}] ({datatype}), got {low if low < info.min else high}")
-    return array.astype(target)
+    with np.errstate(over="ignore"):
+        return within_range(array.astype(target), array, datatype, name)
 
 
 def _json_outputs(outputs: dict[str, np.ndarray]) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
-from trtllm_bdlora.errors import RequestError
+from trtllm_bdlora.errors import InputError, RequestError
 from trtllm_bdlora.serving.edge.payload import parse_json
 from trtllm_bdlora.serving.kserve.shm import REGION, RegionSlice, SharedMemoryRegions, region_slice
 from trtllm_bdlora.serving.repository.calls import InferRequest, WireTensor
@@ -189,6 +189,17 @@ def json_object(value, what: str) -> dict:
     return value
 
 
+def within_range(cast: np.ndarray, source: np.ndarray, datatype: str, name: str) -> np.ndarray:
+    """`cast` (JSON numbers as `datatype`), unless a finite number of `source` became infinite in it (numpy casts
+    1e300 to FP32 as inf, with a warning): then a one-line InputError."""
+    if cast.dtype.kind == "f":
+        over = np.isinf(cast) & np.isfinite(source.astype(np.float64))
+        if over.any():
+            raise InputError(name, f"must be within {datatype}'s range (±{float(np.finfo(cast.dtype).max):.4g}), "
+                                   f"got {float(source[over].flat[0]):g}")
+    return cast
+
+
 def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
     if data is None:
         raise RequestError(f"input {name}: no data")
@@ -200,9 +211,14 @@ def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         if dtype is None or datatype == "BF16":
             raise RequestError(f"input {name}: send {datatype} as binary data")
         try:
-            array = np.array(data, dtype=dtype)
+            if np.array(data).dtype.kind not in "biuf":  # JSON strings ("0.7") are not numbers, as Triton parses them
+                raise ValueError
+            with np.errstate(over="ignore"):
+                array = np.array(data, dtype=dtype)
+            source = np.array(data, dtype=np.float64) if array.dtype.kind == "f" else array
         except (TypeError, ValueError, OverflowError):
             raise RequestError(f"input {name}: data is not {datatype}") from None
+        array = within_range(array, source, datatype, name)
     return _shaped(array.reshape(-1), shape, name)
 
 
