@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import REPO, make_tiny_llama, run_cli
 from tests.reliability_helpers import marked_processes, wait_gone
 from trtllm_bdlora import cli
+from trtllm_bdlora.distributed import launcher
 
 
 def _start(args, marker):
@@ -115,7 +116,6 @@ def test_a_rank_that_fails_alone_reports_its_own_error(torch_build, tmp_path):
 @pytest.fixture
 def no_launch(monkeypatch):
     """Fail the test if a rank would be started."""
-    import trtllm_bdlora.distributed.launcher as launcher
 
     def refuse(*args, **kwargs):
         raise AssertionError("a rank was launched")
@@ -167,3 +167,22 @@ def test_build_under_mpirun_fails_fast_with_the_ranks_error(tiny_llama, tmp_path
     assert re.search(r"trtllm-bdlora build: error: rank [01]: --backend trtllm needs the 'tensorrt_llm' package",
                      res.stderr), res.stderr
     assert marked_processes(f"RELIABILITY_TEST={marker}") == {}
+
+
+@pytest.mark.parametrize("user_level", [None, "INFO"])
+def test_ranks_keep_c10d_warnings_off_the_terminal_unless_asked(tmp_path, monkeypatch, user_level):
+    """A rank that dies leaves the others' c10d clients printing a warning with a C++ stack ("TCPStore recvValue
+    failed ... Connection reset by peer") in the user's terminal before the launcher stops them: the ranks it
+    starts run with TORCH_CPP_LOG_LEVEL=ERROR, unless the environment sets a level (kept)."""
+    (tmp_path / "env_probe.py").write_text(
+        "import os, pathlib, sys\n"
+        "pathlib.Path(sys.argv[1], os.environ['TRTLLM_BDLORA_RANK']).write_text(os.environ.get('TORCH_CPP_LOG_LEVEL', '-'))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    if user_level is None:
+        monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", user_level)
+    out = tmp_path / "levels"
+    out.mkdir()
+    assert launcher.relaunch_ranks(2, [str(out)], module="env_probe") == 0
+    assert {p.name: p.read_text() for p in out.iterdir()} == {r: user_level or "ERROR" for r in ("0", "1")}

@@ -25,6 +25,7 @@ from pathlib import Path
 from trtllm_bdlora.config import DEFAULT_RANK_TIMEOUT_S
 from trtllm_bdlora.distributed.launch import (
     LAUNCHER_ENV,
+    RANK_CPP_LOG_LEVEL,
     RANK_ENV,
     RUN_DIR_ENV,
     STORE_ENV,
@@ -58,6 +59,7 @@ class EmbeddedRanks:
         env = dict(os.environ, **{WORLD_ENV: str(tp), STORE_ENV: store, RUN_DIR_ENV: str(self.run_dir),
                                   LAUNCHER_ENV: str(os.getpid())})
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // tp)))
+        env.setdefault(*RANK_CPP_LOG_LEVEL)
         try:
             for rank in range(1, tp):
                 self.procs.append(subprocess.Popen([python or sys.executable, "-m", "trtllm_bdlora", *argv],

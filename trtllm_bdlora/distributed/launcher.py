@@ -27,6 +27,7 @@ from pathlib import Path
 from trtllm_bdlora.distributed.launch import (
     LAUNCHER_ENV,
     LOOPBACK_INTERFACE,
+    RANK_CPP_LOG_LEVEL,
     RANK_ENV,
     RUN_DIR_ENV,
     SPAWNED_ENV,
@@ -166,6 +167,7 @@ def relaunch_ranks(n: int, argv: list[str], interface: str | None = None, gracef
                 LAUNCHER_ENV: str(os.getpid()), STARTED_ENV: str(command_started()), SPAWNED_ENV: str(time.time())})
     env.setdefault("OMP_NUM_THREADS", str(default_threads_per_rank(n)))
     env.setdefault("MALLOC_ARENA_MAX", str(RANK_MALLOC_ARENAS))
+    env.setdefault(*RANK_CPP_LOG_LEVEL)
     procs: list[subprocess.Popen] = []
     previous = {}
     try:
