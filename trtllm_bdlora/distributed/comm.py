@@ -24,11 +24,12 @@ class RankLostError(RuntimeError):
     """A collective failed: another rank exited, crashed or stopped answering. `lost` names what was lost (a
     host and its ranks, or the rank the rank watch found silent) where that is known, in words a client may see;
     the message adds the transport's error. `silent`: the rank watch's finding (liveness.RankLost) when the
-    collective gave up because of it (the shared-memory path does)."""
+    collective gave up because of it (the shared-memory path does); `lost` is then its client line."""
 
     def __init__(self, message: str, lost: str | None = None, silent=None):
         super().__init__(message)
-        self.lost, self.silent = lost, silent
+        self.lost = silent.summary if silent is not None and lost is None else lost
+        self.silent = silent
 
 
 def _collective(method):
@@ -46,9 +47,8 @@ def _collective(method):
                 message = describe_loss(self, first.strip())
                 lost = message.partition(":")[0] if " lost host " in message.partition(":")[0] else None
                 raise RankLostError(message, lost) from err
-            silent = self.watch.lost if self.watch is not None else None
             raise RankLostError(f"rank {self.rank} lost contact with the other ranks ({first.strip()})",
-                                silent.summary if silent is not None else None, silent) from err
+                                silent=self.watch.lost if self.watch is not None else None) from err
 
     return wrapper
 

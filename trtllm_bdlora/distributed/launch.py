@@ -29,15 +29,15 @@ from trtllm_bdlora.errors import BdLoraError
 RANK_ENV = "TRTLLM_BDLORA_RANK"
 WORLD_ENV = "TRTLLM_BDLORA_WORLD_SIZE"
 STORE_ENV = "TRTLLM_BDLORA_STORE"  # host:port of rank 0's rendezvous store
-# Ranks this package starts get TORCH_CPP_LOG_LEVEL=ERROR unless the environment sets it (INFO to debug c10d): when a
-# rank dies, the others' c10d clients print a warning with a C++ stack ("TCPStore recvValue failed ... Connection reset
-# by peer") before they are stopped, while the launcher names the cause in one line.
-RANK_CPP_LOG_LEVEL = ("TORCH_CPP_LOG_LEVEL", "ERROR")
 STORE_FD_ENV = "TRTLLM_BDLORA_STORE_FD"  # rank 0: the store's listening socket, bound by the launcher
 RUN_DIR_ENV = "TRTLLM_BDLORA_RUN_DIR"  # where ranks leave their fatal error for the launcher
 LAUNCHER_ENV = "TRTLLM_BDLORA_LAUNCHER_PID"
 STARTED_ENV = "TRTLLM_BDLORA_STARTED"  # when the command that started the ranks started (seconds since the epoch)
 SPAWNED_ENV = "TRTLLM_BDLORA_SPAWNED"  # when the launcher started the rank processes (seconds since the epoch)
+# Ranks this package starts get TORCH_CPP_LOG_LEVEL=ERROR unless the environment sets it (INFO to debug c10d): when a
+# rank dies, the others' c10d clients print a warning with a C++ stack ("TCPStore recvValue failed ... Connection reset
+# by peer") before they are stopped, while the launcher names the cause in one line.
+RANK_CPP_LOG_LEVEL = ("TORCH_CPP_LOG_LEVEL", "ERROR")
 _SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 LOOPBACK_INTERFACE = "lo"

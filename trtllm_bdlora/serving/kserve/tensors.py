@@ -192,8 +192,8 @@ def json_object(value, what: str) -> dict:
 def within_range(cast: np.ndarray, source: np.ndarray, datatype: str, name: str) -> np.ndarray:
     """`cast` (JSON numbers as `datatype`), unless a finite number of `source` became infinite in it (numpy casts
     1e300 to FP32 as inf, with a warning): then a one-line InputError."""
-    if cast.dtype.kind == "f":
-        over = np.isinf(cast) & np.isfinite(source.astype(np.float64))
+    if cast.dtype.kind == "f" and np.isinf(cast).any():
+        over = np.isinf(cast) & np.isfinite(source)
         if over.any():
             raise InputError(name, f"must be within {datatype}'s range (±{float(np.finfo(cast.dtype).max):.4g}), "
                                    f"got {float(source[over].flat[0]):g}")
@@ -211,11 +211,11 @@ def json_array(data, datatype: str, shape: list[int], name: str) -> np.ndarray:
         if dtype is None or datatype == "BF16":
             raise RequestError(f"input {name}: send {datatype} as binary data")
         try:
-            if np.array(data).dtype.kind not in "biuf":  # JSON strings ("0.7") are not numbers, as Triton parses them
+            source = np.array(data)
+            if source.dtype.kind not in "biuf":  # JSON strings ("0.7") are not numbers, as Triton parses them
                 raise ValueError
             with np.errstate(over="ignore"):
-                array = np.array(data, dtype=dtype)
-            source = np.array(data, dtype=np.float64) if array.dtype.kind == "f" else array
+                array = np.array(data, dtype=dtype)  # from the JSON values: an integer out of range raises, never wraps
         except (TypeError, ValueError, OverflowError):
             raise RequestError(f"input {name}: data is not {datatype}") from None
         array = within_range(array, source, datatype, name)
