@@ -47,14 +47,27 @@ def test_multi_lora_cpu_equals_reference(monkeypatch, strategy, T):
 
 @pytest.mark.parametrize("strategy", ["dense", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_multi_lora_cpu_low_precision(monkeypatch, strategy, dtype):
-    """fp32 accumulation as the reference does: the same result up to one rounding of y."""
+@pytest.mark.parametrize("T", [lora_cpu.NATIVE_MIN_TOKENS - 1, lora_cpu.NATIVE_MIN_TOKENS + 17])
+def test_multi_lora_cpu_low_precision(monkeypatch, strategy, dtype, T):
+    """fp32 accumulation as the reference does: the same result up to one rounding of y (and, for a batch
+    multiplied in its own dtype, of h)."""
     monkeypatch.setattr(lora_cpu, "STRATEGY", strategy)
-    args = _problem(7, 33, dtype)
-    want = multi_lora_ref(args[0].clone(), *args[1:])
+    args = _problem(7, T, dtype)
+    native = lora_cpu._native(args[1])
+    assert native == (T >= lora_cpu.NATIVE_MIN_TOKENS)
     got = lora_cpu.multi_lora_cpu(args[0].clone(), *args[1:])
-    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 8)
+    if not native:
+        want = multi_lora_ref(args[0].clone(), *args[1:])
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 8)
+    # against float64, within the rounding of y, h and scale * B: one epsilon of the dtype times the
+    # same sum taken over absolute values (a wrong slot, rank or scale is off by the size of a whole term)
+    y, x, slot_ids, a, b, ranks, scales, offs = args
+    size = multi_lora_ref(y.double().abs(), x.double().abs(), slot_ids, [t.double().abs() for t in a],
+                          [t.double().abs() for t in b], ranks, scales, offs)
+    err = (got.double() - _float64(args)).abs()
+    assert (err <= torch.finfo(dtype).eps * size).all(), float((err / size).max())
+    assert (_float64(args) - y.double()).abs().max() > 1  # the LoRA terms are there
 
 
 @pytest.mark.parametrize("strategy", ["dense", "grouped"])

@@ -10,7 +10,7 @@ import torch
 from tests.helpers import make_request
 from trtllm_bdlora.engine.generate import parse_request
 from trtllm_bdlora.engine.request import Request
-from trtllm_bdlora.engine.sampler import MASKED, adjust_logits, choose, kept_probabilities
+from trtllm_bdlora.engine.sampler import MASKED, adjust_logits, choose, finite_rows, kept_probabilities, sample
 from trtllm_bdlora.engine.scheduler import finish_reason
 from trtllm_bdlora.errors import RequestError
 from trtllm_bdlora.serving.repository.tokens import decode, embedding_bias, parse_word_list, word_list
@@ -144,3 +144,36 @@ def test_word_lists_and_embedding_bias_have_upstream_layout():
 def test_generate_rejects_non_finite_and_out_of_range_values(field, value, fragment):
     with pytest.raises(RequestError, match=fragment):
         parse_request(0, {"prompt_ids": [1, 2], "max_tokens": 2, field: value}, None, 100, 64, set())
+
+
+def test_plain_greedy_takes_the_same_token_as_the_full_path():
+    """`sample`'s shortcut (argmax of the logits as they are) against `choose` on the float64-adjusted logits, with
+    temperatures, ties and float32 values one ulp apart; anything that can move the argmax takes the full path."""
+    gen = torch.Generator().manual_seed(5)
+    end_ids = frozenset({4, 9})
+    for trial in range(60):
+        logits = (torch.randn(V, generator=gen) * 4).float()
+        if trial % 3 == 0:
+            logits[[3, 17, 40]] = logits.max()  # a tie: the first index wins on both paths
+        if trial % 3 == 1:
+            top = int(torch.argmax(logits))
+            logits[(top + 1) % V] = torch.nextafter(logits[top], torch.tensor(math.inf))
+        req = _request(temperature=[0.0, 1e-7, 0.7][trial % 3], top_k=[None, 1, 1][trial % 3],
+                       min_tokens=[0, 0, 0, 2][trial % 4], bad_words=((int(torch.argmax(logits)),),) if trial % 5 == 0
+                       else (), repetition_penalty=1.3 if trial % 7 == 0 else 1.0)
+        req.output_ids = [1] if trial % 2 else []
+        want = choose(adjust_logits(logits, req, end_ids), req, None)
+        assert sample(logits, req, None, end_ids) == want
+        assert req.params.greedy
+
+
+def test_finite_rows_is_exact_where_a_sum_overflows():
+    big = torch.finfo(torch.float32).max
+    x = torch.randn(6, 1000)
+    x[1, 5] = math.inf
+    x[2, 7] = -math.inf
+    x[3, 9] = math.nan
+    x[4, :2] = big  # finite values whose sum overflows
+    x[5, [0, 1]] = torch.tensor([math.inf, -math.inf])  # a sum of nan
+    assert finite_rows(x).tolist() == [True, False, False, False, True, False]
+    assert finite_rows(x[0]).item() is True

@@ -18,6 +18,7 @@ from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
 from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
+from trtllm_bdlora.engine.sampler import finite_rows
 from trtllm_bdlora.llama.config_json import LlamaConfigJson
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict, vocab_shard
@@ -157,7 +158,7 @@ class TPLlama:
         if self.layout.world > 1:
             logits = self.comm.all_gather(logits, "base")[:, : self.vocab_size]
         logits = logits.float()
-        finite = torch.isfinite(logits[last] if all_logits else logits).all(-1).tolist()
+        finite = finite_rows(logits[last] if all_logits else logits).tolist()
         if not all(finite):  # a sequence whose cache may hold inf/NaN: its row is zeroed when it is freed
             self.kv_cache.mark_dirty(c.seq_id for c, ok in zip(chunks, finite) if not ok)
         return logits

@@ -30,7 +30,7 @@ from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.logprobs import position_logprobs, prompt_chunk_logprobs
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.request import Request
-from trtllm_bdlora.engine.sampler import ends_with, sample
+from trtllm_bdlora.engine.sampler import ends_with, finite_rows, sample
 from trtllm_bdlora.errors import BdLoraError, InternalError, RequestError, as_error, log_text
 
 # vLLM's chunked-prefill default for online serving on a GPU (TensorRT-LLM builds use 8192); on a CPU a step of
@@ -280,7 +280,7 @@ class Scheduler:
 
     def _sample_into(self, r: Running, row: torch.Tensor) -> None:
         req = r.req
-        if not bool(torch.isfinite(row).all()):
+        if not bool(finite_rows(row)):
             raise InternalError("the model produced non-finite logits for this request"
                                      + (f" (adapter {req.adapter})" if req.adapter is not None else ""))
         allowed = req.guide_matcher.allowed() if req.guide_matcher is not None else None

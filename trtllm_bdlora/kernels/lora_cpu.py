@@ -1,7 +1,9 @@
 """The multi-adapter LoRA op for the torch backend off CUDA: batched over adapters, no Python loop per adapter.
 
 Same contract as `kernels.lora_ref` (slot layouts, ranks, scales, tokens without adapter), with fp32
-accumulation for low-precision inputs; slot entries beyond a slot's rank are ignored but must be finite.
+accumulation for low-precision inputs (converted to float32 at decode sizes; from NATIVE_MIN_TOKENS tokens on,
+multiplied in their own dtype with h rounded to it once, as PEFT does); slot entries beyond a slot's rank are
+ignored but must be finite.
 On CPU a decode step's LoRA costs the adapter bytes it reads and the number of torch calls, not arithmetic, so
 the op reads each used adapter once, only up to the largest rank loaded (w; slots are sized for max_lora_rank),
 and keeps the number of calls small and independent of the number of adapters. Two strategies, by token count:
@@ -16,7 +18,8 @@ and keeps the number of calls small and independent of the number of adapters. T
 Two things are prepared once and reused: the token grouping (it depends only on the step's slot ids, so every
 layer and module shares it; `token_groups` remembers the last slot-id tensor) and, per linear group, the stacked
 factors (they change only when an adapter is loaded; keyed by the tensors' ids and version counters). The cached
-copy of B, and of A when w is below the slot width, can double the adapter memory on this backend.
+copy of B, and of A when w is below the slot width, can double the adapter memory on this backend (triple in
+bfloat16 / float16: a float32 copy for decode steps and one in the dtype for prefills).
 `python benchmarks/cpu_lora_op.py` compares the strategies and the reference at the embedded model's shapes.
 """
 
@@ -29,6 +32,10 @@ from dataclasses import dataclass, field
 import torch
 
 DENSE_MAX_TOKENS = 256  # dense measured faster than grouped up to here (benchmarks/cpu_lora_op.py)
+# low-precision batches of this many tokens or more skip the float32 conversion (_native): smollm2's four linear
+# groups, four bf16 adapters, per layer, 1 / 2 threads: 8 tokens 283 / 246 us converted against 496 / 454 native,
+# 32 tokens 662 / 493 against 579 / 493, 160 tokens 2567 / 1695 against 1019 / 882 (2026-12-06, /tmp script)
+NATIVE_MIN_TOKENS = 32
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -194,6 +201,14 @@ def _strategy(t: torch.Tensor) -> str:
     return "dense" if t.shape[0] <= DENSE_MAX_TOKENS else "grouped"
 
 
+def _native(x: torch.Tensor) -> bool:
+    """Whether a low-precision batch is multiplied in its own dtype (oneDNN: AMX / AVX-512 BF16, fp32
+    accumulation, h rounded once to the dtype as PEFT rounds it) instead of converted to float32 (MKL). oneDNN's
+    low-precision GEMMs cost some 20 us a call whatever their size, MKL's float32 ones 5-10 us at decode sizes, so
+    only a batch of NATIVE_MIN_TOKENS or more (a prefill) goes native, where its arithmetic dominates."""
+    return x.dtype in _LOW_PRECISION and x.shape[0] >= NATIVE_MIN_TOKENS and x.device.type == "cpu"
+
+
 def _compute(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _LOW_PRECISION else t
 
@@ -228,7 +243,7 @@ def multi_lora_cpu(
     g = token_groups(slot_ids)
     if g is None:
         return y
-    xc = _compute(x)
+    xc = x if _native(x) else _compute(x)
     grp = _group_constants(a_slots, b_slots, ranks, scales, xc.dtype)
     if _strategy(xc) == "dense":
         mask, same_dtype = g.mask(grp.width, xc.dtype), y.dtype == xc.dtype
