@@ -7,7 +7,8 @@ with the same threads per rank and the same KV cache space per rank. For each TP
 1. start this project's server (every adapter registered) and a vLLM server without LoRA;
 2. check that greedy completions agree token for token (both float32): the base model, then every adapter;
 3. run the same AIPerf load against each, interleaved A B A B (load from other processes falls on both alike),
-   first without adapters, then (vLLM restarted with --enable-lora) round-robin over the four adapters;
+   after --warmup-runs whole runs against each that are not counted, first without adapters, then (vLLM restarted
+   with --enable-lora) round-robin over the four adapters;
 4. sample each server's process tree RSS (all its processes added up) during its runs; keep the peak.
 
 The table of ratios (this project / vLLM; output tokens/s, TTFT and ITL p50/p99, peak RSS) goes into a section of
@@ -253,8 +254,13 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
             check = agreement(a, b, models, tokenizer, args.check_tokens) if checked else None
             if check:
                 print(f"[tp {tp} {load}] greedy agreement {check['equal']}/{check['total']}", flush=True)
+            for w in range(args.warmup_runs):  # not counted: vLLM's first run after a start is its slowest
+                for tag, server in (("ours", a), ("vllm", b)):
+                    row = aiperf(args, server, models, out / f"tp{tp}_{load}_warmup{w}_{tag}")
+                    print(f"[tp {tp} {load} warm-up {w} {tag}] {row}", flush=True)
             a.peak_rss = b.peak_rss = 0
-            entry = result["loads"][load] = {"runs": [], "agreement": check, "ready": ready, "rss": {}}
+            entry = result["loads"][load] = {"runs": [], "agreement": check, "ready": ready, "rss": {},
+                                             "warmup_runs": args.warmup_runs}
             for rep in range(args.repeats):  # A B A B
                 pair = {}
                 for tag, server in (("ours", a), ("vllm", b)):
@@ -302,7 +308,8 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
              f"asks) and {args.kv_gib} GiB of KV cache per rank "
              f"(`VLLM_CPU_KVCACHE_SPACE`, `--kv-cache-bytes`). Load: AIPerf chat completions, streamed, greedy, "
              f"`ignore_eos`, the requests of each row at concurrency {args.concurrency} after {args.concurrency} "
-             f"warm-up requests, {args.isl} prompt tokens (before the chat template), {args.osl} output tokens; "
+             f"warm-up requests (and, per row, {args.warmup_runs} whole uncounted run(s) against each server first), "
+             f"{args.isl} prompt tokens (before the chat template), {args.osl} output tokens; "
              f"`base`: the base model; `lora`: round-robin over the four adapters (vLLM started with "
              f"`--enable-lora`; without adapters it runs without). Each pair runs this project then vLLM "
              f"(A B A B); values are medians over the pairs, ratios (ours / vLLM) the median of the pairwise ratios, "
@@ -366,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isl", type=int, default=128)
     p.add_argument("--osl", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per row")
+    p.add_argument("--warmup-runs", type=int, default=1,
+                   help="whole AIPerf runs against each server before the pairs, not counted (vLLM's CPU build ran its "
+                        "first run after a start at 0.5-0.8x of its second)")
     p.add_argument("--check-tokens", type=int, default=24, help="greedy tokens compared per prompt (0: no check)")
     p.add_argument("--loads", default="base,lora", help="the loads run: base (no adapters), lora (four adapters)")
     p.add_argument("--check-loads", default="base,lora", help="the loads whose models are checked token for token")
