@@ -192,8 +192,9 @@ def json_object(value, what: str) -> dict:
 def within_range(cast: np.ndarray, source: np.ndarray, datatype: str, name: str) -> np.ndarray:
     """`cast` (JSON numbers as `datatype`), unless a finite number of `source` became infinite in it (numpy casts
     1e300 to FP32 as inf, with a warning): then a one-line InputError."""
-    if cast.dtype.kind == "f" and np.isinf(cast).any():
-        over = np.isinf(cast) & np.isfinite(source)
+    inf = np.isinf(cast) if cast.dtype.kind == "f" else None
+    if inf is not None and inf.any():
+        over = inf & np.isfinite(source)
         if over.any():
             raise InputError(name, f"must be within {datatype}'s range (±{float(np.finfo(cast.dtype).max):.4g}), "
                                    f"got {float(source[over].flat[0]):g}")
