@@ -109,6 +109,7 @@ def test_bfloat16_engine_with_adapters_close_to_peft(monkeypatch, native, tiny_l
     from trtllm_bdlora.kernels import lora_cpu
 
     monkeypatch.setattr(lora_cpu, "NATIVE_MIN_TOKENS", 16 if native else 10**6)
+    monkeypatch.setattr(lora_cpu, "onednn_fast", lambda dtype: True)  # both paths on any CPU (slow ones too)
     reqs = _cases(bd_adapters, lora_adapter)[0]
     engine = Engine(Comm(0, 1, torch.device("cpu")), str(tiny_llama), "bdlora", [tuple(a) for a in reqs["adapters"]],
                     max_loras=4, dtype="bfloat16")

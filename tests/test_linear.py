@@ -22,3 +22,32 @@ def test_padded_rows_bounds_padding_and_kernels():
     assert all(p == r for r, p in zip(range(8, 65, 8), padded[7:64:8]))  # decode batches of 8k rows: no padding
     assert all(p - r <= max(7, r // 8) for r, p in zip(range(1, 8193), padded))
     assert len(set(padded)) <= 64  # oneDNN kernels a server meets up to 8192 rows: 8 per doubling
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_linear_on_any_cpu(dtype):
+    """bf16 / fp16 weights are packed only where oneDNN has kernels for them (AVX-512 / AMX); on an AVX2 CPU the
+    packing op refuses them, so the plain product runs instead. Either way the result is the float64 product
+    within one rounding of the output (fp32 accumulation)."""
+    from trtllm_bdlora.kernels.cpu_features import onednn_fast
+
+    gen = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(72, 40, generator=gen).to(dtype), torch.randn(9, 40, generator=gen).to(dtype)
+    linear = Linear(weight)
+    assert (linear.packed is not None) == onednn_fast(dtype)
+    y = linear(x)
+    want = x.double() @ weight.double().T
+    size = x.double().abs() @ weight.double().abs().T
+    assert y.dtype == dtype and ((y.double() - want).abs() <= 2 * torch.finfo(dtype).eps * size).all()
+
+
+def test_slow_dtype_note_names_the_dtype_only_where_it_is_slow():
+    from trtllm_bdlora.kernels.cpu_features import onednn_fast, slow_dtype_note
+
+    cpu = torch.device("cpu")
+    assert slow_dtype_note(torch.float32, cpu) is None
+    assert slow_dtype_note(torch.bfloat16, torch.device("meta")) is None
+    note = slow_dtype_note(torch.bfloat16, cpu)
+    assert (note is None) == onednn_fast(torch.bfloat16)
+    if note is not None:
+        assert "\n" not in note and "--dtype bfloat16" in note and "float32" in note

@@ -5,7 +5,8 @@ against a large weight that does not stay in cache) that path streams the weight
 thread, 8 tokens, smollm2-135m's LM head (49152 x 576, float32) took 127 ms against 35 ms with the weight
 reordered once into oneDNN's blocked layout (the op torch's inductor uses for CPU linears); a whole decode step's
 base GEMMs 185 against 82 ms, and 60 against 40 ms in bfloat16 (2026-12-06, load average 16). The packed weight
-replaces the plain one (same bytes); off CPU, or without oneDNN, the plain product is used.
+replaces the plain one (same bytes); off CPU, without oneDNN, or in a dtype this CPU's oneDNN has no kernels for
+(bfloat16 / float16 without AVX-512: `kernels.cpu_features`), the plain product is used.
 
 oneDNN builds (JIT-compiles) a kernel for every new number of rows, at several ms per weight shape, and keeps a
 bounded cache of them; the steps of continuous batching come in every row count up to --max-num-tokens. Rows are
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from trtllm_bdlora.kernels.cpu_features import onednn_fast
+
 PACK_BATCH_HINT = 16  # tokens per step the blocked layout is chosen for (any count works)
 MIN_ROW_BUCKET = 8
 
@@ -31,7 +34,7 @@ def padded_rows(rows: int) -> int:
 
 def _can_pack(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dim() == 2 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and onednn_fast(weight.dtype))
 
 
 class Linear:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trtllm_bdlora.kernels.cpu_features import onednn_fast
+
 DENSE_MAX_TOKENS = 256  # dense measured faster than grouped up to here (benchmarks/cpu_lora_op.py)
 # low-precision batches of this many tokens or more skip the float32 conversion (_native): smollm2's four linear
 # groups, four bf16 adapters, per layer, 1 / 2 threads: 8 tokens 283 / 246 us converted against 496 / 454 native,
@@ -205,8 +207,10 @@ def _native(x: torch.Tensor) -> bool:
     """Whether a low-precision batch is multiplied in its own dtype (oneDNN: AMX / AVX-512 BF16, fp32
     accumulation, h rounded once to the dtype as PEFT rounds it) instead of converted to float32 (MKL). oneDNN's
     low-precision GEMMs cost some 20 us a call whatever their size, MKL's float32 ones 5-10 us at decode sizes, so
-    only a batch of NATIVE_MIN_TOKENS or more (a prefill) goes native, where its arithmetic dominates."""
-    return x.dtype in _LOW_PRECISION and x.shape[0] >= NATIVE_MIN_TOKENS and x.device.type == "cpu"
+    only a batch of NATIVE_MIN_TOKENS or more (a prefill) goes native, where its arithmetic dominates; and only
+    where oneDNN has native kernels for the dtype (not on an AVX2 CPU, where float32 is much faster)."""
+    return (x.dtype in _LOW_PRECISION and x.shape[0] >= NATIVE_MIN_TOKENS and x.device.type == "cpu"
+            and onednn_fast(x.dtype))
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
