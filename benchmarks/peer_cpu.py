@@ -8,7 +8,9 @@ with the same threads per rank and the same KV cache space per rank. For each TP
 2. check that greedy completions agree token for token (both float32): the base model, then every adapter;
 3. run the same AIPerf load against each, interleaved A B A B (load from other processes falls on both alike),
    after --warmup-runs whole runs against each that are not counted, first without adapters, then (vLLM restarted
-   with --enable-lora) round-robin over the four adapters;
+   with --enable-lora) round-robin over the four adapters. Every run has prompts of its own (AIPerf's
+   --random-seed: one per pair, shared by its two runs, and one per warm-up run): vLLM's automatic prefix caching,
+   on by default, would otherwise serve a repeated prompt's prefill from its cache, which this project does not have;
 4. sample each server's process tree RSS (all its processes added up) during its runs; keep the peak.
 
 The table of ratios (this project / vLLM; output tokens/s, TTFT and ITL p50/p99, peak RSS) goes into a section of
@@ -212,12 +214,18 @@ def agreement(a: Server, b: Server, models: list[str], tokenizer, max_tokens: in
     return {"equal": sum(r["equal"] for r in rows), "total": len(rows), "rows": rows}
 
 
-def aiperf(args, server: Server, models: list[str], out: Path) -> dict:
+def prompt_seed(load: str, run: int, warmup: bool = False) -> int:
+    """AIPerf's --random-seed of one run: no two runs of a row (nor of the two loads) share their prompts; the two
+    runs of a pair do."""
+    return 1 + ("base", "lora").index(load) * 100 + (50 if warmup else 0) + run
+
+
+def aiperf(args, server: Server, models: list[str], out: Path, seed: int) -> dict:
     cmd = [args.aiperf, "profile", "--model-names", ",".join(models), "--model-selection-strategy", "round-robin",
            "--endpoint-type", "chat", "--streaming", "--url", f"http://127.0.0.1:{server.port}",
            "--tokenizer", args.model_dir, "--concurrency", str(args.concurrency), "--request-count", str(args.requests),
            "--warmup-request-count", str(args.concurrency), "--isl", str(args.isl), "--isl-stddev", "0",
-           "--osl", str(args.osl), "--osl-stddev", "0", "--random-seed", "0", "--extra-inputs", "temperature:0",
+           "--osl", str(args.osl), "--osl-stddev", "0", "--random-seed", str(seed), "--extra-inputs", "temperature:0",
            "--extra-inputs", "ignore_eos:true", "--output-artifact-dir", str(out), "--ui-type", "none",
            "--no-server-metrics", "--no-gpu-telemetry"]
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +240,7 @@ def aiperf(args, server: Server, models: list[str], out: Path) -> dict:
     row = {key: float((data.get(name) or {}).get(stat) or "nan") for name, stat, key in METRICS}
     row.update(requests=int((data.get("request_count") or {}).get("avg") or 0),
                errors=int((data.get("error_request_count") or {}).get("avg") or 0),
-               load_before=load, load_after=os.getloadavg()[0])
+               load_before=load, load_after=os.getloadavg()[0], seed=seed)
     return row
 
 
@@ -254,9 +262,9 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
             check = agreement(a, b, models, tokenizer, args.check_tokens) if checked else None
             if check:
                 print(f"[tp {tp} {load}] greedy agreement {check['equal']}/{check['total']}", flush=True)
-            for w in range(args.warmup_runs):  # not counted: vLLM's first run after a start is its slowest
+            for w in range(args.warmup_runs):  # not counted: kernels built, caches and allocators warmed
                 for tag, server in (("ours", a), ("vllm", b)):
-                    row = aiperf(args, server, models, out / f"tp{tp}_{load}_warmup{w}_{tag}")
+                    row = aiperf(args, server, models, out / f"tp{tp}_{load}_warmup{w}_{tag}", prompt_seed(load, w, True))
                     print(f"[tp {tp} {load} warm-up {w} {tag}] {row}", flush=True)
             a.peak_rss = b.peak_rss = 0
             entry = result["loads"][load] = {"runs": [], "agreement": check, "ready": ready, "rss": {},
@@ -264,7 +272,7 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
             for rep in range(args.repeats):  # A B A B
                 pair = {}
                 for tag, server in (("ours", a), ("vllm", b)):
-                    pair[tag] = aiperf(args, server, models, out / f"tp{tp}_{load}_{rep}_{tag}")
+                    pair[tag] = aiperf(args, server, models, out / f"tp{tp}_{load}_{rep}_{tag}", prompt_seed(load, rep))
                     print(f"[tp {tp} {load} {rep} {tag}] {pair[tag]}", flush=True)
                 entry["runs"].append(pair)
                 entry["rss"] = {"ours": a.peak_rss, "vllm": b.peak_rss}
@@ -309,6 +317,8 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
              f"(`VLLM_CPU_KVCACHE_SPACE`, `--kv-cache-bytes`). Load: AIPerf chat completions, streamed, greedy, "
              f"`ignore_eos`, the requests of each row at concurrency {args.concurrency} after {args.concurrency} "
              f"warm-up requests (and, per row, {args.warmup_runs} whole uncounted run(s) against each server first), "
+             f"every run with prompts of its own (AIPerf's `--random-seed`, shared by the two runs of a pair), so "
+             f"vLLM's prefix cache (on: its default) never meets a repeated prompt, "
              f"{args.isl} prompt tokens (before the chat template), {args.osl} output tokens; "
              f"`base`: the base model; `lora`: round-robin over the four adapters (vLLM started with "
              f"`--enable-lora`; without adapters it runs without). Each pair runs this project then vLLM "
@@ -374,8 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--osl", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="A B pairs per row")
     p.add_argument("--warmup-runs", type=int, default=1,
-                   help="whole AIPerf runs against each server before the pairs, not counted (vLLM's CPU build ran its "
-                        "first run after a start at 0.5-0.8x of its second)")
+                   help="whole AIPerf runs against each server before the pairs, not counted (each with prompts of "
+                        "its own, as every run)")
     p.add_argument("--check-tokens", type=int, default=24, help="greedy tokens compared per prompt (0: no check)")
     p.add_argument("--loads", default="base,lora", help="the loads run: base (no adapters), lora (four adapters)")
     p.add_argument("--check-loads", default="base,lora", help="the loads whose models are checked token for token")

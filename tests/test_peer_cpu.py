@@ -1,0 +1,44 @@
+"""benchmarks/peer_cpu.py gives every AIPerf run prompts of its own (vLLM's prefix cache served a repeated run's
+prefills from memory, which this project has no cache for), the same prompts to the two runs of a pair."""
+
+import importlib.util
+import itertools
+import json
+import sys
+import types
+
+from tests.helpers import REPO
+
+
+def _peer():
+    spec = importlib.util.spec_from_file_location("peer_cpu", REPO / "benchmarks" / "peer_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_run_of_a_row_has_its_own_prompt_seed():
+    peer = _peer()
+    runs = [(load, run, warm) for load, run, warm in itertools.product(("base", "lora"), range(10), (False, True))]
+    seeds = [peer.prompt_seed(*r) for r in runs]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_the_seed_reaches_aiperf(tmp_path):
+    """A stand-in `aiperf` that records its command line and writes the export file AIPerf writes."""
+    peer = _peer()
+    fake = tmp_path / "aiperf"
+    export = {"output_token_throughput": {"avg": 12.5}, "time_to_first_token": {"p50": 3.0, "p99": 4.0},
+              "inter_token_latency": {"p50": 5.0, "p99": 6.0}, "request_count": {"avg": 4}}
+    fake.write_text(f"#!{sys.executable}\nimport json, sys, pathlib\n"
+                    "out = pathlib.Path(sys.argv[sys.argv.index('--output-artifact-dir') + 1])\n"
+                    "out.mkdir(parents=True, exist_ok=True)\n"
+                    "(out / 'argv.json').write_text(json.dumps(sys.argv))\n"
+                    f"(out / 'profile_export_aiperf.json').write_text({json.dumps(json.dumps(export))})\n")
+    fake.chmod(0o755)
+    args = types.SimpleNamespace(aiperf=str(fake), concurrency=2, requests=4, isl=8, osl=4, model_dir="m")
+    server = types.SimpleNamespace(port=1, sample=lambda on: None)
+    row = peer.aiperf(args, server, ["base"], tmp_path / "run", peer.prompt_seed("lora", 1))
+    argv = json.loads((tmp_path / "run" / "argv.json").read_text())
+    assert argv[argv.index("--random-seed") + 1] == str(peer.prompt_seed("lora", 1)) == str(row["seed"])
+    assert row["out_tok_s"] == 12.5 and row["requests"] == 4
