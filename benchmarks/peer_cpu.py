@@ -214,10 +214,10 @@ def agreement(a: Server, b: Server, models: list[str], tokenizer, max_tokens: in
     return {"equal": sum(r["equal"] for r in rows), "total": len(rows), "rows": rows}
 
 
-def prompt_seed(load: str, run: int, warmup: bool = False) -> int:
-    """AIPerf's --random-seed of one run: no two runs of a row (nor of the two loads) share their prompts; the two
-    runs of a pair do."""
-    return 1 + ("base", "lora").index(load) * 100 + (50 if warmup else 0) + run
+def prompt_seed(load: str, run: int) -> int:
+    """AIPerf's --random-seed of a row's `run`-th run (warm-up runs first, then the pairs; both runs of a pair
+    share it): no two runs of a row, nor of the two loads, share their prompts."""
+    return 1 + ("base", "lora").index(load) * 10_000 + run
 
 
 def aiperf(args, server: Server, models: list[str], out: Path, seed: int) -> dict:
@@ -264,7 +264,7 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
                 print(f"[tp {tp} {load}] greedy agreement {check['equal']}/{check['total']}", flush=True)
             for w in range(args.warmup_runs):  # not counted: kernels built, caches and allocators warmed
                 for tag, server in (("ours", a), ("vllm", b)):
-                    row = aiperf(args, server, models, out / f"tp{tp}_{load}_warmup{w}_{tag}", prompt_seed(load, w, True))
+                    row = aiperf(args, server, models, out / f"tp{tp}_{load}_warmup{w}_{tag}", prompt_seed(load, w))
                     print(f"[tp {tp} {load} warm-up {w} {tag}] {row}", flush=True)
             a.peak_rss = b.peak_rss = 0
             entry = result["loads"][load] = {"runs": [], "agreement": check, "ready": ready, "rss": {},
@@ -272,7 +272,8 @@ def run_tp(args, tp: int, adapters: dict[str, Path], out: Path, tokenizer) -> di
             for rep in range(args.repeats):  # A B A B
                 pair = {}
                 for tag, server in (("ours", a), ("vllm", b)):
-                    pair[tag] = aiperf(args, server, models, out / f"tp{tp}_{load}_{rep}_{tag}", prompt_seed(load, rep))
+                    seed = prompt_seed(load, args.warmup_runs + rep)
+                    pair[tag] = aiperf(args, server, models, out / f"tp{tp}_{load}_{rep}_{tag}", seed)
                     print(f"[tp {tp} {load} {rep} {tag}] {pair[tag]}", flush=True)
                 entry["runs"].append(pair)
                 entry["rss"] = {"ours": a.peak_rss, "vllm": b.peak_rss}
@@ -318,7 +319,7 @@ def section(args, results: list[dict], command: str, versions: dict) -> str:
              f"`ignore_eos`, the requests of each row at concurrency {args.concurrency} after {args.concurrency} "
              f"warm-up requests (and, per row, {args.warmup_runs} whole uncounted run(s) against each server first), "
              f"every run with prompts of its own (AIPerf's `--random-seed`, shared by the two runs of a pair), so "
-             f"vLLM's prefix cache (on: its default) never meets a repeated prompt, "
+             f"vLLM's prefix cache (on: its default) never meets a prompt of an earlier run, "
              f"{args.isl} prompt tokens (before the chat template), {args.osl} output tokens; "
              f"`base`: the base model; `lora`: round-robin over the four adapters (vLLM started with "
              f"`--enable-lora`; without adapters it runs without). Each pair runs this project then vLLM "

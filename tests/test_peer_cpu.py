@@ -19,7 +19,7 @@ def _peer():
 
 def test_every_run_of_a_row_has_its_own_prompt_seed():
     peer = _peer()
-    runs = [(load, run, warm) for load, run, warm in itertools.product(("base", "lora"), range(10), (False, True))]
+    runs = list(itertools.product(("base", "lora"), range(20)))  # warm-up runs and pairs of each load
     seeds = [peer.prompt_seed(*r) for r in runs]
     assert len(set(seeds)) == len(seeds)
 

@@ -33,8 +33,8 @@ def padded_rows(rows: int) -> int:
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dim() == 2 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and onednn_fast(weight.dtype))
+    return (weight.device.type == "cpu" and weight.dim() == 2 and onednn_fast(weight.dtype)
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class Linear:
