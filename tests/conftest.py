@@ -14,7 +14,7 @@ from tests.helpers import make_peft_adapter, make_tiny_llama  # noqa: E402
 # serve: runs the package's commands (serve, generate, bench, ...) as processes; container: builds and runs images;
 # route: the production route (real tritonserver, the TensorRT plugin and TensorRT-LLM stand-ins, compilers).
 TIERS = {
-    "unit": """adapter_cache adapter_files adapters config_json edge_units example_training fuzz_decoders hosts_check kernel
+    "unit": """adapter_cache adapter_files adapters config_json edge_units example_training fuzz_decoders hosts_check avx2 kernel
         kserve_extensions_units kv_cache layout linear logprobs_units lora_cpu peer_cpu rotary sampling serving_edge_owners
         serving_scheduler sharding threads tiers triton_interface trtllm_network trtllm_request_adapters""",
     "serve": """adapter_identity bad_input_kserve bad_input_openai bench bench_exit build_cli cli edge_hostile engine_tp
@@ -51,6 +51,23 @@ def pytest_collection_modifyitems(config, items):
         if not any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(getattr(pytest.mark, TIER_OF[item.path.stem]))
         item.add_marker(pytest.mark.xdist_group(GROUP_OF.get(item.path.stem, item.path.stem)))
+
+
+@pytest.fixture
+def cpu_kernels(request):
+    """The engine's float32 CPU kernels for one test, by indirect parametrization: "torch" (oneDNN and SDPA) or
+    "avx2" (kernels/avx2.c; skipped where the CPU lacks AVX2 and FMA). Yields the kernels module."""
+    from trtllm_bdlora.kernels import avx2
+
+    choice = getattr(request, "param", "auto")
+    if choice == "avx2" and not {"avx2", "fma"} <= avx2._cpu_flags():
+        pytest.skip("the AVX2 kernels need AVX2 and FMA")
+    saved = avx2.CHOICE
+    avx2.CHOICE = choice
+    avx2._library.cache_clear()
+    yield avx2
+    avx2.CHOICE = saved
+    avx2._library.cache_clear()
 
 
 @pytest.fixture(scope="session")

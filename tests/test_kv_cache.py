@@ -27,7 +27,8 @@ def reference_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out.transpose(0, 1).reshape(n, -1)
 
 
-def test_step_attention_matches_float64_through_relayouts():
+@pytest.mark.parametrize("cpu_kernels", ["torch", "avx2"], indirect=True)
+def test_step_attention_matches_float64_through_relayouts(cpu_kernels):
     """Steps mixing prefill chunks and decodes, sequences joining and leaving, the capacity growing (rows halve)
     and shrinking again: every token's attention equals float64 attention over its own sequence."""
     gen = torch.Generator().manual_seed(1)
@@ -140,7 +141,8 @@ def _prefill_logits(engine) -> list[torch.Tensor]:
     return list(logits.split([len(p) for p in PROMPTS]))
 
 
-def test_gqa_engine_matches_transformers_with_chunked_prefill(gqa_llama, hf_reference):
+@pytest.mark.parametrize("cpu_kernels", ["torch", "avx2"], indirect=True)
+def test_gqa_engine_matches_transformers_with_chunked_prefill(gqa_llama, hf_reference, cpu_kernels):
     """Prompt logits of a batch in one step, and greedy tokens with prompts prefilled 4 tokens a step beside the
     other sequences' decodes, equal transformers."""
     from trtllm_bdlora.engine.generate import run_requests

@@ -3,7 +3,8 @@
 Every decoding sequence (one new token) is one batch row of a single call whose keys are a view of the KV cache's
 rows (no copy); the prefill chunks of the step (more than one token each) are a second call, padded to the longest
 chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the query axis, so K and V are
-never repeated. Query head h uses KV head h // group, as HF's repeat_kv.
+never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on an AVX2 CPU the decoding
+tokens go to `kernels.avx2.decode_attention` instead, which reads each token's own keys in place.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from trtllm_bdlora.engine.kv_cache import KVCache, StepLayout
+from trtllm_bdlora.kernels import avx2
 
 
 def write_kv(cache: KVCache, layer: int, step: StepLayout, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -28,7 +30,9 @@ def step_attention(cache: KVCache, layer: int, step: StepLayout, q: torch.Tensor
     group = heads // kv_heads
     out = q.new_empty(t, heads * d)
     k_all, v_all = cache.view(layer, 0), cache.view(layer, 1)
-    if step.decode_tokens is not None:
+    if step.decode_tokens is not None and avx2.decode_attention_usable(q):
+        avx2.decode_attention(q, k_all, v_all, step.decode_tokens, step.decode_row_index, step.decode_lengths, out)
+    elif step.decode_tokens is not None:
         lo, hi = step.decode_rows
         rows = hi - lo
         q_dec = q.index_select(0, step.decode_tokens)

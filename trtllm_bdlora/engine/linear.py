@@ -14,12 +14,16 @@ therefore padded up to `padded_rows`: a multiple of 8, or above 64 rows of an ei
 (less than 12.5% padding), so that a server meets about 8 kernels per doubling of the row count instead of one per count.
 Padding costs what the extra rows compute: a decode step of 8 sequences padded to 16 rows took 45-50 ms of base
 GEMMs against 37 ms unpadded (two threads, 2026-12-06, load average 1).
+
+Float32 on a CPU whose best vector unit is AVX2 goes to `kernels.avx2` instead (faster than oneDNN there at every
+row count measured; no padding needed).
 """
 
 from __future__ import annotations
 
 import torch
 
+from trtllm_bdlora.kernels import avx2
 from trtllm_bdlora.kernels.cpu_features import onednn_fast
 
 PACK_BATCH_HINT = 16  # tokens per step the blocked layout is chosen for (any count works)
@@ -41,11 +45,14 @@ class Linear:
     def __init__(self, weight: torch.Tensor, pack: bool = True):
         self.shape, self.dtype = tuple(weight.shape), weight.dtype
         self.nbytes = weight.numel() * weight.element_size()
+        self.panels = avx2.pack(weight) if pack and avx2.usable(weight) else None
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT) \
-            if pack and _can_pack(weight) else None
-        self.weight = None if self.packed is not None else weight
+            if pack and self.panels is None and _can_pack(weight) else None
+        self.weight = None if self.packed is not None or self.panels is not None else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None:
+            return avx2.matmul(x, self.panels, self.shape[0])
         if self.packed is None:
             return x @ self.weight.T
         rows = x.shape[0]

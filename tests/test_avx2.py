@@ -1,0 +1,139 @@
+"""The AVX2 float32 kernels (kernels/avx2.c through kernels/avx2.py), GEMM and decode attention, against float64,
+and the rules that choose them."""
+
+import logging
+
+import pytest
+import torch
+
+from trtllm_bdlora.engine.linear import Linear
+from trtllm_bdlora.kernels import avx2
+
+needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= avx2._cpu_flags(), reason="the kernel needs AVX2 and FMA")
+
+
+@pytest.fixture
+def choice(cpu_kernels):
+    """Set TRTLLM_BDLORA_CPU_KERNELS's value within the test (conftest's cpu_kernels restores it after)."""
+    def set_choice(value: str) -> None:
+        cpu_kernels.CHOICE = value
+        cpu_kernels._library.cache_clear()
+    return set_choice
+
+
+@needs_avx2
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n,k", [(72, 40), (16, 1), (5, 33), (49, 576), (3072, 576)])
+def test_kernel_equals_float64(choice, n, k, threads):
+    choice("avx2")
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    weight = torch.randn(n, k, generator=gen)
+    packed = avx2.pack(weight)
+    assert packed.shape == (-(-n // 16), k, 16)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 5, 6, 7, 8, 12, 13, 64, 129):
+            x = torch.randn(rows, k, generator=gen)
+            y = avx2.matmul(x, packed, n)
+            want = x.double() @ weight.double().T
+            size = x.double().abs() @ weight.double().abs().T  # fp32 accumulation: error within k roundings of |x||W|
+            assert y.shape == (rows, n) and y.dtype == torch.float32
+            assert ((y.double() - want).abs() <= k * torch.finfo(torch.float32).eps * size + 1e-30).all(), rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_avx2
+def test_kernel_takes_views_and_empty_batches(choice):
+    choice("avx2")
+    weight = torch.randn(40, 24)
+    packed = avx2.pack(weight.T.contiguous().T)  # a weight of another layout packs the same
+    x = torch.randn(6, 48)[:, ::2]  # not contiguous
+    torch.testing.assert_close(avx2.matmul(x, packed, 40).double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
+    assert avx2.matmul(torch.empty(0, 24), packed, 40).shape == (0, 40)
+    with pytest.raises(ValueError, match="24 input features"):
+        avx2.matmul(torch.randn(2, 23), packed, 40)
+
+
+@needs_avx2
+@pytest.mark.parametrize("value", ["avx2", "torch"])
+def test_linear_uses_the_chosen_gemm(choice, value):
+    choice(value)
+    gen = torch.Generator().manual_seed(3)
+    weight, x = torch.randn(72, 40, generator=gen), torch.randn(9, 40, generator=gen)
+    linear = Linear(weight)
+    assert (linear.panels is not None) == (value == "avx2")
+    torch.testing.assert_close(linear(x).double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
+    assert Linear(weight.to(torch.bfloat16)).panels is None  # float32 only
+
+
+def test_auto_leaves_avx512_cpus_to_torch(choice, monkeypatch):
+    monkeypatch.setattr(avx2, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    choice("auto")
+    assert not avx2.usable(torch.randn(4, 4))
+    monkeypatch.setattr(avx2, "_cpu_flags", lambda: {"sse4_2"})
+    choice("avx2")
+    assert not avx2.usable(torch.randn(4, 4))
+
+
+@needs_avx2
+def test_failed_build_warns_once_and_falls_back(choice, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TRTLLM_BDLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    choice("avx2")
+    with caplog.at_level(logging.WARNING, logger="trtllm_bdlora.kernels.avx2"):
+        assert not avx2.usable(torch.randn(4, 4))
+        assert not avx2.usable(torch.randn(4, 4))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "could not be built" in warnings[0] and "torch's" in warnings[0]
+    weight = torch.randn(8, 4)
+    torch.testing.assert_close(Linear(weight)(torch.ones(1, 4)), torch.ones(1, 4) @ weight.T)
+
+
+def test_unknown_choice_names_the_variable(choice):
+    choice("fast")
+    with pytest.raises(ValueError, match="TRTLLM_BDLORA_CPU_KERNELS='fast'"):
+        avx2.usable(torch.randn(4, 4))
+
+
+def _reference_decode(q, k, v, rows, lengths):
+    """float64 attention of one query per token over keys 0..length-1 of its cache row, KV heads repeated."""
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist())):
+        keys = k[row, :, :length].double().repeat_interleave(group, dim=0)  # [heads, length, d]
+        values = v[row, :, :length].double().repeat_interleave(group, dim=0)
+        scores = (keys @ q[i].double()[:, :, None])[..., 0] / q.shape[-1] ** 0.5
+        out.append((scores.softmax(-1)[:, None, :] @ values)[:, 0].reshape(-1))
+    return torch.stack(out)
+
+
+@needs_avx2
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 16), (8, 1, 8)])
+def test_decode_attention_equals_float64(choice, heads, kv_heads, d, threads):
+    """Tokens in another order than their rows, rows of different lengths (1 to the capacity), q a strided view
+    (the engine's rotated q and k share one tensor), outputs scattered to the tokens' places."""
+    choice("avx2")
+    gen = torch.Generator().manual_seed(heads * 100 + d)
+    rows_total, capacity, t = 6, 32, 7
+    k = torch.randn(rows_total, kv_heads, capacity, d, generator=gen)
+    v = torch.randn(rows_total, kv_heads, capacity, d, generator=gen)
+    qk = torch.randn(t, heads + kv_heads, d, generator=gen)
+    q = qk[:, :heads]
+    tokens, rows, lengths = torch.tensor([5, 0, 3, 6]), torch.tensor([2, 4, 0, 5]), torch.tensor([1, 32, 17, 9])
+    out = torch.full((t, heads * d), 7.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        avx2.decode_attention(q, k, v, tokens, rows, lengths, out)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out[tokens].double(), _reference_decode(q[tokens], k, v, rows, lengths),
+                               rtol=1e-5, atol=1e-5)
+    untouched = torch.ones(t, dtype=torch.bool)
+    untouched[tokens] = False
+    assert (out[untouched] == 7.0).all()  # other tokens' outputs (prefill) are left as they are
+    with pytest.raises(ValueError, match="layout"):
+        avx2.decode_attention(q, k, v, tokens, rows, lengths, out.T)

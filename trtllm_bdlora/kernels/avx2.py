@@ -1,0 +1,151 @@
+"""The engine's float32 CPU kernels for CPUs whose best vector unit is AVX2 (`avx2.c`): the base GEMM and the
+attention of decoding tokens. Built on first use with the system's C compiler into the cache directory, called
+through ctypes (which releases the GIL while they run), on torch's intra-op thread count.
+
+On such CPUs (AMD EPYC / Ryzen before Zen 4, Intel without AVX-512) oneDNN's float32 kernels stream a decode step's
+weights far below memory speed: one thread, smollm2-135m's 211 weights (538 MB) against 8 rows took 62-72 ms through
+oneDNN's prepacked linear and 41-50 ms here, 1 row 63 against 35 ms (memory alone: 30 ms at 17.7 GB/s), 128 rows
+446 against 372 ms (AMD EPYC, 2026-12-07, `python benchmarks/cpu_kernels.py`). torch's SDPA on the decode batch
+(a batched call on tiny matrices) took about 620 us a layer for 8 sequences of ~150 tokens, where the K/V read is
+~2.4 MB. Where the CPU has AVX-512, oneDNN and SDPA keep the work (not measured against them here).
+TRTLLM_BDLORA_CPU_KERNELS=torch|avx2 forces a choice (auto: the rule above). A CPU without AVX2 and FMA, or a machine
+without a C compiler, gets torch's, with one warning saying why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trtllm_bdlora.llama.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("avx2.c")
+PANEL = 16  # output features per packed panel (avx2.c)
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+ENV = "TRTLLM_BDLORA_CPU_KERNELS"
+CHOICES = ("auto", "torch", "avx2")
+CHOICE = os.environ.get(ENV, "auto") or "auto"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def library_path() -> Path:
+    """Where the built library lives: the cache directory, named by a hash of the source and the flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"avx2-{digest}.so"
+
+
+def build() -> Path:
+    """Compile the library into `library_path()` unless it is there (RuntimeError naming what failed); a container
+    image calls this at build time, so that a read-only cache directory holds it."""
+    target = library_path()
+    if target.is_file():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # ranks may build at once: publish by rename
+        built = Path(tmp) / target.name
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+            raise RuntimeError(f"{compiler} failed: {last}")
+        os.replace(built, target)
+    log.info("built the AVX2 float32 kernels: %s", target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The built kernel library, or None (warned once) where it cannot be had."""
+    if CHOICE not in CHOICES:
+        raise ValueError(f"{ENV}={CHOICE!r}: expected one of {', '.join(CHOICES)}")
+    if CHOICE == "torch":
+        return None
+    if not {"avx2", "fma"} <= _cpu_flags():
+        if CHOICE == "avx2":
+            log.warning("%s=avx2: this CPU has no AVX2 and FMA; using torch's kernels", ENV)
+        return None
+    if CHOICE == "auto" and "avx512f" in _cpu_flags():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as e:
+        log.warning("the AVX2 float32 kernels could not be built (%s); using torch's, slower on this CPU", e)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.bdlora_pack_f32.argtypes = [pointer, pointer, size, size]
+    lib.bdlora_gemm_f32.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
+    lib.bdlora_decode_attention_f32.argtypes = [pointer, size, pointer, pointer, size, size, pointer, pointer, pointer,
+                                                size, size, size, size, ctypes.c_float, pointer, size, ctypes.c_int]
+    return lib
+
+
+def decode_attention_usable(q: torch.Tensor) -> bool:
+    """Whether `decode_attention` takes these queries ([T, heads, d]): `usable`, and d a multiple of 8."""
+    return q.shape[-1] % 8 == 0 and usable(q)
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether these kernels take `tensor`'s work: a CPU float32 tensor, on a CPU they are chosen for."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and _library() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [n, k] as panels [ceil(n / 16), k, 16] (zero-padded); only `usable` weights."""
+    n, k = weight.shape
+    weight = weight.contiguous()
+    packed = torch.empty(-(-n // PANEL), k, PANEL, dtype=torch.float32)
+    _library().bdlora_pack_f32(weight.data_ptr(), packed.data_ptr(), n, k)
+    return packed
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
+    """x [m, k] @ W.T for the W that `pack` gave `packed`: [m, n], on torch's intra-op thread count."""
+    m, k = x.shape
+    if k != packed.shape[1] or x.dtype != torch.float32:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} against a packed float32 weight of {packed.shape[1]} input features")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        _library().bdlora_gemm_f32(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+                     lengths: torch.Tensor, out: torch.Tensor) -> None:
+    """out[tokens[i]] = softmax(q[tokens[i]] K^T / sqrt(d)) V over keys 0..lengths[i]-1 of cache row rows[i], per
+    query head (head h reads KV head h // (heads / kv_heads)). q [T, heads, d] (rows may be strided, heads and d
+    not), k and v [rows, kv_heads, capacity, d] (the cache's views), out [T, heads * d]; float32 CPU tensors, d a
+    multiple of 8."""
+    heads, d = q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    if not (q.stride(2) == 1 and q.stride(1) == d and k.stride() == v.stride() and k.stride(2) == d and k.stride(3) == 1
+            and out.is_contiguous() and out.shape[1] == heads * d and heads % kv_heads == 0 and d % 8 == 0):
+        raise ValueError("decode_attention: q, k, v or out not in the expected layout")
+    if not (q.dtype == k.dtype == v.dtype == out.dtype == torch.float32):
+        raise ValueError("decode_attention: float32 tensors only")
+    index = [t.to(torch.int64).contiguous() for t in (tokens, rows, lengths)]
+    _library().bdlora_decode_attention_f32(
+        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+        *(t.data_ptr() for t in index), len(index[0]), heads, kv_heads, d, d ** -0.5, out.data_ptr(), out.stride(0),
+        torch.get_num_threads())
