@@ -2,10 +2,13 @@
 whether training taught the task or the training words.
 
   python examples/heldout_probe.py --few-shot                       # base model, 12-shot, one held-out word at a time
+  python examples/heldout_probe.py --few-shot --spelled             # the same, answers spelt letter by letter
   python examples/heldout_probe.py --adapter DIR --task upper       # teacher-forced exact match, train vs held-out
 
 `--few-shot`: smollm2-135m completes `word -> WORD` after 12 training words done so, greedily, for `--n` held-out
 words: the upper-casing an adapter can draw on for a word it never saw (upper-casing needs the word's spelling).
+`--spelled`: the answers spelt out (`word -> W O R D`): whether the model knows the letters of a word it cannot
+upper-case whole (an adapter could then be trained to answer one letter per token).
 `--adapter`: exact match of the whole answer under teacher forcing (every answer token is PEFT's greedy choice
 after the gold prefix: evaluate.peft_disagreements on the float32 base) on `--n` prompts of each split drawn with
 `--seed` (not the tests' prompts), both request forms. An adapter that learned the task scores about the same on
@@ -36,17 +39,22 @@ from training import load_base  # noqa: E402
 SHOTS = 12
 
 
-def few_shot_upper(model, tokenizer, n: int, seed: int) -> tuple[int, list[tuple[str, str]]]:
-    """(correct, misses) of the base model upper-casing `n` held-out words after SHOTS training words."""
+def few_shot_upper(model, tokenizer, n: int, seed: int, spelled: bool = False) -> tuple[int, list[tuple[str, str]]]:
+    """(correct, misses) of the base model upper-casing (`spelled`: spelling out in capitals, space-separated) `n`
+    held-out words after SHOTS training words done so."""
+    def render(word: str) -> str:
+        return " ".join(word.upper()) if spelled else word.upper()
+
     rng = random.Random(seed)
-    prefix = "".join(f"{w} -> {w.upper()}\n" for w in rng.sample(split_words("train"), SHOTS))
+    prefix = "".join(f"{w} -> {render(w)}\n" for w in rng.sample(split_words("train"), SHOTS))
     misses = []
     for word in rng.sample(split_words("heldout"), n):
         ids = tokenizer(f"{prefix}{word} ->", return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=len(word) + 4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(ids, max_new_tokens=(2 if spelled else 1) * len(word) + 4, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
         got = tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0].strip()
-        if got != word.upper():
+        if got != render(word):
             misses.append((word, got))
     return n - len(misses), misses
 
@@ -65,6 +73,7 @@ def main(argv=None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--few-shot", action="store_true", help="the base model's few-shot upper-casing of held-out words")
     what.add_argument("--adapter", help="a PEFT adapter directory to score on both splits")
+    p.add_argument("--spelled", action="store_true", help="--few-shot with answers spelt letter by letter")
     p.add_argument("--task", choices=TASKS, default="upper")
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--seed", type=int, default=7)
@@ -72,8 +81,9 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_base()
     if args.few_shot:
-        correct, misses = few_shot_upper(model.eval(), tokenizer, args.n, args.seed)
-        print(f"base model, {SHOTS}-shot, held-out words upper-cased exactly: {correct}/{args.n}; first misses: {misses[:8]}")
+        correct, misses = few_shot_upper(model.eval(), tokenizer, args.n, args.seed, args.spelled)
+        what = "spelt out in capitals" if args.spelled else "upper-cased"
+        print(f"base model, {SHOTS}-shot, held-out words {what} exactly: {correct}/{args.n}; first misses: {misses[:8]}")
         return 0
     for split in SPLITS:
         for form in FORMS:

@@ -137,3 +137,18 @@ def test_decode_attention_equals_float64(choice, heads, kv_heads, d, threads):
     assert (out[untouched] == 7.0).all()  # other tokens' outputs (prefill) are left as they are
     with pytest.raises(ValueError, match="layout"):
         avx2.decode_attention(q, k, v, tokens, rows, lengths, out.T)
+
+
+@pytest.mark.parametrize("value", ["avx2", "torch"])
+def test_engine_start_log_names_the_kernels(choice, value, tiny_llama, caplog):
+    from trtllm_bdlora.distributed.comm import Comm
+    from trtllm_bdlora.engine.engine import Engine
+
+    if value == "avx2" and not {"avx2", "fma"} <= avx2._cpu_flags():
+        pytest.skip("the AVX2 kernels need AVX2 and FMA")
+    choice(value)
+    with caplog.at_level(logging.INFO, logger="trtllm_bdlora.engine"):
+        Engine(Comm(0, 1, torch.device("cpu")), str(tiny_llama), "bdlora", [], max_loras=1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("float32 CPU kernels: ")]
+    assert lines == [f"float32 CPU kernels: {avx2.chosen()}"]
+    assert ("avx2.c" in lines[0]) == (value == "avx2")

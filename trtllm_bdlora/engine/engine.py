@@ -26,6 +26,7 @@ from trtllm_bdlora.engine.kv_cache import DEFAULT_KV_CACHE_BYTES, budget_from_by
 from trtllm_bdlora.engine.llama import TPLlama
 from trtllm_bdlora.engine.plan import AdapterUpload, StepPlan
 from trtllm_bdlora.errors import AdapterError, AdapterNotCachedError, RequestError
+from trtllm_bdlora.kernels import avx2
 from trtllm_bdlora.kernels.cpu_features import slow_dtype_note
 from trtllm_bdlora.llama.loader import BaseModel, load_base_model
 from trtllm_bdlora.logs import log_event
@@ -72,6 +73,8 @@ class Engine:
         torch_dtype = DTYPES[dtype]
         if comm.rank == 0 and (note := slow_dtype_note(torch_dtype, comm.device)):
             logging.getLogger("trtllm_bdlora.engine").warning(note)
+        if comm.rank == 0 and comm.device.type == "cpu" and torch_dtype == torch.float32:
+            logging.getLogger("trtllm_bdlora.engine").info("float32 CPU kernels: %s", avx2.chosen())
         max_lora_rank = max_lora_rank or (base.build or {}).get("max_lora_rank") or DEFAULT_MAX_LORA_RANK
         self.pool = AdapterPool(self.layout, comm.rank, scheme, max_loras, torch_dtype, comm.device,
                                 max_lora_rank, lora_cache_host_bytes)

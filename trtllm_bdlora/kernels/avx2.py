@@ -100,6 +100,11 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def chosen() -> str:
+    """Which float32 CPU kernels the engine runs, for its start-up log."""
+    return "kernels/avx2.c (AVX2 GEMM and decode attention)" if _library() is not None else "torch's (oneDNN, SDPA)"
+
+
 def decode_attention_usable(q: torch.Tensor) -> bool:
     """Whether `decode_attention` takes these queries ([T, heads, d]): `usable`, and d a multiple of 8."""
     return q.shape[-1] % 8 == 0 and usable(q)
