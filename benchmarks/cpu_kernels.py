@@ -1,6 +1,7 @@
 """The engine's float32 CPU kernels, torch's (oneDNN's prepacked linear, SDPA) against kernels/avx2.c, on
-smollm2-135m's shapes: one pass over all 211 base weights of a decode step (538 MB, so they come from memory as in
-serving) at several row counts, and one layer's decode attention over a KV cache of 30 layers.
+smollm2-135m's shapes: one pass over all 121 base weights of a decode step (30 layers of q|k|v, o, gate|up and
+down, and the LM head: 538 MB, so they come from memory as in serving) at several row counts, and decode attention
+over the KV caches of 30 layers.
 
   python benchmarks/cpu_kernels.py [--threads 1] [--rows 1,8,16,128] [--context 190] [--repeats 5]
 

@@ -3,11 +3,12 @@ attention of decoding tokens. Built on first use with the system's C compiler in
 through ctypes (which releases the GIL while they run), on torch's intra-op thread count.
 
 On such CPUs (AMD EPYC / Ryzen before Zen 4, Intel without AVX-512) oneDNN's float32 kernels stream a decode step's
-weights far below memory speed: one thread, smollm2-135m's 211 weights (538 MB) against 8 rows took 62-72 ms through
-oneDNN's prepacked linear and 41-50 ms here, 1 row 63 against 35 ms (memory alone: 30 ms at 17.7 GB/s), 128 rows
-446 against 372 ms (AMD EPYC, 2026-12-07, `python benchmarks/cpu_kernels.py`). torch's SDPA on the decode batch
-(a batched call on tiny matrices) took about 620 us a layer for 8 sequences of ~150 tokens, where the K/V read is
-~2.4 MB. Where the CPU has AVX-512, oneDNN and SDPA keep the work (not measured against them here).
+weights well below memory speed, and SDPA on a decode batch (a batched call on tiny matrices) costs more than reading
+its K and V. One thread, AMD EPYC, 2026-12-07, `python benchmarks/cpu_kernels.py` (docs/performance.md, section 4):
+smollm2-135m's 121 base weights (538 MB) against 8 rows 65.2 ms through oneDNN's prepacked linear and 45.1 ms here
+(streaming them takes 30 ms at this core's 17.7 GB/s), 1 row 63.5 against 36.3 ms, 128 rows 461 against 373 ms;
+decode attention of 8 sequences of 190 tokens 422 against 293 us a layer. Where the CPU has AVX-512, oneDNN and SDPA
+keep the work (not measured against them here).
 TRTLLM_BDLORA_CPU_KERNELS=torch|avx2 forces a choice (auto: the rule above). A CPU without AVX2 and FMA, or a machine
 without a C compiler, gets torch's, with one warning saying why.
 """
