@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trtllm_bdlora.engine.linear import Linear  # noqa: E402
 from trtllm_bdlora.kernels import avx2  # noqa: E402
 
 LAYER_SHAPES = [(576 + 2 * 192, 576), (576, 576), (2 * 1536, 576), (576, 1536)]  # qkv, o, gate_up, down
@@ -35,17 +36,19 @@ def best(fns: dict, repeats: int) -> dict[str, float]:
     return {name: min(t) for name, t in times.items()}
 
 
+def linears(weights: list[torch.Tensor], choice: str) -> list[Linear]:
+    """The engine's base linears of `weights` as they are built under TRTLLM_BDLORA_CPU_KERNELS=`choice`."""
+    avx2.CHOICE = choice
+    avx2._library.cache_clear()
+    return [Linear(w) for w in weights]
+
+
 def gemm_pass(rows: int, repeats: int) -> dict[str, float]:
     weights = [torch.randn(s) for s in LAYER_SHAPES * LAYERS + [(VOCAB, 576)]]
-    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-    panels = [avx2.pack(w) for w in weights]
+    built = {choice: linears(weights, choice) for choice in ("torch", "avx2")}
     xs = {k: torch.randn(rows, k) for k in (576, 1536)}
-    padded = {k: torch.cat([x, x.new_zeros(-rows % 8, k)]) for k, x in xs.items()}  # engine/linear.py's padding
-    return best({
-        "torch": lambda: [torch.ops.mkldnn._linear_pointwise(padded[w.shape[1]], p, None, "none", [], "")
-                          for w, p in zip(weights, onednn)],
-        "avx2": lambda: [avx2.matmul(xs[w.shape[1]], p, w.shape[0]) for w, p in zip(weights, panels)],
-    }, repeats)
+    return best({choice: lambda ls=ls: [linear(xs[linear.shape[1]]) for linear in ls] for choice, ls in built.items()},
+                repeats)
 
 
 def attention_pass(sequences: int, context: int, repeats: int) -> dict[str, float]:

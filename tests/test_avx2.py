@@ -9,7 +9,7 @@ import torch
 from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.kernels import avx2
 
-needs_avx2 = pytest.mark.skipif(not {"avx2", "fma"} <= avx2._cpu_flags(), reason="the kernel needs AVX2 and FMA")
+needs_avx2 = pytest.mark.skipif(not avx2.cpu_has_avx2(), reason="the kernel needs AVX2 and FMA")
 
 
 @pytest.fixture
@@ -69,10 +69,10 @@ def test_linear_uses_the_chosen_gemm(choice, value):
 
 
 def test_auto_leaves_avx512_cpus_to_torch(choice, monkeypatch):
-    monkeypatch.setattr(avx2, "_cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(avx2, "_capability", lambda: "AVX512")
     choice("auto")
     assert not avx2.usable(torch.randn(4, 4))
-    monkeypatch.setattr(avx2, "_cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr(avx2, "_capability", lambda: "DEFAULT")
     choice("avx2")
     assert not avx2.usable(torch.randn(4, 4))
 
@@ -144,7 +144,7 @@ def test_engine_start_log_names_the_kernels(choice, value, tiny_llama, caplog):
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
 
-    if value == "avx2" and not {"avx2", "fma"} <= avx2._cpu_flags():
+    if value == "avx2" and not avx2.cpu_has_avx2():
         pytest.skip("the AVX2 kernels need AVX2 and FMA")
     choice(value)
     with caplog.at_level(logging.INFO, logger="trtllm_bdlora.engine"):

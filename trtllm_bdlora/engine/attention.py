@@ -31,7 +31,9 @@ def step_attention(cache: KVCache, layer: int, step: StepLayout, q: torch.Tensor
     out = q.new_empty(t, heads * d)
     k_all, v_all = cache.view(layer, 0), cache.view(layer, 1)
     if step.decode_tokens is not None and avx2.decode_attention_usable(q):
-        avx2.decode_attention(q, k_all, v_all, step.decode_tokens, step.decode_row_index, step.decode_lengths, out)
+        lo, hi = step.decode_rows
+        avx2.decode_attention(q, k_all[lo:hi], v_all[lo:hi], step.decode_tokens, step.decode_slots, step.decode_lengths,
+                              out)
     elif step.decode_tokens is not None:
         lo, hi = step.decode_rows
         rows = hi - lo

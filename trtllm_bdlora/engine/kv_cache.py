@@ -112,8 +112,7 @@ class StepLayout:
     decode_keys: int = 0  # keys read: the longest decoding sequence
     decode_mask: torch.Tensor | None = None  # [hi - lo, 1, 1, decode_keys]
     decode_dense: bool = False  # the rows lo..hi are exactly the decoding tokens, in order
-    decode_row_index: torch.Tensor | None = None  # [n] each decoding token's cache row (kernels.avx2)
-    decode_lengths: torch.Tensor | None = None  # [n] its keys
+    decode_lengths: torch.Tensor | None = None  # [n] each decoding token's keys (kernels.avx2)
     # prefill chunks (more than one token): padded to [chunks, longest chunk]
     prefill_tokens: torch.Tensor | None = None  # [m] token indices
     prefill_slots: torch.Tensor | None = None  # [m] chunk * longest chunk + offset in the chunk
@@ -227,7 +226,6 @@ class KVCache:
         layout.decode_mask = (torch.arange(keys, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
                               ).view(hi - lo, 1, 1, keys)
         layout.decode_dense = [row - lo for _, _, row in decode] == list(range(hi - lo))
-        layout.decode_row_index = torch.tensor([row for _, _, row in decode], device=dev)
         layout.decode_lengths = torch.tensor([c.start + 1 for _, c, _ in decode], device=dev)
 
     def _prefill_layout(self, layout: StepLayout, prefill: list, group: int) -> None:

@@ -39,13 +39,14 @@ CHOICES = ("auto", "torch", "avx2")
 CHOICE = os.environ.get(ENV, "auto") or "auto"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+def _capability() -> str:
+    """torch's vector ISA for this CPU: DEFAULT, AVX2 (which it grants only with FMA) or AVX512."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_has_avx2() -> bool:
+    """Whether this CPU runs the kernels at all (AVX2 and FMA; an AVX-512 CPU has both)."""
+    return _capability() in ("AVX2", "AVX512")
 
 
 def library_path() -> Path:
@@ -82,11 +83,11 @@ def _library() -> ctypes.CDLL | None:
         raise ValueError(f"{ENV}={CHOICE!r}: expected one of {', '.join(CHOICES)}")
     if CHOICE == "torch":
         return None
-    if not {"avx2", "fma"} <= _cpu_flags():
+    if not cpu_has_avx2():
         if CHOICE == "avx2":
             log.warning("%s=avx2: this CPU has no AVX2 and FMA; using torch's kernels", ENV)
         return None
-    if CHOICE == "auto" and "avx512f" in _cpu_flags():
+    if CHOICE == "auto" and _capability() == "AVX512":
         return None
     try:
         lib = ctypes.CDLL(str(build()))
@@ -150,8 +151,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
         raise ValueError("decode_attention: q, k, v or out not in the expected layout")
     if not (q.dtype == k.dtype == v.dtype == out.dtype == torch.float32):
         raise ValueError("decode_attention: float32 tensors only")
-    index = [t.to(torch.int64).contiguous() for t in (tokens, rows, lengths)]
+    index = (tokens, rows, lengths)
+    if not all(t.dtype == torch.int64 and t.is_contiguous() for t in index):
+        raise ValueError("decode_attention: tokens, rows and lengths must be contiguous int64 tensors")
     _library().bdlora_decode_attention_f32(
         q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
-        *(t.data_ptr() for t in index), len(index[0]), heads, kv_heads, d, d ** -0.5, out.data_ptr(), out.stride(0),
+        *(t.data_ptr() for t in index), len(tokens), heads, kv_heads, d, d ** -0.5, out.data_ptr(), out.stride(0),
         torch.get_num_threads())
