@@ -23,17 +23,17 @@ def choice(cpu_kernels):
 
 @needs_avx2
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("n,k", [(72, 40), (16, 1), (5, 33), (49, 576), (3072, 576)])
+@pytest.mark.parametrize("n,k", [(72, 40), (16, 1), (5, 33), (12, 9), (49, 576), (3072, 576)])
 def test_kernel_equals_float64(choice, n, k, threads):
     choice("avx2")
     gen = torch.Generator().manual_seed(n * 1000 + k)
     weight = torch.randn(n, k, generator=gen)
     packed = avx2.pack(weight)
-    assert packed.shape == (-(-n // 16), k, 16)
+    assert packed.shape == (-(-n // avx2.PANEL), k, avx2.PANEL)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for rows in (1, 2, 5, 6, 7, 8, 12, 13, 64, 129):
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 64, 129):
             x = torch.randn(rows, k, generator=gen)
             y = avx2.matmul(x, packed, n)
             want = x.double() @ weight.double().T

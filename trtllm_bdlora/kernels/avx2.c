@@ -1,19 +1,25 @@
 /* The engine's float32 CPU kernels for AVX2 + FMA (kernels/avx2.py builds and calls them): the base GEMM and the
  * attention of decoding tokens.
  *
- * GEMM: y[m, n] = x[m, k] @ W[n, k]^T, W packed once into panels of 16 output features.
- * packed[p][i][j] = W[p * 16 + j][i] (zero past n): one 16-float row of a panel holds input feature i of 16 outputs,
- * so the weight streams from memory once, in order, per group of at most 6 input rows. The micro-kernel keeps
- * 6 rows x 16 outputs in 12 ymm accumulators: per input feature 2 weight loads, 6 broadcasts, 12 FMAs. A panel
- * (16 x k floats) stays in L1/L2 while the row groups of x pass over it. Panels are split across OpenMP threads. */
+ * GEMM: y[m, n] = x[m, k] @ W[n, k]^T, W packed once into panels of 8 output features:
+ * packed[p][i][j] = W[p * 8 + j][i] (zero past n), so a panel streams from memory in order, 32 bytes per input feature.
+ * - Decode-sized x (5 to 8 rows): one pass per panel, rows x 8 outputs in up to 8 ymm accumulators (per input
+ *   feature 1 weight load, a broadcast and an FMA per row): every weight byte is read once, while later lines are
+ *   prefetched, so the step runs near the speed of streaming the weights rather than of two passes over them.
+ * - Otherwise: pairs of panels, groups of at most 6 rows x 16 outputs in 12 accumulators (per input feature 2 weight
+ *   loads, 6 broadcasts, 12 FMAs); a pair (16 x k floats) stays in L1/L2 while the row groups pass over it.
+ * Panels (or pairs) are split across OpenMP threads. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define PANEL 16
-#define MAX_ROWS 6
+#define PANEL 8
+#define MAX_ROWS 6          /* rows of a pair pass */
+#define MAX_ONE_PASS 8      /* rows of a single-panel pass */
+#define AHEAD_SMALL 32      /* lines prefetched ahead when the rows are few (memory-bound) */
+#define AHEAD_LARGE 16
 
 void bdlora_pack_f32(const float *w, float *packed, int64_t n, int64_t k) {
     for (int64_t p = 0; p < (n + PANEL - 1) / PANEL; p++)
@@ -24,13 +30,42 @@ void bdlora_pack_f32(const float *w, float *packed, int64_t n, int64_t k) {
             }
 }
 
+static inline void store_columns(float *y, __m256 v, int cols) {
+    if (cols == PANEL) {
+        _mm256_storeu_ps(y, v);
+    } else {
+        float tail[PANEL];
+        _mm256_storeu_ps(tail, v);
+        memcpy(y, tail, (size_t)cols * sizeof(float));
+    }
+}
+
+/* rows (at most 8) x the 8 outputs of one panel, in one pass. A line holds two input features. */
 static inline __attribute__((always_inline)) void rows_times_panel(const float *x, const float *panel, float *y,
                                                                     int64_t n, int64_t k, int rows, int cols) {
+    __m256 acc[MAX_ONE_PASS];
+    for (int r = 0; r < MAX_ONE_PASS; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        if ((i & 1) == 0) _mm_prefetch((const char *)(panel + (i + 2 * AHEAD_SMALL) * PANEL), _MM_HINT_T0);
+        __m256 w = _mm256_loadu_ps(panel + i * PANEL);
+        for (int r = 0; r < MAX_ONE_PASS; r++)
+            if (r < rows) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * k + i), w, acc[r]);
+    }
+    for (int r = 0; r < rows; r++) store_columns(y + r * n, acc[r], cols);
+}
+
+/* rows (at most 6) x the 16 outputs of panels a and b (b's first cols_b are real). */
+static inline __attribute__((always_inline)) void rows_times_pair(const float *x, const float *a, const float *b,
+                                                                   float *y, int64_t n, int64_t k, int rows,
+                                                                   int cols_b, int ahead) {
     __m256 lo[MAX_ROWS], hi[MAX_ROWS];
     for (int r = 0; r < MAX_ROWS; r++) lo[r] = hi[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < k; i++) {
-        _mm_prefetch((const char *)(panel + (i + 16) * PANEL), _MM_HINT_T0);
-        __m256 w_lo = _mm256_loadu_ps(panel + i * PANEL), w_hi = _mm256_loadu_ps(panel + i * PANEL + 8);
+        if ((i & 1) == 0) {
+            _mm_prefetch((const char *)(a + (i + 2 * ahead) * PANEL), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + (i + 2 * ahead) * PANEL), _MM_HINT_T0);
+        }
+        __m256 w_lo = _mm256_loadu_ps(a + i * PANEL), w_hi = _mm256_loadu_ps(b + i * PANEL);
         for (int r = 0; r < MAX_ROWS; r++)
             if (r < rows) {
                 __m256 xi = _mm256_broadcast_ss(x + r * k + i);
@@ -39,29 +74,48 @@ static inline __attribute__((always_inline)) void rows_times_panel(const float *
             }
     }
     for (int r = 0; r < rows; r++) {
-        if (cols == PANEL) {
-            _mm256_storeu_ps(y + r * n, lo[r]);
-            _mm256_storeu_ps(y + r * n + 8, hi[r]);
-        } else {
-            float tail[PANEL];
-            _mm256_storeu_ps(tail, lo[r]);
-            _mm256_storeu_ps(tail + 8, hi[r]);
-            memcpy(y + r * n, tail, (size_t)cols * sizeof(float));
+        _mm256_storeu_ps(y + r * n, lo[r]);
+        store_columns(y + r * n + PANEL, hi[r], cols_b);
+    }
+}
+
+#define ONE_CASE(R) case R: rows_times_panel(x + r0 * k, panel, y + r0 * n + p * PANEL, n, k, R, cols); break;
+#define PAIR_CASE(R) case R: rows_times_pair(x + r0 * k, a, a + k * PANEL, y + r0 * n + p * PANEL, n, k, R, cols_b, \
+                                             ahead); break;
+
+/* All rows against panel p alone, at most 8 at a time. */
+static void rows_times_one_panel(const float *x, const float *packed, float *y, int64_t m, int64_t n, int64_t k,
+                                 int64_t p) {
+    const float *panel = packed + p * k * PANEL;
+    int cols = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+    for (int64_t r0 = 0; r0 < m; r0 += MAX_ONE_PASS) {
+        switch (m - r0 < MAX_ONE_PASS ? (int)(m - r0) : MAX_ONE_PASS) {
+            ONE_CASE(1) ONE_CASE(2) ONE_CASE(3) ONE_CASE(4) ONE_CASE(5) ONE_CASE(6) ONE_CASE(7) ONE_CASE(8)
         }
     }
 }
 
-#define ROWS_CASE(R) case R: rows_times_panel(x + r0 * k, panel, y + r0 * n + p * PANEL, n, k, R, cols); break;
-
 void bdlora_gemm_f32(const float *x, const float *packed, float *y, int64_t m, int64_t n, int64_t k, int threads) {
+    int64_t panels = (n + PANEL - 1) / PANEL;
+    if (m > 4 && m <= MAX_ONE_PASS) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t p = 0; p < panels; p++) rows_times_one_panel(x, packed, y, m, n, k, p);
+        return;
+    }
+    int ahead = m <= 4 ? AHEAD_SMALL : AHEAD_LARGE;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < (n + PANEL - 1) / PANEL; p++) {
-        const float *panel = packed + p * k * PANEL;
-        int cols = n - p * PANEL < PANEL ? (int)(n - p * PANEL) : PANEL;
+    for (int64_t q = 0; q < (panels + 1) / 2; q++) {
+        int64_t p = 2 * q;
+        if (p + 1 == panels) {
+            rows_times_one_panel(x, packed, y, m, n, k, p);
+            continue;
+        }
+        const float *a = packed + p * k * PANEL;
+        int cols_b = n - (p + 1) * PANEL < PANEL ? (int)(n - (p + 1) * PANEL) : PANEL;
         for (int64_t r0 = 0; r0 < m;) {
             int64_t left = m - r0, groups = (left + MAX_ROWS - 1) / MAX_ROWS;
-            int rows = (int)((left + groups - 1) / groups);  /* 8 rows as 4 + 4, not 6 + 2 */
-            switch (rows) { ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) }
+            int rows = (int)((left + groups - 1) / groups);  /* 10 rows as 5 + 5, not 6 + 4 */
+            switch (rows) { PAIR_CASE(1) PAIR_CASE(2) PAIR_CASE(3) PAIR_CASE(4) PAIR_CASE(5) PAIR_CASE(6) }
             r0 += rows;
         }
     }

@@ -32,7 +32,7 @@ from trtllm_bdlora.llama.cache import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("avx2.c")
-PANEL = 16  # output features per packed panel (avx2.c)
+PANEL = 8  # output features per packed panel (avx2.c)
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 ENV = "TRTLLM_BDLORA_CPU_KERNELS"
 CHOICES = ("auto", "torch", "avx2")
@@ -118,7 +118,7 @@ def usable(tensor: torch.Tensor) -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """W [n, k] as panels [ceil(n / 16), k, 16] (zero-padded); only `usable` weights."""
+    """W [n, k] as panels [ceil(n / 8), k, 8] (zero-padded); only `usable` weights."""
     n, k = weight.shape
     weight = weight.contiguous()
     packed = torch.empty(-(-n // PANEL), k, PANEL, dtype=torch.float32)
