@@ -112,7 +112,7 @@ def _reference_decode(q, k, v, rows, lengths):
 @needs_avx2
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 16), (8, 1, 8)])
-def test_decode_attention_equals_float64(choice, heads, kv_heads, d, threads):
+def test_cache_attention_equals_float64(choice, heads, kv_heads, d, threads):
     """Tokens in another order than their rows, rows of different lengths (1 to the capacity), q a strided view
     (the engine's rotated q and k share one tensor), outputs scattered to the tokens' places."""
     choice("avx2")
@@ -127,16 +127,84 @@ def test_decode_attention_equals_float64(choice, heads, kv_heads, d, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        avx2.decode_attention(q, k, v, tokens, rows, lengths, out)
+        avx2.cache_attention(q, k, v, tokens, rows, lengths, out)
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(out[tokens].double(), _reference_decode(q[tokens], k, v, rows, lengths),
                                rtol=1e-5, atol=1e-5)
     untouched = torch.ones(t, dtype=torch.bool)
     untouched[tokens] = False
-    assert (out[untouched] == 7.0).all()  # other tokens' outputs (prefill) are left as they are
+    assert (out[untouched] == 7.0).all()  # other tokens' outputs are left as they are
     with pytest.raises(ValueError, match="layout"):
-        avx2.decode_attention(q, k, v, tokens, rows, lengths, out.T)
+        avx2.cache_attention(q, k, v, tokens, rows, lengths, out.T)
+
+
+@needs_avx2
+def test_rope_store_equals_torch_bits(choice):
+    """q rotated in place (the same bits as torch's x * cos + rotate_half(x) * sin), k rotated and v copied into the
+    caches' rows at the slots; nothing else written."""
+    from trtllm_bdlora.engine.llama import rotate_half
+
+    choice("avx2")
+    gen = torch.Generator().manual_seed(11)
+    t, heads, kv_heads, d = 5, 6, 2, 32
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen)
+    angles = torch.rand(t, d // 2, generator=gen) * 50
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    qk = qkv[:, : (heads + kv_heads) * d].view(t, heads + kv_heads, d)
+    want = qk * cos[:, None] + rotate_half(qk) * sin[:, None]
+    v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d).clone()
+    slots = torch.randperm(40, generator=gen)[: t * kv_heads]
+    k_cache, v_cache = torch.full((40, d), 7.0), torch.full((40, d), 7.0)
+    q = avx2.rope_store(qkv, heads, kv_heads, cos, sin, slots, k_cache, v_cache)
+    assert q.data_ptr() == qkv.data_ptr() and torch.equal(q, want[:, :heads])
+    assert torch.equal(k_cache[slots], want[:, heads:].reshape(-1, d))
+    assert torch.equal(v_cache[slots], v.reshape(-1, d))
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k_cache[untouched] == 7.0).all() and (v_cache[untouched] == 7.0).all()
+    with pytest.raises(ValueError, match="layout"):
+        avx2.rope_store(qkv, heads, kv_heads, cos, sin, slots[:-1], k_cache, v_cache)
+
+
+@needs_avx2
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rms_norm_equals_float64(choice, residual):
+    choice("avx2")
+    gen = torch.Generator().manual_seed(12)
+    x, o, w = torch.randn(9, 96, generator=gen) * 3, torch.randn(9, 96, generator=gen), torch.randn(96, generator=gen)
+    x0 = x.clone()
+    h = avx2.add_rms_norm(x, o if residual else None, w, 1e-5)
+    total = x0.double() + (o.double() if residual else 0)
+    want = w.double() * total / (total.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(x.double(), total, rtol=1e-7, atol=1e-7)  # x holds the sum afterwards
+    torch.testing.assert_close(h.double(), want, rtol=2e-6, atol=1e-6)
+
+
+@needs_avx2
+def test_silu_mul_equals_float64(choice):
+    """Gates from -100 to 100 (e^-|g| underflows at both ends) and strided rows, as the LoRA-added gate_up is."""
+    choice("avx2")
+    gen = torch.Generator().manual_seed(13)
+    gate_up = torch.randn(7, 2 * 40 + 8, generator=gen)[:, :80] * 4
+    gate_up[0, :40] = torch.linspace(-100, 100, 40)
+    got = avx2.silu_mul(gate_up)
+    g, u = gate_up[:, :40].double(), gate_up[:, 40:].double()
+    torch.testing.assert_close(got.double(), g * torch.sigmoid(g) * u, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["avx2", "torch"])
+def test_engine_fuses_the_layer_ops_only_where_chosen(choice, value, tiny_llama):
+    """The model uses the fused RoPE / norm / SiLU ops in float32 under avx2, torch's otherwise (and in bfloat16)."""
+    from trtllm_bdlora.distributed.comm import Comm
+    from trtllm_bdlora.engine.engine import Engine
+
+    if value == "avx2" and not avx2.cpu_has_avx2():
+        pytest.skip("the AVX2 kernels need AVX2 and FMA")
+    choice(value)
+    for dtype, fused in (("float32", value == "avx2"), ("bfloat16", False)):
+        engine = Engine(Comm(0, 1, torch.device("cpu")), str(tiny_llama), "bdlora", [], max_loras=1, dtype=dtype)
+        assert engine.model.fused_ops == fused
 
 
 @pytest.mark.parametrize("value", ["avx2", "torch"])

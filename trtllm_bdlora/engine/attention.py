@@ -3,8 +3,9 @@
 Every decoding sequence (one new token) is one batch row of a single call whose keys are a view of the KV cache's
 rows (no copy); the prefill chunks of the step (more than one token each) are a second call, padded to the longest
 chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the query axis, so K and V are
-never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on an AVX2 CPU the decoding
-tokens go to `kernels.avx2.decode_attention` instead, which reads each token's own keys in place.
+never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on an AVX2 CPU the whole step
+is one call of `kernels.avx2.cache_attention` instead, every token a query over its own row's keys up to its
+position, read in place (no padding, mask or copy of the rows).
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ def step_attention(cache: KVCache, layer: int, step: StepLayout, q: torch.Tensor
     group = heads // kv_heads
     out = q.new_empty(t, heads * d)
     k_all, v_all = cache.view(layer, 0), cache.view(layer, 1)
-    if step.decode_tokens is not None and avx2.decode_attention_usable(q):
-        lo, hi = step.decode_rows
-        avx2.decode_attention(q, k_all[lo:hi], v_all[lo:hi], step.decode_tokens, step.decode_slots, step.decode_lengths,
-                              out)
-    elif step.decode_tokens is not None:
+    if d % 8 == 0 and avx2.usable(q):
+        avx2.cache_attention(q, k_all, v_all, step.token_index, step.token_rows, step.token_keys, out)
+        return out
+    if step.decode_tokens is not None:
         lo, hi = step.decode_rows
         rows = hi - lo
         q_dec = q.index_select(0, step.decode_tokens)

@@ -105,6 +105,10 @@ class StepLayout:
 
     capacity: int
     write_index: torch.Tensor  # [T * kv_heads]: rows of the [rows * kv_heads * capacity, head_dim] view
+    # every token as one query (kernels.avx2.cache_attention): its cache row and its keys (position + 1)
+    token_index: torch.Tensor | None = None  # [T] 0..T-1
+    token_rows: torch.Tensor | None = None  # [T]
+    token_keys: torch.Tensor | None = None  # [T]
     # decoding tokens (chunks of one token): one query per row in rows lo..hi
     decode_tokens: torch.Tensor | None = None  # [n] token indices
     decode_slots: torch.Tensor | None = None  # [n] their row - lo
@@ -112,7 +116,6 @@ class StepLayout:
     decode_keys: int = 0  # keys read: the longest decoding sequence
     decode_mask: torch.Tensor | None = None  # [hi - lo, 1, 1, decode_keys]
     decode_dense: bool = False  # the rows lo..hi are exactly the decoding tokens, in order
-    decode_lengths: torch.Tensor | None = None  # [n] each decoding token's keys (kernels.avx2)
     # prefill chunks (more than one token): padded to [chunks, longest chunk]
     prefill_tokens: torch.Tensor | None = None  # [m] token indices
     prefill_slots: torch.Tensor | None = None  # [m] chunk * longest chunk + offset in the chunk
@@ -197,15 +200,18 @@ class KVCache:
         of query heads per KV head."""
         self._place(chunks)
         dev, cap, nkv = self.device, self.capacity, self.kv_heads
-        write, t0 = [], 0
+        write, rows, keys, t0 = [], [], [], 0
         decode, prefill = [], []
         for c in chunks:
             n, row = len(c.tokens), self.rows[c.seq_id]
             base = row * nkv * cap + c.start
             write += [base + h * cap + i for i in range(n) for h in range(nkv)]
+            rows += [row] * n
+            keys += range(c.start + 1, c.start + n + 1)
             (decode if n == 1 else prefill).append((t0, c, row))
             t0 += n
-        layout = StepLayout(cap, torch.tensor(write, device=dev))
+        layout = StepLayout(cap, torch.tensor(write, device=dev), torch.arange(t0, device=dev),
+                            torch.tensor(rows, device=dev), torch.tensor(keys, device=dev))
         if decode:
             self._decode_layout(layout, decode)
         if prefill:
@@ -226,7 +232,6 @@ class KVCache:
         layout.decode_mask = (torch.arange(keys, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
                               ).view(hi - lo, 1, 1, keys)
         layout.decode_dense = [row - lo for _, _, row in decode] == list(range(hi - lo))
-        layout.decode_lengths = torch.tensor([c.start + 1 for _, c, _ in decode], device=dev)
 
     def _prefill_layout(self, layout: StepLayout, prefill: list, group: int) -> None:
         dev = self.device

@@ -19,6 +19,7 @@ from trtllm_bdlora.engine.linear import Linear
 from trtllm_bdlora.engine.lora_op import apply_lora_group
 from trtllm_bdlora.engine.plan import SeqChunk
 from trtllm_bdlora.engine.sampler import finite_rows
+from trtllm_bdlora.kernels import avx2
 from trtllm_bdlora.llama.config_json import LlamaConfigJson
 from trtllm_bdlora.llama.shape import LINEAR_GROUPS
 from trtllm_bdlora.sharding import TPLayout, shard_llama_state_dict, vocab_shard
@@ -107,6 +108,8 @@ class TPLlama:
         self.rotary = Rotary(config, device)
         self.eps = config.rms_norm_eps
         self.kv_cache = KVCache(len(self.layers), layout.local_kv_heads, hd, dtype, device, kv_budget)
+        # float32 on an AVX2 CPU: RoPE with the cache write, residual add with RMSNorm, SiLU-and-multiply in one call each
+        self.fused_ops = avx2.layer_ops_usable(self.embed, hd, self.embed.shape[1], self.inter)
 
     def free(self, seq_id: int) -> None:
         self.kv_cache.free(seq_id)
@@ -118,14 +121,32 @@ class TPLlama:
         return apply_lora_group(y, x, slot_ids, slots, offsets, self.scheme, role, self.comm, self.lora_kernel)
 
     def _attention(self, qkv: torch.Tensor, step, cos, sin, layer: int) -> torch.Tensor:
+        """cos, sin [T, head_dim] float32."""
         hd = self.layout.shape.head_dim
         nh, nkv = self.layout.local_heads, self.layout.local_kv_heads
         t = qkv.shape[0]
+        if self.fused_ops:
+            cache = self.kv_cache
+            q = avx2.rope_store(qkv, nh, nkv, cos, sin, step.write_index, cache.view(layer, 0), cache.view(layer, 1))
+            return step_attention(cache, layer, step, q)
+        cos, sin = cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
         qk = qkv[:, : self.q_size + self.kv_size].view(t, nh + nkv, hd)
         qk = qk * cos + rotate_half(qk) * sin
         v = qkv[:, self.q_size + self.kv_size :].view(t, nkv, hd)
         write_kv(self.kv_cache, layer, step, qk[:, nh:], v)
         return step_attention(self.kv_cache, layer, step, qk[:, :nh])
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor):
+        """(x + residual, its RMSNorm); the fused op adds in place."""
+        if self.fused_ops:
+            return x, avx2.add_rms_norm(x, None if residual is None else residual.contiguous(), weight, self.eps)
+        x = x if residual is None else x + residual
+        return x, rms_norm(x, weight, self.eps)
+
+    def _silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops:
+            return avx2.silu_mul(gate_up)
+        return F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
@@ -138,23 +159,21 @@ class TPLlama:
             slot_ids = None
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(positions)
-        cos, sin = cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
         step = self.kv_cache.begin_step(chunks, self.layout.local_heads // self.layout.local_kv_heads)
         qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
+        x, h = self._add_norm(x, None, self.layers[0]["in_norm"])
         for i, L in enumerate(self.layers):
-            h = rms_norm(x, L["in_norm"], self.eps)
             qkv = self._lora(L["qkv"](h), h, slot_ids, i, QKV, qkv_offsets, "column")
             attn = self._attention(qkv, step, cos, sin, i)
             o = self._lora(L["o"](attn), attn, slot_ids, i, ("o_proj",), [0], "row")
-            x = x + self.comm.all_reduce(o, "base")
-            h = rms_norm(x, L["post_norm"], self.eps)
+            x, h = self._add_norm(x, self.comm.all_reduce(o, "base"), L["post_norm"])
             gu = self._lora(L["gate_up"](h), h, slot_ids, i, GATE_UP, [0, self.inter], "column")
-            act = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
+            act = self._silu_mul(gu)
             d = self._lora(L["down"](act), act, slot_ids, i, ("down_proj",), [0], "row")
-            x = x + self.comm.all_reduce(d, "base")
-        x = rms_norm(x, self.norm, self.eps)
+            following = self.layers[i + 1]["in_norm"] if i + 1 < len(self.layers) else self.norm
+            x, h = self._add_norm(x, self.comm.all_reduce(d, "base"), following)
         last = torch.tensor([len(c.tokens) for c in chunks], device=dev).cumsum(0) - 1
-        logits = self.lm_head(x if all_logits else x[last])
+        logits = self.lm_head(h if all_logits else h[last])
         if self.layout.world > 1:
             logits = self.comm.all_gather(logits, "base")[:, : self.vocab_size]
         logits = logits.float()

@@ -1,5 +1,6 @@
-/* The engine's float32 CPU kernels for AVX2 + FMA (kernels/avx2.py builds and calls them): the base GEMM and the
- * attention of decoding tokens.
+/* The engine's float32 CPU kernels for AVX2 + FMA (kernels/avx2.py builds and calls them): the base GEMM, the
+ * attention of a step's tokens over their KV-cache rows, and the small per-layer ops around them (RoPE with the
+ * cache write, the residual add with RMSNorm, SiLU-and-multiply), each one call instead of several torch ops.
  *
  * GEMM: y[m, n] = x[m, k] @ W[n, k]^T, W packed once into panels of 8 output features:
  * packed[p][i][j] = W[p * 8 + j][i] (zero past n), so a panel streams from memory in order, 32 bytes per input feature.
@@ -121,7 +122,7 @@ void bdlora_gemm_f32(const float *x, const float *packed, float *y, int64_t m, i
     }
 }
 
-/* Attention of decoding tokens (one query each) against their rows of the KV cache, GQA without repeating K/V.
+/* Attention of a step's tokens (one query each) against their rows of the KV cache, GQA without repeating K/V.
  * q: token t's head h at q + t * q_stride + h * d. K and V: row r's KV head g, key j at
  * base + r * row_stride + g * head_stride + j * d. Token i (of n) is the step's token tokens[i], in cache row
  * rows[i], with lengths[i] keys; its output head h goes to out + tokens[i] * out_stride + h * d. d is a multiple of 8.
@@ -215,7 +216,7 @@ static void weighted_values(const float *p, const float *v, int64_t len, int64_t
     }
 }
 
-void bdlora_decode_attention_f32(const float *q, int64_t q_stride, const float *k, const float *v, int64_t row_stride,
+void bdlora_cache_attention_f32(const float *q, int64_t q_stride, const float *k, const float *v, int64_t row_stride,
                                  int64_t head_stride, const int64_t *tokens, const int64_t *rows,
                                  const int64_t *lengths, int64_t n, int64_t heads, int64_t kv_heads, int64_t d,
                                  float scale, float *out, int64_t out_stride, int threads) {
@@ -232,5 +233,73 @@ void bdlora_decode_attention_f32(const float *q, int64_t q_stride, const float *
             weighted_values(s, vr, len, d, out + tokens[i] * out_stride + h * d);
         }
         free(s);
+    }
+}
+
+/* RoPE (transformers' rotate_half form) on the step's q and k heads, q in place in qkv, k and v stored into the
+ * cache. qkv: token i's row at qkv + i * qkv_stride, heads q heads then kv_heads k heads then kv_heads v heads, d
+ * floats each (d a multiple of 16); cos, sin [t, d]. Token i's kv head g goes to k_cache + slots[i * kv_heads + g] * d
+ * (v likewise). Multiplies and adds stay separate (built with -ffp-contract=off): the bits equal torch's
+ * x * cos + rotate_half(x) * sin. */
+static inline void rotate(const float *x, const float *c, const float *s, int64_t d, float *out) {
+    int64_t half = d / 2;
+    for (int64_t j = 0; j < half; j += 8) {
+        __m256 lo = _mm256_loadu_ps(x + j), hi = _mm256_loadu_ps(x + half + j);
+        __m256 new_lo = _mm256_sub_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(c + j)), _mm256_mul_ps(hi, _mm256_loadu_ps(s + j)));
+        __m256 new_hi = _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(c + half + j)),
+                                      _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + j)));
+        _mm256_storeu_ps(out + j, new_lo);
+        _mm256_storeu_ps(out + half + j, new_hi);
+    }
+}
+
+void bdlora_rope_store_f32(float *qkv, int64_t qkv_stride, const float *cos, const float *sin, int64_t t,
+                           int64_t heads, int64_t kv_heads, int64_t d, const int64_t *slots, float *k_cache,
+                           float *v_cache) {
+    for (int64_t i = 0; i < t; i++) {
+        float *row = qkv + i * qkv_stride;
+        const float *c = cos + i * d, *s = sin + i * d;
+        for (int64_t h = 0; h < heads; h++) rotate(row + h * d, c, s, d, row + h * d);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            int64_t slot = slots[i * kv_heads + g];
+            rotate(row + (heads + g) * d, c, s, d, k_cache + slot * d);
+            memcpy(v_cache + slot * d, row + (heads + kv_heads + g) * d, (size_t)d * sizeof(float));
+        }
+    }
+}
+
+/* x += o (o may be NULL), then h = w * x / sqrt(mean(x^2) + eps), row by row; x and h [t, n], n a multiple of 8. */
+void bdlora_add_rms_norm_f32(float *x, const float *o, const float *w, float *h, int64_t t, int64_t n, float eps) {
+    for (int64_t i = 0; i < t; i++) {
+        float *xr = x + i * n, *hr = h + i * n;
+        __m256 squares = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j += 8) {
+            __m256 v = _mm256_loadu_ps(xr + j);
+            if (o) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(o + i * n + j));
+                _mm256_storeu_ps(xr + j, v);
+            }
+            squares = _mm256_add_ps(squares, _mm256_mul_ps(v, v));
+        }
+        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(sum8(squares) / (float)n + eps));
+        for (int64_t j = 0; j < n; j += 8)
+            _mm256_storeu_ps(hr + j, _mm256_mul_ps(_mm256_loadu_ps(w + j),
+                                                   _mm256_mul_ps(_mm256_loadu_ps(xr + j), scale)));
+    }
+}
+
+/* out[i, j] = silu(gu[i, j]) * gu[i, inter + j]; gu's rows gu_stride apart, out [t, inter], inter a multiple of 8.
+ * sigmoid(g) from e = e^-|g|: 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+void bdlora_silu_mul_f32(const float *gu, int64_t gu_stride, float *out, int64_t t, int64_t inter) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < t; i++) {
+        const float *g = gu + i * gu_stride, *u = g + inter;
+        for (int64_t j = 0; j < inter; j += 8) {
+            __m256 x = _mm256_loadu_ps(g + j);
+            __m256 e = exp_nonpositive(_mm256_or_ps(x, sign));  /* e^-|x| */
+            __m256 negative = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
+            __m256 sigmoid = _mm256_div_ps(_mm256_blendv_ps(one, e, negative), _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out + i * inter + j, _mm256_mul_ps(_mm256_mul_ps(x, sigmoid), _mm256_loadu_ps(u + j)));
+        }
     }
 }

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("avx2.c")
 PANEL = 8  # output features per packed panel (avx2.c)
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ENV = "TRTLLM_BDLORA_CPU_KERNELS"
 CHOICES = ("auto", "torch", "avx2")
 CHOICE = os.environ.get(ENV, "auto") or "auto"
@@ -97,19 +97,25 @@ def _library() -> ctypes.CDLL | None:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.bdlora_pack_f32.argtypes = [pointer, pointer, size, size]
     lib.bdlora_gemm_f32.argtypes = [pointer, pointer, pointer, size, size, size, ctypes.c_int]
-    lib.bdlora_decode_attention_f32.argtypes = [pointer, size, pointer, pointer, size, size, pointer, pointer, pointer,
-                                                size, size, size, size, ctypes.c_float, pointer, size, ctypes.c_int]
+    lib.bdlora_cache_attention_f32.argtypes = [pointer, size, pointer, pointer, size, size, pointer, pointer, pointer,
+                                               size, size, size, size, ctypes.c_float, pointer, size, ctypes.c_int]
+    lib.bdlora_rope_store_f32.argtypes = [pointer, size, pointer, pointer, size, size, size, size, pointer, pointer,
+                                          pointer]
+    lib.bdlora_add_rms_norm_f32.argtypes = [pointer, pointer, pointer, pointer, size, size, ctypes.c_float]
+    lib.bdlora_silu_mul_f32.argtypes = [pointer, size, pointer, size, size]
     return lib
 
 
 def chosen() -> str:
     """Which float32 CPU kernels the engine runs, for its start-up log."""
-    return "kernels/avx2.c (AVX2 GEMM and decode attention)" if _library() is not None else "torch's (oneDNN, SDPA)"
+    return ("kernels/avx2.c (AVX2 GEMM, attention, RoPE, RMSNorm, SiLU)" if _library() is not None
+            else "torch's (oneDNN, SDPA)")
 
 
-def decode_attention_usable(q: torch.Tensor) -> bool:
-    """Whether `decode_attention` takes these queries ([T, heads, d]): `usable`, and d a multiple of 8."""
-    return q.shape[-1] % 8 == 0 and usable(q)
+def layer_ops_usable(tensor: torch.Tensor, head_dim: int, *widths: int) -> bool:
+    """Whether `rope_store`, `add_rms_norm` and `silu_mul` take a model of this dtype and device (`tensor`'s):
+    `usable`, head_dim a multiple of 16 and the other widths (hidden, intermediate) of 8."""
+    return head_dim % 16 == 0 and all(w % 8 == 0 for w in widths) and usable(tensor)
 
 
 def usable(tensor: torch.Tensor) -> bool:
@@ -138,23 +144,68 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return y
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
-                     lengths: torch.Tensor, out: torch.Tensor) -> None:
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+                    lengths: torch.Tensor, out: torch.Tensor) -> None:
     """out[tokens[i]] = softmax(q[tokens[i]] K^T / sqrt(d)) V over keys 0..lengths[i]-1 of cache row rows[i], per
-    query head (head h reads KV head h // (heads / kv_heads)). q [T, heads, d] (rows may be strided, heads and d
-    not), k and v [rows, kv_heads, capacity, d] (the cache's views), out [T, heads * d]; float32 CPU tensors, d a
-    multiple of 8."""
+    query head (head h reads KV head h // (heads / kv_heads)): a decoding token has its whole sequence as keys, a
+    prompt token the keys up to its own position. q [T, heads, d] (rows may be strided, heads and d not), k and v
+    [rows, kv_heads, capacity, d] (the cache's views), out [T, heads * d]; float32 CPU tensors, d a multiple of 8."""
     heads, d = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
     if not (q.stride(2) == 1 and q.stride(1) == d and k.stride() == v.stride() and k.stride(2) == d and k.stride(3) == 1
             and out.is_contiguous() and out.shape[1] == heads * d and heads % kv_heads == 0 and d % 8 == 0):
-        raise ValueError("decode_attention: q, k, v or out not in the expected layout")
+        raise ValueError("cache_attention: q, k, v or out not in the expected layout")
     if not (q.dtype == k.dtype == v.dtype == out.dtype == torch.float32):
-        raise ValueError("decode_attention: float32 tensors only")
+        raise ValueError("cache_attention: float32 tensors only")
     index = (tokens, rows, lengths)
     if not all(t.dtype == torch.int64 and t.is_contiguous() for t in index):
-        raise ValueError("decode_attention: tokens, rows and lengths must be contiguous int64 tensors")
-    _library().bdlora_decode_attention_f32(
+        raise ValueError("cache_attention: tokens, rows and lengths must be contiguous int64 tensors")
+    _library().bdlora_cache_attention_f32(
         q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
         *(t.data_ptr() for t in index), len(tokens), heads, kv_heads, d, d ** -0.5, out.data_ptr(), out.stride(0),
         torch.get_num_threads())
+
+
+def rope_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+               slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """RoPE on qkv's [T, (heads + 2 kv_heads) * d] q and k heads (transformers' rotate_half form, cos and sin
+    [T, d]); q rotated in place, returned as [T, heads, d]; token t's kv head g of k (rotated) and v stored at row
+    slots[t * kv_heads + g] of the caches' [-1, d] views. The same bits as torch's ops."""
+    t, d = qkv.shape[0], cos.shape[-1]
+    width = (heads + 2 * kv_heads) * d
+    if not (qkv.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == torch.float32
+            and qkv.shape[1] == width and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+            and cos.shape == sin.shape == (t, d) and d % 16 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == t * kv_heads):
+        raise ValueError("rope_store: qkv, cos, sin, slots or the caches not in the expected layout")
+    if t:
+        _library().bdlora_rope_store_f32(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), t, heads,
+                                         kv_heads, d, slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    return qkv[:, : heads * d].view(t, heads, d)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += residual in place (when given), then RMSNorm of x with `weight`: [T, n] float32, n a multiple of 8."""
+    t, n = x.shape
+    if not (x.is_contiguous() and weight.is_contiguous() and weight.shape == (n,) and n % 8 == 0
+            and x.dtype == weight.dtype == torch.float32
+            and (residual is None or (residual.is_contiguous() and residual.shape == x.shape
+                                      and residual.dtype == torch.float32))):
+        raise ValueError("add_rms_norm: x, residual or weight not in the expected layout")
+    h = torch.empty_like(x)
+    if t:
+        _library().bdlora_add_rms_norm_f32(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                                           weight.data_ptr(), h.data_ptr(), t, n, eps)
+    return h
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2 inter] (gate first): [T, inter] float32, inter a multiple of 8."""
+    t, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    if not (gate_up.dtype == torch.float32 and gate_up.stride(1) == 1 and gate_up.shape[1] == 2 * inter
+            and inter % 8 == 0):
+        raise ValueError("silu_mul: gate_up not in the expected layout")
+    out = gate_up.new_empty(t, inter)
+    if t:
+        _library().bdlora_silu_mul_f32(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), t, inter)
+    return out
