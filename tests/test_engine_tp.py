@@ -1,5 +1,5 @@
 """The TP engine under mpirun equals PEFT per request: logits of a mixed batch, and 16 greedy tokens (also with
-chunked prefill)."""
+chunked prefill, and with prefixes copied between sequences by prefix caching)."""
 
 import json
 import os
@@ -14,7 +14,7 @@ from tests.helpers import REPO
 from trtllm_bdlora.distributed.launch import mpirun_command
 
 PROMPTS = [[5, 17, 3, 99, 42, 7, 1], [8, 8, 200, 31], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [250, 3, 77],
-           [9, 90, 190, 33, 4]]
+           [9, 90, 190, 33, 4], [11, 12, 13, 14, 15, 16, 99, 5]]  # the last shares 6 tokens with the third
 
 
 def _cases(bd_adapters, lora_adapter):
@@ -22,6 +22,10 @@ def _cases(bd_adapters, lora_adapter):
     bd = [[i + 1, str(d)] for i, d in enumerate(bd_adapters)] + lora  # plain LoRA shares the BD batch
     bd_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([1, 2, 3, None, 7], PROMPTS)]
     lora_reqs = [{"adapter": a, "prompt_ids": p} for a, p in zip([7, None, 7, 7], PROMPTS)]
+    # prefix caching: whole and partial prompts shared by the same adapter (copied), and by other adapters (not);
+    # 3 tokens a step, so later prompts start while earlier ones hold their prefixes
+    shared = [(1, 2), (1, 5), (2, 5), (1, 2), (None, 0), (None, 0), (7, 5), (1, 5)]
+    prefix_reqs = [{"adapter": a, "prompt_ids": PROMPTS[i], "prompt": i} for a, i in shared]
     return [
         {"name": "bdlora", "scheme": "bdlora", "adapters": bd, "requests": bd_reqs},
         # 3 tokens a step: prompts prefilled in chunks, beside other sequences' decodes
@@ -29,6 +33,7 @@ def _cases(bd_adapters, lora_adapter):
         {"name": "bdlora_as_slora", "scheme": "slora", "adapters": bd, "requests": bd_reqs},
         {"name": "lora_replicated", "scheme": "replicated", "adapters": lora, "requests": lora_reqs},
         {"name": "lora_slora", "scheme": "slora", "adapters": lora, "requests": lora_reqs},
+        {"name": "bdlora_prefix", "scheme": "bdlora", "adapters": bd, "requests": prefix_reqs, "max_num_tokens": 3},
     ]
 
 
@@ -76,7 +81,7 @@ def test_tp_engine_matches_peft(tp, tiny_llama, bd_adapters, lora_adapter, peft_
         logits = load_file(str(tmp_path / f"{case['name']}.safetensors"))
         outputs = json.loads((tmp_path / f"{case['name']}.json").read_text())
         for i, req in enumerate(case["requests"]):
-            want_logits, want_tokens = peft_reference[(req["adapter"], i)]
+            want_logits, want_tokens = peft_reference[(req["adapter"], req.get("prompt", i))]
             torch.testing.assert_close(logits[f"req{i}"], want_logits, rtol=1e-4, atol=1e-4)
             assert outputs[i]["output_ids"] == want_tokens, (case["name"], i)
             lora_per_step = outputs[i]["stats"]["last_step"].get("lora", {})
@@ -88,6 +93,17 @@ def test_tp_engine_matches_peft(tp, tiny_llama, bd_adapters, lora_adapter, peft_
             if tp > 1:
                 base = outputs[i]["stats"]["last_step"]["base"]["all_reduce"]["count"]
                 assert base == 2 * layers
+        copies = json.loads((tmp_path / f"{case['name']}.copies.json").read_text())
+        reqs = case["requests"]
+        for source, target, n in copies:  # only within one adapter, only a prefix both prompts have
+            assert reqs[source]["adapter"] == reqs[target]["adapter"], (case["name"], source, target)
+            assert 0 < n < len(reqs[target]["prompt_ids"])
+            assert reqs[source]["prompt_ids"][:n] == reqs[target]["prompt_ids"][:n]
+        if case["name"] == "bdlora_prefix":  # the copies the case is built for happen: partial and whole prompts
+            targets = {t for _, t, _ in copies}
+            assert {1, 3, 7} <= targets and not {0, 2, 6} & targets, copies  # 2 and 6: alone with their adapter
+            assert {(4, 5, 6), (5, 4, 6)} & set(map(tuple, copies)), copies  # a whole prompt but its last token
+            assert any(reqs[t]["prompt"] != reqs[s]["prompt"] for s, t, _ in copies), copies  # 6 of 8 tokens
 
 
 def test_adapters_differ_from_base(peft_reference):
@@ -115,9 +131,10 @@ def test_bfloat16_engine_with_adapters_close_to_peft(monkeypatch, native, tiny_l
                     max_loras=4, dtype="bfloat16")
     adapters = [r["adapter"] for r in reqs["requests"]]
     loads, slots = engine.pool.assign(adapters)
-    chunks = [SeqChunk(i, p, 0, s) for i, (p, s) in enumerate(zip(PROMPTS, slots))]
-    assert lora_cpu._native(torch.empty(sum(map(len, PROMPTS)), 1, dtype=torch.bfloat16)) == native
-    logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True)).split([len(p) for p in PROMPTS])
+    prompts = PROMPTS[: len(adapters)]
+    chunks = [SeqChunk(i, p, 0, s) for i, (p, s) in enumerate(zip(prompts, slots))]
+    assert lora_cpu._native(torch.empty(sum(map(len, prompts)), 1, dtype=torch.bfloat16)) == native
+    logits = engine.lead(StepPlan(loads=loads, chunks=chunks, all_logits=True)).split([len(p) for p in prompts])
     bound = 8 * torch.finfo(torch.bfloat16).eps  # 6%: two layers of bf16 weights, activations and adapters
     for i, (got, task_id) in enumerate(zip(logits, adapters)):
         want = peft_reference[(task_id, i)][0]

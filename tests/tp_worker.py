@@ -38,9 +38,17 @@ def run_case(comm, base, case, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / f"{case['name']}.safetensors"))
     lines = [json.dumps({"id": i, "adapter": r["adapter"], "prompt_ids": r["prompt_ids"], "max_tokens": 16})
              for i, r in enumerate(reqs)]
+    copies, lead = [], engine.lead  # prefix caching's copies (sequence ids are the requests' indices here)
+
+    def recording_lead(plan, *args):
+        copies.extend(plan.copies if plan else [])
+        return lead(plan, *args)
+
+    engine.lead = recording_lead
     results = run_requests(engine, lines, max_batch_size=8, stats=True, max_num_tokens=case.get("max_num_tokens"))
     engine.lead(None)
     (out_dir / f"{case['name']}.json").write_text(json.dumps(results))
+    (out_dir / f"{case['name']}.copies.json").write_text(json.dumps(copies))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ TORCH_ONLY = {"engine.scheme": "--scheme", "engine.adapters": "--adapter", "engi
               "engine.device": "--device", "engine.lora_cache_host_bytes": "--lora-cache-host-bytes",
               "engine.pin_adapters": "--no-pin-adapters", "engine.comm_interface": "--comm-interface",
               "engine.max_num_tokens": "--max-num-tokens", "engine.allow_request_adapters": "--no-allow-request-adapters",
+              "engine.enable_prefix_caching": "--no-enable-prefix-caching",
               "server.host": "--host", "server.max_queue": "--max-queue", "server.shutdown_timeout": "--shutdown-timeout",
               "server.max_streams": "--max-streams", "server.openai_port": "--openai-port",
               "server.served_model_name": "--served-model-name", "server.allow_adapter_loading": "--allow-adapter-loading",

@@ -196,6 +196,12 @@ ENGINE_FLAGS: tuple[tuple[str, str, dict], ...] = (
                                           "while it can hold them at their longest (prompt + max_tokens), one too long "
                                           "for all of it is refused; memory is taken only as it is written (default "
                                           "4 GiB)")),
+    ("--enable-prefix-caching", "enable_prefix_caching",
+     dict(action=argparse.BooleanOptionalAction, help="as vLLM's: a new sequence copies the KV cache of the longest "
+                                                      "prompt prefix a running sequence with the same adapter holds, "
+                                                      "instead of computing it (not for requests asking for prompt "
+                                                      "logits or log-probs); --no-enable-prefix-caching computes every "
+                                                      "prompt in full (default: on)")),
     ("--rank-timeout", "rank_timeout",
      dict(type=float, metavar="SECONDS", help="a rank whose heartbeat stops for this long (stopped, hung, its host cut "
                                               "off) is lost: serve turns readiness off, fails pending and new requests "

@@ -61,8 +61,10 @@ class Engine:
         allow_request_adapters: bool = True,
         kv_cache_bytes: int | None = None,
         lora_kernel: str = "auto",
+        prefix_caching: bool = True,
     ):
         self.comm = comm
+        self.prefix_caching = prefix_caching  # rank 0's scheduler copies KV of shared prompt prefixes
         self.pin_adapters = pin_adapters
         bound_heap_retention()  # adapters come and go for as long as the process serves
         base = model if isinstance(model, BaseModel) else load_base_model(model, tp_rank=(comm.rank, comm.world))
@@ -208,7 +210,7 @@ class Engine:
             self.pool.load(task_id, slot)
         if not plan.chunks:
             return None
-        return self.model.forward(plan.chunks, all_logits=plan.all_logits)
+        return self.model.forward(plan.chunks, all_logits=plan.all_logits, copies=plan.copies)
 
     def receive(self) -> StepPlan | None:
         """Worker ranks: rank 0's next plan (None: stop)."""
@@ -246,7 +248,8 @@ def engine_from_config(config: EngineConfig, comm: Comm) -> Engine:
         engine = Engine(comm, base, config.scheme, [(a.task_id, a.directory) for a in config.adapters], config.max_loras,
                       config.dtype, max_lora_rank=config.max_lora_rank, lora_cache_host_bytes=config.lora_cache_host_bytes,
                       pin_adapters=config.pin_adapters, allow_request_adapters=config.allow_request_adapters,
-                      kv_cache_bytes=config.kv_cache_bytes, lora_kernel=config.lora_kernel)
+                      kv_cache_bytes=config.kv_cache_bytes, lora_kernel=config.lora_kernel,
+                      prefix_caching=config.enable_prefix_caching)
     del base  # the engine's model holds its own packed copies: the loaded weights go (they doubled each rank's memory)
     release_freed_memory()
     return engine

@@ -195,10 +195,14 @@ class KVCache:
             self.rows[seq_id] = next(free_rows)
         self.lengths = lengths
 
-    def begin_step(self, chunks, group: int) -> StepLayout:
-        """Place the step's sequences and build the indices every layer's attention uses. `group` is the number
-        of query heads per KV head."""
+    def begin_step(self, chunks, group: int, copies=()) -> StepLayout:
+        """Place the step's sequences, copy the shared prefixes `copies` ((source, target, n): positions 0..n-1,
+        prefix caching), and build the indices every layer's attention uses. `group` is the number of query heads
+        per KV head."""
+        written = dict(self.lengths)
         self._place(chunks)
+        for source, target, n in copies:
+            self._copy_prefix(source, target, n, written)
         dev, cap, nkv = self.device, self.capacity, self.kv_heads
         write, rows, keys, t0 = [], [], [], 0
         decode, prefill = [], []
@@ -217,6 +221,18 @@ class KVCache:
         if prefill:
             self._prefill_layout(layout, prefill, group)
         return layout
+
+    def _copy_prefix(self, source: int, target: int, n: int, written: dict[int, int]) -> None:
+        if written.get(source, 0) < n or target in written or target not in self.rows:
+            raise BdLoraError(f"prefix copy of {n} tokens from sequence {source} to {target}: the source holds "
+                              f"{written.get(source, 0)}, the target must be new to this step")
+        src, dst = self.rows[source], self.rows[target]
+        for layer in range(self.num_layers):
+            for which in (0, 1):
+                view = self.view(layer, which)
+                view[dst, :, :n] = view[src, :, :n]
+        if source in self.dirty:
+            self.dirty.add(target)
 
     def _decode_layout(self, layout: StepLayout, decode: list) -> None:
         dev = self.device

@@ -2,6 +2,8 @@
 
 Tokens of all sequences in a step are flattened into one [T, hidden] batch (as nano-vllm does); attention
 reads and writes the preallocated KV cache (`kv_cache.py`) in at most two calls per layer (`attention.py`).
+In float32 on an AVX2 CPU (`fused_ops`) RoPE with the cache write, each residual add with the RMSNorm after it, and
+SiLU-and-multiply are one `kernels.avx2` call each instead of several torch ops.
 The base collectives are the all-reduces after o_proj and down_proj and one all-gather of the logits: the LM head is
 vocabulary-parallel (each rank multiplies its rows, as vLLM's ParallelLMHead); embedding and norms are replicated.
 """
@@ -149,8 +151,9 @@ class TPLlama:
         return F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
 
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk], all_logits: bool = False) -> torch.Tensor:
-        """Logits [num chunks, vocab] of each chunk's last token (or [T, vocab] with all_logits)."""
+    def forward(self, chunks: list[SeqChunk], all_logits: bool = False, copies=()) -> torch.Tensor:
+        """Logits [num chunks, vocab] of each chunk's last token (or [T, vocab] with all_logits); `copies` as
+        `StepPlan.copies`."""
         dev = self.device
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
         positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
@@ -159,7 +162,7 @@ class TPLlama:
             slot_ids = None
         x = F.embedding(tokens, self.embed)
         cos, sin = self.rotary(positions)
-        step = self.kv_cache.begin_step(chunks, self.layout.local_heads // self.layout.local_kv_heads)
+        step = self.kv_cache.begin_step(chunks, self.layout.local_heads // self.layout.local_kv_heads, copies)
         qkv_offsets = [0, self.q_size, self.q_size + self.kv_size]
         x, h = self._add_norm(x, None, self.layers[0]["in_norm"])
         for i, L in enumerate(self.layers):

@@ -40,6 +40,9 @@ class StepPlan:
     loads: list[tuple[int, int]] = field(default_factory=list)  # (slot, task id) copies into device slots
     chunks: list[SeqChunk] = field(default_factory=list)  # the forward pass's tokens
     all_logits: bool = False  # logits of every token, not only each chunk's last
+    # prefix caching: (source, target, n) copies the KV of positions 0..n-1 from a running sequence to a new one
+    # whose first chunk starts at n, before the forward pass
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -58,10 +61,13 @@ class StepPlan:
             out["chunks"] = [[c.seq_id, c.tokens, c.start, c.slot] for c in self.chunks]
         if self.all_logits:
             out["all_logits"] = True
+        if self.copies:
+            out["copies"] = [list(copy) for copy in self.copies]
         return out
 
     @classmethod
     def from_json(cls, obj: dict) -> StepPlan:
         return cls(evict=obj.get("evict", []), uploads=[AdapterUpload(*u) for u in obj.get("uploads", [])],
                    free=obj.get("free", []), loads=[tuple(x) for x in obj.get("loads", [])],
-                   chunks=[SeqChunk(*c) for c in obj.get("chunks", [])], all_logits=obj.get("all_logits", False))
+                   chunks=[SeqChunk(*c) for c in obj.get("chunks", [])], all_logits=obj.get("all_logits", False),
+                   copies=[tuple(x) for x in obj.get("copies", [])])

@@ -6,6 +6,11 @@ left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM'
 `plan_chunks` for the order). A long prompt is thus prefilled over several steps while the others keep decoding; the attention
 of a chunk reads the KV cache of the earlier chunks, so the result is that of one whole prefill.
 
+Prefix caching (vLLM's `--enable-prefix-caching`, on by default): a sequence's first chunk starts after the longest
+prefix of its prompt that a running sequence with the same adapter already holds in its KV cache (a shared system
+prompt or chat template, an earlier turn of the conversation); every rank copies those positions' K and V
+(`StepPlan.copies`) instead of computing them. Only running sequences are sources, so nothing is kept beyond them.
+
 A request is admitted only if the KV cache can hold it with the running ones at their longest (prompt plus
 max_tokens each, `KVBudget.fits`); otherwise it waits, in order. One that could never fit, even alone, fails at
 once with a one-line error.
@@ -53,6 +58,8 @@ class StepStats:
     context_tokens: int = 0
     lora_collectives: int = 0
     slot_evictions: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens of sequences that could reuse a prefix (vLLM's prefix cache queries)
+    prefix_hit_tokens: int = 0  # of those, copied from a running sequence instead of computed
 
 
 @dataclass
@@ -105,6 +112,15 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a[:limit], b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def plan_chunks(running: list[Running], max_num_tokens: int) -> list[tuple[Running, list[int], int]]:
     """(sequence, tokens, start) for one step: every decoding sequence's last token, then prompt chunks while the
     token budget lasts, shortest remaining prompt first (a short request is not queued behind long prefills, as
@@ -129,6 +145,7 @@ class Scheduler:
                  max_num_tokens: int | None = None):
         self.engine, self.max_batch_size, self.collect_stats = engine, max_batch_size, collect_stats
         self.max_num_tokens = max_num_tokens or default_max_num_tokens(engine.comm.device)
+        self.prefix_caching = getattr(engine, "prefix_caching", False)
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
         self._free: list[int] = []
@@ -207,6 +224,7 @@ class Scheduler:
         step: list[tuple[Running, list[int], int]] = []
         try:
             step = plan_chunks(self.running, self.max_num_tokens)
+            copies = self._share_prefixes(step) if self.prefix_caching else []
             occupied = set(self.engine.pool.slot_of.values())
             loads, slots = self.engine.pool.assign([r.req.adapter for r, _, _ in step])
         except Exception as err:  # nothing was sent to the other ranks: only this step's requests fail
@@ -215,7 +233,7 @@ class Scheduler:
             return finished
         self.stats.slot_evictions += sum(1 for slot, _ in loads if slot in occupied)
         all_logits = any(r.prefilling and wants_prompt_rows(r.req) for r, _, _ in step)
-        plan = StepPlan(free=self._free, loads=loads, all_logits=all_logits,
+        plan = StepPlan(free=self._free, loads=loads, all_logits=all_logits, copies=copies,
                         chunks=[SeqChunk(r.seq_id, toks, start, slot) for (r, toks, start), slot in zip(step, slots)])
         self._free = []
         comm_log = self.engine.comm.log
@@ -235,6 +253,29 @@ class Scheduler:
             except Exception as err:
                 self._fail(r, as_error(err, "internal error while serving this request"), finished)
         return finished
+
+    def _share_prefixes(self, step: list) -> list[tuple[int, int, int]]:
+        """Prefix caching: each new sequence's first chunk (in place in `step`) starts after the longest prefix of
+        its prompt (all but its last token) that a running sequence with the same adapter holds; returns the copies.
+        A request asking for its prompt's logits or log-probs computes them all."""
+        copies = []
+        holders = [r for r in self.running if r.position > 0]
+        for i, (r, toks, start) in enumerate(step):
+            if start or wants_prompt_rows(r.req):
+                continue
+            prompt = r.req.prompt_ids
+            self.stats.prefix_query_tokens += len(prompt)
+            source, n = None, 0
+            for h in holders:
+                if h.req.adapter == r.req.adapter:
+                    held = common_prefix(prompt, (h.req.prompt_ids + h.req.output_ids)[: h.position], len(prompt) - 1)
+                    if held > n:
+                        source, n = h, held
+            if source is not None:
+                step[i] = (r, prompt[n : n + len(toks)], n)
+                copies.append((source.seq_id, r.seq_id, n))
+                self.stats.prefix_hit_tokens += n
+        return copies
 
     def _count(self, step: list, lora_collectives: int) -> None:
         st = self.stats

@@ -10,7 +10,8 @@ TensorRT-LLM backend (model tensorrt_llm): nv_trt_llm_request_metrics{request_ty
 metrics{inflight_batcher_specific_metric}, nv_trt_llm_general_metrics{general_type}, nv_llm_input_token_len /
 nv_llm_output_token_len histograms. Its KV-cache and memory families do not apply (no paged cache, no GPU);
 it has no LoRA family. Ours: trtllm_bdlora_adapters_registered, trtllm_bdlora_adapter_slots{state},
-trtllm_bdlora_adapter_slot_evictions (counter), trtllm_bdlora_lora_collectives_per_step (last step).
+trtllm_bdlora_adapter_slot_evictions (counter), trtllm_bdlora_lora_collectives_per_step (last step),
+trtllm_bdlora_prefix_cache_queries / _hits (counters of prompt tokens, as vLLM's prefix_cache_queries / _hits).
 
 Triton's and the backend's series keep their names and label sets, so Triton dashboards read them unchanged; they
 count every request whatever its protocol (an OpenAI request is a `tensorrt_llm` request). The protocol a client
@@ -294,5 +295,12 @@ def _runtime_families(runtime):
     evictions = Metric("trtllm_bdlora_adapter_slot_evictions", "Adapters evicted from a device slot", "counter")
     evictions.add_sample("trtllm_bdlora_adapter_slot_evictions_total", {}, st.slot_evictions)
     yield evictions
+    for name, doc, value in (("queries", "Prompt tokens looked up in the running sequences' KV caches",
+                              st.prefix_query_tokens),
+                             ("hits", "Prompt tokens copied from a running sequence's KV cache, not computed",
+                              st.prefix_hit_tokens)):
+        counter = Metric(f"trtllm_bdlora_prefix_cache_{name}", doc, "counter")
+        counter.add_sample(f"trtllm_bdlora_prefix_cache_{name}_total", {}, value)
+        yield counter
     yield GaugeMetricFamily("trtllm_bdlora_lora_collectives_per_step",
                             "LoRA collectives issued in the last engine step (0 with bdlora)", value=st.lora_collectives)
