@@ -21,9 +21,19 @@ from tests.reliability_helpers import rank_processes
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are (one at a time, the OS may hand one out twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class Server:
@@ -33,11 +43,10 @@ class Server:
         launcher. `module`: what runs the command line (`python -m MODULE serve ...`), e.g. a test entry point
         wrapping the CLI; `env`: variables added to the server's environment."""
         self.module = module
-        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.port, self.http_port, self.metrics_port, self.openai_port = free_ports(4)
         self.url = f"127.0.0.1:{self.port}"
         self.http_url = f"127.0.0.1:{self.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.openai_port = free_port()
         self.openai_url = f"http://127.0.0.1:{self.openai_port}/v1"
         args = ["serve", "--model", str(model), "--tp", str(tp), "--grpc-port", str(self.port),
                 "--http-port", str(self.http_port), "--metrics-port", str(self.metrics_port),

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, run_cli
-from tests.serving_helpers import free_port
+from tests.serving_helpers import free_ports
 
 sys.path.insert(0, str(REPO / "examples"))
 from tasks import examples, messages  # noqa: E402
@@ -218,7 +218,7 @@ class Container:
 
     def __init__(self, engine: Engine, image: str):
         self.engine, self.name = engine, f"trtllm-bdlora-test{os.getpid()}"
-        self.http, self.grpc, self.metrics, self.openai = free_port(), free_port(), free_port(), free_port()
+        self.http, self.grpc, self.metrics, self.openai = free_ports(4)
         volume = f"{REPO / 'examples' / 'adapters'}:/adapters:ro"
         self.started = time.monotonic()
         engine.run("-d", "--name", self.name, "-v", volume, image, "--http-port", str(self.http),
