@@ -1,18 +1,19 @@
-"""The engine's float32 CPU kernels for CPUs whose best vector unit is AVX2 (`avx2.c`): the base GEMM and the
-attention of decoding tokens. Built on first use with the system's C compiler into the cache directory, called
+"""The engine's float32 CPU kernels for CPUs whose best vector unit is AVX2 (`avx2.c`): the base GEMM, the attention
+of a step's tokens over their KV-cache rows, and a layer's small ops (RoPE with the cache write, residual add with
+RMSNorm, SiLU-and-multiply). Built on first use with the system's C compiler into the cache directory, called
 through ctypes (which releases the GIL while they run), on torch's intra-op thread count.
 
 On such CPUs (AMD EPYC / Ryzen before Zen 4, Intel without AVX-512) oneDNN's float32 kernels stream a decode step's
-weights well below memory speed, and SDPA on a decode batch (a batched call on tiny matrices) costs more than reading
-its K and V. One thread, AMD EPYC, 2026-12-07, `python benchmarks/cpu_kernels.py` (docs/performance.md, section 4):
-smollm2-135m's 121 base weights (538 MB) against 8 rows 65.2 ms through oneDNN's prepacked linear and 45.1 ms here
-(streaming them takes 30 ms at this core's 17.7 GB/s), 1 row 63.5 against 36.3 ms, 128 rows 461 against 373 ms;
-decode attention of 8 sequences of 190 tokens 422 against 293 us a layer. Where the CPU has AVX-512, oneDNN and SDPA
-keep the work (not measured against them here).
+weights well below memory speed, SDPA on a decode batch (a batched call on tiny matrices) costs more than reading
+its K and V, and at decode size each small torch op costs more in dispatch than in work. One thread, AMD EPYC,
+2026-12-07 10:33 UTC, `python benchmarks/cpu_kernels.py` (docs/performance.md, section 4): smollm2-135m's 121 base
+weights (538 MB) against 8 rows 66.9 ms through oneDNN's prepacked linear and 35.8 ms here (streaming them takes
+30 ms), 1 row 69.7 against 30.8 ms, 128 rows 458 against 393 ms; a decode step's attention over 8 sequences of 190
+tokens 416 against 304 us a layer; a layer's small ops at 8 rows 216 against 71 us. Where the CPU has AVX-512,
+oneDNN and SDPA keep the work (not measured against them here).
 TRTLLM_BDLORA_CPU_KERNELS=torch|avx2 forces a choice (auto: the rule above). A CPU without AVX2 and FMA, or a machine
 without a C compiler, gets torch's, with one warning saying why.
 """
-
 from __future__ import annotations
 
 import ctypes
