@@ -9,6 +9,7 @@ import os
 import queue
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -127,9 +128,9 @@ class Outcome:
 
 
 def stream(url: str, model: str, values: dict[str, np.ndarray], request_id: str = "", timeout: float = 300,
-           cancel_after: int | None = None) -> Outcome:
+           cancel_after: int | None = None, responding: threading.Event | None = None) -> Outcome:
     """One request over ModelStreamInfer (empty final responses enabled), as NVIDIA's clients send them;
-    `cancel_after`: cancel the stream after that many responses."""
+    `cancel_after`: cancel the stream after that many responses; `responding`: set at the first response."""
     client = grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -148,6 +149,8 @@ def stream(url: str, model: str, values: dict[str, np.ndarray], request_id: str 
             outcome.parameters.append({k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in response.parameters.items()
                                        if k != "triton_final_response"})
             outcome.ids.append(response.id)
+            if responding is not None:
+                responding.set()
             if final:
                 return outcome
             if cancel_after is not None and len(outcome.responses) >= cancel_after:

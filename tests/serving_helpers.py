@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,14 @@ class Server:
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
+
+    def output_matching(self, pattern: str, timeout: float = 10) -> str:
+        """`output()` once it matches `pattern` (the launcher relays the ranks' lines a moment after they are
+        written), or as it is after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, log := self.output()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return log
 
     def rank_pids(self) -> dict[int, int]:
         """pid of each rank: processes whose command line names this server's port."""

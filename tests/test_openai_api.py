@@ -173,9 +173,10 @@ def test_adapter_loaded_through_openai_serves_grpc_and_unloads(served, client, l
         grpc.close()
     status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "gamma"})
     assert status == 200 and "removed" in body
-    log = server.output()  # the operator sees both
+    unloaded = rf"INFO trtllm_bdlora\.adapters adapter unloaded task_id={loaded}\n"
+    log = server.output_matching(unloaded)  # the operator sees both
     assert re.search(rf"INFO trtllm_bdlora\.adapters adapter registered task_id={loaded} source=load dir=\S+a3 ", log), log[-3000:]
-    assert re.search(rf"INFO trtllm_bdlora\.adapters adapter unloaded task_id={loaded}\n", log), log[-3000:]
+    assert re.search(unloaded, log), log[-3000:]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gamma", prompt="Hello there", max_tokens=2)
     assert "gamma" not in {c.id for c in client.models.list().data}

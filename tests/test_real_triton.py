@@ -336,10 +336,11 @@ def test_a_dying_rank_fails_its_requests_and_stops_the_server(triton, tokenizer)
     if tp == 1:
         return
     results: list = []
+    responding = threading.Event()
     pending = threading.Thread(target=lambda: results.append(stream(server.url, "tensorrt_llm", core_inputs(
-        tokenizer.encode(PROMPTS[0]), 250, streaming=TRUE))))
+        tokenizer.encode(PROMPTS[0]), 250, streaming=TRUE), responding=responding)))
     pending.start()
-    time.sleep(1.0)
+    assert responding.wait(60)  # the request is running (its first token is out; 249 more to go)
     workers[0].send_signal(signal.SIGKILL)
     pending.join(120)
     # as `serve` answers a lost rank (engine/runtime.py): UNAVAILABLE, retryable elsewhere
