@@ -114,14 +114,17 @@ def _stream_tokens(server, model: str, max_tokens: int, started: threading.Event
                 started.set()
 
 
+LONG = 200  # tokens of the pending request: it must outlast the unload, the refused load and the refused gRPC call
+
+
 def test_b_an_id_registered_over_grpc_cannot_return_with_other_weights_while_named_by_pending_requests(served):
     server, _, _, weights = served
     _ids(server, 20, weights["a"])  # registered over gRPC
     want = requests.post(server.openai_url + "/completions", timeout=120, json={
-        "model": "20", "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0,
+        "model": "20", "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0,
         "return_token_ids": True}).json()["choices"][0]["token_ids"]
     started, got = threading.Event(), []
-    pending = threading.Thread(target=_stream_tokens, args=(server, "20", 60, started, got))
+    pending = threading.Thread(target=_stream_tokens, args=(server, "20", LONG, started, got))
     pending.start()
     assert started.wait(60)
     status, body = post_json(server, "/v1/unload_lora_adapter", {"lora_name": "20"})
