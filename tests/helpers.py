@@ -16,6 +16,18 @@ BD_B = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
 REPO = Path(__file__).resolve().parents[1]
 
 
+def record_copies(engine) -> list:
+    """The prefix copies of every plan `engine.lead` sends from now on (rank 0)."""
+    copies, lead = [], engine.lead
+
+    def recording_lead(plan, *args):
+        copies.extend(plan.copies if plan else [])
+        return lead(plan, *args)
+
+    engine.lead = recording_lead
+    return copies
+
+
 def make_tiny_llama(directory: Path, seed: int = 0, heads: int = 8, kv_heads: int = 8, hidden: int = 128,
                     layers: int = 2, vocab: int = 256, tokenizer: bool = False) -> Path:
     """A random LlamaForCausalLM; with tokenizer=True it carries smollm2's tokenizer (vocab 49152)."""

@@ -5,7 +5,7 @@ turns it off; the plan carries the copies to every rank."""
 import pytest
 import torch
 
-from tests.helpers import make_tiny_llama
+from tests.helpers import make_tiny_llama, record_copies
 from trtllm_bdlora.engine.kv_cache import KVBudget, KVCache
 from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
 from trtllm_bdlora.engine.scheduler import common_prefix
@@ -69,13 +69,7 @@ def _serve_staggered(model_dir, prefix_caching=True, prompt_logprobs=None):
 
     engine = Engine(Comm(0, 1, torch.device("cpu")), str(model_dir), "bdlora", [], max_loras=1,
                     prefix_caching=prefix_caching)
-    copies, lead = [], engine.lead
-
-    def recording_lead(plan, *args):
-        copies.extend(plan.copies if plan else [])
-        return lead(plan, *args)
-
-    engine.lead = recording_lead
+    copies = record_copies(engine)
     scheduler = Scheduler(engine, max_batch_size=8, max_num_tokens=8)
     requests = [build_request(p, SamplingParams(5, prompt_logprobs=prompt_logprobs if i == 2 else None),
                               vocab_size=engine.shape.vocab_size, max_seq_len=engine.max_seq_len, id=i, index=i)

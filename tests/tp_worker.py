@@ -11,6 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from tests.helpers import record_copies
 from trtllm_bdlora.distributed.launch import init_ranks, mpi_world_size, shutdown
 from trtllm_bdlora.engine.engine import Engine
 from trtllm_bdlora.engine.generate import run_requests
@@ -38,13 +39,7 @@ def run_case(comm, base, case, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / f"{case['name']}.safetensors"))
     lines = [json.dumps({"id": i, "adapter": r["adapter"], "prompt_ids": r["prompt_ids"], "max_tokens": 16})
              for i, r in enumerate(reqs)]
-    copies, lead = [], engine.lead  # prefix caching's copies (sequence ids are the requests' indices here)
-
-    def recording_lead(plan, *args):
-        copies.extend(plan.copies if plan else [])
-        return lead(plan, *args)
-
-    engine.lead = recording_lead
+    copies = record_copies(engine)  # prefix caching's copies (sequence ids are the requests' indices here)
     results = run_requests(engine, lines, max_batch_size=8, stats=True, max_num_tokens=case.get("max_num_tokens"))
     engine.lead(None)
     (out_dir / f"{case['name']}.json").write_text(json.dumps(results))
