@@ -137,7 +137,7 @@ class EngineConfig:
     max_num_tokens: int | None = None  # None: scheduler.DEFAULT_MAX_NUM_TOKENS for the device
     threads_per_rank: int | None = None  # None: the cores this process may use, divided by tp
     kv_cache_bytes: int | None = None  # None: kv_cache.DEFAULT_KV_CACHE_BYTES
-    enable_prefix_caching: bool = True  # vLLM's name: a prompt prefix a running sequence holds is copied, not computed
+    enable_prefix_caching: bool = True  # vLLM's name: a prompt prefix another sequence holds is copied
     lora_kernel: str = "auto"  # environment: TRTLLM_BDLORA_KERNEL
     rank_timeout: float = DEFAULT_RANK_TIMEOUT_S  # 0: no heartbeats (only the collective timeout remains)
 

@@ -198,7 +198,9 @@ ENGINE_FLAGS: tuple[tuple[str, str, dict], ...] = (
                                           "4 GiB)")),
     ("--enable-prefix-caching", "enable_prefix_caching",
      dict(action=argparse.BooleanOptionalAction, help="as vLLM's: a new sequence copies the KV cache of the longest "
-                                                      "prompt prefix a running sequence with the same adapter holds, "
+                                                      "prompt prefix a running or recently finished sequence with the "
+                                                      "same adapter holds (finished rows are kept until a request "
+                                                      "needs the room), "
                                                       "instead of computing it (not for requests asking for prompt "
                                                       "logits or log-probs); --no-enable-prefix-caching computes every "
                                                       "prompt in full (default: on)")),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import math
 import mmap
 from collections import OrderedDict
@@ -148,6 +149,8 @@ class AdapterPool:
         self.host: OrderedDict[int, Shards] = OrderedDict()  # task id -> shards, least recently used first
         self.host_nbytes: dict[int, int] = {}
         self.pinned: set[int] = set()
+        self.versions: dict[int, int] = {}  # task id -> a number no other stored copy of any adapter had
+        self._next_version = itertools.count(1)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # task id -> slot, LRU first
         self.slots: dict[tuple[int, str], ModuleSlots] = {}
         self.rank_cap = max_lora_rank
@@ -173,6 +176,7 @@ class AdapterPool:
         self.host.pop(task_id, None)
         self.host[task_id] = shards
         self.host_nbytes[task_id] = shards_nbytes(shards)
+        self.versions[task_id] = next(self._next_version)
         if pinned:
             self.pinned.add(task_id)
         if task_id in self.slot_of:  # re-registration replaces the resident copy
@@ -208,6 +212,7 @@ class AdapterPool:
             self.host.pop(t, None)
             self.host_nbytes.pop(t, None)
             self.pinned.discard(t)
+            self.versions.pop(t, None)
             self.slot_of.pop(t, None)  # its slot becomes free
         if task_ids:
             release_freed_memory()
@@ -218,6 +223,11 @@ class AdapterPool:
 
     def __contains__(self, task_id: int) -> bool:
         return task_id in self.host
+
+    def version(self, task_id: int | None) -> int | None:
+        """Which stored copy of the adapter `task_id` is (0: the base model; None: not stored): KV computed with one
+        copy is reused only while the same copy serves (an unloaded id may come back with other weights)."""
+        return 0 if task_id is None else self.versions.get(task_id)
 
     # device slots -----------------------------------------------------------
     def _local_dims(self, name: str) -> tuple[int, int]:

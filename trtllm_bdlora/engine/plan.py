@@ -40,7 +40,7 @@ class StepPlan:
     loads: list[tuple[int, int]] = field(default_factory=list)  # (slot, task id) copies into device slots
     chunks: list[SeqChunk] = field(default_factory=list)  # the forward pass's tokens
     all_logits: bool = False  # logits of every token, not only each chunk's last
-    # prefix caching: (source, target, n) copies the KV of positions 0..n-1 from a running sequence to a new one
+    # prefix caching: (source, target, n) copies the KV of positions 0..n-1 from a running or kept sequence to a new one
     # whose first chunk starts at n, before the forward pass
     copies: list[tuple[int, int, int]] = field(default_factory=list)
 

@@ -7,9 +7,11 @@ left of the budget (chunked prefill, as TensorRT-LLM's chunked context and vLLM'
 of a chunk reads the KV cache of the earlier chunks, so the result is that of one whole prefill.
 
 Prefix caching (vLLM's `--enable-prefix-caching`, on by default): a sequence's first chunk starts after the longest
-prefix of its prompt that a running sequence with the same adapter already holds in its KV cache (a shared system
-prompt or chat template, an earlier turn of the conversation); every rank copies those positions' K and V
-(`StepPlan.copies`) instead of computing them. Only running sequences are sources, so nothing is kept beyond them.
+prefix of its prompt that a sequence with the same adapter already holds in its KV cache (a shared system prompt or
+chat template, an earlier turn of the conversation); every rank copies those positions' K and V (`StepPlan.copies`)
+instead of computing them. Sources are the running sequences and up to `max_batch_size` finished ones, whose rows
+stay in the cache (`CachedPrefix`) until a request needs the room (least recently used first), their adapter's
+stored copy changes, or the work ends (`flush`), so requests that come one at a time share prefixes too.
 
 A request is admitted only if the KV cache can hold it with the running ones at their longest (prompt plus
 max_tokens each, `KVBudget.fits`); otherwise it waits, in order. One that could never fit, even alone, fails at
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +61,17 @@ class StepStats:
     lora_collectives: int = 0
     slot_evictions: int = 0
     prefix_query_tokens: int = 0  # prompt tokens of sequences that could reuse a prefix (vLLM's prefix cache queries)
-    prefix_hit_tokens: int = 0  # of those, copied from a running sequence instead of computed
+    prefix_hit_tokens: int = 0  # of those, copied from another sequence instead of computed
+
+
+@dataclass(frozen=True)
+class CachedPrefix:
+    """A finished sequence whose KV cache row is kept for prefix caching: the tokens it holds (prompt and output up
+    to its position), computed with the stored copy `version` of `adapter` (`AdapterPool.version`)."""
+
+    adapter: int | None
+    version: int | None
+    tokens: list[int]
 
 
 @dataclass
@@ -148,6 +160,7 @@ class Scheduler:
         self.prefix_caching = getattr(engine, "prefix_caching", False)
         self.waiting: deque[Request] = deque()
         self.running: list[Running] = []
+        self.cached: OrderedDict[int, CachedPrefix] = OrderedDict()  # seq id -> finished sequence kept, LRU first
         self._free: list[int] = []
         self._next_seq = 0
         self.stats = StepStats()
@@ -194,6 +207,7 @@ class Scheduler:
             wanted = adapters | ({head.adapter} - {None})
             if len(wanted) > self.engine.pool.max_loras or not budget.fits([*lengths, kv_tokens(head)]):
                 break
+            self._make_room([*lengths, kv_tokens(head)])
             req = self.waiting.popleft()
             lengths.append(kv_tokens(req))
             adapters = wanted
@@ -203,6 +217,27 @@ class Scheduler:
             self.running.append(Running(req, self._next_seq, end_ids, generator=gen))
             self._next_seq += 1
         return refused
+
+    def _make_room(self, lengths: list[int]) -> None:
+        """Drop cached prefixes, least recently used first, until they fit the KV cache beside sequences that reach
+        `lengths`."""
+        while self.cached and not self.engine.kv_budget.fits([*lengths, *(len(c.tokens) for c in self.cached.values())]):
+            self._drop_cached(next(iter(self.cached)))
+
+    def _drop_cached(self, seq_id: int) -> None:
+        del self.cached[seq_id]
+        self._free.append(seq_id)
+
+    def _retire(self, r: Running) -> None:
+        """A sequence finished: its row is kept as a cached prefix (the oldest beyond `max_batch_size` dropped), or
+        freed."""
+        if not self.prefix_caching or r.position == 0:
+            self._free.append(r.seq_id)
+            return
+        held = (r.req.prompt_ids + r.req.output_ids)[: r.position]
+        self.cached[r.seq_id] = CachedPrefix(r.req.adapter, self.engine.pool.version(r.req.adapter), held)
+        while len(self.cached) > self.max_batch_size:
+            self._drop_cached(next(iter(self.cached)))
 
     def _fail(self, r: Running, error: BdLoraError, finished: list) -> None:
         """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
@@ -219,7 +254,7 @@ class Scheduler:
         finished = self._drop_abandoned()
         finished += self._admit()
         if not self.running:
-            self.flush()  # the last sequences left: free their KV caches now, not with some later step
+            self.flush(keep_cached=True)  # the last sequences left: free their KV caches now, not in some later step
             return finished
         step: list[tuple[Running, list[int], int]] = []
         try:
@@ -256,25 +291,30 @@ class Scheduler:
 
     def _share_prefixes(self, step: list) -> list[tuple[int, int, int]]:
         """Prefix caching: each new sequence's first chunk (in place in `step`) starts after the longest prefix of
-        its prompt (all but its last token) that a running sequence with the same adapter holds; returns the copies.
-        A request asking for its prompt's logits or log-probs computes them all."""
+        its prompt (all but its last token) that a running or cached sequence with the same adapter holds; returns
+        the copies. A request asking for its prompt's logits or log-probs computes them all."""
+        for seq_id, c in list(self.cached.items()):
+            if c.version != self.engine.pool.version(c.adapter):  # evicted, unloaded or stored again since
+                self._drop_cached(seq_id)
+        holders = [(h.seq_id, h.req.adapter, (h.req.prompt_ids + h.req.output_ids)[: h.position])
+                   for h in self.running if h.position > 0]
+        holders += [(seq_id, c.adapter, c.tokens) for seq_id, c in self.cached.items()]
         copies = []
-        holders = [r for r in self.running if r.position > 0]
         for i, (r, toks, start) in enumerate(step):
             if start or wants_prompt_rows(r.req):
                 continue
             prompt = r.req.prompt_ids
             self.stats.prefix_query_tokens += len(prompt)
             source, n = None, 0
-            for h in holders:
-                if h.req.adapter == r.req.adapter:
-                    held = common_prefix(prompt, (h.req.prompt_ids + h.req.output_ids)[: h.position], len(prompt) - 1)
-                    if held > n:
-                        source, n = h, held
+            for seq_id, adapter, held_tokens in holders:
+                if adapter == r.req.adapter and (held := common_prefix(prompt, held_tokens, len(prompt) - 1)) > n:
+                    source, n = seq_id, held
             if source is not None:
                 step[i] = (r, prompt[n : n + len(toks)], n)
-                copies.append((source.seq_id, r.seq_id, n))
+                copies.append((source, r.seq_id, n))
                 self.stats.prefix_hit_tokens += n
+                if source in self.cached:
+                    self.cached.move_to_end(source)
         return copies
 
     def _count(self, step: list, lora_collectives: int) -> None:
@@ -299,7 +339,7 @@ class Scheduler:
                 reason = r.req.finish_reason = "cancelled"
         if reason is not None:
             self.running.remove(r)
-            self._free.append(r.seq_id)
+            self._retire(r)
             finished.append((r.req, r.stats))
 
     @staticmethod
@@ -339,8 +379,12 @@ class Scheduler:
         if req.params.return_generation_logits:
             req.generation_logits.append(row.clone())
 
-    def flush(self) -> None:
-        """Free the KV caches of the last finished sequences on every rank."""
+    def flush(self, keep_cached: bool = False) -> None:
+        """Free the KV caches of the last finished sequences on every rank, and the cached prefixes unless
+        `keep_cached` (the work has ended)."""
+        if not keep_cached:
+            self._free += list(self.cached)
+            self.cached.clear()
         if self._free:
             self.engine.lead(StepPlan(free=self._free))
             self._free = []

@@ -295,9 +295,9 @@ def _runtime_families(runtime):
     evictions = Metric("trtllm_bdlora_adapter_slot_evictions", "Adapters evicted from a device slot", "counter")
     evictions.add_sample("trtllm_bdlora_adapter_slot_evictions_total", {}, st.slot_evictions)
     yield evictions
-    for name, doc, value in (("queries", "Prompt tokens looked up in the running sequences' KV caches",
+    for name, doc, value in (("queries", "Prompt tokens looked up in the KV caches of running and kept sequences",
                               st.prefix_query_tokens),
-                             ("hits", "Prompt tokens copied from a running sequence's KV cache, not computed",
+                             ("hits", "Prompt tokens copied from another sequence's KV cache, not computed",
                               st.prefix_hit_tokens)):
         counter = Metric(f"trtllm_bdlora_prefix_cache_{name}", doc, "counter")
         counter.add_sample(f"trtllm_bdlora_prefix_cache_{name}_total", {}, value)
