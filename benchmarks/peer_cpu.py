@@ -146,17 +146,20 @@ class Server:
         self.log_file.close()
 
 
-def ours(args, tp: int, adapters: dict[str, Path], out: Path) -> Server:
+def ours(args, tp: int, adapters: dict[str, Path], out: Path, extra: list[str] = (), name: str = "") -> Server:
+    """This project's `serve` (`extra`: more flags; `name`: a tag for its log and rows)."""
     port = free_port()
     cmd = [sys.executable, "-m", "trtllm_bdlora", "serve", "--model", args.model_dir, "--served-model-name",
            "base", "--tp", str(tp), "--scheme", "replicated", "--dtype", args.dtype, "--openai-port", str(port),
            "--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
            "--threads-per-rank", str(threads_per_rank(args, tp)), "--kv-cache-bytes", str(args.kv_gib << 30),
            "--max-lora-rank", "16", "--max-loras", "4", "--log-level", "warning"]
-    for i, (name, d) in enumerate(adapters.items()):
-        cmd += ["--adapter", f"{name}:{i + 1}={d}"]
+    for i, (adapter, d) in enumerate(adapters.items()):
+        cmd += ["--adapter", f"{adapter}:{i + 1}={d}"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return Server("this project", cmd, env, out / f"ours_tp{tp}.log", port, 1 + len(adapters))
+    tag = f"_{name}" if name else ""
+    return Server(f"this project{f' ({name})' if name else ''}", [*cmd, *extra], env, out / f"ours_tp{tp}{tag}.log",
+                  port, 1 + len(adapters))
 
 
 def vllm(args, tp: int, adapters: dict[str, Path] | None, out: Path) -> Server:
