@@ -55,14 +55,14 @@ def conversations(port: int, n: int, max_tokens: int) -> list[list[float]]:
     return ttft
 
 
+def parse_counters(text: str) -> dict[str, float]:
+    """The prefix cache's `queries` and `hits` in a Prometheus exposition (summed over label sets)."""
+    return {name: sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M)) for name, pattern in COUNTERS.items()}
+
+
 def counters(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    found = {}
-    for name, pattern in COUNTERS.items():
-        values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
-        found[name] = sum(values)
-    return found
+        return parse_counters(r.read().decode())
 
 
 def measure(server: Server, args) -> dict:

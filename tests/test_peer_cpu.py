@@ -1,5 +1,6 @@
 """benchmarks/peer_cpu.py gives every AIPerf run prompts of its own (vLLM's prefix cache served a repeated run's
-prefills from memory, which this project has no cache for), the same prompts to the two runs of a pair."""
+prefills from memory), the same prompts to the two runs of a pair; benchmarks/chat_turns.py reads both servers'
+prefix cache counters."""
 
 import importlib.util
 import itertools
@@ -10,8 +11,8 @@ import types
 from tests.helpers import REPO
 
 
-def _peer():
-    spec = importlib.util.spec_from_file_location("peer_cpu", REPO / "benchmarks" / "peer_cpu.py")
+def _peer(name: str = "peer_cpu"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -42,3 +43,14 @@ def test_the_seed_reaches_aiperf(tmp_path):
     argv = json.loads((tmp_path / "run" / "argv.json").read_text())
     assert argv[argv.index("--random-seed") + 1] == str(peer.prompt_seed("lora", 1)) == str(row["seed"])
     assert row["out_tok_s"] == 12.5 and row["requests"] == 4
+
+
+def test_chat_turns_reads_both_servers_prefix_counters():
+    parse_counters = _peer("chat_turns").parse_counters
+    ours = ("# TYPE trtllm_bdlora_prefix_cache_queries counter\ntrtllm_bdlora_prefix_cache_queries_total 1876.0\n"
+            "trtllm_bdlora_prefix_cache_hits_total 1574.0\n")
+    vllm = ('vllm:prefix_cache_queries_total{engine="0",model_name="base"} 1.876e+03\n'
+            'vllm:prefix_cache_hits_total{engine="0",model_name="base"} 768.0\n'
+            'vllm:prefix_cache_hits_created{engine="0",model_name="base"} 1.7e9\n')
+    assert parse_counters(ours) == {"queries": 1876.0, "hits": 1574.0}
+    assert parse_counters(vllm) == {"queries": 1876.0, "hits": 768.0}
