@@ -16,7 +16,8 @@ from tests.helpers import make_peft_adapter, make_tiny_llama  # noqa: E402
 TIERS = {
     "unit": """adapter_cache adapter_files adapters config_json edge_units example_training fuzz_decoders hosts_check avx2 kernel
         kserve_extensions_units kv_cache layout linear logprobs_units lora_cpu peer_cpu prefix_cache rotary sampling
-        serving_edge_owners serving_scheduler sharding threads tiers triton_interface trtllm_network trtllm_request_adapters""",
+        serving_edge_owners serving_scheduler sharding text_tracker threads tiers triton_interface trtllm_network
+        trtllm_request_adapters""",
     "serve": """adapter_identity bad_input_kserve bad_input_openai bench bench_exit build_cli cli edge_hostile engine_tp
         error_model example_adapters example_deps
         generate_cli inspect

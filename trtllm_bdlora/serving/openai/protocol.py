@@ -249,25 +249,40 @@ class UnloadLoRAAdapterRequest(BaseModel):
 
 
 class TextTracker:
-    """The text of a growing token list (decoded whole each time), cut before the first stop string (after it with
-    vLLM's `include_stop_str_in_output`)."""
+    """The text of a growing token list, cut before the first stop string (after it with vLLM's
+    `include_stop_str_in_output`). Decoded incrementally, as vLLM and TGI do: each token decodes only a short window
+    (the tokens since the last complete character, after a few tokens of context), so a token costs the same at any
+    output length. `text` always equals the whole list decoded (with a trailing U+FFFD while a character is
+    incomplete); where a window does not extend its context's text, the whole list is decoded once instead."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], include_stop: bool = False):
         self.decode, self.stops, self.include_stop = decode, stops, include_stop
         self.ids: list[int] = []
         self.text = ""
         self.stop_reason: str | None = None
+        self._head = ""  # the text of ids[:_read], complete characters only
+        self._context = self._read = 0  # the window: ids[_context:], of which ids[_context:_read] is context
+        self._context_text = ""
+        self._longest_stop = max((len(s) for s in stops), default=0)
 
     @property
     def holdback(self) -> int:
         """Characters a stream must hold back: they may begin a stop string that is cut off."""
-        return 0 if self.include_stop else max((len(s) for s in self.stops), default=1) - 1
+        return 0 if self.include_stop else max(self._longest_stop, 1) - 1
 
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string completed (the text then ends before it, or with it)."""
         self.ids.append(token)
-        text = self.decode(self.ids)
-        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        searched = max(0, len(self._head) - self._longest_stop + 1)  # no stop string lies wholly in the head
+        window = self.decode(self.ids[self._context:])
+        if window.startswith(self._context_text):
+            text = self._head + window[len(self._context_text):]
+        else:
+            text, searched = self.decode(self.ids), 0
+        if len(text) > len(self._head) and not text.endswith("\ufffd"):
+            self._head, self._context, self._read = text, self._read, len(self.ids)
+            self._context_text = self.decode(self.ids[self._context:self._read])
+        hits = [(i, s) for s in self.stops if (i := text.find(s, searched)) >= 0]
         if hits:
             index, self.stop_reason = min(hits)
             self.text = text[: index + len(self.stop_reason)] if self.include_stop else text[:index]
