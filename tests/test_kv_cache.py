@@ -49,9 +49,11 @@ def test_step_attention_matches_float64_through_relayouts(cpu_kernels):
         [(2, 1), (4, 1), (5, 1)],
         [(4, None), (5, 1), (6, 4), (7, 1)],  # 6 and 7 take free rows; rows of decodes are not contiguous
         [(5, 1), (6, 1), (7, 1), (2, 1)],  # decodes in another order than their rows
-        [(6, None), (2, 1), (5, 1), (7, 1)],  # a free row between decoding rows: a dummy query there
+        [(6, None), (2, 1), (5, 1), (7, 1)],  # a free row between decoding rows: two runs, the row read by neither
+        [(2, None), (5, None), (7, None), (8, 3), (9, 3)],
+        [(8, 1), (9, 1)],  # one run of equal lengths
     ]
-    capacities = []
+    capacities, runs = [], []
     empty = torch.zeros(0, KV_HEADS, HEAD_DIM)
     for step in script:
         for seq_id, n in step:
@@ -63,6 +65,9 @@ def test_step_attention_matches_float64_through_relayouts(cpu_kernels):
             continue
         layout = cache.begin_step(chunks, HEADS // KV_HEADS)
         capacities.append(cache.capacity)
+        decoding_rows = sorted(cache.rows[c.seq_id] for c in chunks if len(c.tokens) == 1)
+        assert [r for run in layout.decode for r in range(run.lo, run.hi)] == decoding_rows
+        runs.append(len(layout.decode))
         t = sum(len(c.tokens) for c in chunks)
         for layer in range(layers):
             q = torch.randn(t, HEADS, HEAD_DIM, generator=gen)
@@ -82,6 +87,7 @@ def test_step_attention_matches_float64_through_relayouts(cpu_kernels):
                 t0 += n
         assert cache.lengths == {s: kv[0].shape[0] for s, kv in keys.items()}
     assert capacities[0] == 16 and 32 in capacities and capacities[-1] == 16, capacities
+    assert runs[-3:] == [2, 0, 1], runs
 
 
 def test_budget_rows_and_capacity():

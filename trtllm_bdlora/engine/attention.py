@@ -1,11 +1,13 @@
-"""A step's attention in one layer: at most two SDPA calls, whatever the number of sequences.
+"""A step's attention in one layer: one SDPA call per run of decoding sequences in consecutive cache rows, and
+one for all the prefill chunks.
 
-Every decoding sequence (one new token) is one batch row of a single call whose keys are a view of the KV cache's
-rows (no copy); the prefill chunks of the step (more than one token each) are a second call, padded to the longest
-chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the query axis, so K and V are
-never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on an AVX2 CPU the whole step
-is one call of `kernels.avx2.cache_attention` instead, every token a query over its own row's keys up to its
-position, read in place (no padding, mask or copy of the rows).
+The decoding sequences (one new token each) of a run are the batch rows of a call whose keys are a view of their
+cache rows (no copy). A row that is not decoding this step (a kept prefix, a finished or prefilling sequence) ends
+a run rather than be computed and thrown away. The prefill chunks of the step (more than one token each) are one
+call, padded to the longest chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the
+query axis, so K and V are never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on
+an AVX2 CPU the whole step is one call of `kernels.avx2.cache_attention` instead, every token a query over its own
+row's keys up to its position, read in place (no padding, mask or copy of the rows).
 """
 
 from __future__ import annotations
@@ -34,17 +36,12 @@ def step_attention(cache: KVCache, layer: int, step: StepLayout, q: torch.Tensor
     if d % 8 == 0 and avx2.usable(q):
         avx2.cache_attention(q, k_all, v_all, step.token_index, step.token_rows, step.token_keys, out)
         return out
-    if step.decode_tokens is not None:
-        lo, hi = step.decode_rows
-        rows = hi - lo
-        q_dec = q.index_select(0, step.decode_tokens)
-        if not step.decode_dense:
-            q_dec = q.new_zeros(rows, heads, d).index_copy_(0, step.decode_slots, q_dec)
-        keys = step.decode_keys
-        o = F.scaled_dot_product_attention(q_dec.view(rows, kv_heads, group, d), k_all[lo:hi, :, :keys],
-                                           v_all[lo:hi, :, :keys], attn_mask=step.decode_mask)
-        o = o.reshape(rows, heads * d)
-        out.index_copy_(0, step.decode_tokens, o if step.decode_dense else o.index_select(0, step.decode_slots))
+    for run in step.decode:
+        rows = run.hi - run.lo
+        o = F.scaled_dot_product_attention(q.index_select(0, run.tokens).view(rows, kv_heads, group, d),
+                                           k_all[run.lo:run.hi, :, :run.keys], v_all[run.lo:run.hi, :, :run.keys],
+                                           attn_mask=run.mask)
+        out.index_copy_(0, run.tokens, o.reshape(rows, heads * d))
     if step.prefill_tokens is not None:
         chunks, longest, keys = len(step.prefill_rows), step.prefill_queries, step.prefill_keys
         q_pre = q.new_zeros(chunks * longest, heads, d).index_copy_(
