@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention_timer import time_attention  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import trtllm_bdlora.engine.llama as llama
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import Engine
     from trtllm_bdlora.engine.plan import SeqChunk, StepPlan
@@ -37,16 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     engine = Engine(Comm(0, 1, torch.device("cpu")), args.model, "bdlora", [], dtype=args.dtype,
                     kv_cache_bytes=3 << 30)
-    attention = {"s": 0.0}
-    original = llama.TPLlama._attention
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = original(*a, **k)
-        attention["s"] += time.perf_counter() - t0
-        return out
-
-    llama.TPLlama._attention = timed
+    attention = time_attention()
     gen = torch.Generator().manual_seed(0)
     for seq in range(16):
         prompt = torch.randint(0, engine.shape.vocab_size, (args.context,), generator=gen).tolist()

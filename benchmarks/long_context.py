@@ -20,10 +20,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from attention_timer import time_attention  # noqa: E402
 
 
 def main() -> int:
-    import trtllm_bdlora.engine.llama as llama
     from trtllm_bdlora.distributed.comm import Comm
     from trtllm_bdlora.engine.engine import DTYPES, Engine
     from trtllm_bdlora.engine.kv_cache import kv_bytes_per_token, next_power_of_two
@@ -48,16 +49,7 @@ def main() -> int:
     rows = args.batch * len(args.contexts)
     budget = rows * next_power_of_two(max(args.contexts) + args.steps + 2) * per_token
     engine = Engine(Comm(0, 1, torch.device("cpu")), args.model, "bdlora", [], dtype=args.dtype, kv_cache_bytes=budget)
-    attention = {"s": 0.0}
-    original = llama.TPLlama._attention
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = original(*a, **k)
-        attention["s"] += time.perf_counter() - t0
-        return out
-
-    llama.TPLlama._attention = timed
+    attention = time_attention()
     gen = torch.Generator().manual_seed(0)
     seqs = {}
     for k, context in enumerate(args.contexts):
