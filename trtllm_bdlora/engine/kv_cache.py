@@ -25,6 +25,7 @@ always fits; a plan that does not fit (a caller that skipped admission) raises `
 
 from __future__ import annotations
 
+import functools
 import mmap
 from dataclasses import dataclass, field
 
@@ -111,6 +112,26 @@ class DecodeRun:
     mask: torch.Tensor  # [hi - lo, 1, 1, keys]
 
 
+def decode_runs(decoding: list[tuple[int, int, int]], device: torch.device) -> list[DecodeRun]:
+    """The runs of consecutive cache rows among the decoding tokens `decoding` ((token, row, keys) each)."""
+    runs: list[list[tuple[int, int, int]]] = []
+    for entry in sorted(decoding, key=lambda e: e[1]):
+        if not runs or runs[-1][-1][1] != entry[1] - 1:
+            runs.append([])
+        runs[-1].append(entry)
+    out = []
+    for run in runs:
+        lengths = [keys for _, _, keys in run]
+        longest = max(lengths)
+        # a mask even where the lengths are equal: unmasked, SDPA takes its flash kernel, slower on this CPU for a
+        # decode's few queries (1.64 against 1.38 ms for 8 rows of 1024 keys, one thread)
+        mask = (torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+                ).view(len(run), 1, 1, longest)
+        out.append(DecodeRun(torch.tensor([t for t, _, _ in run], device=device), run[0][1], run[-1][1] + 1, longest,
+                             mask))
+    return out
+
+
 @dataclass
 class StepLayout:
     """Where a step's tokens go in the cache and which rows its attention reads; built once per step, used by
@@ -122,7 +143,10 @@ class StepLayout:
     token_index: torch.Tensor | None = None  # [T] 0..T-1
     token_rows: torch.Tensor | None = None  # [T]
     token_keys: torch.Tensor | None = None  # [T]
-    decode: list[DecodeRun] = field(default_factory=list)
+    # decoding tokens (chunks of one token): (token index, row, keys) each; their SDPA runs are built on first use,
+    # so a step on the AVX2 kernel (which reads token_rows and token_keys) never builds them
+    decoding: list[tuple[int, int, int]] = field(default_factory=list)
+    device: torch.device = torch.device("cpu")
     # prefill chunks (more than one token): padded to [chunks, longest chunk]
     prefill_tokens: torch.Tensor | None = None  # [m] token indices
     prefill_slots: torch.Tensor | None = None  # [m] chunk * longest chunk + offset in the chunk
@@ -130,6 +154,10 @@ class StepLayout:
     prefill_queries: int = 0  # longest chunk
     prefill_keys: int = 0  # longest context
     prefill_mask: torch.Tensor | None = None  # [chunks, 1, group * longest chunk, prefill_keys]
+
+    @functools.cached_property
+    def decode(self) -> list[DecodeRun]:
+        return decode_runs(self.decoding, self.device)
 
 
 class KVCache:
@@ -222,9 +250,8 @@ class KVCache:
             (decode if n == 1 else prefill).append((t0, c, row))
             t0 += n
         layout = StepLayout(cap, torch.tensor(write, device=dev), torch.arange(t0, device=dev),
-                            torch.tensor(rows, device=dev), torch.tensor(keys, device=dev))
-        if decode:
-            self._decode_layout(layout, decode)
+                            torch.tensor(rows, device=dev), torch.tensor(keys, device=dev),
+                            decoding=[(t, row, c.start + 1) for t, c, row in decode], device=dev)
         if prefill:
             self._prefill_layout(layout, prefill, group)
         return layout
@@ -240,23 +267,6 @@ class KVCache:
                 view[dst, :, :n] = view[src, :, :n]
         if source in self.dirty:
             self.dirty.add(target)
-
-    def _decode_layout(self, layout: StepLayout, decode: list) -> None:
-        dev = self.device
-        runs: list[list[tuple[int, int, int]]] = []  # (row, token, keys)
-        for t, c, row in sorted(decode, key=lambda entry: entry[2]):
-            if not runs or runs[-1][-1][0] != row - 1:
-                runs.append([])
-            runs[-1].append((row, t, c.start + 1))
-        for run in runs:
-            lengths = [keys for _, _, keys in run]
-            longest = max(lengths)
-            # a mask even where the lengths are equal: unmasked, SDPA takes its flash kernel, slower on this CPU for
-            # a decode's few queries (1.64 against 1.38 ms for 8 rows of 1024 keys, one thread)
-            mask = (torch.arange(longest, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
-                    ).view(len(run), 1, 1, longest)
-            layout.decode.append(DecodeRun(torch.tensor([t for _, t, _ in run], device=dev), run[0][0],
-                                           run[-1][0] + 1, longest, mask))
 
     def _prefill_layout(self, layout: StepLayout, prefill: list, group: int) -> None:
         dev = self.device
