@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from evaluate import peft_disagreements  # noqa: E402
-from tasks import FORMS, SPLITS, TASKS, examples, input_ids, request_input, split_words  # noqa: E402
+from tasks import FORMS, SPLITS, TASKS, TEMPLATES, examples, input_ids, request_input, split_words  # noqa: E402
 from train_bdlora import encode  # noqa: E402
 from training import load_base  # noqa: E402
 
@@ -67,7 +67,8 @@ def per_word_upper(model, tokenizer, split: str, n: int, seed: int) -> list[tupl
     """(word, its first token id, the answer) for `n` lowercase words of `split`, one per plain prompt."""
     rows = []
     for word in random.Random(seed).sample(split_words(split), n):
-        ids = torch.tensor([input_ids(tokenizer, request_input(f"Rewrite in upper case: {word}", "plain"))])
+        prompt = TEMPLATES["upper"].format(text=word)
+        ids = torch.tensor([input_ids(tokenizer, request_input(prompt, "plain"))])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=len(word) + 4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         rows.append((word, tokenizer.encode(" " + word)[0],
