@@ -4,7 +4,8 @@ down, and the LM head: 538 MB, so they come from memory as in serving) at severa
 `step_attention` over the KV caches of 30 layers for a decode step and for one prompt's prefill; and a layer's
 small ops (RoPE with the cache write, two residual adds with RMSNorm, SiLU-and-multiply) at decode size.
 
-  python benchmarks/cpu_kernels.py [--threads 1] [--rows 1,8,16,128] [--context 190] [--prompt 160] [--repeats 5]
+  python benchmarks/cpu_kernels.py [--threads 1] [--rows 1,8,16,128] [--context 190] [--prompt 160]
+      [--prompt-after 0] [--repeats 5]
 
 Prints the best of --repeats for each, interleaved (torch, avx2, torch, ...), and the ratio.
 """
@@ -71,14 +72,16 @@ def layout_after(earlier: list[SeqChunk], step: list[SeqChunk]):
     return cache, cache.begin_step(step, HEADS // KV_HEADS)
 
 
-def attention_pass(sequences: int, context: int, prompt: int, repeats: int) -> dict[str, float]:
+def attention_pass(sequences: int, context: int, prompt: int, repeats: int, prompt_after: int = 0) -> dict[str, float]:
     """The engine's step_attention over 30 layers under each choice: a decode step of `sequences` sequences of
-    `context` tokens, and the prefill of one `prompt`-token prompt."""
+    `context` tokens, and the prefill of a `prompt`-token chunk of one prompt after its first `prompt_after`."""
+    earlier = [SeqChunk(0, [1] * prompt_after, 0, -1)] if prompt_after else []
     cases = {
         "decode": (*layout_after([SeqChunk(i, [1] * (context - 1), 0, -1) for i in range(sequences)],
                                  [SeqChunk(i, [1], context - 1, -1) for i in range(sequences)]),
                    torch.randn(sequences, HEADS, HEAD_DIM)),
-        "prefill": (*layout_after([], [SeqChunk(0, [1] * prompt, 0, -1)]), torch.randn(prompt, HEADS, HEAD_DIM)),
+        "prefill": (*layout_after(earlier, [SeqChunk(0, [1] * prompt, prompt_after, -1)]),
+                    torch.randn(prompt, HEADS, HEAD_DIM)),
     }
     times = {}
     for choice in ("torch", "avx2"):
@@ -125,6 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=190)
     p.add_argument("--sequences", type=int, default=8)
     p.add_argument("--prompt", type=int, default=160)
+    p.add_argument("--prompt-after", type=int, default=0, help="tokens of the prompt already in the cache")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -137,9 +141,10 @@ def main(argv=None) -> int:
         t = gemm_pass(rows, args.repeats)
         print(f"base GEMMs of a step, {rows:4d} rows: torch {t['torch'] * 1e3:7.1f} ms  avx2 {t['avx2'] * 1e3:7.1f} ms"
               f"  {t['torch'] / t['avx2']:.2f}x")
-    t = attention_pass(args.sequences, args.context, args.prompt, args.repeats)
+    t = attention_pass(args.sequences, args.context, args.prompt, args.repeats, args.prompt_after)
+    after = f" after {args.prompt_after}" if args.prompt_after else ""
     for name, what in (("decode", f"{args.sequences} sequences of {args.context} tokens"),
-                       ("prefill", f"one prompt of {args.prompt} tokens")):
+                       ("prefill", f"one prompt's {args.prompt} tokens{after}")):
         a, b = t[f"{name} torch"], t[f"{name} avx2"]
         print(f"step attention, {what}, per layer: torch {a / LAYERS * 1e6:.0f} us  avx2 {b / LAYERS * 1e6:.0f} us"
               f"  {a / b:.2f}x")

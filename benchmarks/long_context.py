@@ -1,8 +1,9 @@
-"""Decode step time against the context: a batch of sequences prefilled to 256, 1k and 4k tokens, then timed
-decode steps (all the batch's sequences one token each), with the attention's share timed separately.
+"""Decode step time against the context: a batch of sequences prefilled to 256, 1k and 4k tokens (the prefill
+timed too, in chunks of --chunk tokens), then timed decode steps (all the batch's sequences one token each), with
+the attention's share timed separately.
 
-One process, rank 0 of TP 1, smollm2-135m unless --model says otherwise. The contexts run interleaved, one step
-of each in turn, so that load from other processes falls on all alike.
+One process, rank 0 of TP 1, smollm2-135m unless --model says otherwise. The contexts' decode steps run
+interleaved, one step of each in turn, so that load from other processes falls on all alike.
 
   python benchmarks/long_context.py --contexts 256 1024 4096 --batch 4 --steps 10 --json docs/perf/long_context.json
 """
@@ -51,12 +52,17 @@ def main() -> int:
     engine = Engine(Comm(0, 1, torch.device("cpu")), args.model, "bdlora", [], dtype=args.dtype, kv_cache_bytes=budget)
     attention = time_attention()
     gen = torch.Generator().manual_seed(0)
-    seqs = {}
+    seqs, prefill = {}, {}
     for k, context in enumerate(args.contexts):
         ids = [k * args.batch + i for i in range(args.batch)]
         prompts = [torch.randint(0, engine.shape.vocab_size, (context,), generator=gen).tolist() for _ in ids]
+        attention["s"] = 0.0
+        t0 = time.perf_counter()
         for start in range(0, context, args.chunk):
             engine.execute(StepPlan(chunks=[SeqChunk(s, p[start : start + args.chunk], start, -1) for s, p in zip(ids, prompts)]))
+        prefill[context] = (time.perf_counter() - t0, attention["s"])
+        print(f"context {context:>5}: prefill of {args.batch} x {context} tokens {prefill[context][0]:7.2f} s, "
+              f"attention {prefill[context][1]:6.2f} s", flush=True)
         seqs[context] = ids
     samples: dict[int, list[tuple[float, float]]] = {c: [] for c in args.contexts}
     for step in range(args.steps + 1):  # the first round warms up
@@ -72,6 +78,7 @@ def main() -> int:
         step_ms = statistics.median(s for s, _ in samples[context]) * 1e3
         attn_ms = statistics.median(a for _, a in samples[context]) * 1e3
         rows.append({"context": context, "step_ms": step_ms, "attention_ms": attn_ms,
+                     "prefill_s": prefill[context][0], "prefill_attention_s": prefill[context][1],
                      "step_min_ms": min(s for s, _ in samples[context]) * 1e3,
                      "step_max_ms": max(s for s, _ in samples[context]) * 1e3})
     first = rows[0]

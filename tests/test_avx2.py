@@ -140,6 +140,36 @@ def test_cache_attention_equals_float64(choice, heads, kv_heads, d, threads):
 
 
 @needs_avx2
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 8), (4, 4, 16), (6, 2, 24)])
+def test_cache_attention_prompt_chunks_equal_float64(choice, heads, kv_heads, d, threads):
+    """A step as the engine makes it: prompt chunks (consecutive tokens of one cache row, each seeing the keys up to
+    its own position) beside decoding tokens. The chunks start past the first key blocks, cross block and task
+    boundaries, and are one to 150 tokens long; a group of 8 heads spans more than one tile of rows, and d = 24
+    leaves a half-width tail of features."""
+    choice("avx2")
+    gen = torch.Generator().manual_seed(heads * 1000 + d * 10 + threads)
+    rows_total, capacity = 5, 256
+    k = torch.randn(rows_total, kv_heads, capacity, d, generator=gen)
+    v = torch.randn(rows_total, kv_heads, capacity, d, generator=gen)
+    # (row, first position, tokens): chunks and decoding tokens, in the step's order
+    pieces = [(3, 0, 1), (1, 70, 150), (4, 200, 1), (0, 0, 33), (2, 129, 2), (3, 255, 1)]
+    rows = torch.tensor([r for r, start, n in pieces for _ in range(n)])
+    lengths = torch.tensor([start + i + 1 for _, start, n in pieces for i in range(n)])
+    t = len(rows)
+    tokens = torch.arange(t)
+    q = torch.randn(t, heads + kv_heads, d, generator=gen)[:, :heads]
+    out = torch.full((t, heads * d), 7.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        avx2.cache_attention(q, k, v, tokens, rows, lengths, out)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out.double(), _reference_decode(q, k, v, rows, lengths), rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
 def test_rope_store_equals_torch_bits(choice):
     """q rotated in place (the same bits as torch's x * cos + rotate_half(x) * sin), k rotated and v copied into the
     caches' rows at the slots; nothing else written."""

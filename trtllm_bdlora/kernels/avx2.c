@@ -126,7 +126,25 @@ void bdlora_gemm_f32(const float *x, const float *packed, float *y, int64_t m, i
  * q: token t's head h at q + t * q_stride + h * d. K and V: row r's KV head g, key j at
  * base + r * row_stride + g * head_stride + j * d. Token i (of n) is the step's token tokens[i], in cache row
  * rows[i], with lengths[i] keys; its output head h goes to out + tokens[i] * out_stride + h * d. d is a multiple of 8.
- * Scores are kept (not an online softmax): one buffer of lengths[i] floats per query head. */
+ *
+ * The work is split into tasks of query rows (token, head) that read the same KV head of the same cache row, so that
+ * each task reads those keys and values once (the step's tokens are 1 query each, the heads of a group share K/V):
+ * - a decoding token (the only token of its row in the step): a tile of its group's query heads (TILE_ROWS at most),
+ *   `attend_tile`. Keys and values are read KEY_BLOCK at a time, and every row of the tile passes over a block while
+ *   it is in L1 (3 rows x 4 keys of scores, 3 rows x 32 features of output, 12 accumulators each). Scores are kept,
+ *   one buffer of rows x the longest length, then a softmax per row.
+ * - a prompt chunk (consecutive tokens of one row): QUERY_GROUP tokens with all their group's heads, `attend_blocked`
+ *   (below): keys packed transposed a block at a time, register tiles with no horizontal sums, online softmax. */
+
+#define TILE_ROWS 12
+#define KEY_BLOCK 64
+#define QUERY_GROUP 32  /* prompt tokens per task of the blocked path */
+#define PACK 64         /* keys per block of the blocked path */
+
+typedef struct {
+    int64_t first, tokens;  /* tokens[first .. first + tokens - 1], all in one cache row */
+    int64_t g, h0, heads;   /* KV head g, query heads h0 .. h0 + heads - 1 of it */
+} Tile;
 
 static inline float sum8(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -134,11 +152,10 @@ static inline float sum8(__m256 a) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* The 8 sums of a0..a7, in order. */
-static inline __m256 sums8(const __m256 *a) {
-    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+/* The 4 sums of a0..a3, in order. */
+static inline __m128 sums4(const __m256 *a) {
+    __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
 /* e^x for x <= 0 (here x - max): 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p of degree 6 (relative error ~2e-7);
@@ -162,28 +179,57 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
 }
 
-/* s[j] = scale * q . k_j for j < len, 8 keys at a time. */
-static void scores_of(const float *q, const float *k, int64_t len, int64_t d, float scale, float *s) {
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {
-        __m256 acc[8];
-        for (int64_t c = 0; c < 8 * d; c += 16) _mm_prefetch((const char *)(k + (j + 16) * d + c), _MM_HINT_T0);
-        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < d; c += 8) {
-            __m256 qc = _mm256_loadu_ps(q + c);
-            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + (j + u) * d + c), acc[u]);
-        }
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale)));
+/* s[r][j .. j + 3] = scale * q[r] . k_(j .. j + 3) for rows r < nr (at most 3); k points at key j. */
+static inline __attribute__((always_inline)) void scores_3x4(const float *const *q, const float *k, int64_t d,
+                                                              float scale, float *const *s, int64_t j, int nr) {
+    __m256 acc[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8) {
+        __m256 k0 = _mm256_loadu_ps(k + c), k1 = _mm256_loadu_ps(k + d + c);
+        __m256 k2 = _mm256_loadu_ps(k + 2 * d + c), k3 = _mm256_loadu_ps(k + 3 * d + c);
+        for (int r = 0; r < 3; r++)
+            if (r < nr) {
+                __m256 qc = _mm256_loadu_ps(q[r] + c);
+                acc[r][0] = _mm256_fmadd_ps(qc, k0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(qc, k1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(qc, k2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(qc, k3, acc[r][3]);
+            }
     }
-    for (; j < len; j++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t c = 0; c < d; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + j * d + c), acc);
-        s[j] = sum8(acc) * scale;
-    }
+    for (int r = 0; r < nr; r++) _mm_storeu_ps(s[r] + j, _mm_mul_ps(sums4(acc[r]), _mm_set1_ps(scale)));
 }
 
-/* s[j] = e^(s[j] - max s) / sum, in place. */
-static void softmax_in_place(float *s, int64_t len) {
+/* o[r][c0 .. c0 + 8 * width) += sum_j p[r][j] v_j for keys j0 <= j < j1, rows r < nr (at most 3), width <= 4 vectors. */
+static inline __attribute__((always_inline)) void values_3x32(const float *const *p, const float *v, int64_t j0,
+                                                               int64_t j1, int64_t d, int64_t c0, int width,
+                                                               float *const *o, int nr) {
+    __m256 acc[3][4];
+    for (int r = 0; r < 3; r++)
+        for (int u = 0; u < 4; u++)
+            acc[r][u] = r < nr && u < width ? _mm256_loadu_ps(o[r] + c0 + 8 * u) : _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; j++) {
+        const float *vj = v + j * d + c0;
+        __m256 v0 = _mm256_loadu_ps(vj), v1 = _mm256_setzero_ps(), v2 = v1, v3 = v1;
+        if (width > 1) v1 = _mm256_loadu_ps(vj + 8);
+        if (width > 2) v2 = _mm256_loadu_ps(vj + 16);
+        if (width > 3) v3 = _mm256_loadu_ps(vj + 24);
+        for (int r = 0; r < 3; r++)
+            if (r < nr) {
+                __m256 pj = _mm256_broadcast_ss(p[r] + j);
+                acc[r][0] = _mm256_fmadd_ps(pj, v0, acc[r][0]);
+                if (width > 1) acc[r][1] = _mm256_fmadd_ps(pj, v1, acc[r][1]);
+                if (width > 2) acc[r][2] = _mm256_fmadd_ps(pj, v2, acc[r][2]);
+                if (width > 3) acc[r][3] = _mm256_fmadd_ps(pj, v3, acc[r][3]);
+            }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int u = 0; u < 4; u++)
+            if (u < width) _mm256_storeu_ps(o[r] + c0 + 8 * u, acc[r][u]);
+}
+
+/* s[j] = e^(s[j] - max s) / sum for j < len, and 0 from len to the end of the row (the tile's longest length). */
+static void softmax_in_place(float *s, int64_t len, int64_t longest) {
     float top = -INFINITY, total = 0.0f;
     for (int64_t j = 0; j < len; j++) top = s[j] > top ? s[j] : top;
     int64_t j = 0;
@@ -197,43 +243,286 @@ static void softmax_in_place(float *s, int64_t len) {
     for (; j < len; j++) total += (s[j] = expf(s[j] - top));
     float inverse = 1.0f / total;
     for (j = 0; j < len; j++) s[j] *= inverse;
+    for (; j < longest; j++) s[j] = 0.0f;
 }
 
-/* o = sum_j p[j] v_j (d floats), the output kept in registers 64 floats at a time. */
-static void weighted_values(const float *p, const float *v, int64_t len, int64_t d, float *o) {
-    for (int64_t c0 = 0; c0 < d; c0 += 64) {
-        int64_t width = d - c0 < 64 ? d - c0 : 64;
-        __m256 acc[8];
-        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < len; j++) {
-            for (int64_t c = 0; c < width; c += 16) _mm_prefetch((const char *)(v + (j + 16) * d + c0 + c), _MM_HINT_T0);
-            __m256 pj = _mm256_broadcast_ss(p + j);
-            for (int u = 0; u < 8; u++)
-                if (u * 8 < width) acc[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + j * d + c0 + u * 8), acc[u]);
-        }
-        for (int u = 0; u < 8; u++)
-            if (u * 8 < width) _mm256_storeu_ps(o + c0 + u * 8, acc[u]);
+/* The rows of one tile: scores block by block, softmax per row over its own length, then the values block by
+ * block. `s` holds rows x longest floats. */
+static void attend_tile(const float *const *q, const float *k, const float *v, const int64_t *len, int64_t nrows,
+                        int64_t d, float scale, float *const *o, float *s_buffer) {
+    int64_t longest = 0;
+    for (int64_t r = 0; r < nrows; r++) longest = len[r] > longest ? len[r] : longest;
+    float *s[TILE_ROWS];
+    for (int64_t r = 0; r < nrows; r++) {
+        s[r] = s_buffer + r * longest;
+        memset(o[r], 0, (size_t)d * sizeof(float));
     }
+    for (int64_t j0 = 0; j0 < longest; j0 += KEY_BLOCK) {
+        int64_t j1 = j0 + KEY_BLOCK < longest ? j0 + KEY_BLOCK : longest;
+        for (int64_t r0 = 0; r0 < nrows; r0 += 3) {
+            int nr = nrows - r0 < 3 ? (int)(nrows - r0) : 3;
+            int64_t j = j0;
+            for (; j + 4 <= j1; j += 4) {
+                switch (nr) {
+                    case 3: scores_3x4(q + r0, k + j * d, d, scale, s + r0, j, 3); break;
+                    case 2: scores_3x4(q + r0, k + j * d, d, scale, s + r0, j, 2); break;
+                    default: scores_3x4(q + r0, k + j * d, d, scale, s + r0, j, 1);
+                }
+            }
+            for (; j < j1; j++)
+                for (int r = 0; r < nr; r++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int64_t c = 0; c < d; c += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[r0 + r] + c), _mm256_loadu_ps(k + j * d + c), acc);
+                    s[r0 + r][j] = sum8(acc) * scale;
+                }
+        }
+    }
+    for (int64_t r = 0; r < nrows; r++) softmax_in_place(s[r], len[r], longest);
+    for (int64_t j0 = 0; j0 < longest; j0 += KEY_BLOCK) {
+        int64_t j1 = j0 + KEY_BLOCK < longest ? j0 + KEY_BLOCK : longest;
+        for (int64_t r0 = 0; r0 < nrows; r0 += 3) {
+            int nr = nrows - r0 < 3 ? (int)(nrows - r0) : 3;
+            for (int64_t c0 = 0; c0 < d; c0 += 32) {
+                int width = d - c0 < 32 ? (int)((d - c0) / 8) : 4;
+                const float *const *p = (const float *const *)(s + r0);
+                switch (nr) {
+                    case 3: values_3x32(p, v, j0, j1, d, c0, width, o + r0, 3); break;
+                    case 2: values_3x32(p, v, j0, j1, d, c0, width, o + r0, 2); break;
+                    default: values_3x32(p, v, j0, j1, d, c0, width, o + r0, 1);
+                }
+            }
+        }
+    }
+}
+
+/* The blocked path for a prompt chunk's queries (flash-attention order): per block of PACK keys, packed transposed
+ * once ([d][PACK]) and shared by every row of the task, each group of 6 rows gets its scores from a 6 x 16 register
+ * tile (no horizontal sums), an online-softmax update (running max and sum per row) and its output from another
+ * 6 x 16 tile over the block's values. A block past a whole group's lengths (the causal upper triangle) is skipped. */
+
+/* s[r][j .. j + 16) = scale * q[r] . kt[:, j .. j + 16) for rows r < nr (at most 6); kt is [d][PACK]. */
+static inline __attribute__((always_inline)) void qk_6x16(const float *const *q, const float *kt, int64_t d,
+                                                           int64_t j, float scale, float *s, int nr) {
+    __m256 lo[6], hi[6];
+    for (int r = 0; r < 6; r++) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i++) {
+        __m256 a = _mm256_loadu_ps(kt + i * PACK + j), b = _mm256_loadu_ps(kt + i * PACK + j + 8);
+        for (int r = 0; r < 6; r++)
+            if (r < nr) {
+                __m256 x = _mm256_broadcast_ss(q[r] + i);
+                lo[r] = _mm256_fmadd_ps(x, a, lo[r]);
+                hi[r] = _mm256_fmadd_ps(x, b, hi[r]);
+            }
+    }
+    __m256 sc = _mm256_set1_ps(scale);
+    for (int r = 0; r < nr; r++) {
+        _mm256_storeu_ps(s + r * PACK + j, _mm256_mul_ps(lo[r], sc));
+        _mm256_storeu_ps(s + r * PACK + j + 8, _mm256_mul_ps(hi[r], sc));
+    }
+}
+
+/* o[r][c .. c + 8 * width) += sum_{j < nk} p[r][j] v_j[c ..] for rows r < nr (at most 6), width 1 or 2 vectors;
+ * p is [6][PACK], v_j at v + j * d. */
+static inline __attribute__((always_inline)) void pv_6x16(const float *p, const float *v, int64_t nk, int64_t d,
+                                                           int64_t c, int width, float *const *o, int nr) {
+    __m256 lo[6], hi[6];
+    for (int r = 0; r < 6; r++) {
+        lo[r] = r < nr ? _mm256_loadu_ps(o[r] + c) : _mm256_setzero_ps();
+        hi[r] = r < nr && width > 1 ? _mm256_loadu_ps(o[r] + c + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < nk; j++) {
+        __m256 a = _mm256_loadu_ps(v + j * d + c), b = width > 1 ? _mm256_loadu_ps(v + j * d + c + 8) : a;
+        for (int r = 0; r < 6; r++)
+            if (r < nr) {
+                __m256 x = _mm256_broadcast_ss(p + r * PACK + j);
+                lo[r] = _mm256_fmadd_ps(x, a, lo[r]);
+                if (width > 1) hi[r] = _mm256_fmadd_ps(x, b, hi[r]);
+            }
+    }
+    for (int r = 0; r < nr; r++) {
+        _mm256_storeu_ps(o[r] + c, lo[r]);
+        if (width > 1) _mm256_storeu_ps(o[r] + c + 8, hi[r]);
+    }
+}
+
+#define BY_ROWS(CALL) switch (nr) { case 6: CALL(6); break; case 5: CALL(5); break; case 4: CALL(4); break; \
+                                    case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); }
+
+/* Row r's running max m and sum l take the block's scores s[0 .. nk) (keys past `valid` masked): s becomes the
+ * weights e^(s - new max), o is rescaled to the new max. */
+static void online_softmax_row(float *s, int64_t valid, int64_t nk, float *m, float *l, float *o, int64_t d) {
+    if (valid <= 0) {
+        memset(s, 0, (size_t)nk * sizeof(float));
+        return;
+    }
+    __m256 max8 = _mm256_set1_ps(*m);
+    int64_t j = 0;
+    for (; j + 8 <= valid; j += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(s + j));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(max8), _mm256_extractf128_ps(max8, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+    for (; j < valid; j++) top = s[j] > top ? s[j] : top;
+    __m256 top8 = _mm256_set1_ps(top), sum = _mm256_setzero_ps();
+    j = 0;
+    for (; j + 8 <= valid; j += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = sum8(sum);
+    for (; j < valid; j++) total += (s[j] = expf(s[j] - top));
+    for (; j < nk; j++) s[j] = 0.0f;
+    if (top != *m) {
+        float correction = expf(*m - top);  /* 0 on the first block (m = -inf), when l and o are 0 */
+        __m256 c8 = _mm256_set1_ps(correction);
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(o + c), c8));
+        *l *= correction;
+        *m = top;
+    }
+    *l += total;
+}
+
+/* kt[i][j] = k[j][i] for keys j < nk (k's rows d floats apart), 0 for nk <= j < padded; kt's rows PACK apart. Full
+ * groups of 8 keys x 8 features move as an 8 x 8 transpose in registers. */
+static void pack_transposed(const float *k, int64_t nk, int64_t padded, int64_t d, float *kt) {
+    int64_t full = nk / 8 * 8;
+    for (int64_t j = 0; j < full; j += 8)
+        for (int64_t i = 0; i < d; i += 8) {
+            __m256 r[8], t[8];
+            for (int u = 0; u < 8; u++) r[u] = _mm256_loadu_ps(k + (j + u) * d + i);
+            for (int u = 0; u < 8; u += 2) {
+                t[u] = _mm256_unpacklo_ps(r[u], r[u + 1]);
+                t[u + 1] = _mm256_unpackhi_ps(r[u], r[u + 1]);
+            }
+            for (int u = 0; u < 8; u += 4) {
+                r[u] = _mm256_shuffle_ps(t[u], t[u + 2], 0x44);
+                r[u + 1] = _mm256_shuffle_ps(t[u], t[u + 2], 0xEE);
+                r[u + 2] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0x44);
+                r[u + 3] = _mm256_shuffle_ps(t[u + 1], t[u + 3], 0xEE);
+            }
+            for (int u = 0; u < 4; u++) {
+                _mm256_storeu_ps(kt + (i + u) * PACK + j, _mm256_permute2f128_ps(r[u], r[u + 4], 0x20));
+                _mm256_storeu_ps(kt + (i + u + 4) * PACK + j, _mm256_permute2f128_ps(r[u], r[u + 4], 0x31));
+            }
+        }
+    for (int64_t i = 0; i < d; i++) {
+        for (int64_t j = full; j < nk; j++) kt[i * PACK + j] = k[j * d + i];
+        for (int64_t j = nk; j < padded; j++) kt[i * PACK + j] = 0.0f;
+    }
+}
+
+/* nrows rows (position-major: a token's heads, then the next token's) over the keys k, v of one KV head of one cache
+ * row. Scratch: kt [d * PACK], s [6 * PACK], ml [2 * nrows]. */
+static void attend_blocked(const float *const *q, const float *k, const float *v, const int64_t *len, int64_t nrows,
+                           int64_t d, float scale, float *const *o, float *kt, float *s, float *ml) {
+    int64_t longest = 0;
+    float *m = ml, *l = ml + nrows;
+    for (int64_t r = 0; r < nrows; r++) {
+        longest = len[r] > longest ? len[r] : longest;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        memset(o[r], 0, (size_t)d * sizeof(float));
+    }
+    for (int64_t j0 = 0; j0 < longest; j0 += PACK) {
+        int64_t nk = longest - j0 < PACK ? longest - j0 : PACK, padded = (nk + 15) / 16 * 16;
+        pack_transposed(k + j0 * d, nk, padded, d, kt);
+        for (int64_t r0 = 0; r0 < nrows; r0 += 6) {
+            int nr = nrows - r0 < 6 ? (int)(nrows - r0) : 6;
+            int64_t reach = 0;
+            for (int r = 0; r < nr; r++) reach = len[r0 + r] > reach ? len[r0 + r] : reach;
+            if (reach <= j0) continue;
+            for (int64_t j = 0; j < padded; j += 16) {
+#define QK(R) qk_6x16(q + r0, kt, d, j, scale, s, R)
+                BY_ROWS(QK)
+#undef QK
+            }
+            for (int r = 0; r < nr; r++) {
+                int64_t valid = len[r0 + r] - j0 < nk ? len[r0 + r] - j0 : nk;
+                online_softmax_row(s + r * PACK, valid, nk, m + r0 + r, l + r0 + r, o[r0 + r], d);
+            }
+            for (int64_t c = 0; c < d; c += 16) {
+                int width = d - c < 16 ? 1 : 2;
+#define PV(R) pv_6x16(s, v + j0 * d, nk, d, c, width, o + r0, R)
+                BY_ROWS(PV)
+#undef PV
+            }
+        }
+    }
+    for (int64_t r = 0; r < nrows; r++) {
+        __m256 inverse = _mm256_set1_ps(1.0f / l[r]);
+        for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(o[r] + c, _mm256_mul_ps(_mm256_loadu_ps(o[r] + c), inverse));
+    }
+}
+
+/* A single token (a decoding sequence) is a tile of its group's heads (TILE_ROWS at most; attend_tile). Consecutive
+ * tokens in one cache row (a prompt chunk) go to the blocked path, QUERY_GROUP tokens and all their heads per task.
+ * Returns the number of tasks written to `tiles` (or counted, when it is NULL). */
+static int64_t make_tiles(const int64_t *rows, int64_t n, int64_t kv_heads, int64_t group, Tile *tiles) {
+    int64_t heads = group <= TILE_ROWS ? group : TILE_ROWS, count = 0;
+    for (int64_t i = 0; i < n;) {
+        int64_t run = 1;
+        while (i + run < n && rows[i + run] == rows[i]) run++;
+        if (run == 1) {
+            for (int64_t g = 0; g < kv_heads; g++)
+                for (int64_t h = 0; h < group; h += heads) {
+                    if (tiles) tiles[count] = (Tile){i, 1, g, g * group + h, group - h < heads ? group - h : heads};
+                    count++;
+                }
+        } else {
+            for (int64_t t0 = 0; t0 < run; t0 += QUERY_GROUP)
+                for (int64_t g = 0; g < kv_heads; g++) {
+                    int64_t t = run - t0 < QUERY_GROUP ? run - t0 : QUERY_GROUP;
+                    if (tiles) tiles[count] = (Tile){i + t0, t, g, g * group, group};
+                    count++;
+                }
+        }
+        i += run;
+    }
+    return count;
 }
 
 void bdlora_cache_attention_f32(const float *q, int64_t q_stride, const float *k, const float *v, int64_t row_stride,
                                  int64_t head_stride, const int64_t *tokens, const int64_t *rows,
                                  const int64_t *lengths, int64_t n, int64_t heads, int64_t kv_heads, int64_t d,
                                  float scale, float *out, int64_t out_stride, int threads) {
-    int64_t group = heads / kv_heads;
-    #pragma omp parallel for num_threads(threads) schedule(dynamic)
-    for (int64_t task = 0; task < n * kv_heads; task++) {
-        int64_t i = task / kv_heads, g = task % kv_heads, len = lengths[i];
-        const float *kr = k + rows[i] * row_stride + g * head_stride;
-        const float *vr = v + rows[i] * row_stride + g * head_stride;
-        float *s = malloc((size_t)len * sizeof(float));
-        for (int64_t h = g * group; h < (g + 1) * group; h++) {
-            scores_of(q + tokens[i] * q_stride + h * d, kr, len, d, scale, s);
-            softmax_in_place(s, len);
-            weighted_values(s, vr, len, d, out + tokens[i] * out_stride + h * d);
+    int64_t group = heads / kv_heads, longest = 0, most_rows = TILE_ROWS > QUERY_GROUP * group ? TILE_ROWS
+                                                                                               : QUERY_GROUP * group;
+    for (int64_t i = 0; i < n; i++) longest = lengths[i] > longest ? lengths[i] : longest;
+    int64_t count = make_tiles(rows, n, kv_heads, group, NULL);
+    Tile *tiles = malloc((size_t)(count ? count : 1) * sizeof(Tile));
+    make_tiles(rows, n, kv_heads, group, tiles);
+    #pragma omp parallel num_threads(threads)
+    {
+        float *s_buffer = malloc((size_t)(TILE_ROWS * (longest ? longest : 1)) * sizeof(float));
+        float *kt = malloc((size_t)(d * PACK + 6 * PACK + 2 * most_rows) * sizeof(float));
+        const float **qr = malloc((size_t)most_rows * sizeof(float *));
+        float **orow = malloc((size_t)most_rows * sizeof(float *));
+        int64_t *len = malloc((size_t)most_rows * sizeof(int64_t));
+        #pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < count; task++) {
+            Tile tile = tiles[task];
+            int64_t nrows = 0, row = rows[tile.first];
+            for (int64_t t = tile.first; t < tile.first + tile.tokens; t++)
+                for (int64_t h = tile.h0; h < tile.h0 + tile.heads; h++) {
+                    qr[nrows] = q + tokens[t] * q_stride + h * d;
+                    orow[nrows] = out + tokens[t] * out_stride + h * d;
+                    len[nrows++] = lengths[t];
+                }
+            const float *kr = k + row * row_stride + tile.g * head_stride;
+            const float *vr = v + row * row_stride + tile.g * head_stride;
+            if (tile.tokens == 1)
+                attend_tile(qr, kr, vr, len, nrows, d, scale, orow, s_buffer);
+            else
+                attend_blocked(qr, kr, vr, len, nrows, d, scale, orow, kt, kt + d * PACK, kt + d * PACK + 6 * PACK);
         }
-        free(s);
+        free(s_buffer);
+        free(kt);
+        free(qr);
+        free(orow);
+        free(len);
     }
+    free(tiles);
 }
 
 /* RoPE (transformers' rotate_half form) on the step's q and k heads, q in place in qkv, k and v stored into the
