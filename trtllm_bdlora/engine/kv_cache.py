@@ -147,17 +147,28 @@ class StepLayout:
     # so a step on the AVX2 kernel (which reads token_rows and token_keys) never builds them
     decoding: list[tuple[int, int, int]] = field(default_factory=list)
     device: torch.device = torch.device("cpu")
-    # prefill chunks (more than one token): padded to [chunks, longest chunk]
+    # prefill chunks (more than one token): padded to [chunks, longest chunk]; the SDPA path's mask, too, is built
+    # on first use
     prefill_tokens: torch.Tensor | None = None  # [m] token indices
     prefill_slots: torch.Tensor | None = None  # [m] chunk * longest chunk + offset in the chunk
     prefill_rows: torch.Tensor | None = None  # [chunks]
     prefill_queries: int = 0  # longest chunk
     prefill_keys: int = 0  # longest context
-    prefill_mask: torch.Tensor | None = None  # [chunks, 1, group * longest chunk, prefill_keys]
+    prefill_last_key: torch.Tensor | None = None  # [chunks, longest chunk]: the last key each query sees
+    group: int = 1  # query heads per KV head
 
     @functools.cached_property
     def decode(self) -> list[DecodeRun]:
         return decode_runs(self.decoding, self.device)
+
+    @functools.cached_property
+    def prefill_mask(self) -> torch.Tensor:
+        """[chunks, 1, group * longest chunk, prefill_keys], for the SDPA path's grouped view, which puts a KV
+        head's query heads one after another along the query axis."""
+        chunks, longest = self.prefill_last_key.shape
+        mask = torch.arange(self.prefill_keys, device=self.device)[None, None, :] <= self.prefill_last_key[:, :, None]
+        return mask.unsqueeze(1).expand(chunks, self.group, longest, self.prefill_keys).reshape(
+            chunks, 1, self.group * longest, self.prefill_keys)
 
 
 class KVCache:
@@ -283,7 +294,4 @@ class KVCache:
         layout.prefill_slots = torch.tensor(slots, device=dev)
         layout.prefill_rows = torch.tensor([row for _, _, row in prefill], device=dev)
         layout.prefill_queries, layout.prefill_keys = longest, keys
-        mask = torch.arange(keys, device=dev)[None, None, :] <= torch.tensor(last_key, device=dev)[:, :, None]
-        # the grouped view puts a KV head's query heads one after another along the query axis
-        layout.prefill_mask = mask.unsqueeze(1).expand(len(prefill), group, longest, keys).reshape(
-            len(prefill), 1, group * longest, keys)
+        layout.prefill_last_key, layout.group = torch.tensor(last_key, device=dev), group
