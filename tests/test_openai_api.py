@@ -118,10 +118,14 @@ def test_stop_string_cuts_text_and_generation(served, client):
     full = served[4][case[0]]
     stop = full["text"][len(full["text"]) // 3:][:3]
     want = full["text"][: full["text"].find(stop)]
+    stopped_lines = served[0].output().count("outcome=stop_words")
     for stream in (False, True):
         text, ids, finish, _ = _ask(client, case, stream, stop=[stop] if stream else stop)
         assert (text, finish) == (want, "stop")
         assert ids == full["output_ids"][: len(ids)] and len(ids) < MAX_TOKENS  # the engine stopped early
+    # the access lines say why they ended (not "cancelled")
+    log = served[0].output_matching(f"(?s)(outcome=stop_words.*){{{stopped_lines + 2}}}")
+    assert log.count("outcome=stop_words") == stopped_lines + 2, log[-3000:]
     token = full["output_ids"][3]
     want_ids = full["output_ids"][: full["output_ids"].index(token) + 1]
     for stream in (False, True):  # vLLM's stop_token_ids: the stop token ends the output and is its stop_reason

@@ -139,6 +139,28 @@ def test_cancelled_requests_leave_before_the_next_step(engine):
     assert not engine.model.kv_cache  # freed at once, not with a later request's step
 
 
+def test_a_cancel_with_a_reason_finishes_with_that_reason(engine):
+    """A front end that matched a stop string itself (the OpenAI layer, in on_token) ends the sequence as
+    "stop_words", in the step of the token that completed the string or (from another thread) at the next one; a
+    plain cancel stays "cancelled"."""
+    from trtllm_bdlora.engine.runtime import Runtime
+
+    scheduler = Scheduler(engine, max_batch_size=4)
+    in_callback = make_request(0, "in callback", None, [5, 6, 7], 50, end_ids=frozenset())
+    in_callback.on_token = lambda token: len(in_callback.output_ids) == 3 and Runtime.cancel(in_callback, "stop_words")
+    later = make_request(1, "later", None, [8, 9], 50, end_ids=frozenset())
+    plain = make_request(2, "plain", None, [8, 9, 10], 50, end_ids=frozenset())
+    for req in (in_callback, later, plain):
+        scheduler.add(req)
+    for _ in range(3):
+        scheduler.step()
+    Runtime.cancel(later, "stop_words")
+    Runtime.cancel(plain)
+    _run(scheduler, [])
+    assert (in_callback.finish_reason, len(in_callback.output_ids)) == ("stop_words", 3)
+    assert later.finish_reason == "stop_words" and plain.finish_reason == "cancelled"
+
+
 def test_exception_in_one_request_fails_only_that_request(engine, prompts, peft_reference, monkeypatch):
     import trtllm_bdlora.engine.scheduler as scheduler_module
 

@@ -14,7 +14,8 @@ carry, per executor request (one per batch row and returned sequence, as TensorR
     model       the model the client called (ensemble, tensorrt_llm, tensorrt_llm_bls, ...)
     adapter     lora_task_id, or "-"                               tokens_in   prompt tokens
     tokens_out  generated tokens                                   queue_ms    arrival to first scheduled
-    compute_ms  first scheduled to finished                        outcome     length | end_id | stop_words |
+    compute_ms  first scheduled to finished                        outcome     length | end_id | stop_words (a
+                                                                               stop word or OpenAI stop string) |
                                                                                cancelled | error | rejected
     error       the one-line error (error and rejected only)
 

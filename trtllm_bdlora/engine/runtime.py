@@ -142,8 +142,10 @@ class Runtime:
                               f"{self.max_queue}), retry later")
 
     @staticmethod
-    def cancel(request: Request) -> None:
-        """Stop generating for `request`: it leaves the batch at the next step (reason "cancelled")."""
+    def cancel(request: Request, reason: str = "cancelled") -> None:
+        """Stop generating for `request`: it leaves the batch at the next step, with finish_reason `reason` (the
+        access line's outcome): "cancelled", or "stop_words" where the caller matched a stop string itself."""
+        request.cancel_reason = reason
         request.cancelled = True
 
     @property
@@ -248,8 +250,8 @@ class Runtime:
             self._finish(sub, "error", self.lost)
             return
         if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
-            req.finish_reason = "cancelled"
-            self._finish(sub, "cancelled")
+            req.finish_reason = req.cancel_reason if req.cancelled else "cancelled"
+            self._finish(sub, req.finish_reason)
             return
         try:  # the host LoRA cache never evicts the adapter of a request still pending
             if req.adapter in self.retiring:

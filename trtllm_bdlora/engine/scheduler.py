@@ -106,7 +106,7 @@ def wants_prompt_rows(req: Request) -> bool:
 def finish_reason(req: Request, token: int, end_ids: frozenset[int]) -> str | None:
     """Why a sequence ends after `token` (TensorRT-LLM's order: end id, stop words, length), or None."""
     if req.cancelled:
-        return "cancelled"
+        return req.cancel_reason
     if token in end_ids:
         return "end_id"
     if req.guide_matcher is not None and req.guide_matcher.done:  # the grammar ended without an end token
@@ -187,7 +187,7 @@ class Scheduler:
             self._free.append(r.seq_id)
             dropped.append((r.req, r.stats))
         for req, _ in dropped:
-            req.finish_reason = "cancelled"
+            req.finish_reason = req.cancel_reason if req.cancelled else "cancelled"
             log.debug("request %s cancelled after %d tokens", req.id, len(req.output_ids))
         return dropped
 
@@ -342,7 +342,7 @@ class Scheduler:
         if r.req.on_token is not None:
             r.req.on_token(r.req.output_ids[-1])
             if reason is None and r.req.cancelled:  # the callback ended it (an OpenAI stop string)
-                reason = r.req.finish_reason = "cancelled"
+                reason = r.req.finish_reason = r.req.cancel_reason
         if reason is not None:
             self.running.remove(r)
             self._retire(r)

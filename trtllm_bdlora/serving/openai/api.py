@@ -143,7 +143,7 @@ class Generation:
         if self.counted is not None:
             self.counted.token()
         if self.tracker.add(token):
-            self.abandon()
+            Runtime.cancel(self.request, "stop_words")
         logprobs = self.request.output_token_logprobs
         self._put(("token", self.index, token, self.tracker.text, logprobs[-1] if logprobs else None))
 
