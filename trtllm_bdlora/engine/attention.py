@@ -7,7 +7,8 @@ a run rather than be computed and thrown away. The prefill chunks of the step (m
 call, padded to the longest chunk. GQA runs on a grouped view: a KV head's `group` query heads are laid along the
 query axis, so K and V are never repeated. Query head h uses KV head h // group, as HF's repeat_kv. In float32 on
 an AVX2 CPU the whole step is one call of `kernels.avx2.cache_attention` instead, every token a query over its own
-row's keys up to its position, read in place (no padding, mask or copy of the rows).
+row's keys up to its position, read in place (no padding, mask or copy of the rows): a decoding token's query heads
+share one pass over their KV head, and a prompt chunk's queries run blocked, as flash attention does.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ weights well below memory speed, SDPA on a decode batch (a batched call on tiny 
 its K and V, and at decode size each small torch op costs more in dispatch than in work. One thread, AMD EPYC,
 2026-12-07 10:33 UTC, `python benchmarks/cpu_kernels.py` (docs/performance.md, section 4): smollm2-135m's 121 base
 weights (538 MB) against 8 rows 66.9 ms through oneDNN's prepacked linear and 35.8 ms here (streaming them takes
-30 ms), 1 row 69.7 against 30.8 ms, 128 rows 458 against 393 ms; a decode step's attention over 8 sequences of 190
-tokens 416 against 304 us a layer; a layer's small ops at 8 rows 216 against 71 us. Where the CPU has AVX-512,
-oneDNN and SDPA keep the work (not measured against them here).
+30 ms), 1 row 69.7 against 30.8 ms, 128 rows 458 against 393 ms; a layer's small ops at 8 rows 216 against 71 us.
+The attention (blocked kernels, 2026-12-07 18:43 UTC): a decode step over 8 sequences of 190 tokens 626 against
+344 us a layer, of 4096 tokens 7.6 against 3.7 ms; a 512-token prompt chunk after 3584 tokens 86 against 70 ms, a
+160-token prompt 1.9 against 0.75 ms. Where the CPU has AVX-512, oneDNN and SDPA keep the work (not measured against
+them here).
 TRTLLM_BDLORA_CPU_KERNELS=torch|avx2 forces a choice (auto: the rule above). A CPU without AVX2 and FMA, or a machine
 without a C compiler, gets torch's, with one warning saying why.
 """
