@@ -103,6 +103,23 @@ def test_a_token_decodes_a_short_window_whatever_the_length(byte_level, tokenize
     assert max(lengths) <= 6, max(lengths)
 
 
+def test_an_output_ending_inside_a_character_reports_the_complete_ones(byte_level, tokenizer):
+    """max_tokens reached inside a character: while running, `text` is the whole decode (a stream holds back its
+    U+FFFD); the finished text, as vLLM's, drops the incomplete character and keeps everything before it."""
+    decode, _, _ = byte_level
+    for text in ("ok 🙂", "naïve 🚀", "日本語", "ŋ"):
+        last = tokenizer.encode(text[-1])
+        assert len(last) > 1  # the last character takes several byte tokens
+        ids = tokenizer.encode(text[:-1]) + last
+        tracker = TextTracker(decode, [])
+        for token in ids[:-1]:
+            tracker.add(token)
+        assert tracker.text == decode(ids[:-1]) and tracker.text.endswith("\ufffd")
+        assert tracker.final_text == text[:-1]
+        tracker.add(ids[-1])
+        assert tracker.text == tracker.final_text == text
+
+
 def test_detokenize_benchmark_runs(capsys):
     spec = importlib.util.spec_from_file_location("detokenize", REPO / "benchmarks" / "detokenize.py")
     bench = importlib.util.module_from_spec(spec)

@@ -150,7 +150,7 @@ class Generation:
     def on_done(self, ids: list[int] | None, error) -> None:  # engine thread
         if self.counted is not None:
             self.counted.sequence_done(self.request, error)
-        self._put(("done", self.index, ids, error, self.tracker.text, self.tracker.stop_reason))
+        self._put(("done", self.index, ids, error, self.tracker.final_text, self.tracker.stop_reason))
 
 
 class Choices:

@@ -253,7 +253,8 @@ class TextTracker:
     `include_stop_str_in_output`). Decoded incrementally, as vLLM and TGI do: each token decodes only a short window
     (the tokens since the last complete character, after a few tokens of context), so a token costs the same at any
     output length. `text` always equals the whole list decoded (with a trailing U+FFFD while a character is
-    incomplete); where a window does not extend its context's text, the whole list is decoded once instead."""
+    incomplete); where a window does not extend its context's text, the whole list is decoded once instead.
+    `final_text` is what a finished output reports."""
 
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str], include_stop: bool = False):
         self.decode, self.stops, self.include_stop = decode, stops, include_stop
@@ -269,6 +270,12 @@ class TextTracker:
     def holdback(self) -> int:
         """Characters a stream must hold back: they may begin a stop string that is cut off."""
         return 0 if self.include_stop else max(self._longest_stop, 1) - 1
+
+    @property
+    def final_text(self) -> str:
+        """The text without the U+FFFD of a character the output ended inside (max_tokens reached mid-character), as
+        vLLM's detokenisers never emit incomplete bytes."""
+        return self.text.rstrip("\ufffd")
 
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string completed (the text then ends before it, or with it)."""
