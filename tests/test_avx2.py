@@ -109,6 +109,15 @@ def _reference_decode(q, k, v, rows, lengths):
     return torch.stack(out)
 
 
+def _attention_on_threads(threads: int, *args) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        avx2.cache_attention(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @needs_avx2
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 16), (8, 1, 8)])
@@ -124,12 +133,7 @@ def test_cache_attention_equals_float64(choice, heads, kv_heads, d, threads):
     q = qk[:, :heads]
     tokens, rows, lengths = torch.tensor([5, 0, 3, 6]), torch.tensor([2, 4, 0, 5]), torch.tensor([1, 32, 17, 9])
     out = torch.full((t, heads * d), 7.0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        avx2.cache_attention(q, k, v, tokens, rows, lengths, out)
-    finally:
-        torch.set_num_threads(previous)
+    _attention_on_threads(threads, q, k, v, tokens, rows, lengths, out)
     torch.testing.assert_close(out[tokens].double(), _reference_decode(q[tokens], k, v, rows, lengths),
                                rtol=1e-5, atol=1e-5)
     untouched = torch.ones(t, dtype=torch.bool)
@@ -160,12 +164,7 @@ def test_cache_attention_prompt_chunks_equal_float64(choice, heads, kv_heads, d,
     tokens = torch.arange(t)
     q = torch.randn(t, heads + kv_heads, d, generator=gen)[:, :heads]
     out = torch.full((t, heads * d), 7.0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        avx2.cache_attention(q, k, v, tokens, rows, lengths, out)
-    finally:
-        torch.set_num_threads(previous)
+    _attention_on_threads(threads, q, k, v, tokens, rows, lengths, out)
     torch.testing.assert_close(out.double(), _reference_decode(q, k, v, rows, lengths), rtol=1e-5, atol=1e-5)
 
 
