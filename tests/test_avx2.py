@@ -145,12 +145,13 @@ def test_cache_attention_equals_float64(choice, heads, kv_heads, d, threads):
 
 @needs_avx2
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 8), (4, 4, 16), (6, 2, 24)])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (8, 1, 8), (4, 4, 16), (6, 2, 24), (16, 1, 8)])
 def test_cache_attention_prompt_chunks_equal_float64(choice, heads, kv_heads, d, threads):
     """A step as the engine makes it: prompt chunks (consecutive tokens of one cache row, each seeing the keys up to
     its own position) beside decoding tokens. The chunks start past the first key blocks, cross block and task
-    boundaries, and are one to 150 tokens long; a group of 8 heads spans more than one tile of rows, and d = 24
-    leaves a half-width tail of features."""
+    boundaries (a 33-token chunk leaves a task of one token), and are one to 150 tokens long; a group of 8 heads
+    spans more than one 6-row tile, one of 16 more than a decoding token's 12-row tile, and d = 24 leaves a
+    half-width tail of features."""
     choice("avx2")
     gen = torch.Generator().manual_seed(heads * 1000 + d * 10 + threads)
     rows_total, capacity = 5, 256
@@ -166,6 +167,29 @@ def test_cache_attention_prompt_chunks_equal_float64(choice, heads, kv_heads, d,
     out = torch.full((t, heads * d), 7.0)
     _attention_on_threads(threads, q, k, v, tokens, rows, lengths, out)
     torch.testing.assert_close(out.double(), _reference_decode(q, k, v, rows, lengths), rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
+@pytest.mark.parametrize("position", [39, 21])
+def test_a_non_finite_key_or_value_reaches_only_the_tokens_that_see_it(choice, position):
+    """inf in the value and NaN in the key of one position of a prompt chunk (a bad adapter's output, or an
+    overflow): the tokens before it in the chunk, which do not see it, stay finite and exact; the others are not
+    finite, as in float64."""
+    choice("avx2")
+    gen = torch.Generator().manual_seed(position)
+    heads, kv_heads, d, n = 9, 3, 64, 40
+    k = torch.randn(1, kv_heads, 64, d, generator=gen)
+    v = torch.randn(1, kv_heads, 64, d, generator=gen)
+    v[0, :, position] = float("inf")
+    k[0, 1, position, 3] = float("nan")
+    q = torch.randn(n, heads, d, generator=gen)
+    rows, lengths = torch.zeros(n, dtype=torch.long), torch.arange(1, n + 1)
+    out = torch.empty(n, heads * d)
+    avx2.cache_attention(q, k, v, torch.arange(n), rows, lengths, out)
+    reference = _reference_decode(q, k, v, rows, lengths)
+    blind = slice(0, position)  # tokens before the position
+    torch.testing.assert_close(out[blind].double(), reference[blind], rtol=1e-5, atol=1e-5)
+    assert not out[position:].isfinite().all(dim=1).any() and not reference[position:].isfinite().all(dim=1).any()
 
 
 @needs_avx2

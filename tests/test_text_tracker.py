@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from tests.helpers import REPO
 from trtllm_bdlora.llama.loader import embedded_model_dir
-from trtllm_bdlora.serving.openai.protocol import TextTracker
+from trtllm_bdlora.serving.openai.protocol import TextTracker, stream_piece
 
 
 def whole_decode_reference(decode, stops: list[str], include_stop: bool, ids: list[int]):
@@ -27,6 +27,20 @@ def whole_decode_reference(decode, stops: list[str], include_stop: bool, ids: li
             return out
         out.append((False, text, None))
     return out
+
+
+def streamed(decode, stops: list[str], include_stop: bool, ids: list[int]) -> tuple[str, str]:
+    """What a stream sends (the pieces joined, as api.py sends them) and the finished text a response reports."""
+    tracker = TextTracker(decode, stops, include_stop)
+    pieces, sent = [], 0
+    for token in ids:
+        stopped = tracker.add(token)
+        piece, sent = stream_piece(tracker.text, sent, tracker.holdback, final=False)
+        pieces.append(piece)
+        if stopped:
+            break
+    piece, sent = stream_piece(tracker.final_text, sent, tracker.holdback, final=True)
+    return "".join(pieces + [piece]), tracker.final_text
 
 
 def tracked(decode, stops: list[str], include_stop: bool, ids: list[int]):
@@ -79,7 +93,12 @@ def test_incremental_text_equals_whole_decode_at_every_token(kind, byte_level, t
                                            (rng.randrange(max(1, len(full))) for _ in range(rng.randrange(1, 3)))]
         stops = [s for s in stops if s]
         for include in (False, True):
-            assert tracked(decode, stops, include, ids) == whole_decode_reference(decode, stops, include, ids)
+            reference = whole_decode_reference(decode, stops, include, ids)
+            assert tracked(decode, stops, include, ids) == reference
+            stream, final = streamed(decode, stops, include, ids)
+            assert stream == final  # a stream sends exactly the finished text
+            stopped, text, _ = reference[-1]
+            assert final == text if stopped else final in (text, text.rstrip("\ufffd"))
         checked_fffd += any(decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids) + 1))
     assert checked_fffd > 0  # some prefix did end inside a character
 
@@ -118,6 +137,19 @@ def test_an_output_ending_inside_a_character_reports_the_complete_ones(byte_leve
         assert tracker.final_text == text[:-1]
         tracker.add(ids[-1])
         assert tracker.text == tracker.final_text == text
+
+
+def test_a_character_that_never_completes_is_kept_where_the_output_goes_on(byte_level, tokenizer):
+    """A lead byte followed by other text is a finished (invalid) character: its U+FFFD stays in the text, before
+    more text and before a stop string, streamed or not; only at the very end of an output is it left out."""
+    decode, _, _ = byte_level
+    lead = tokenizer.encode("🙂")[0]
+    assert decode([lead]) == "\ufffd"
+    ids = tokenizer.encode("ab") + [lead] + tokenizer.encode("XY cd")
+    assert streamed(decode, ["XY"], False, ids) == ("ab\ufffd", "ab\ufffd")
+    assert streamed(decode, ["XY"], True, ids) == ("ab\ufffdXY", "ab\ufffdXY")
+    assert streamed(decode, [], False, ids) == ("ab\ufffdXY cd", "ab\ufffdXY cd")
+    assert streamed(decode, [], False, ids[: len(tokenizer.encode("ab")) + 1]) == ("ab", "ab")
 
 
 def test_detokenize_benchmark_runs(capsys):

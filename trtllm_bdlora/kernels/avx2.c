@@ -144,6 +144,7 @@ void bdlora_gemm_f32(const float *x, const float *packed, float *y, int64_t m, i
 typedef struct {
     int64_t first, tokens;  /* tokens[first .. first + tokens - 1], all in one cache row */
     int64_t g, h0, heads;   /* KV head g, query heads h0 .. h0 + heads - 1 of it */
+    int64_t blocked;        /* a prompt chunk's (attend_blocked), else a decoding token's (attend_tile) */
 } Tile;
 
 static inline float sum8(__m256 a) {
@@ -322,23 +323,37 @@ static inline __attribute__((always_inline)) void qk_6x16(const float *const *q,
     }
 }
 
-/* o[r][c .. c + 8 * width) += sum_{j < nk} p[r][j] v_j[c ..] for rows r < nr (at most 6), width 1 or 2 vectors;
- * p is [6][PACK], v_j at v + j * d. */
-static inline __attribute__((always_inline)) void pv_6x16(const float *p, const float *v, int64_t nk, int64_t d,
-                                                           int64_t c, int width, float *const *o, int nr) {
+/* o[r][c .. c + 8 * width) += sum_{j < valid[r]} p[r][j] v_j[c ..] for rows r < nr (at most 6), width 1 or 2
+ * vectors; p is [6][PACK], v_j at v + j * d. A row never reads a value past its own keys (0 * inf would be NaN). */
+static inline __attribute__((always_inline)) void pv_6x16(const float *p, const float *v, const int64_t *valid,
+                                                           int64_t d, int64_t c, int width, float *const *o, int nr) {
     __m256 lo[6], hi[6];
+    int64_t fewest = valid[0], most = valid[0];
     for (int r = 0; r < 6; r++) {
         lo[r] = r < nr ? _mm256_loadu_ps(o[r] + c) : _mm256_setzero_ps();
         hi[r] = r < nr && width > 1 ? _mm256_loadu_ps(o[r] + c + 8) : _mm256_setzero_ps();
+        if (r < nr) {
+            fewest = valid[r] < fewest ? valid[r] : fewest;
+            most = valid[r] > most ? valid[r] : most;
+        }
     }
-    for (int64_t j = 0; j < nk; j++) {
+    for (int64_t j = 0; j < most; j++) {
         __m256 a = _mm256_loadu_ps(v + j * d + c), b = width > 1 ? _mm256_loadu_ps(v + j * d + c + 8) : a;
-        for (int r = 0; r < 6; r++)
-            if (r < nr) {
-                __m256 x = _mm256_broadcast_ss(p + r * PACK + j);
-                lo[r] = _mm256_fmadd_ps(x, a, lo[r]);
-                if (width > 1) hi[r] = _mm256_fmadd_ps(x, b, hi[r]);
-            }
+        if (j < fewest) {
+            for (int r = 0; r < 6; r++)
+                if (r < nr) {
+                    __m256 x = _mm256_broadcast_ss(p + r * PACK + j);
+                    lo[r] = _mm256_fmadd_ps(x, a, lo[r]);
+                    if (width > 1) hi[r] = _mm256_fmadd_ps(x, b, hi[r]);
+                }
+        } else {  /* the rows' last keys differ: each row up to its own */
+            for (int r = 0; r < 6; r++)
+                if (r < nr && j < valid[r]) {
+                    __m256 x = _mm256_broadcast_ss(p + r * PACK + j);
+                    lo[r] = _mm256_fmadd_ps(x, a, lo[r]);
+                    if (width > 1) hi[r] = _mm256_fmadd_ps(x, b, hi[r]);
+                }
+        }
     }
     for (int r = 0; r < nr; r++) {
         _mm256_storeu_ps(o[r] + c, lo[r]);
@@ -437,13 +452,14 @@ static void attend_blocked(const float *const *q, const float *k, const float *v
                 BY_ROWS(QK)
 #undef QK
             }
+            int64_t valid[6];
             for (int r = 0; r < nr; r++) {
-                int64_t valid = len[r0 + r] - j0 < nk ? len[r0 + r] - j0 : nk;
-                online_softmax_row(s + r * PACK, valid, nk, m + r0 + r, l + r0 + r, o[r0 + r], d);
+                valid[r] = len[r0 + r] - j0 < nk ? len[r0 + r] - j0 : nk;
+                online_softmax_row(s + r * PACK, valid[r], nk, m + r0 + r, l + r0 + r, o[r0 + r], d);
             }
             for (int64_t c = 0; c < d; c += 16) {
                 int width = d - c < 16 ? 1 : 2;
-#define PV(R) pv_6x16(s, v + j0 * d, nk, d, c, width, o + r0, R)
+#define PV(R) pv_6x16(s, v + j0 * d, valid, d, c, width, o + r0, R)
                 BY_ROWS(PV)
 #undef PV
             }
@@ -466,14 +482,14 @@ static int64_t make_tiles(const int64_t *rows, int64_t n, int64_t kv_heads, int6
         if (run == 1) {
             for (int64_t g = 0; g < kv_heads; g++)
                 for (int64_t h = 0; h < group; h += heads) {
-                    if (tiles) tiles[count] = (Tile){i, 1, g, g * group + h, group - h < heads ? group - h : heads};
+                    if (tiles) tiles[count] = (Tile){i, 1, g, g * group + h, group - h < heads ? group - h : heads, 0};
                     count++;
                 }
         } else {
             for (int64_t t0 = 0; t0 < run; t0 += QUERY_GROUP)
                 for (int64_t g = 0; g < kv_heads; g++) {
                     int64_t t = run - t0 < QUERY_GROUP ? run - t0 : QUERY_GROUP;
-                    if (tiles) tiles[count] = (Tile){i + t0, t, g, g * group, group};
+                    if (tiles) tiles[count] = (Tile){i + t0, t, g, g * group, group, 1};
                     count++;
                 }
         }
@@ -511,7 +527,7 @@ void bdlora_cache_attention_f32(const float *q, int64_t q_stride, const float *k
                 }
             const float *kr = k + row * row_stride + tile.g * head_stride;
             const float *vr = v + row * row_stride + tile.g * head_stride;
-            if (tile.tokens == 1)
+            if (!tile.blocked)
                 attend_tile(qr, kr, vr, len, nrows, d, scale, orow, s_buffer);
             else
                 attend_blocked(qr, kr, vr, len, nrows, d, scale, orow, kt, kt + d * PACK, kt + d * PACK + 6 * PACK);

@@ -274,8 +274,11 @@ class TextTracker:
     @property
     def final_text(self) -> str:
         """The text without the U+FFFD of a character the output ended inside (max_tokens reached mid-character), as
-        vLLM's detokenisers never emit incomplete bytes."""
-        return self.text.rstrip("\ufffd")
+        vLLM's detokenisers never emit incomplete bytes. Only the tokens after the last complete character can end
+        inside one: text already committed, and text cut at a stop string, are kept as they are."""
+        if self.stop_reason is not None:
+            return self.text
+        return self.text[: max(len(self._head), len(self.text.rstrip("\ufffd")))]
 
     def add(self, token: int) -> bool:
         """Append a token; True when a stop string completed (the text then ends before it, or with it)."""
