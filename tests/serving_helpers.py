@@ -266,3 +266,18 @@ class DecoupledAware:
                             (1,) * (len(shape) - 1) + (-1,))
             responses.append(out)
         return StreamedResult(responses)
+
+
+def warm_openai_client(client, model: str | None = None) -> None:
+    """One completion and one chat completion, whole and streamed, of one token each, before a test sends many at
+    once: the `openai` package builds its response models' pydantic schemas on first use, and threads that parse
+    the first responses at the same moment can race in that build (PydanticUserError "BaseModel cannot be
+    instantiated directly", raised in the client before any check runs)."""
+    for stream in (False, True):
+        replies = [client.completions.create(model=model, prompt="Hi", max_tokens=1, temperature=0, stream=stream),
+                   client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1, temperature=0, stream=stream)]
+        if stream:
+            for reply in replies:
+                list(reply)
+

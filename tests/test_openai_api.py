@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.helpers import run_cli
 from tests.serving_helpers import infer as stream_infer
-from tests.serving_helpers import post_json
+from tests.serving_helpers import post_json, warm_openai_client
 from trtllm_bdlora.cli.client import converted_adapter, infer
 
 MAX_TOKENS = 10
@@ -57,7 +57,9 @@ def served(openai_served):
 
 @pytest.fixture(scope="module")
 def client(served):
-    return openai.OpenAI(base_url=served[0].openai_url, api_key="unused", max_retries=0)
+    client = openai.OpenAI(base_url=served[0].openai_url, api_key="unused", max_retries=0)
+    warm_openai_client(client, "1")
+    return client
 
 
 def _ask(client, case, stream: bool, **overrides) -> tuple[str, list[int], str, dict]:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tests.helpers import REPO
-from tests.serving_helpers import Server
+from tests.serving_helpers import Server, warm_openai_client
 from tests.test_example_adapters import BELOW_FLOOR, FLOOR
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -40,6 +40,7 @@ def chat_accuracy(served):
     assert {c.id for c in client.models.list().data} == {BASE, *TASKS}
     requests = [r for r in evaluate.requests_for(N, ("chat",)) if r["adapter"]]
     requests += [r for r in evaluate.requests_for(N_BASE, ("chat",)) if not r["adapter"]]
+    warm_openai_client(client, BASE)
 
     def ask(r):
         reply = client.chat.completions.create(model=r["task"] if r["adapter"] else BASE, messages=r["messages"],
