@@ -89,7 +89,7 @@ class Request:
     error: BdLoraError | None = None  # when serving this request failed (finish_reason "error")
     times_ns: dict[str, int] = field(default_factory=dict)  # arrival, first_scheduled, first_token, last_token
     cancelled: bool = False
-    cancel_reason: str = "cancelled"  # the finish_reason a cancel gives ("stop_words": an OpenAI stop string)
+    cancel_reason: str = "cancelled"  # the finish_reason of a cancel or a departed client (Runtime.cancel sets it)
     client_gone: Callable[[], bool] | None = None  # polled before every step: the client cancelled or left
     on_token: Callable[[int], None] | None = None  # called on rank 0 after every sampled token; may cancel
 

@@ -250,7 +250,7 @@ class Runtime:
             self._finish(sub, "error", self.lost)
             return
         if req.abandoned:  # cancelled while queued: never admitted, its adapter never registered
-            req.finish_reason = req.cancel_reason if req.cancelled else "cancelled"
+            req.finish_reason = req.cancel_reason
             self._finish(sub, req.finish_reason)
             return
         try:  # the host LoRA cache never evicts the adapter of a request still pending

@@ -187,7 +187,7 @@ class Scheduler:
             self._free.append(r.seq_id)
             dropped.append((r.req, r.stats))
         for req, _ in dropped:
-            req.finish_reason = req.cancel_reason if req.cancelled else "cancelled"
+            req.finish_reason = req.cancel_reason
             log.debug("request %s cancelled after %d tokens", req.id, len(req.output_ids))
         return dropped
 

@@ -229,30 +229,42 @@ static inline __attribute__((always_inline)) void values_3x32(const float *const
             if (u < width) _mm256_storeu_ps(o[r] + c0 + 8 * u, acc[r][u]);
 }
 
-/* s[j] = e^(s[j] - max s) / sum for j < len, and 0 from len to the end of the row (the tile's longest length). */
-static void softmax_in_place(float *s, int64_t len, int64_t longest) {
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t j = 0; j < len; j++) top = s[j] > top ? s[j] : top;
+/* max(start, s[0 .. n)). */
+static float row_max(const float *s, int64_t n, float start) {
+    __m256 max8 = _mm256_set1_ps(start);
     int64_t j = 0;
-    __m256 sum = _mm256_setzero_ps(), max8 = _mm256_set1_ps(top);
-    for (; j + 8 <= len; j += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), max8));
+    for (; j + 8 <= n; j += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(s + j));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(max8), _mm256_extractf128_ps(max8, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    float top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+    for (; j < n; j++) top = s[j] > top ? s[j] : top;
+    return top;
+}
+
+/* s[j] = e^(s[j] - top) for j < n, in place; returns their sum. */
+static float exp_sum(float *s, int64_t n, float top) {
+    __m256 top8 = _mm256_set1_ps(top), sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
         _mm256_storeu_ps(s + j, e);
         sum = _mm256_add_ps(sum, e);
     }
-    total = sum8(sum);
-    for (; j < len; j++) total += (s[j] = expf(s[j] - top));
-    float inverse = 1.0f / total;
-    for (j = 0; j < len; j++) s[j] *= inverse;
-    for (; j < longest; j++) s[j] = 0.0f;
+    float total = sum8(sum);
+    for (; j < n; j++) total += (s[j] = expf(s[j] - top));
+    return total;
 }
 
-/* The rows of one tile: scores block by block, softmax per row over its own length, then the values block by
- * block. `s` holds rows x longest floats. */
-static void attend_tile(const float *const *q, const float *k, const float *v, const int64_t *len, int64_t nrows,
+/* s[j] = e^(s[j] - max s) / sum for j < len, in place. */
+static void softmax_in_place(float *s, int64_t len) {
+    float inverse = 1.0f / exp_sum(s, len, row_max(s, len, -INFINITY));
+    for (int64_t j = 0; j < len; j++) s[j] *= inverse;
+}
+
+/* The query heads of one decoding token over its `longest` keys: scores block by block, a softmax per row, then the
+ * values block by block. `s_buffer` holds rows x longest floats. */
+static void attend_tile(const float *const *q, const float *k, const float *v, int64_t longest, int64_t nrows,
                         int64_t d, float scale, float *const *o, float *s_buffer) {
-    int64_t longest = 0;
-    for (int64_t r = 0; r < nrows; r++) longest = len[r] > longest ? len[r] : longest;
     float *s[TILE_ROWS];
     for (int64_t r = 0; r < nrows; r++) {
         s[r] = s_buffer + r * longest;
@@ -279,7 +291,7 @@ static void attend_tile(const float *const *q, const float *k, const float *v, c
                 }
         }
     }
-    for (int64_t r = 0; r < nrows; r++) softmax_in_place(s[r], len[r], longest);
+    for (int64_t r = 0; r < nrows; r++) softmax_in_place(s[r], longest);
     for (int64_t j0 = 0; j0 < longest; j0 += KEY_BLOCK) {
         int64_t j1 = j0 + KEY_BLOCK < longest ? j0 + KEY_BLOCK : longest;
         for (int64_t r0 = 0; r0 < nrows; r0 += 3) {
@@ -364,30 +376,12 @@ static inline __attribute__((always_inline)) void pv_6x16(const float *p, const 
 #define BY_ROWS(CALL) switch (nr) { case 6: CALL(6); break; case 5: CALL(5); break; case 4: CALL(4); break; \
                                     case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); }
 
-/* Row r's running max m and sum l take the block's scores s[0 .. nk) (keys past `valid` masked): s becomes the
- * weights e^(s - new max), o is rescaled to the new max. */
-static void online_softmax_row(float *s, int64_t valid, int64_t nk, float *m, float *l, float *o, int64_t d) {
-    if (valid <= 0) {
-        memset(s, 0, (size_t)nk * sizeof(float));
-        return;
-    }
-    __m256 max8 = _mm256_set1_ps(*m);
-    int64_t j = 0;
-    for (; j + 8 <= valid; j += 8) max8 = _mm256_max_ps(max8, _mm256_loadu_ps(s + j));
-    __m128 half = _mm_max_ps(_mm256_castps256_ps128(max8), _mm256_extractf128_ps(max8, 1));
-    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-    float top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
-    for (; j < valid; j++) top = s[j] > top ? s[j] : top;
-    __m256 top8 = _mm256_set1_ps(top), sum = _mm256_setzero_ps();
-    j = 0;
-    for (; j + 8 <= valid; j += 8) {
-        __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), top8));
-        _mm256_storeu_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    float total = sum8(sum);
-    for (; j < valid; j++) total += (s[j] = expf(s[j] - top));
-    for (; j < nk; j++) s[j] = 0.0f;
+/* Row r's running max m and sum l take the block's scores s[0 .. valid): they become the weights e^(s - new max)
+ * (pv_6x16 reads no further), and o is rescaled to the new max. A row with no keys in the block (valid <= 0) keeps
+ * its state. */
+static void online_softmax_row(float *s, int64_t valid, float *m, float *l, float *o, int64_t d) {
+    if (valid <= 0) return;
+    float top = row_max(s, valid, *m), total = exp_sum(s, valid, top);
     if (top != *m) {
         float correction = expf(*m - top);  /* 0 on the first block (m = -inf), when l and o are 0 */
         __m256 c8 = _mm256_set1_ps(correction);
@@ -455,7 +449,7 @@ static void attend_blocked(const float *const *q, const float *k, const float *v
             int64_t valid[6];
             for (int r = 0; r < nr; r++) {
                 valid[r] = len[r0 + r] - j0 < nk ? len[r0 + r] - j0 : nk;
-                online_softmax_row(s + r * PACK, valid[r], nk, m + r0 + r, l + r0 + r, o[r0 + r], d);
+                online_softmax_row(s + r * PACK, valid[r], m + r0 + r, l + r0 + r, o[r0 + r], d);
             }
             for (int64_t c = 0; c < d; c += 16) {
                 int width = d - c < 16 ? 1 : 2;
@@ -528,7 +522,7 @@ void bdlora_cache_attention_f32(const float *q, int64_t q_stride, const float *k
             const float *kr = k + row * row_stride + tile.g * head_stride;
             const float *vr = v + row * row_stride + tile.g * head_stride;
             if (!tile.blocked)
-                attend_tile(qr, kr, vr, len, nrows, d, scale, orow, s_buffer);
+                attend_tile(qr, kr, vr, lengths[tile.first], nrows, d, scale, orow, s_buffer);
             else
                 attend_blocked(qr, kr, vr, len, nrows, d, scale, orow, kt, kt + d * PACK, kt + d * PACK + 6 * PACK);
         }
